@@ -1,0 +1,34 @@
+"""cmkit: consistency models -- training (CT, iCT), diffusion teachers (EDM), one- and few-step sampling.
+
+The public API:
+
+- :class:`Config`, :func:`preset` -- run configuration and named presets;
+- :func:`train` -- the training loop, writing a run directory;
+- :func:`load_export`, :func:`build_model` -- models from ``model.safetensors`` or a config;
+- :func:`consistency_sample`, :func:`heun_sample`, :func:`euler_sample`, :func:`default_sigmas`,
+  :func:`generate` -- samplers with one signature ``(model, sigmas, noise, labels)``;
+- :class:`ConsistencyFunction`, :class:`EDMDenoiser` -- the parameterisations;
+- :func:`load_dataset` -- Fashion-MNIST, MNIST, CIFAR-10 and image folders.
+"""
+
+from cmkit.checkpoint import build_model, load_export
+from cmkit.config import Config, preset
+from cmkit.data import load_dataset
+from cmkit.errors import CmkitError
+from cmkit.precond import ConsistencyFunction, EDMDenoiser
+from cmkit.sampling import (
+    SeededNoise,
+    consistency_sample,
+    default_sigmas,
+    euler_sample,
+    generate,
+    heun_sample,
+)
+from cmkit.train import train
+
+__all__ = [
+    "CmkitError", "Config", "ConsistencyFunction", "EDMDenoiser", "SeededNoise", "build_model",
+    "consistency_sample", "default_sigmas", "euler_sample", "generate", "heun_sample", "load_dataset",
+    "load_export", "preset", "train",
+]
+__version__ = "0.1.0"

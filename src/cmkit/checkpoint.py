@@ -1,0 +1,129 @@
+"""Models from configs, the resumable training state and the safetensors inference export.
+
+- Training state (``checkpoints/state-<images>.pt``): state_dicts and plain values only, written
+  atomically, loaded with ``weights_only=True`` so a file can never execute code.
+- Export (``model.safetensors``): the EMA weights of the wrapped network, with the resolved config as
+  JSON in the metadata; enough to rebuild the model anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cmkit.config import Config
+from cmkit.errors import CmkitError
+from cmkit.images import atomic_path
+from cmkit.nets import UNet
+from cmkit.precond import ConsistencyFunction, EDMDenoiser, Preconditioned
+
+EXPORT_NAME = "model.safetensors"
+FORMAT = "cmkit-1"
+_STATE = re.compile(r"state-(\d+)\.pt")
+
+
+def build_model(config: Config) -> Preconditioned:
+    """The wrapped network a config describes: EDM denoiser for ``edm``, consistency function otherwise."""
+    n, d, m = config.net, config.data, config.method
+    try:
+        net = UNet(resolution=d.resolution, in_channels=d.channels, out_channels=d.channels,
+                   model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
+                   attn_resolutions=n.attn_resolutions, dropout=n.dropout, embedding=n.embedding,
+                   fourier_scale=n.fourier_scale, num_classes=n.num_classes)
+    except ValueError as e:
+        raise CmkitError(f"net: {e}") from None
+    wrapper = ConsistencyFunction if config.is_consistency else EDMDenoiser
+    return wrapper(net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
+                   sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data)
+
+
+# -------------------------------------------------------------------------------------- inference export
+
+def save_export(model: nn.Module, config: Config, path: Path) -> None:
+    """Write ``model``'s weights and ``config`` to a safetensors file, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict())}
+    tmp = atomic_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A run directory means its ``model.safetensors``; anything else must be that file itself."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / EXPORT_NAME).is_file():
+            raise CmkitError(f"{path}: not a cmkit run directory (no {EXPORT_NAME}); expected a run "
+                             "directory written by 'cmkit train' or a .safetensors export")
+        return path / EXPORT_NAME
+    if not path.is_file():
+        raise CmkitError(f"{path}: no such file or directory; expected a run directory or a .safetensors export")
+    return path
+
+
+def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Preconditioned, Config]:
+    """Load an export (or a run directory's export) in eval mode, with its config."""
+    path = resolve_model_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CmkitError(f"{path}: not a cmkit model ({e}); expected a .safetensors export") from None
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CmkitError(f"{path}: safetensors file without cmkit metadata; expected an export of 'cmkit train'")
+    config = Config.from_dict(json.loads(metadata["config"]), where=str(path))
+    model = build_model(config)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CmkitError(f"{path}: weights do not match the config in its metadata: {e}") from None
+    return model.to(device).eval().requires_grad_(False), config
+
+
+# ----------------------------------------------------------------------------------------- training state
+
+def save_state(state: dict[str, Any], run_dir: Path, *, images_seen: int, keep: int) -> Path:
+    """Write a training state atomically as ``checkpoints/state-<images_seen>.pt``; keep the newest ``keep``."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"state-{images_seen:010d}.pt"
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for old in list_states(run_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def list_states(run_dir: Path) -> list[Path]:
+    """The run's training states, oldest first."""
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("state-*.pt") if _STATE.fullmatch(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(_STATE.fullmatch(p.name).group(1)))
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Load a training state without executing code (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any failure means the file is unusable; say which and why
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CmkitError(f"{path}: not a loadable cmkit training state ({reason})") from None

@@ -1,0 +1,302 @@
+"""Run configuration: frozen dataclasses, named presets, JSON round trip and ``--set key=value`` overrides.
+
+A :class:`Config` is everything needed to rebuild a run or a model. The resolved config is written to
+``config.json`` in every run directory, inside every checkpoint and into the metadata of every export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from cmkit.errors import CmkitError
+
+METHODS = ("edm", "ct", "ict")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "net.embedding": ("positional", "fourier"),
+    "method.name": METHODS,
+    "method.curriculum": ("sqrt", "exponential"),
+    "method.index_sampling": ("uniform", "lognormal"),
+    "method.distance": ("l2", "pseudo-huber"),
+    "method.weighting": ("uniform", "inverse-gap"),
+    "train.optimizer": ("adam", "radam"),
+}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """The U-Net backbone (EDM DDPM++ family); see :class:`cmkit.nets.UNet`.
+
+    ``num_classes > 0`` makes the model class-conditional on the dataset's labels.
+    """
+
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (7,)
+    dropout: float = 0.0
+    embedding: str = "positional"
+    fourier_scale: float = 16.0
+    num_classes: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: a dataset name or path, conformed to ``resolution`` and ``channels``."""
+
+    source: str = "fashion-mnist"
+    resolution: int = 28
+    channels: int = 1
+    xflip: bool = False
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The training method and its noise levels (recipes sections 1-5).
+
+    ``name`` is ``edm`` (diffusion teacher), ``ct`` or ``ict``. ``p_mean``/``p_std`` are the lognormal
+    sigma distribution of EDM and the discretised lognormal index distribution of iCT. ``s0``, ``s1``,
+    ``mu0`` and ``curriculum`` define N(k) and the target EMA rate mu(k); ``mu0 = 0`` means the target is
+    the student under stop-grad. ``huber_c = 0`` selects c = 0.00054 * sqrt(D).
+    """
+
+    name: str = "ict"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    p_mean: float = -1.1
+    p_std: float = 2.0
+    curriculum: str = "exponential"
+    s0: int = 10
+    s1: int = 1280
+    mu0: float = 0.0
+    index_sampling: str = "lognormal"
+    distance: str = "pseudo-huber"
+    huber_c: float = 0.0
+    weighting: str = "inverse-gap"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop. Lengths and intervals count training images, in thousands (kimg)."""
+
+    kimg: float = 100.0
+    batch: int = 128
+    optimizer: str = "radam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_kimg: float = 0.0
+    grad_clip: float = 0.0
+    ema_halflife_kimg: float = 500.0
+    ema_rampup: float = 0.05
+    seed: int = 0
+    ckpt_kimg: float = 10.0
+    snap_kimg: float = 10.0
+    log_kimg: float = 1.0
+    keep_ckpts: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: preset name, backbone, data, method and loop."""
+
+    preset: str = "custom"
+    net: NetConfig = field(default_factory=NetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def is_consistency(self) -> bool:
+        """True for consistency models (ct, ict), False for the EDM diffusion denoiser."""
+        return self.method.name != "edm"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> Config:
+        """Inverse of :meth:`to_dict`; unknown or ill-typed fields raise CmkitError naming ``where``."""
+        return _build(cls, data, where)
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise CmkitError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise CmkitError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, f"{where}.{name}")
+        else:
+            values[name] = _coerce(value, kind, f"{where}.{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` (a JSON value) against the annotation ``kind``; tuples come in as lists."""
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if not isinstance(value, list | tuple):
+            raise CmkitError(f"{key}: expected a list, got {value!r}")
+        if args[-1] is not Ellipsis and len(args) != len(value):
+            raise CmkitError(f"{key}: expected {len(args)} values, got {len(value)}")
+        item = args[0]
+        return tuple(_coerce(v, item, key) for v in value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise CmkitError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _parse_text(text: str, kind: Any, key: str) -> Any:
+    """Parse the text of ``--set key=text`` into the annotation ``kind``."""
+    if typing.get_origin(kind) is tuple:
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        return _coerce([_parse_text(p.strip(), typing.get_args(kind)[0], key) for p in parts], kind, key)
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        raise CmkitError(f"--set {key}={text}: expected {kind.__name__}") from None
+
+
+def settable_keys(config: Config) -> dict[str, Any]:
+    """Every ``section.field`` key that ``--set`` accepts, with its annotation."""
+    keys = {}
+    for section in fields(config):
+        sub = getattr(config, section.name)
+        if dataclasses.is_dataclass(sub):
+            hints = typing.get_type_hints(type(sub))
+            keys.update({f"{section.name}.{f.name}": hints[f.name] for f in fields(sub)})
+    return keys
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` strings (``train.lr=2e-4``, ``net.channel_mult=1,2,2``) to ``config``."""
+    keys = settable_keys(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise CmkitError(f"--set {item}: expected key=value, for example train.lr=2e-4")
+        if key not in keys:
+            raise CmkitError(f"--set: unknown key '{key}'; valid keys: {', '.join(keys)}")
+        section, name = key.split(".")
+        value = _parse_text(text.strip(), keys[key], key)
+        config = replace(config, **{section: replace(getattr(config, section), **{name: value})})
+    return config
+
+
+def validate(config: Config) -> None:
+    """Raise CmkitError for values no run can use (unknown choices, non-positive sizes)."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise CmkitError(f"{key}: unknown value '{value}'; expected one of {', '.join(choices)}")
+    m, t, d = config.method, config.train, config.data
+    positive = {
+        "train.kimg": t.kimg, "train.batch": t.batch, "train.lr": t.lr, "data.resolution": d.resolution,
+        "net.model_channels": config.net.model_channels, "method.sigma_data": m.sigma_data,
+        "method.sigma_min": m.sigma_min, "method.s0": m.s0, "train.keep_ckpts": t.keep_ckpts,
+        "train.ckpt_kimg": t.ckpt_kimg, "train.snap_kimg": t.snap_kimg, "train.log_kimg": t.log_kimg,
+        "method.p_std": m.p_std,
+    }
+    for key, value in positive.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise CmkitError(f"{key}: expected a positive number, got {value}")
+    checks = [
+        (d.channels in (1, 3), f"data.channels: expected 1 or 3, got {d.channels}"),
+        (config.net.num_classes >= 0, f"net.num_classes: expected >= 0, got {config.net.num_classes}"),
+        (m.sigma_max > m.sigma_min, f"method.sigma_max: expected > sigma_min, got {m.sigma_max}"),
+        (m.s1 >= m.s0, f"method.s1: expected >= s0 ({m.s0}), got {m.s1}"),
+        (0 <= m.mu0 < 1, f"method.mu0: expected a value in [0, 1), got {m.mu0}"),
+        (0 <= config.net.dropout < 1, f"net.dropout: expected a value in [0, 1), got {config.net.dropout}"),
+        (m.huber_c >= 0, f"method.huber_c: expected >= 0, got {m.huber_c}"),
+        (t.grad_clip >= 0 and t.warmup_kimg >= 0, "train.grad_clip and train.warmup_kimg: expected >= 0"),
+        (t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_halflife_kimg/ema_rampup: expected >= 0"),
+        (all(0 <= b < 1 for b in t.betas), f"train.betas: expected values in [0, 1), got {t.betas}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CmkitError(message)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+_FMNIST_NET = NetConfig(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7,))
+# DDPM++ as in EDM's CIFAR-10 setup (55.7M parameters); iCT uses Fourier features with scale 0.02.
+_CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
+                       dropout=0.13)
+_CIFAR_DATA = DataConfig(source="cifar10", resolution=32, channels=3, xflip=True)
+
+_EDM = MethodConfig(name="edm", p_mean=-1.2, p_std=1.2, curriculum="sqrt", s0=2, s1=150, mu0=0.0,
+                    index_sampling="uniform", distance="l2", weighting="uniform")
+_CT = MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=150, mu0=0.9, index_sampling="uniform",
+                   distance="l2", weighting="uniform")
+_ICT = MethodConfig(name="ict")
+
+PRESETS: dict[str, tuple[str, Config]] = {
+    "fmnist-edm": (
+        "EDM diffusion teacher, 1.7M-parameter U-Net, Fashion-MNIST 28x28 (CPU size)",
+        Config(preset="fmnist-edm", net=_FMNIST_NET, method=_EDM,
+               train=TrainConfig(kimg=150, batch=64, optimizer="adam", lr=1e-3, ema_halflife_kimg=10,
+                                 ckpt_kimg=25, snap_kimg=25)),
+    ),
+    "fmnist-ct": (
+        "Consistency training (CT, Song et al. 2023), sqrt curriculum to N=41, EMA target, Fashion-MNIST",
+        Config(preset="fmnist-ct", net=_FMNIST_NET, method=replace(_CT, s1=40),
+               train=TrainConfig(kimg=150, batch=64, optimizer="adam", lr=4e-4, ema_halflife_kimg=10,
+                                 ckpt_kimg=25, snap_kimg=25)),
+    ),
+    "fmnist-ict": (
+        "Improved consistency training (iCT), N 11->81, pseudo-Huber, Fashion-MNIST (CPU size)",
+        Config(preset="fmnist-ict", net=_FMNIST_NET, method=replace(_ICT, s1=80),
+               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=1e-3, ema_halflife_kimg=10,
+                                 ckpt_kimg=25, snap_kimg=25)),
+    ),
+    "cifar10-edm": (
+        "EDM teacher as published: DDPM++ 56M, CIFAR-10 32x32, 200 Mimg, batch 512, Adam 1e-3",
+        Config(preset="cifar10-edm", net=_CIFAR_NET, data=_CIFAR_DATA, method=_EDM,
+               train=TrainConfig(kimg=200_000, batch=512, optimizer="adam", lr=1e-3, warmup_kimg=10_000,
+                                 ema_halflife_kimg=500, ckpt_kimg=2_500, snap_kimg=2_500, log_kimg=50)),
+    ),
+    "cifar10-ict": (
+        "iCT as published: 400k iterations at batch 1024, RAdam 1e-4, dropout 0.3, Fourier scale 0.02",
+        Config(preset="cifar10-ict",
+               net=replace(_CIFAR_NET, dropout=0.3, embedding="fourier", fourier_scale=0.02),
+               data=_CIFAR_DATA, method=_ICT,
+               # EMA 0.99993 per iteration at batch 1024 has a half-life of ~9.9k iterations (10,140 kimg).
+               train=TrainConfig(kimg=409_600, batch=1024, optimizer="radam", lr=1e-4,
+                                 ema_halflife_kimg=10_140, ema_rampup=0.0, ckpt_kimg=5_000,
+                                 snap_kimg=5_000, log_kimg=100)),
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    """The named preset; an unknown name raises CmkitError listing the known ones."""
+    if name not in PRESETS:
+        raise CmkitError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name][1]
+

@@ -1,0 +1,126 @@
+"""Training losses: small classes returning one loss per sample.
+
+Every loss is called as ``loss(model, x0, labels, step=k, total_steps=K, target=None)`` and returns a
+float32 tensor [N]. Reduction, backward and the update of any target network belong to the training loop;
+``target_decay(k, K)`` tells the loop the target EMA rate (None: the loss needs no target network).
+Randomness comes from torch's global generators, which the loop seeds per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from cmkit import schedules
+from cmkit.config import MethodConfig
+from cmkit.distances import Distance, make_distance
+
+
+@contextlib.contextmanager
+def replayed_randomness(device: torch.device) -> Iterator[None]:
+    """Run a block, then rewind the CPU and ``device`` generators, so the next block draws the same numbers.
+
+    Used so student and target see the same dropout mask: saving only the CPU state would do nothing on
+    a GPU, so the accelerator's generator is forked too.
+    """
+    devices = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        yield
+
+
+class EDMLoss:
+    """EDM denoising loss (Karras et al. 2022, eq. 8): ln sigma ~ N(P_mean, P_std^2), weight 1/c_out^2."""
+
+    def __init__(self, *, p_mean: float, p_std: float, sigma_data: float) -> None:
+        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+
+    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
+                 target: nn.Module | None = None) -> Tensor:
+        sigma = (torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp()
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        denoised = model(x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0), sigma, labels)
+        return weight * (denoised - x0).pow(2).flatten(1).mean(1)
+
+    def target_decay(self, step: int, total_steps: int) -> float | None:
+        return None
+
+    def stats(self, step: int, total_steps: int) -> dict[str, float]:
+        return {}
+
+
+class ConsistencyTrainingLoss:
+    """Consistency training: CT (CM paper, Alg. 3) and iCT (Song and Dhariwal 2023) as settings of one loss.
+
+    For a pair of adjacent grid levels sigma_i < sigma_{i+1} and one noise z:
+    ``lambda(sigma_i) d(f(x0 + sigma_{i+1} z, sigma_{i+1}), stopgrad f_target(x0 + sigma_i z, sigma_i))``.
+    The target is ``target`` when given (an EMA of the student), else the student under stop-grad. Both
+    forward passes see the same dropout mask.
+    """
+
+    def __init__(self, *, curriculum: str, s0: int, s1: int, mu0: float, index_sampling: str,
+                 p_mean: float, p_std: float, distance: Distance, weighting: str,
+                 sigma_min: float, sigma_max: float, rho: float) -> None:
+        self.curriculum, self.s0, self.s1, self.mu0 = curriculum, s0, s1, mu0
+        self.index_sampling, self.p_mean, self.p_std = index_sampling, p_mean, p_std
+        self.distance, self.weighting = distance, weighting
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def num_scales(self, step: int, total_steps: int) -> int:
+        """N(k): the grid size at step k of K (CT: sqrt curriculum; iCT: exponential)."""
+        rule = schedules.ct_num_scales if self.curriculum == "sqrt" else schedules.ict_num_scales
+        return rule(step, total_steps, s0=self.s0, s1=self.s1)
+
+    def target_decay(self, step: int, total_steps: int) -> float | None:
+        """mu(k) for the target network, or None when the target is the student itself (mu0 = 0)."""
+        if self.mu0 == 0:
+            return None
+        return schedules.ct_target_decay(self.num_scales(step, total_steps), s0=self.s0, mu0=self.mu0)
+
+    def stats(self, step: int, total_steps: int) -> dict[str, float]:
+        return {"num_scales": self.num_scales(step, total_steps),
+                "target_decay": self.target_decay(step, total_steps) or 0.0}
+
+    def sample_pairs(self, n: int, num_scales: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Draw n adjacent pairs (sigma_i, sigma_{i+1}) of the N-point grid, float32 [n] each."""
+        sigmas = schedules.karras_sigmas(num_scales, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                                         rho=self.rho)
+        if self.index_sampling == "uniform":
+            idx = torch.randint(0, num_scales - 1, (n,))
+        else:
+            probs = schedules.lognormal_index_probs(sigmas, p_mean=self.p_mean, p_std=self.p_std)
+            idx = torch.multinomial(probs, n, replacement=True)
+        sigmas = sigmas.float().to(device)
+        return sigmas[idx.to(device)], sigmas[idx.to(device) + 1]
+
+    def weight(self, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
+        """lambda: 1 (CT) or 1 / (sigma_{i+1} - sigma_i) (iCT)."""
+        if self.weighting == "uniform":
+            return torch.ones_like(sigma_lo)
+        return 1 / (sigma_hi - sigma_lo)
+
+    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
+                 target: nn.Module | None = None) -> Tensor:
+        sigma_lo, sigma_hi = self.sample_pairs(x0.shape[0], self.num_scales(step, total_steps), x0.device)
+        z = torch.randn_like(x0)
+        with replayed_randomness(x0.device):
+            student = model(x0 + sigma_hi.view(-1, 1, 1, 1) * z, sigma_hi, labels)
+        with torch.no_grad():
+            teacher = (model if target is None else target)(x0 + sigma_lo.view(-1, 1, 1, 1) * z, sigma_lo, labels)
+        return self.weight(sigma_lo, sigma_hi) * self.distance(student, teacher)
+
+
+Loss = EDMLoss | ConsistencyTrainingLoss
+
+
+def make_loss(method: MethodConfig, *, dim: int) -> Loss:
+    """The loss a method config describes; ``dim`` is D, the number of values in one sample."""
+    if method.name == "edm":
+        return EDMLoss(p_mean=method.p_mean, p_std=method.p_std, sigma_data=method.sigma_data)
+    return ConsistencyTrainingLoss(
+        curriculum=method.curriculum, s0=method.s0, s1=method.s1, mu0=method.mu0,
+        index_sampling=method.index_sampling, p_mean=method.p_mean, p_std=method.p_std,
+        distance=make_distance(method.distance, dim=dim, c=method.huber_c), weighting=method.weighting,
+        sigma_min=method.sigma_min, sigma_max=method.sigma_max, rho=method.rho)

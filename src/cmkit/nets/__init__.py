@@ -1,0 +1,5 @@
+"""Network backbones."""
+
+from cmkit.nets.unet import UNet
+
+__all__ = ["UNet"]

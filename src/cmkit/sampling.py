@@ -1,0 +1,142 @@
+"""Samplers: pure functions of (denoiser, sigmas, noise), sharing one signature.
+
+``sampler(model, sigmas, noise, labels=None) -> x0`` where
+- ``model`` follows the denoiser contract ``(x, sigma, labels) -> x0`` and has ``sigma_min``/``sigma_max``;
+- ``sigmas`` is a DESCENDING 1-D list of noise levels within [sigma_min, sigma_max] (checked here);
+- ``noise()`` returns a fresh standard-normal batch [N, C, H, W] on each call (the first call is x_T / T).
+
+Building the sigma list is separate (:func:`default_sigmas`), so any list works with any sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cmkit import schedules
+from cmkit.errors import CmkitError
+
+Noise = Callable[[], Tensor]
+# Published intermediate level for 2-step sampling (iCT/ECT on CIFAR-10; recipes section 8).
+TWO_STEP_SIGMA = 0.821
+
+
+def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_max: float) -> Tensor:
+    """Validate a sampling schedule: non-empty, strictly descending, inside [sigma_min, sigma_max]."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+    text = ",".join(f"{v:g}" for v in s.tolist())
+    if s.numel() == 0:
+        raise CmkitError("sigmas: expected at least one noise level")
+    if not torch.isfinite(s).all() or (s.numel() > 1 and not (s[1:] < s[:-1]).all()):
+        raise CmkitError(f"sigmas {text}: expected strictly descending finite values, e.g. 80,0.821")
+    tol = 1e-6 * sigma_max
+    if s.max() > sigma_max + tol or s.min() < sigma_min - 1e-9:
+        raise CmkitError(f"sigmas {text}: expected values within [sigma_min, sigma_max] = "
+                         f"[{sigma_min:g}, {sigma_max:g}]")
+    return s
+
+
+def consistency_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise,
+                       labels: Tensor | None = None) -> Tensor:
+    """One-step (one sigma) or multistep consistency sampling (CM paper, Alg. 1).
+
+    ``x = f(tau_1 z, tau_1)``; for each later tau: ``x = f(x + sqrt(tau^2 - eps^2) z', tau)``.
+    Returns float32 [N, C, H, W], nominally in [-1, 1].
+    """
+    s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
+    x = model(s[0] * noise(), s[0], labels)
+    for tau in s[1:]:
+        x = model(x + (tau**2 - model.sigma_min**2) ** 0.5 * noise(), tau, labels)
+    return x
+
+
+def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise, labels: Tensor | None,
+                *, heun: bool) -> Tensor:
+    s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist() + [0.0]
+    x = s[0] * noise()
+    for cur, nxt in zip(s[:-1], s[1:], strict=True):
+        d = (x - model(x, cur, labels)) / cur
+        x_next = x + (nxt - cur) * d
+        if heun and nxt > 0:
+            d_next = (x_next - model(x_next, nxt, labels)) / nxt
+            x_next = x + (nxt - cur) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+def heun_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise,
+                labels: Tensor | None = None) -> Tensor:
+    """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1) through ``sigmas`` and then 0.
+
+    Solves dx/dsigma = (x - D(x, sigma)) / sigma; n levels cost 2n - 1 network evaluations.
+    """
+    return _ode_sample(model, sigmas, noise, labels, heun=True)
+
+
+def euler_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise,
+                 labels: Tensor | None = None) -> Tensor:
+    """Euler steps of the probability-flow ODE through ``sigmas`` and then 0 (n evaluations)."""
+    return _ode_sample(model, sigmas, noise, labels, heun=False)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "consistency": consistency_sample, "heun": heun_sample, "euler": euler_sample,
+}
+
+
+def default_sigmas(model: nn.Module, steps: int) -> Tensor:
+    """The schedule ``--steps K`` means, DESCENDING, float64.
+
+    Diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models: 1 step is
+    [sigma_max]; 2 steps add the published 0.821; K > 2 steps take the first K levels of a descending
+    (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
+    """
+    if steps < 1:
+        raise CmkitError(f"steps: expected a positive number of steps, got {steps}")
+    lo, hi = model.sigma_min, model.sigma_max
+    if getattr(model, "kind", "") == "edm":
+        return schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi)
+    if steps == 2:
+        return torch.tensor([hi, TWO_STEP_SIGMA], dtype=torch.float64)
+    return schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi).flip(0)[:steps]
+
+
+class SeededNoise:
+    """Noise for a batch of seeds: sample i always draws from its own generator seeded with seeds[i].
+
+    So a seed identifies an image whatever the batch size or the batch it falls in. Call it for the next
+    standard-normal batch [N, *shape], float32 on ``device``.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape, self.device = tuple(shape), device
+
+    def labels(self, num_classes: int) -> Tensor:
+        """One class label per seed, int64 [N], drawn from each seed's generator (call before any noise)."""
+        picks = [torch.randint(num_classes, (1,), generator=g) for g in self.generators]
+        return torch.cat(picks).to(self.device)
+
+    def __call__(self) -> Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] | Tensor, sampler: str,
+             batch_size: int, label: int | None = None) -> Iterator[Tensor]:
+    """Sample one image per seed, ``batch_size`` at a time, yielding float32 [B, C, H, W] in [-1, 1].
+
+    Class-conditional models use ``label`` for every image, or a label drawn from each seed when None.
+    """
+    device = next(model.parameters()).device
+    shape = (model.channels, model.resolution, model.resolution)
+    for start in range(0, len(seeds), batch_size):
+        noise = SeededNoise(seeds[start:start + batch_size], shape, device)
+        labels = None
+        if model.num_classes:
+            labels = noise.labels(model.num_classes)
+            if label is not None:
+                labels = torch.full_like(labels, label)
+        yield SAMPLERS[sampler](model, sigmas, noise, labels).clamp(-1, 1)

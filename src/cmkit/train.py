@@ -1,0 +1,238 @@
+"""The training loop: one flat sequence of steps delegating to config, data, losses and checkpoints.
+
+Every step's randomness comes from generators seeded with (seed, step), and the data order is a pure
+function of the images seen, so a run resumed from a checkpoint ends bit-identical to a straight one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cmkit import checkpoint, data, schedules
+from cmkit.config import Config
+from cmkit.errors import CmkitError
+from cmkit.images import save_images, to_numpy_images
+from cmkit.losses import make_loss
+from cmkit.sampling import default_sigmas, generate
+
+SNAPSHOT_SEEDS = range(64)
+
+
+@dataclass
+class Intervals:
+    """How many optimiser steps lie between logs, snapshots and checkpoints, and in the whole run."""
+
+    total: int
+    log: int
+    snap: int
+    ckpt: int
+
+    @classmethod
+    def of(cls, config: Config) -> Intervals:
+        t = config.train
+        every = lambda kimg: max(1, round(kimg * 1000 / t.batch))  # noqa: E731
+        return cls(total=math.ceil(t.kimg * 1000 / t.batch), log=every(t.log_kimg), snap=every(t.snap_kimg),
+                   ckpt=every(t.ckpt_kimg))
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one optimiser step, derived from the run seed and the step index."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+
+
+def load_training_data(config: Config) -> data.ImageData:
+    """The dataset of ``config.data``, checked against the model's class count."""
+    d, classes = config.data, config.net.num_classes
+    dataset = data.load_dataset(d.source, resolution=d.resolution, channels=d.channels)
+    if classes and dataset.num_classes != classes:
+        raise CmkitError(f"net.num_classes={classes}, but {dataset.name} has "
+                         f"{dataset.num_classes or 'no'} class labels; set net.num_classes to match or to 0")
+    return dataset
+
+
+def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = config.train
+    kind = torch.optim.Adam if t.optimizer == "adam" else torch.optim.RAdam
+    return kind(model.parameters(), lr=t.lr, betas=t.betas)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if e.is_floating_point():
+            e.lerp_(p, 1 - decay)
+        else:
+            e.copy_(p)
+
+
+class Run:
+    """The state of one training run and the files of its directory."""
+
+    def __init__(self, config: Config, out: Path, device: torch.device) -> None:
+        self.config, self.out, self.device = config, out, device
+        self.model = checkpoint.build_model(config).to(device).train()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2)
+        self.target = None
+        if self.loss.target_decay(0, 1) is not None:
+            self.target = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = make_optimizer(config, self.model)
+        self.step = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "step": self.step, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "target": None if self.target is None else self.target.state_dict()}
+
+    def restore(self, state: dict[str, Any], path: Path) -> None:
+        stored = Config.from_dict(state["config"], where=str(path))
+        if stored != self.config:
+            diff = _config_diff(stored.to_dict(), self.config.to_dict())
+            raise CmkitError(f"--resume: the run in {self.out} was trained with a different config ({diff}); "
+                             "resume with the same options or train into a new --out")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        self.step = state["step"]
+
+    def save(self) -> None:
+        t = self.config.train
+        checkpoint.save_state(self.state(), self.out, images_seen=self.step * t.batch, keep=t.keep_ckpts)
+        checkpoint.save_export(self.ema, self.config, self.out / checkpoint.EXPORT_NAME)
+
+    def snapshot(self) -> Path:
+        """Write an 8x8 grid of the EMA model's samples (1 step, or Heun 18 steps for EDM)."""
+        steps = 1 if self.config.is_consistency else 18
+        sampler = "consistency" if self.config.is_consistency else "heun"
+        batches = generate(self.ema, list(SNAPSHOT_SEEDS), sigmas=default_sigmas(self.ema, steps),
+                           sampler=sampler, batch_size=64)
+        images = np.concatenate([to_numpy_images(b) for b in batches])
+        path = self.out / "samples" / f"samples-{self.step * self.config.train.batch:010d}.png"
+        path.parent.mkdir(exist_ok=True)
+        save_images(images, path)
+        return path
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+    out = []
+    for key in a:
+        if isinstance(a[key], dict):
+            out.append(_config_diff(a[key], b[key], f"{prefix}{key}."))
+        elif a[key] != b[key]:
+            out.append(f"{prefix}{key}: {a[key]} -> {b[key]}")
+    return ", ".join(o for o in out if o)
+
+
+def prepare_run_dir(config: Config, out: Path, *, resume: bool) -> Path | None:
+    """Create the run directory; return the checkpoint to resume from (None for a fresh run).
+
+    A fresh run refuses a directory that already holds a run, so no earlier work is overwritten.
+    """
+    states = checkpoint.list_states(out)
+    if resume:
+        if not states:
+            raise CmkitError(f"--resume: no checkpoint in {out / 'checkpoints'}; train without --resume first")
+        return states[-1]
+    if states or (out / "config.json").exists():
+        raise CmkitError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard scalars; on resume, drops lines newer than the checkpoint."""
+
+    def __init__(self, out: Path, *, resume_step: int) -> None:
+        self.path = out / "metrics.jsonl"
+        if self.path.exists():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # imported late: slow import, only the loop needs it
+        )
+
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step":
+                self.tb.add_scalar(key, value, record["step"])
+        self.tb.flush()
+
+
+def train(config: Config, out: Path, *, resume: bool = False, device: str | None = None) -> Path:
+    """Train the model ``config`` describes into run directory ``out``; returns the export's path."""
+    # 1. Run directory, data and the run's modules (the data is loaded before anything is written).
+    dataset = load_training_data(config)
+    resume_from = prepare_run_dir(config, out, resume=resume)
+    run = Run(config, out, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if resume_from is not None:
+        run.restore(checkpoint.load_state(resume_from), resume_from)
+    t, every = config.train, Intervals.of(config)
+    log = MetricsLog(out, resume_step=run.step)
+    images = dataset.images
+    bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    losses: list[float] = []
+    busy = 0.0  # seconds spent in training steps since the last log line
+    while run.step < every.total:
+        tick = time.perf_counter()
+        # 2. This step's randomness and batch are functions of (seed, step) alone.
+        torch.manual_seed(step_seed(t.seed, run.step))
+        idx = data.batch_indices(len(images), t.batch, seed=t.seed, start=run.step * t.batch)
+        x0 = data.to_model_range(images[idx]).to(run.device)
+        if config.data.xflip:
+            x0 = data.random_flip(x0)
+        labels = dataset.labels[idx].to(run.device) if config.net.num_classes else None
+        # 3. Loss, backward, clipping, learning rate, optimiser step.
+        loss = run.loss(run.model, x0, labels, step=run.step, total_steps=every.total, target=run.target).mean()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
+        for group in run.optimizer.param_groups:
+            group["lr"] = schedules.learning_rate(run.step * t.batch, lr=t.lr, warmup_kimg=t.warmup_kimg)
+        run.optimizer.step()
+        # 4. Sampling EMA and the CT target network.
+        ema_update(run.ema, run.model, schedules.ema_beta(run.step * t.batch, t.batch,
+                                                          halflife_kimg=t.ema_halflife_kimg,
+                                                          rampup=t.ema_rampup))
+        mu = run.loss.target_decay(run.step, every.total)
+        if run.target is not None:
+            ema_update(run.target, run.model, mu)
+        run.step += 1
+        losses.append(loss.item())
+        busy += time.perf_counter() - tick
+        bar.update(1)
+        # 5. Logs, sample grids and checkpoints at their intervals, and always at the end.
+        last = run.step == every.total
+        if run.step % every.log == 0 or last:
+            record = {"step": run.step, "kimg": run.step * t.batch / 1000, "loss": float(np.mean(losses)),
+                      "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": len(losses) * t.batch / busy,
+                      **run.loss.stats(run.step, every.total)}
+            log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
+            losses, busy = [], 0.0
+        if run.step % every.snap == 0 or last:
+            run.snapshot()
+        if run.step % every.ckpt == 0 or last:
+            run.save()
+    bar.close()
+    return out / checkpoint.EXPORT_NAME

@@ -1,0 +1,154 @@
+"""End to end through the CLI on a few hundred real Fashion-MNIST images: train, checkpoint, resume, sample."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmkit.checkpoint import list_states, load_export, load_state
+from cmkit.cli import main
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=14",
+        "train.batch=32", "method.s1=20", "train.snap_kimg=0.128", "train.log_kimg=0.064"]
+
+
+def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fmnist_subset(tmp_path_factory) -> Path:
+    """The first 320 real Fashion-MNIST training images, as an IDX folder."""
+    if not FMNIST.is_dir():
+        pytest.skip(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
+    with gzip.open(FMNIST / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16)[: 320 * 784].reshape(320, 28, 28)
+    with gzip.open(FMNIST / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:320]
+    folder = tmp_path_factory.mktemp("data") / "fmnist-320"
+    _write_idx(folder, images, labels)
+    return folder
+
+
+def _train(out: Path, data: Path, *extra: str) -> int:
+    return main(["train", "--preset", "fmnist-ict", "--out", str(out), "--data", str(data), "--kimg", "0.256",
+                 "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(fmnist_subset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert _train(out, fmnist_subset) == 0
+    return out
+
+
+def test_train_writes_the_run_directory(run_dir):
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "samples", "checkpoints", "tensorboard"):
+        assert (run_dir / name).exists(), name
+    assert [p.name for p in list_states(run_dir)] == ["state-0000000128.pt", "state-0000000256.pt"]
+    state = load_state(list_states(run_dir)[-1])  # weights_only=True
+    assert state["step"] == 8 and state["config"]["net"]["model_channels"] == 8
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(np.isfinite(eval(ln.replace("null", "None"))["loss"]) for ln in lines)
+    grids = sorted((run_dir / "samples").glob("*.png"))
+    assert len(grids) == 2 and Image.open(grids[-1]).size == (2 + 8 * 30, 2 + 8 * 30)
+    model, config = load_export(run_dir)
+    assert config.preset == "fmnist-ict" and config.data.source.endswith("fmnist-320")
+    torch.testing.assert_close(model.state_dict(), state["ema"], rtol=0, atol=0)
+
+
+def test_resume_is_bit_exact(run_dir, fmnist_subset, tmp_path):
+    half = tmp_path / "b"
+    shutil.copytree(run_dir, half)
+    list_states(half)[-1].unlink()
+    (half / "model.safetensors").unlink()
+    assert _train(half, fmnist_subset, "--resume") == 0
+    straight, resumed = load_state(list_states(run_dir)[-1]), load_state(list_states(half)[-1])
+    for key in ("model", "ema", "optimizer"):
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+    assert len((half / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_resume_refuses_another_config(run_dir, fmnist_subset, tmp_path, capsys):
+    other = tmp_path / "c"
+    shutil.copytree(run_dir, other)
+    assert _train(other, fmnist_subset, "train.lr=5e-4", "--resume") == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_fresh_run_refuses_an_existing_run(run_dir, fmnist_subset, capsys):
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert _train(run_dir, fmnist_subset) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_sample_npz_and_png(run_dir, tmp_path):
+    a, b, g = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "g.png"
+    assert main(["sample", str(run_dir), "--n", "10", "--seed", "5", "--out", str(a)]) == 0
+    assert main(["sample", str(run_dir / "model.safetensors"), "--n", "10", "--seed", "5", "--batch", "3",
+                 "--out", str(b)]) == 0
+    images = np.load(a)["images"]
+    assert images.dtype == np.uint8 and images.shape == (10, 28, 28, 1)
+    assert np.array_equal(images, np.load(b)["images"])
+    assert main(["sample", str(run_dir), "--n", "4", "--sigmas", "80,0.821", "--out", str(g)]) == 0
+    assert Image.open(g).size == (2 + 2 * 30, 2 + 2 * 30)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "{run}", "--sigmas", "0.5,2", "--out", "{tmp}/x.png"], "descending"),
+    (["sample", "{run}", "--sigmas", "100", "--out", "{tmp}/x.png"], "within"),
+    (["sample", "{run}", "--steps", "0", "--out", "{tmp}/x.png"], "positive"),
+    (["sample", "{run}", "--n", "0", "--out", "{tmp}/x.png"], "positive"),
+    (["sample", "{run}", "--out", "{tmp}/x.jpg"], ".png or .npz"),
+    (["sample", "{run}", "--out", "{tmp}/missing/x.png"], "does not exist"),
+    (["sample", "{tmp}/notamodel.safetensors", "--out", "{tmp}/x.png"], "not a cmkit model"),
+    (["sample", "{tmp}", "--out", "{tmp}/x.png"], "not a cmkit run directory"),
+    (["train", "--preset", "no-such", "--out", "{tmp}/r"], "unknown preset"),
+    (["train", "--preset", "fmnist-ict", "--out", "{tmp}/r", "--set", "no.such.key=1"], "no.such.key"),
+    (["train", "--preset", "fmnist-ict", "--out", "{tmp}/r", "--set", "train.lr=abc"], "expected float"),
+    (["train", "--preset", "fmnist-ict", "--out", "{tmp}/r", "--set", "net.embedding=x"], "net.embedding"),
+    (["train", "--preset", "fmnist-ict", "--out", "{tmp}/r", "--data", "{tmp}/empty"], "no images"),
+])
+def test_bad_input_gets_one_clear_line(argv, message, run_dir, tmp_path, capsys):
+    (tmp_path / "notamodel.safetensors").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "r").exists()
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.new("L", (28, 28), 128).save(tmp_path / "imgs" / "good.png")
+    assert main(["train", "--preset", "fmnist-ict", "--out", str(tmp_path / "r"), "--data",
+                 str(tmp_path / "imgs")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_console_script_and_dry_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cmkit", "train", "--preset", "cifar10-ict", "--out",
+                          str(tmp_path / "r"), "--dry-run"], capture_output=True, text=True, check=True)
+    assert '"batch": 1024' in out.stdout and not (tmp_path / "r").exists()
+    listing = subprocess.run([sys.executable, "-m", "cmkit", "presets"], capture_output=True, text=True,
+                             check=True).stdout
+    for name in ("fmnist-edm", "fmnist-ct", "fmnist-ict", "cifar10-edm", "cifar10-ict"):
+        assert name in listing
