@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.distance": ("l2", "pseudo-huber"),
     "method.weighting": ("uniform", "inverse-gap"),
     "train.optimizer": ("adam", "radam"),
+    "train.precision": ("fp32", "bf16"),
 }
 
 
@@ -82,7 +83,11 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation loop. Lengths and intervals count training images, in thousands (kimg)."""
+    """The optimisation loop. Lengths and intervals count training images, in thousands (kimg).
+
+    ``precision = "bf16"`` runs the network's forward passes under bfloat16 autocast; the
+    preconditioning coefficients, the network's output scaling and the loss stay in float32.
+    """
 
     kimg: float = 100.0
     batch: int = 128
@@ -98,6 +103,7 @@ class TrainConfig:
     snap_kimg: float = 10.0
     log_kimg: float = 1.0
     keep_ckpts: int = 3
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,9 @@ class Run:
 
     def __init__(self, config: Config, out: Path, device: torch.device) -> None:
         self.config, self.out, self.device = config, out, device
-        self.model = checkpoint.build_model(config).to(device).train()
+        with torch.random.fork_rng(devices=[]):  # the initial weights depend on the run seed alone
+            torch.manual_seed(config.train.seed)
+            self.model = checkpoint.build_model(config).to(device).train()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2)
         self.target = None
@@ -90,6 +92,37 @@ class Run:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = make_optimizer(config, self.model)
         self.step = 0
+
+    def batch(self, dataset: data.ImageData) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The current step's training batch: x0 float32 [B, C, H, W] in [-1, 1] and labels or None."""
+        t = self.config.train
+        idx = data.batch_indices(len(dataset.images), t.batch, seed=t.seed, start=self.step * t.batch)
+        x0 = data.to_model_range(dataset.images[idx]).to(self.device)
+        if self.config.data.xflip:
+            x0 = data.random_flip(x0)
+        labels = dataset.labels[idx].to(self.device) if self.config.net.num_classes else None
+        return x0, labels
+
+    def optimizer_step(self, x0: torch.Tensor, labels: torch.Tensor | None, *, total_steps: int) -> float:
+        """One training step at ``self.step`` of ``total_steps``: loss, backward, clipping, learning rate,
+        optimiser step, then the sampling EMA and any CT target network. Returns the mean loss."""
+        t, images_seen = self.config.train, self.step * self.config.train.batch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            loss = self.loss(self.model, x0, labels, step=self.step, total_steps=total_steps, target=self.target)
+        loss = loss.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = schedules.learning_rate(images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg)
+        self.optimizer.step()
+        beta = schedules.ema_beta(images_seen, t.batch, halflife_kimg=t.ema_halflife_kimg, rampup=t.ema_rampup)
+        ema_update(self.ema, self.model, beta)
+        if self.target is not None:
+            ema_update(self.target, self.model, self.loss.target_decay(self.step, total_steps))
+        self.step += 1
+        return loss.item()
 
     def state(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "step": self.step, "model": self.model.state_dict(),
@@ -188,40 +221,19 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
         run.restore(checkpoint.load_state(resume_from), resume_from)
     t, every = config.train, Intervals.of(config)
     log = MetricsLog(out, resume_step=run.step)
-    images = dataset.images
     bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
     busy = 0.0  # seconds spent in training steps since the last log line
     while run.step < every.total:
         tick = time.perf_counter()
-        # 2. This step's randomness and batch are functions of (seed, step) alone.
+        # 2. This step's batch and randomness are functions of (seed, step) alone.
         torch.manual_seed(step_seed(t.seed, run.step))
-        idx = data.batch_indices(len(images), t.batch, seed=t.seed, start=run.step * t.batch)
-        x0 = data.to_model_range(images[idx]).to(run.device)
-        if config.data.xflip:
-            x0 = data.random_flip(x0)
-        labels = dataset.labels[idx].to(run.device) if config.net.num_classes else None
-        # 3. Loss, backward, clipping, learning rate, optimiser step.
-        loss = run.loss(run.model, x0, labels, step=run.step, total_steps=every.total, target=run.target).mean()
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip)
-        for group in run.optimizer.param_groups:
-            group["lr"] = schedules.learning_rate(run.step * t.batch, lr=t.lr, warmup_kimg=t.warmup_kimg)
-        run.optimizer.step()
-        # 4. Sampling EMA and the CT target network.
-        ema_update(run.ema, run.model, schedules.ema_beta(run.step * t.batch, t.batch,
-                                                          halflife_kimg=t.ema_halflife_kimg,
-                                                          rampup=t.ema_rampup))
-        mu = run.loss.target_decay(run.step, every.total)
-        if run.target is not None:
-            ema_update(run.target, run.model, mu)
-        run.step += 1
-        losses.append(loss.item())
+        x0, labels = run.batch(dataset)
+        # 3. Loss, backward, optimiser step, EMA and target updates.
+        losses.append(run.optimizer_step(x0, labels, total_steps=every.total))
         busy += time.perf_counter() - tick
         bar.update(1)
-        # 5. Logs, sample grids and checkpoints at their intervals, and always at the end.
+        # 4. Logs, sample grids and checkpoints at their intervals, and always at the end.
         last = run.step == every.total
         if run.step % every.log == 0 or last:
             record = {"step": run.step, "kimg": run.step * t.batch / 1000, "loss": float(np.mean(losses)),
