@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cmkit import data
+from cmkit import readers
 from cmkit.data import (
     KNOWN_DATASETS,
     ImageData,
@@ -29,7 +29,7 @@ from cmkit.data import (
 from cmkit.errors import CmkitError
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
-_REAL_DOWNLOAD = data._download
+_REAL_DOWNLOAD = readers._download
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
         calls.append(url)
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(readers, "_download", fake_download)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.delenv("CMKIT_DATA", raising=False)
     return calls
@@ -94,13 +94,13 @@ def test_idx_via_cmkit_data_root_and_test_split(tmp_path: Path, monkeypatch: pyt
     images, labels = _write_idx(tmp_path, n=3, split="test", gz=False, seed=1)
     _write_idx(tmp_path, n=4, split="train", seed=2)
     monkeypatch.setenv("CMKIT_DATA", str(tmp_path))
-    monkeypatch.setitem(data._SYSTEM_DIRS, "fashion-mnist", tmp_path / "absent")
+    monkeypatch.setitem(readers._SYSTEM_DIRS, "fashion-mnist", tmp_path / "absent")
     _assert_roundtrip(load_dataset("fashion-mnist", resolution=28, channels=1, split="test"), images, labels)
     assert len(load_dataset("fashion-mnist", resolution=28, channels=1)) == 4
 
 
 def test_idx_found_in_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(data._SYSTEM_DIRS, "mnist", tmp_path / "absent")
+    monkeypatch.setitem(readers._SYSTEM_DIRS, "mnist", tmp_path / "absent")
     images, labels = _write_idx(tmp_path / "xdg-cache" / "cmkit" / "mnist")
     _assert_roundtrip(load_dataset("mnist", resolution=28, channels=1), images, labels)
 
@@ -145,7 +145,7 @@ def test_idx_count_mismatch(tmp_path: Path) -> None:
 def test_missing_known_dataset_explains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         _isolated: list[str], name: str) -> None:
     monkeypatch.setenv("CMKIT_DATA", str(tmp_path / "empty"))
-    monkeypatch.setitem(data._SYSTEM_DIRS, name, tmp_path / "absent")
+    monkeypatch.setitem(readers._SYSTEM_DIRS, name, tmp_path / "absent")
     with pytest.raises(CmkitError) as info:
         load_dataset(name, resolution=28, channels=1)
     message = str(info.value)

@@ -46,3 +46,17 @@ def test_ema_update_is_a_lerp():
 def test_intervals_of_config(tiny_config):
     every = Intervals.of(tiny_config)  # 0.256 kimg at batch 32; ckpt 0.128, snap 0.256, log 0.064
     assert (every.total, every.ckpt, every.snap, every.log) == (8, 4, 8, 2)
+
+
+def test_class_conditional_batch_and_step(tiny_config):
+    from cmkit.data import ImageData
+
+    config = replace(tiny_config, net=replace(tiny_config.net, num_classes=3),
+                     data=replace(tiny_config.data, xflip=True))
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    dataset = ImageData(images=images, labels=torch.arange(40) % 3, num_classes=3, name="fake")
+    run = Run(config, None, torch.device("cpu"))
+    run.step = 1  # the second batch: positions 32..63 of the stream, crossing into epoch 2
+    x0, labels = run.batch(dataset)
+    assert x0.shape == (32, 1, 28, 28) and labels.shape == (32,) and labels.max() < 3
+    assert torch.isfinite(torch.tensor(run.optimizer_step(x0, labels, total_steps=4)))
