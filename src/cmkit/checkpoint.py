@@ -48,9 +48,10 @@ def build_model(config: Config) -> Preconditioned:
 # -------------------------------------------------------------------------------------- inference export
 
 def save_export(model: nn.Module, config: Config, path: Path) -> None:
-    """Write ``model``'s weights and ``config`` to a safetensors file, atomically."""
+    """Write ``model``'s weights, ``config`` and tuned sampling schedules to a safetensors file, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict())}
+    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict()),
+                "tuned_sigmas": json.dumps(getattr(model, "tuned_sigmas", {}))}
     tmp = atomic_path(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -89,7 +90,15 @@ def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> tupl
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise CmkitError(f"{path}: weights do not match the config in its metadata: {e}") from None
+    model.tuned_sigmas = _tuned_sigmas(metadata.get("tuned_sigmas", "{}"), path)
     return model.to(device).eval().requires_grad_(False), config
+
+
+def _tuned_sigmas(text: str, path: Path) -> dict[int, list[float]]:
+    try:
+        return {int(k): [float(s) for s in v] for k, v in json.loads(text).items()}
+    except (ValueError, TypeError, AttributeError):
+        raise CmkitError(f"{path}: metadata 'tuned_sigmas' is not a JSON object of sigma lists") from None
 
 
 # ----------------------------------------------------------------------------------------- training state

@@ -100,6 +100,103 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CmkitError(f"--steps {text}: expected comma-separated step counts, e.g. 1,2,4") from None
+    if not steps or min(steps) < 1:
+        raise CmkitError(f"--steps {text}: expected positive step counts, e.g. 1,2,4")
+    return steps
+
+
+def _scorer(args: argparse.Namespace, resolution: int, channels: int, ref: str | None):
+    """(extractor, reference features) for --metric/--ref/--weights, checking --n against the metric."""
+    from cmkit.eval.evaluate import default_metric, reference_features
+    from cmkit.eval.features import get_extractor
+
+    if ref is None:
+        raise CmkitError("--ref: expected a dataset name, a folder or a features .npz to compare with")
+    extractor = get_extractor(args.metric or default_metric(resolution, channels), weights=args.weights)
+    if args.n < extractor.min_count:
+        raise CmkitError(f"--n {args.n}: {extractor.name} needs at least {extractor.min_count} images")
+    return extractor, reference_features(ref, extractor, n=args.n, resolution=resolution, channels=channels)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cmkit.checkpoint import load_export
+    from cmkit.eval.evaluate import evaluate_model, features_of, load_images, plot_quality
+    from cmkit.eval.metrics import compute_metrics
+
+    for path, suffixes in ((args.out, (".json",)), (args.plot, (".png",))):
+        if path is not None:
+            check_output(Path(path), suffixes)
+    source = Path(args.model)
+    if source.suffix == ".npz" or (source.is_dir() and not (source / "model.safetensors").exists()):
+        images = load_images(source)
+        extractor, reference = _scorer(args, images.shape[2], images.shape[1], args.ref)
+        fake = features_of((images[i:i + args.batch] for i in range(0, len(images), args.batch)), extractor,
+                           total=len(images), desc=source.name)
+        rows = [{"images": len(images), **compute_metrics(reference, fake)}]
+    else:
+        model, config = load_export(source, device="cuda" if _cuda() else "cpu")
+        extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
+        sampler = "consistency" if config.is_consistency else "heun"
+        steps = _parse_steps(args.steps or ("1,2,4" if config.is_consistency else "18"))
+        rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
+                              batch=args.batch, sampler=sampler)
+    report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
+    _print_report(report)
+    if args.out:
+        _write_json(report, Path(args.out))
+    if args.plot:
+        points = [(r["nfe"], r["fid"]) for r in rows if "nfe" in r]
+        plot_quality({source.name: points}, Path(args.plot), metric=extractor.name)
+    return 0
+
+
+def cmd_tune_steps(args: argparse.Namespace) -> int:
+    from cmkit.checkpoint import load_export, resolve_model_path, save_export
+    from cmkit.eval.evaluate import tune_two_step_sigma
+    from cmkit.sampling import TWO_STEP_SIGMA
+
+    if args.steps != 2:
+        raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
+    path = resolve_model_path(args.model)
+    model, config = load_export(path, device="cuda" if _cuda() else "cpu")
+    if not config.is_consistency:
+        raise CmkitError(f"{path}: a diffusion model; tune-steps tunes consistency models")
+    extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
+    best, history = tune_two_step_sigma(model, n=args.n, extractor=extractor, reference=reference,
+                                        batch=args.batch, iters=args.iters)
+    model.tuned_sigmas[2] = [model.sigma_max, best]
+    save_export(model, config, path)
+    for point in history:
+        print(f"sigma {point['sigma']:10.4f}  FID {point['fid']:8.3f}")
+    print(f"best 2-step sigma: {best:.4g} (FID {min(p['fid'] for p in history):.3f}, {extractor.name}, "
+          f"n={args.n}); the papers' CIFAR-10 value: {TWO_STEP_SIGMA}. Stored in {path}.")
+    return 0
+
+
+def _print_report(report: dict) -> None:
+    print(f"{report['metric']} against {report['reference'] or 'the training data'}, {report['n']} images")
+    for row in report["results"]:
+        what = f"{row['steps']} step(s), {row['nfe']} NFE" if "nfe" in row else f"{row['images']} images"
+        print(f"  {what:>22}: FID {row['fid']:8.3f}  KID {row['kid']:.4f}  precision {row['precision']:.3f}"
+              f"  recall {row['recall']:.3f}")
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    from cmkit.images import atomic_path
+
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     width = max(map(len, PRESETS))
     for name, (description, _) in PRESETS.items():
@@ -138,9 +235,34 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, help="class label for class-conditional models (default: per seed)")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("eval", help="FID, KID, precision and recall of a model, an .npz or a folder")
+    p.add_argument("model", help="a run directory, a .safetensors export, an .npz of images or a folder")
+    p.add_argument("--n", type=int, default=10_000, help="samples per step count and reference images")
+    p.add_argument("--steps", help="step counts, e.g. 1,2,4 (default 1,2,4; diffusion models: 18 Heun = 35 NFE)")
+    _scoring_options(p)
+    p.add_argument("--out", help="write the report as JSON")
+    p.add_argument("--plot", help="write FID against network evaluations as a PNG")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tune-steps", help="search the best intermediate sigma for 2-step sampling")
+    p.add_argument("model", help="a run directory or a .safetensors export (updated in place)")
+    p.add_argument("--steps", type=int, default=2, help="number of steps (2)")
+    p.add_argument("--n", type=int, default=2_000, help="samples per FID evaluation (default 2000)")
+    p.add_argument("--iters", type=int, default=12, help="ternary-search iterations (default 12)")
+    _scoring_options(p)
+    p.set_defaults(func=cmd_tune_steps)
+
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
     return parser
+
+
+def _scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", choices=("fid-fmnist", "fid-inception"),
+                   help="feature space (default: fid-fmnist for 28x28 grayscale, else fid-inception)")
+    p.add_argument("--ref", help="reference: a dataset name or path, or a features .npz (default: the training data)")
+    p.add_argument("--weights", help="feature network weights (default: the cached or installed ones)")
+    p.add_argument("--batch", type=int, default=500, help="images per batch (default 500)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ class Preconditioned(nn.Module):
         net: backbone called as ``net(x_in, c_noise, class_labels)`` returning a tensor shaped like x_in.
         resolution, channels, num_classes: what the backbone accepts (num_classes 0 = unconditional).
         sigma_min, sigma_max, sigma_data: the noise range and data standard deviation (x0 in [-1, 1]).
+
+    ``tuned_sigmas`` maps a step count to the sampling schedule found for it by ``cmkit tune-steps``
+    (stored in the export's metadata); empty until tuned.
     """
 
     kind = ""
@@ -31,6 +34,7 @@ class Preconditioned(nn.Module):
         self.net = net
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.tuned_sigmas: dict[int, list[float]] = {}
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) for sigma of shape [N], in sigma's dtype."""

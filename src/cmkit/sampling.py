@@ -89,12 +89,16 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     """The schedule ``--steps K`` means, DESCENDING, float64.
 
-    Diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models: 1 step is
-    [sigma_max]; 2 steps add the published 0.821; K > 2 steps take the first K levels of a descending
-    (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
+    A schedule found by ``cmkit tune-steps`` for this model (``model.tuned_sigmas``) comes first.
+    Otherwise, diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models:
+    1 step is [sigma_max]; 2 steps add the published 0.821; K > 2 steps take the first K levels of a
+    descending (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
     """
     if steps < 1:
         raise CmkitError(f"steps: expected a positive number of steps, got {steps}")
+    tuned = getattr(model, "tuned_sigmas", {}).get(steps)
+    if tuned:
+        return torch.tensor(tuned, dtype=torch.float64)
     lo, hi = model.sigma_min, model.sigma_max
     if getattr(model, "kind", "") == "edm":
         return schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi)

