@@ -55,11 +55,11 @@ def parse_sigmas(text: str) -> list[float]:
         raise CmkitError(f"--sigmas {text}: expected comma-separated numbers, e.g. 80,0.821") from None
 
 
-def check_output(path: Path, suffixes: tuple[str, ...]) -> None:
+def check_output(path: Path, suffixes: tuple[str, ...], *, flag: str = "--out") -> None:
     if path.suffix not in suffixes:
-        raise CmkitError(f"--out {path}: expected a file name ending in {' or '.join(suffixes)}")
+        raise CmkitError(f"{flag} {path}: expected a file name ending in {' or '.join(suffixes)}")
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise CmkitError(f"--out {path}: folder {path.parent} does not exist or is not writable")
+        raise CmkitError(f"{flag} {path}: folder {path.parent} does not exist or is not writable")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -74,8 +74,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch < 1:
         raise CmkitError(f"--n and --batch: expected positive counts, got {args.n} and {args.batch}")
     model, config = load_export(args.model, device="cuda" if _cuda() else "cpu")
-    if config.is_consistency and args.sampler != "consistency" and args.sampler is not None:
-        raise CmkitError(f"--sampler {args.sampler}: a consistency model samples with 'consistency'")
+    if args.sampler is not None and (args.sampler == "consistency") != config.is_consistency:
+        expected = "consistency" if config.is_consistency else "heun or euler"
+        raise CmkitError(f"--sampler {args.sampler}: this {'consistency' if config.is_consistency else 'diffusion'}"
+                         f" model samples with {expected}")
     sampler = args.sampler or ("consistency" if config.is_consistency else "heun")
     steps = _default_steps(config) if args.steps is None else args.steps
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else default_sigmas(model, steps)
@@ -128,9 +130,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cmkit.eval.evaluate import evaluate_model, features_of, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
 
-    for path, suffixes in ((args.out, (".json",)), (args.plot, (".png",))):
+    for flag, path, suffixes in (("--out", args.out, (".json",)), ("--plot", args.plot, (".png",))):
         if path is not None:
-            check_output(Path(path), suffixes)
+            check_output(Path(path), suffixes, flag=flag)
     source = Path(args.model)
     if source.suffix == ".npz" or (source.is_dir() and not (source / "model.safetensors").exists()):
         images = load_images(source)

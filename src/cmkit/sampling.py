@@ -129,10 +129,11 @@ class SeededNoise:
 
 @torch.no_grad()
 def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] | Tensor, sampler: str,
-             batch_size: int, label: int | None = None) -> Iterator[Tensor]:
+             batch_size: int, label: int | None = None, precision: str = "fp32") -> Iterator[Tensor]:
     """Sample one image per seed, ``batch_size`` at a time, yielding float32 [B, C, H, W] in [-1, 1].
 
     Class-conditional models use ``label`` for every image, or a label drawn from each seed when None.
+    ``precision="bf16"`` runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32).
     """
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
@@ -143,4 +144,6 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
             labels = noise.labels(model.num_classes)
             if label is not None:
                 labels = torch.full_like(labels, label)
-        yield SAMPLERS[sampler](model, sigmas, noise, labels).clamp(-1, 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            x = SAMPLERS[sampler](model, sigmas, noise, labels)
+        yield x.float().clamp(-1, 1)

@@ -49,9 +49,10 @@ def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, *,
 
 
 def sample_batches(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
-                   batch: int, seed: int = 0) -> Iterator[torch.Tensor]:
+                   batch: int, seed: int = 0, precision: str = "fp32") -> Iterator[torch.Tensor]:
     """uint8 [B, C, H, W] CPU batches of ``model``'s samples for seeds seed .. seed + n - 1."""
-    for x in generate(model, range(seed, seed + n), sigmas=sigmas, sampler=sampler, batch_size=batch):
+    for x in generate(model, range(seed, seed + n), sigmas=sigmas, sampler=sampler, batch_size=batch,
+                      precision=precision):
         yield data.to_uint8(x).cpu()
 
 
@@ -183,12 +184,13 @@ def _npz_images(path: Path) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ evaluation
 
 def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor: FeatureExtractor,
-                   reference: np.ndarray, batch: int, sampler: str) -> list[dict[str, Any]]:
+                   reference: np.ndarray, batch: int, sampler: str,
+                   precision: str = "fp32") -> list[dict[str, Any]]:
     """Metrics of ``n`` samples for each step count (schedules from :func:`default_sigmas`)."""
     rows = []
     for k in steps:
         sigmas = default_sigmas(model, k)
-        batches = sample_batches(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch)
+        batches = sample_batches(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch, precision=precision)
         feats = features_of(batches, extractor, total=n, desc=f"{k} step{'s' * (k > 1)}")
         rows.append({"steps": k, "nfe": network_evaluations(sampler, len(sigmas)), "sigmas": sigmas.tolist(),
                      **compute_metrics(reference, feats)})
@@ -196,16 +198,17 @@ def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor:
 
 
 def sample_fid(model: nn.Module, sigmas: Sequence[float], *, n: int, extractor: FeatureExtractor,
-               reference: np.ndarray, batch: int) -> float:
+               reference: np.ndarray, batch: int, precision: str = "fp32") -> float:
     """FID of ``n`` consistency samples through ``sigmas`` (fixed seeds, so calls are comparable)."""
-    feats = features_of(sample_batches(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch),
+    batches = sample_batches(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch, precision=precision)
+    feats = features_of(batches,
                         extractor, total=n, desc=f"sigmas {','.join(f'{s:.4g}' for s in sigmas)}")
     return fid(reference, feats)
 
 
 def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor, reference: np.ndarray,
-                        batch: int, iters: int = 12, lo: float | None = None,
-                        hi: float | None = None) -> tuple[float, list[dict[str, float]]]:
+                        batch: int, iters: int = 12, lo: float | None = None, hi: float | None = None,
+                        precision: str = "fp32") -> tuple[float, list[dict[str, float]]]:
     """Ternary search of the intermediate sigma of 2-step sampling on FID, in log sigma (as the papers did).
 
     Searches [lo, hi] (default [sigma_min, sigma_max / 2]); every candidate is scored on the same seeds.
@@ -218,7 +221,8 @@ def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor
     def score(log_sigma: float) -> float:
         sigma = round(math.exp(log_sigma), 6)
         if sigma not in seen:
-            seen[sigma] = sample_fid(model, [t, sigma], n=n, extractor=extractor, reference=reference, batch=batch)
+            seen[sigma] = sample_fid(model, [t, sigma], n=n, extractor=extractor, reference=reference, batch=batch,
+                                     precision=precision)
         return seen[sigma]
 
     for _ in range(iters):
