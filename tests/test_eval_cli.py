@@ -86,3 +86,16 @@ def test_tune_steps_stores_the_sigma_that_sample_then_uses(run_dir, fmnist_subse
     assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2
     assert default_sigmas(model, 2).tolist() == [t, sigma]
     assert main(["tune-steps", str(run), "--steps", "3"]) == 2
+
+
+def test_eval_scores_a_folder_and_refuses_mixed_sizes(fmnist_subset, classifier, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (28, 28), 40 * i).save(folder / f"{i}.png")
+    common = ["--n", "40", "--weights", str(classifier), "--ref", str(fmnist_subset)]
+    assert _eval(str(folder), *common) == 0
+    assert "4 images" in capsys.readouterr().out
+    Image.new("L", (32, 32)).save(folder / "big.png")
+    assert _eval(str(folder), *common) == 2
+    assert "several sizes" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_output(out, (".png", ".npz"))
     if args.n < 1 or args.batch < 1:
         raise CmkitError(f"--n and --batch: expected positive counts, got {args.n} and {args.batch}")
-    model, config = load_export(args.model, device="cuda" if _cuda() else "cpu")
+    model, config = load_export(args.model, device=_device())
     if args.sampler is not None and (args.sampler == "consistency") != config.is_consistency:
         expected = "consistency" if config.is_consistency else "heun or euler"
         raise CmkitError(f"--sampler {args.sampler}: this {'consistency' if config.is_consistency else 'diffusion'}"
@@ -96,10 +96,10 @@ def _default_steps(config: Config) -> int:
     return 1 if config.is_consistency else 18
 
 
-def _cuda() -> bool:
+def _device() -> str:
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _parse_steps(text: str) -> list[int]:
@@ -141,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            total=len(images), desc=source.name)
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
-        model, config = load_export(source, device="cuda" if _cuda() else "cpu")
+        model, config = load_export(source, device=_device())
         extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
         sampler = "consistency" if config.is_consistency else "heun"
         steps = _parse_steps(args.steps or ("1,2,4" if config.is_consistency else "18"))
@@ -165,7 +165,7 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     if args.steps != 2:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
     path = resolve_model_path(args.model)
-    model, config = load_export(path, device="cuda" if _cuda() else "cpu")
+    model, config = load_export(path, device=_device())
     if not config.is_consistency:
         raise CmkitError(f"{path}: a diffusion model; tune-steps tunes consistency models")
     extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)

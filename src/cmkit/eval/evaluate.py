@@ -30,6 +30,7 @@ from cmkit.images import atomic_path
 from cmkit.sampling import default_sigmas, generate
 
 FEATURES_FORMAT = "cmkit-features-1"
+GRAY_MODES = {"1", "L", "LA", "I", "I;16"}
 
 
 def default_metric(resolution: int, channels: int) -> str:
@@ -138,7 +139,8 @@ def load_images(path: Path) -> torch.Tensor:
         return _npz_images(path)
     if not path.is_dir():
         raise CmkitError(f"{path}: expected a run directory, a .safetensors model, an .npz of images or a folder")
-    sizes = {_image_size(p) for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS}
+    headers = [_image_header(p) for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS]
+    sizes = {size for size, _ in headers}
     if len(sizes) > 1:
         raise CmkitError(f"{path}: images of several sizes {sorted(sizes)}; expected one size")
     if not sizes:
@@ -146,25 +148,17 @@ def load_images(path: Path) -> torch.Tensor:
     (w, h), = sizes
     if w != h:
         raise CmkitError(f"{path}: images are {w}x{h}; expected square images")
-    channels = 1 if _all_gray(path) else 3
+    channels = 1 if {mode for _, mode in headers} <= GRAY_MODES else 3
     return data.load_dataset(str(path), resolution=w, channels=channels).images
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _image_header(path: Path) -> tuple[tuple[int, int], str]:
+    """(size, mode) from the file header, without decoding the pixels."""
     try:
         with Image.open(path) as img:
-            return img.size
+            return img.size, img.mode
     except OSError as e:
         raise CmkitError(f"cannot read image {path}: {readers.one_line(e)}") from None
-
-
-def _all_gray(folder: Path) -> bool:
-    modes = set()
-    for p in folder.rglob("*"):
-        if p.suffix.lower() in data.IMAGE_EXTENSIONS:
-            with Image.open(p) as img:
-                modes.add(img.mode)
-    return modes <= {"L", "I;16", "I", "1", "LA"}
 
 
 def _npz_images(path: Path) -> torch.Tensor:
