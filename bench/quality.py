@@ -2,12 +2,14 @@
 
 On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same training budget (images):
 1. the EDM diffusion teacher (fmnist-edm);
-2. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct)  [CD and ECT join with their issue];
-3. each model is evaluated on N samples with fid-fmnist: students at 1, 2 and 4 steps (2 steps with the
+2. from it: consistency distillation (fmnist-cd) and easy consistency tuning (fmnist-ect);
+3. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct);
+4. each model is evaluated on N samples with fid-fmnist: students at 1, 2 and 4 steps (2 steps with the
    intermediate sigma found by ternary search), the teacher with Heun at 18 steps (35 evaluations).
 
 Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
-docs/benchmarks.md. Runs resume: a finished model is not trained again.
+docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
+in its run directory, ladder-eval.json).
 Usage: python bench/quality.py quick|full [--runs runs/ladder]
 """
 
@@ -28,6 +30,7 @@ from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features
 from cmkit.eval.features import get_extractor
 from cmkit.images import save_images, to_numpy_images
 from cmkit.sampling import default_sigmas, generate
+from cmkit.teacher import with_teacher
 from cmkit.train import train
 from throughput import machine
 
@@ -36,18 +39,21 @@ SIZES = {
     "quick": {"kimg": 48, "n": 10_000, "tune_n": 2_000, "tune_iters": 8},
     "full": {"kimg": 200, "n": 10_000, "tune_n": 5_000, "tune_iters": 12},
 }
-MODELS = {"teacher (EDM)": "fmnist-edm", "iCT": "fmnist-ict", "CT": "fmnist-ct"}
+# label: (preset, the preset of its teacher or None)
+MODELS = {"teacher (EDM)": ("fmnist-edm", None), "CD": ("fmnist-cd", "fmnist-edm"), "ECT": ("fmnist-ect", "fmnist-edm"),
+          "iCT": ("fmnist-ict", None), "CT": ("fmnist-ct", None)}
 BATCH = 128  # fastest sampling batch for this net on 2 CPU cores
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (18,)
 
 
-def train_model(name: str, kimg: float, run_dir: Path) -> float:
-    """Train preset ``name`` for ``kimg`` with bf16 autocast (all models alike); returns wall seconds."""
+def train_model(name: str, kimg: float, run_dir: Path, teacher: Path | None) -> float:
+    """Train preset ``name`` (from ``teacher``) for ``kimg`` with bf16 autocast (all models alike); returns
+    wall seconds."""
     record = run_dir / "ladder-train.json"
     if record.exists():
         return json.loads(record.read_text())["seconds"]
-    base = preset(name)
+    base = preset(name) if teacher is None else with_teacher(preset(name), teacher)
     config = replace(base, train=replace(base.train, kimg=kimg, precision="bf16", snap_kimg=kimg, ckpt_kimg=kimg / 4))
     start = time.perf_counter()
     train(config, run_dir, resume=checkpoint.list_states(run_dir) != [])
@@ -64,6 +70,10 @@ def grid(model: torch.nn.Module, steps: int, sampler: str, path: Path) -> str:
 
 
 def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.ndarray, img_dir: Path) -> dict:
+    """Tune, evaluate and draw one model, or return its stored results when the settings are unchanged."""
+    record = run_dir / "ladder-eval.json"
+    if record.exists() and json.loads(record.read_text())["size"] == size:
+        return json.loads(record.read_text())["entry"]
     model, config = checkpoint.load_export(run_dir)
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
     if config.is_consistency:
@@ -77,6 +87,7 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
                                    batch=BATCH, sampler=sampler, precision="bf16")
     slug = label.split()[0].lower()
     entry["grids"] = {k: grid(model, k, sampler, img_dir / f"{slug}-{k}step.png") for k in steps}
+    record.write_text(json.dumps({"size": size, "entry": entry}, indent=2) + "\n")
     return entry
 
 
@@ -85,7 +96,8 @@ def table(result: dict) -> str:
     lines = [f"Command: `{result['command']}` -- {result['machine']['date']}, commit {result['machine']['commit']}, "
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metric: {result['metric']} on "
              f"{result['n']} samples against {result['n']} training images; bf16 autocast for training and "
-             "sampling, all models alike.", "",
+             "sampling, all models alike. CD and ECT start from the teacher: their images seen do not count the "
+             "teacher's.", "",
              "| model | steps | NFE | FID | FID / teacher | precision | recall | images seen | train wall time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, entry in result["models"].items():
@@ -121,11 +133,12 @@ def main() -> None:
     size, runs = SIZES[args.size], Path(args.runs) / args.size
     img_dir = ROOT / "docs" / "img" / f"ladder-{args.size}"
     img_dir.mkdir(parents=True, exist_ok=True)
-    seconds = {label: train_model(name, size["kimg"], runs / name) for label, name in MODELS.items()}
+    seconds = {label: train_model(name, size["kimg"], runs / name, teacher and runs / teacher)
+               for label, (name, teacher) in MODELS.items()}
     extractor = get_extractor("fid-fmnist")
     reference = reference_features("fashion-mnist", extractor, n=size["n"], resolution=28, channels=1)
     models = {}
-    for label, name in MODELS.items():
+    for label, (name, _) in MODELS.items():
         models[label] = {**evaluate(label, runs / name, size, extractor, reference, img_dir),
                          "train_seconds": seconds[label]}
     plot = img_dir / "quality.png"

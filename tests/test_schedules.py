@@ -68,3 +68,28 @@ def test_learning_rate_warmup():
     assert schedules.learning_rate(500, lr=1e-3, warmup_kimg=1) == pytest.approx(5e-4)
     assert schedules.learning_rate(5000, lr=1e-3, warmup_kimg=1) == 1e-3
     assert schedules.learning_rate(0, lr=1e-3, warmup_kimg=0) == 1e-3
+
+
+def test_ect_stage_advances_at_each_boundary():
+    for k in range(4):
+        assert schedules.ect_stage(k * 6000, stage_kimg=6) == k
+        assert schedules.ect_stage(k * 6000 + 5999, stage_kimg=6) == k
+
+
+def test_ect_r_at_known_values():
+    t = torch.tensor([0.5, 1.0, 10.0, 80.0], dtype=torch.float64)
+    sig = 1 / (1 + torch.exp(t))  # sigmoid(-t)
+    for stage in (0, 1, 3):
+        expected = (t * (1 - 2.0 ** -(stage + 1) * (1 + 8 * sig))).clamp(min=0)
+        torch.testing.assert_close(schedules.ect_r(t, stage=stage, q=2.0), expected)
+    # Stage 0: small t map to r = 0 (clean target); t = 10 to 10 (1 - 0.5 (1 + 8 sigmoid(-10))).
+    r0 = schedules.ect_r(t, stage=0, q=2.0)
+    assert r0[0] == 0 and r0[1] == 0
+    assert r0[2].item() == pytest.approx(10 * (1 - 0.5 * (1 + 8 / (1 + math.exp(10)))))
+
+
+def test_ect_gap_shrinks_by_q_per_stage_for_large_t():
+    t = torch.tensor([40.0], dtype=torch.float64)
+    gaps = [(t - schedules.ect_r(t, stage=s, q=3.0)).item() for s in range(4)]
+    for a, b in zip(gaps, gaps[1:], strict=False):
+        assert a / b == pytest.approx(3.0, rel=1e-6)

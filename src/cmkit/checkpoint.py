@@ -73,17 +73,30 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Preconditioned, Config]:
-    """Load an export (or a run directory's export) in eval mode, with its config."""
-    path = resolve_model_path(path)
+def _read_export(path: Path, *, weights: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata of a cmkit export, and its tensors when ``weights``; CmkitError if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if weights else {}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise CmkitError(f"{path}: not a cmkit model ({e}); expected a .safetensors export") from None
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CmkitError(f"{path}: safetensors file without cmkit metadata; expected an export of 'cmkit train'")
+    return metadata, tensors
+
+
+def export_config(path: str | Path) -> Config:
+    """The config stored in an export (or a run directory's export), without loading the weights."""
+    path = resolve_model_path(path)
+    metadata, _ = _read_export(path, weights=False)
+    return Config.from_dict(json.loads(metadata["config"]), where=str(path))
+
+
+def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Preconditioned, Config]:
+    """Load an export (or a run directory's export) in eval mode, with its config."""
+    path = resolve_model_path(path)
+    metadata, tensors = _read_export(path, weights=True)
     config = Config.from_dict(json.loads(metadata["config"]), where=str(path))
     model = build_model(config)
     try:

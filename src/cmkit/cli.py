@@ -19,13 +19,17 @@ from cmkit.errors import CmkitError
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    """Preset, then --data (known datasets bring their native size), then --kimg/--ckpt-kimg/--seed, then --set."""
+    """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
+    network), then --kimg/--ckpt-kimg/--seed, then --set."""
     from cmkit.data import KNOWN_DATASETS
+    from cmkit.teacher import with_teacher
 
     config = preset(args.preset)
     if args.data is not None:
         res, ch = KNOWN_DATASETS.get(args.data, (config.data.resolution, config.data.channels))
         config = replace(config, data=replace(config.data, source=args.data, resolution=res, channels=ch))
+    if args.teacher is not None:
+        config = with_teacher(config, args.teacher)
     train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
@@ -214,6 +218,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help="a name from 'cmkit presets'")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", help="fashion-mnist, mnist, cifar10, or a folder of images")
+    p.add_argument("--teacher", metavar="MODEL",
+                   help="diffusion model to distil (cd) or tune (ect): an *-edm run or a diffusers UNet folder")
     p.add_argument("--kimg", type=float, help="training length in thousands of images")
     p.add_argument("--ckpt-kimg", type=float, help="checkpoint interval in thousands of images")
     p.add_argument("--seed", type=int, help="run seed (default: the preset's, 0)")

@@ -14,11 +14,13 @@ from typing import Any
 
 from cmkit.errors import CmkitError
 
-METHODS = ("edm", "ct", "ict")
+METHODS = ("edm", "ct", "ict", "cd", "ect")
+TEACHER_METHODS = ("cd", "ect")  # methods that start from a trained diffusion model
 CHOICES: dict[str, tuple[str, ...]] = {
     "net.embedding": ("positional", "fourier"),
     "method.name": METHODS,
-    "method.curriculum": ("sqrt", "exponential"),
+    "method.curriculum": ("sqrt", "exponential", "constant"),
+    "method.solver": ("heun", "euler"),
     "method.index_sampling": ("uniform", "lognormal"),
     "method.distance": ("l2", "pseudo-huber"),
     "method.weighting": ("uniform", "inverse-gap"),
@@ -56,12 +58,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The training method and its noise levels (recipes sections 1-5).
+    """The training method and its noise levels (recipes sections 1-6).
 
-    ``name`` is ``edm`` (diffusion teacher), ``ct`` or ``ict``. ``p_mean``/``p_std`` are the lognormal
-    sigma distribution of EDM and the discretised lognormal index distribution of iCT. ``s0``, ``s1``,
-    ``mu0`` and ``curriculum`` define N(k) and the target EMA rate mu(k); ``mu0 = 0`` means the target is
-    the student under stop-grad. ``huber_c = 0`` selects c = 0.00054 * sqrt(D).
+    ``name`` is ``edm`` (diffusion teacher), ``ct``, ``ict``, ``cd`` (distillation) or ``ect`` (easy
+    consistency tuning). ``p_mean``/``p_std`` are the lognormal sigma distribution of EDM and ECT and the
+    discretised lognormal index distribution of iCT. ``s0``, ``s1``, ``mu0`` and ``curriculum`` define the
+    grid size N(k) and the target EMA rate mu(k): ``sqrt`` (CT), ``exponential`` (iCT) or ``constant``
+    (N = s1 + 1 and mu = mu0 throughout, as CD uses); ``mu0 = 0`` means the target is the student under
+    stop-grad. ``huber_c = 0`` selects c = 0.00054 * sqrt(D).
+
+    ``teacher`` is the diffusion model CD distils and ECT tunes (a cmkit export or run directory, or a
+    diffusers UNet folder); ``solver`` is CD's teacher ODE step. ECT's r(t) mapping advances one stage
+    every ``ect_stage_kimg`` thousand images, shrinking t - r by ``ect_q`` each time.
     """
 
     name: str = "ict"
@@ -79,6 +87,10 @@ class MethodConfig:
     distance: str = "pseudo-huber"
     huber_c: float = 0.0
     weighting: str = "inverse-gap"
+    teacher: str = ""
+    solver: str = "heun"
+    ect_q: float = 2.0
+    ect_stage_kimg: float = 3_200.0
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,7 @@ class Config:
 
     @property
     def is_consistency(self) -> bool:
-        """True for consistency models (ct, ict), False for the EDM diffusion denoiser."""
+        """True for consistency models (ct, ict, cd, ect), False for the EDM diffusion denoiser."""
         return self.method.name != "edm"
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,7 +238,7 @@ def validate(config: Config) -> None:
         "net.model_channels": config.net.model_channels, "method.sigma_data": m.sigma_data,
         "method.sigma_min": m.sigma_min, "method.s0": m.s0, "train.keep_ckpts": t.keep_ckpts,
         "train.ckpt_kimg": t.ckpt_kimg, "train.snap_kimg": t.snap_kimg, "train.log_kimg": t.log_kimg,
-        "method.p_std": m.p_std,
+        "method.p_std": m.p_std, "method.ect_stage_kimg": m.ect_stage_kimg,
     }
     for key, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
@@ -239,6 +251,7 @@ def validate(config: Config) -> None:
         (0 <= m.mu0 < 1, f"method.mu0: expected a value in [0, 1), got {m.mu0}"),
         (0 <= config.net.dropout < 1, f"net.dropout: expected a value in [0, 1), got {config.net.dropout}"),
         (m.huber_c >= 0, f"method.huber_c: expected >= 0, got {m.huber_c}"),
+        (m.ect_q > 1, f"method.ect_q: expected a ratio > 1, got {m.ect_q}"),
         (t.grad_clip >= 0 and t.warmup_kimg >= 0, "train.grad_clip and train.warmup_kimg: expected >= 0"),
         (t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_halflife_kimg/ema_rampup: expected >= 0"),
         (all(0 <= b < 1 for b in t.betas), f"train.betas: expected values in [0, 1), got {t.betas}"),
@@ -261,6 +274,11 @@ _EDM = MethodConfig(name="edm", p_mean=-1.2, p_std=1.2, curriculum="sqrt", s0=2,
 _CT = MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=150, mu0=0.9, index_sampling="uniform",
                    distance="l2", weighting="uniform")
 _ICT = MethodConfig(name="ict")
+# CD (CM paper, Alg. 2 and Table 3): fixed N = 18 Karras levels, Heun teacher step, uniform pair index.
+_CD = MethodConfig(name="cd", curriculum="constant", s0=17, s1=17, mu0=0.0, index_sampling="uniform",
+                   distance="l2", weighting="uniform")
+# ECT (Geng et al. 2024): ln t ~ N(-1.1, 2^2), q = 2, weight 1 / (t - r), pseudo-Huber with a small c.
+_ECT = MethodConfig(name="ect", p_mean=-1.1, p_std=2.0, ect_q=2.0, distance="pseudo-huber", weighting="inverse-gap")
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-edm": (
@@ -281,6 +299,18 @@ PRESETS: dict[str, tuple[str, Config]] = {
                train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=1e-3, ema_halflife_kimg=10,
                                  ckpt_kimg=25, snap_kimg=25)),
     ),
+    "fmnist-cd": (
+        "Consistency distillation (CD) from an fmnist-edm teacher (--teacher): N=18, Heun, mu=0, pseudo-Huber",
+        Config(preset="fmnist-cd", net=_FMNIST_NET, method=replace(_CD, distance="pseudo-huber"),
+               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
+                                 ckpt_kimg=25, snap_kimg=25)),
+    ),
+    "fmnist-ect": (
+        "Easy consistency tuning (ECT) of an fmnist-edm teacher (--teacher): q=2, a stage every 6k images",
+        Config(preset="fmnist-ect", net=_FMNIST_NET, method=replace(_ECT, ect_stage_kimg=6),
+               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
+                                 ckpt_kimg=25, snap_kimg=25)),
+    ),
     "cifar10-edm": (
         "EDM teacher as published: DDPM++ 56M, CIFAR-10 32x32, 200 Mimg, batch 512, Adam 1e-3",
         Config(preset="cifar10-edm", net=_CIFAR_NET, data=_CIFAR_DATA, method=_EDM,
@@ -296,6 +326,21 @@ PRESETS: dict[str, tuple[str, Config]] = {
                train=TrainConfig(kimg=409_600, batch=1024, optimizer="radam", lr=1e-4,
                                  ema_halflife_kimg=10_140, ema_rampup=0.0, ckpt_kimg=5_000,
                                  snap_kimg=5_000, log_kimg=100)),
+    ),
+    "cifar10-cd": (
+        "CD as published (l2; LPIPS has no offline weights): N=18, Heun, mu=0, RAdam 4e-4, batch 512, 800k it",
+        Config(preset="cifar10-cd", net=replace(_CIFAR_NET, dropout=0.0), data=_CIFAR_DATA, method=_CD,
+               # EMA 0.9999 per iteration at batch 512: a half-life of 6,931 iterations (3,549 kimg).
+               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, ema_halflife_kimg=3_549,
+                                 ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)),
+    ),
+    "cifar10-ect": (
+        "ECT as published: batch 128, RAdam 1e-4, dropout 0.2, q=2, a stage every 25k iterations, 400k it",
+        Config(preset="cifar10-ect", net=replace(_CIFAR_NET, dropout=0.2), data=_CIFAR_DATA,
+               method=replace(_ECT, ect_stage_kimg=3_200),
+               # EMA 0.9999 per iteration at batch 128: a half-life of 6,931 iterations (887 kimg).
+               train=TrainConfig(kimg=51_200, batch=128, optimizer="radam", lr=1e-4, ema_halflife_kimg=887,
+                                 ema_rampup=0.0, ckpt_kimg=1_000, snap_kimg=1_000, log_kimg=25)),
     ),
 }
 

@@ -52,17 +52,30 @@ def consistency_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise
     return x
 
 
+def ode_step(model: nn.Module, x: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
+             labels: Tensor | None = None, *, heun: bool) -> Tensor:
+    """One Euler or Heun step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM, Alg. 1).
+
+    ``sigma`` (> 0) and ``sigma_next`` are floats or float32 [N] tensors, one level per sample; Heun's
+    correction needs ``sigma_next > 0`` and is skipped for a float ``sigma_next`` of 0. Returns x at
+    ``sigma_next``, float32 [N, C, H, W]. Used by the EDM samplers and by CD's teacher step.
+    """
+    s, s_next = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+                 for v in (sigma, sigma_next))
+    d = (x - model(x, sigma, labels)) / s
+    x_next = x + (s_next - s) * d
+    if heun and not (isinstance(sigma_next, float) and sigma_next == 0):
+        d_next = (x_next - model(x_next, sigma_next, labels)) / s_next
+        x_next = x + (s_next - s) * (d + d_next) / 2
+    return x_next
+
+
 def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise, labels: Tensor | None,
                 *, heun: bool) -> Tensor:
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist() + [0.0]
     x = s[0] * noise()
     for cur, nxt in zip(s[:-1], s[1:], strict=True):
-        d = (x - model(x, cur, labels)) / cur
-        x_next = x + (nxt - cur) * d
-        if heun and nxt > 0:
-            d_next = (x_next - model(x_next, nxt, labels)) / nxt
-            x_next = x + (nxt - cur) * (d + d_next) / 2
-        x = x_next
+        x = ode_step(model, x, cur, nxt, labels, heun=heun)
     return x
 
 

@@ -54,6 +54,21 @@ def ict_num_scales(k: int, total: int, *, s0: int, s1: int) -> int:
     return min(s0 * 2 ** min(doublings, 62), s1) + 1
 
 
+def ect_stage(images_seen: int, *, stage_kimg: float) -> int:
+    """ECT's stage: it advances once every ``stage_kimg`` thousand training images (0 at the start)."""
+    return int(images_seen // (stage_kimg * 1000))
+
+
+def ect_r(t: Tensor, *, stage: int, q: float) -> Tensor:
+    """ECT's paired level r(t) = max(0, t (1 - q^-(stage+1) (1 + 8 sigmoid(-t)))) (Geng et al. 2024).
+
+    t: float [N] > 0; returns r with 0 <= r < t, same shape and dtype. As the stage grows, t - r
+    shrinks by a factor q per stage; at stage 0, r = 0 for small t (the target is the clean image).
+    """
+    ratio = q ** -(stage + 1) * (1 + 8 * torch.sigmoid(-t))
+    return (t * (1 - ratio)).clamp(min=0)
+
+
 def lognormal_index_probs(sigmas: Tensor, *, p_mean: float, p_std: float) -> Tensor:
     """iCT's discretised lognormal p(i) over the N-1 adjacent pairs of an ascending grid, float64 [N-1].
 

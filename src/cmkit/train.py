@@ -25,6 +25,7 @@ from cmkit.errors import CmkitError
 from cmkit.images import save_images, to_numpy_images
 from cmkit.losses import make_loss
 from cmkit.sampling import default_sigmas, generate
+from cmkit.teacher import init_student, load_teacher
 
 SNAPSHOT_SEEDS = range(64)
 
@@ -80,13 +81,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 class Run:
     """The state of one training run and the files of its directory."""
 
-    def __init__(self, config: Config, out: Path, device: torch.device) -> None:
+    def __init__(self, config: Config, out: Path, device: torch.device, *, teacher: nn.Module | None = None) -> None:
         self.config, self.out, self.device = config, out, device
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the run seed alone
             torch.manual_seed(config.train.seed)
             self.model = checkpoint.build_model(config).to(device).train()
+        init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2)
+        self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2,
+                              batch=config.train.batch, teacher=teacher)
         self.target = None
         if self.loss.target_decay(0, 1) is not None:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
@@ -213,10 +216,12 @@ class MetricsLog:
 
 def train(config: Config, out: Path, *, resume: bool = False, device: str | None = None) -> Path:
     """Train the model ``config`` describes into run directory ``out``; returns the export's path."""
-    # 1. Run directory, data and the run's modules (the data is loaded before anything is written).
+    # 1. Run directory, data, teacher and the run's modules (data and teacher load before anything is written).
     dataset = load_training_data(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = load_teacher(config, device=device)
     resume_from = prepare_run_dir(config, out, resume=resume)
-    run = Run(config, out, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    run = Run(config, out, device, teacher=teacher)
     if resume_from is not None:
         run.restore(checkpoint.load_state(resume_from), resume_from)
     t, every = config.train, Intervals.of(config)

@@ -1,0 +1,96 @@
+"""Diffusion teachers for consistency distillation (CD) and easy consistency tuning (ECT).
+
+A teacher is a diffusion denoiser ``(x, sigma, labels) -> x0``: a cmkit EDM export (or run directory), or a
+diffusers ``UNet2DModel`` folder through :mod:`cmkit.nets.foreign`. A cmkit teacher also seeds the
+student: the student's backbone starts from the teacher's weights, so it takes the teacher's architecture.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmkit import checkpoint
+from cmkit.config import TEACHER_METHODS, Config
+from cmkit.errors import CmkitError
+from cmkit.precond import EDMDenoiser
+
+
+def is_cmkit_model(path: Path) -> bool:
+    """True for a .safetensors file or a run directory holding one (what :func:`checkpoint.load_export` reads)."""
+    return path.is_file() or (path / checkpoint.EXPORT_NAME).is_file()
+
+
+def with_teacher(config: Config, teacher: str | Path) -> Config:
+    """``config`` distilling/tuning ``teacher``: the path made absolute (so resuming works from anywhere)
+    and, for a cmkit teacher, the teacher's network (the student's dropout is kept)."""
+    path = Path(teacher).resolve()
+    if config.method.name not in TEACHER_METHODS:
+        raise CmkitError(f"--teacher: the {config.method.name} method trains without a teacher; "
+                         f"teachers are for {', '.join(TEACHER_METHODS)}")
+    if not path.exists():
+        raise CmkitError(f"--teacher {teacher}: no such file or directory")
+    config = replace(config, method=replace(config.method, teacher=str(path)))
+    if is_cmkit_model(path):
+        net = checkpoint.export_config(path).net
+        config = replace(config, net=replace(net, dropout=config.net.dropout))
+    return config
+
+
+def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
+    """The frozen teacher ``config.method.teacher`` names, checked against the data; None for methods
+    without one. Raises CmkitError for a missing teacher, a consistency model or a mismatched shape."""
+    m = config.method
+    if m.name not in TEACHER_METHODS:
+        return None
+    if not m.teacher:
+        raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "
+                         "(a run of an *-edm preset, or a diffusers UNet folder)")
+    path = Path(m.teacher)
+    if is_cmkit_model(path):
+        teacher, stored = checkpoint.load_export(path, device=device)
+        if stored.is_consistency:
+            raise CmkitError(f"--teacher {path}: a consistency model ({stored.method.name}); a teacher must be a "
+                             "diffusion model (trained with an *-edm preset)")
+    elif path.is_dir():
+        from cmkit.nets.foreign import is_diffusers_folder, load_diffusers_teacher
+
+        if not is_diffusers_folder(path):
+            raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
+                             "nor a diffusers UNet2DModel folder")
+        teacher = load_diffusers_teacher(path, device=device)
+    else:
+        raise CmkitError(f"--teacher {path}: no such file or directory")
+    _check_fit(teacher, config, path)
+    return teacher
+
+
+def _check_fit(teacher: nn.Module, config: Config, path: Path) -> None:
+    d, classes = config.data, config.net.num_classes
+    got = (teacher.resolution, teacher.channels, teacher.num_classes)
+    if got != (d.resolution, d.channels, classes):
+        raise CmkitError(f"--teacher {path}: a {got[0]}x{got[0]} model with {got[1]} channel(s) and {got[2]} "
+                         f"classes does not fit the data ({d.resolution}x{d.resolution}, {d.channels} channel(s)) "
+                         f"and net.num_classes={classes}")
+
+
+def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
+    """Copy a cmkit teacher's backbone weights into the student (CD, ECT). A diffusers teacher cannot seed a
+    cmkit student: CD then starts from fresh weights, and ECT, which is defined as tuning, refuses it."""
+    if teacher is None:
+        return
+    if not isinstance(teacher, EDMDenoiser):
+        if config.method.name == "ect":
+            raise CmkitError(f"--teacher {config.method.teacher}: ECT tunes the teacher's own weights, which needs "
+                             "a cmkit EDM model; a diffusers teacher can be distilled with a cd preset instead")
+        warnings.warn("a diffusers teacher cannot seed a cmkit student: CD starts from fresh weights", stacklevel=2)
+        return
+    try:
+        student.net.load_state_dict(teacher.net.state_dict())
+    except RuntimeError:
+        raise CmkitError(f"--teacher {config.method.teacher}: its network differs from the student's net config; "
+                         "pass the teacher with --teacher so the student takes its architecture") from None
