@@ -3,7 +3,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cmkit.config import MethodConfig
+from cmkit.checkpoint import build_model
+from cmkit.config import TEACHER_METHODS, MethodConfig
 from cmkit.train import Intervals, Run, ema_update, step_seed
 
 METHODS = {
@@ -11,11 +12,21 @@ METHODS = {
     "ct": MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=10, mu0=0.9, index_sampling="uniform",
                        distance="l2", weighting="uniform"),
     "ict": MethodConfig(name="ict", s0=2, s1=8),
+    "cd": MethodConfig(name="cd", curriculum="constant", s1=17, distance="l2", weighting="uniform"),
+    "ect": MethodConfig(name="ect", ect_stage_kimg=0.064),
 }
 
 
+def _teacher(config):
+    """A diffusion model of the student's architecture (random weights), frozen."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        return build_model(replace(config, method=METHODS["edm"])).eval().requires_grad_(False)
+
+
 def _steps(config, n, seed=0):
-    run = Run(config, None, torch.device("cpu"))
+    teacher = _teacher(config) if config.method.name in TEACHER_METHODS else None
+    run = Run(config, None, torch.device("cpu"), teacher=teacher)
     x0 = torch.rand(config.train.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     losses = []
     for _ in range(n):
@@ -34,6 +45,15 @@ def test_every_method_trains_and_is_deterministic(tiny_config, name, precision):
     for a, b in zip(run_a.model.state_dict().values(), run_b.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert (run_a.target is not None) == (name == "ct")
+
+
+@pytest.mark.parametrize("name", TEACHER_METHODS)
+def test_student_starts_from_the_teacher(tiny_config, name):
+    config = replace(tiny_config, method=METHODS[name])
+    teacher = _teacher(config)
+    run = Run(config, None, torch.device("cpu"), teacher=teacher)
+    for ours, theirs in ((run.model.net, teacher.net), (run.ema.net, teacher.net)):
+        torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
 
 
 def test_ema_update_is_a_lerp():

@@ -1,0 +1,85 @@
+"""Teachers for CD and ECT through the CLI: a cmkit EDM teacher is distilled; bad teachers are refused cleanly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cmkit.checkpoint import build_model, load_export, save_export
+from cmkit.cli import main
+from conftest import TINY
+
+TEACHER_NET = ["net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=14"]
+
+
+def _export(tiny_config, path, *, method, resolution=28, channels=1):
+    """Write an export of random weights for a tiny net, as 'cmkit train' would."""
+    config = replace(tiny_config, method=replace(tiny_config.method, name=method),
+                     data=replace(tiny_config.data, resolution=resolution, channels=channels))
+    torch.manual_seed(0)
+    save_export(build_model(config), config, path)
+    return path
+
+
+def _train(out, data, teacher, preset="fmnist-cd", *extra):
+    args = ["train", "--preset", preset, "--out", str(out), "--data", str(data), "--kimg", "0.064",
+            "--seed", "1", "--set", "train.batch=32", "train.log_kimg=0.032", "train.snap_kimg=0.064", *extra]
+    return main(args + ([] if teacher is None else ["--teacher", str(teacher)]))
+
+
+@pytest.mark.parametrize("preset", ["fmnist-cd", "fmnist-ect"])
+def test_students_train_from_a_cmkit_teacher(tiny_config, fmnist_subset, tmp_path, preset):
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    out = tmp_path / "student"
+    assert _train(out, fmnist_subset, teacher, preset) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"]["teacher"] == str(teacher.resolve())
+    assert config["net"]["model_channels"] == 8  # the student took the teacher's architecture
+    model, stored = load_export(out)
+    assert model.kind == "consistency" and stored.method.name == preset.split("-")[1]
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(ln["loss"])) for ln in lines)
+
+
+def _refused(capsys, out, message):
+    err = capsys.readouterr().err
+    assert err.startswith("cmkit: error: ") and message in err and "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+def test_cd_without_a_teacher_is_refused(fmnist_subset, tmp_path, capsys):
+    assert _train(tmp_path / "r", fmnist_subset, None) == 2
+    _refused(capsys, tmp_path / "r", "pass --teacher MODEL")
+
+
+def test_a_consistency_model_is_not_a_teacher(tiny_config, fmnist_subset, tmp_path, capsys):
+    teacher = _export(tiny_config, tmp_path / "ict.safetensors", method="ict")
+    assert _train(tmp_path / "r", fmnist_subset, teacher) == 2
+    _refused(capsys, tmp_path / "r", "a teacher must be a diffusion model")
+
+
+def test_a_teacher_of_another_shape_is_refused(tiny_config, fmnist_subset, tmp_path, capsys):
+    teacher = _export(tiny_config, tmp_path / "rgb.safetensors", method="edm", resolution=32, channels=3)
+    assert _train(tmp_path / "r", fmnist_subset, teacher) == 2
+    _refused(capsys, tmp_path / "r", "a 32x32 model with 3 channel(s)")
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p.write_text("not a model"), "not a cmkit model"),
+    (lambda p: p.mkdir(), "nor a diffusers UNet2DModel folder"),
+    (lambda p: None, "no such file or directory"),
+])
+def test_a_path_that_is_not_a_diffusion_model_is_refused(fmnist_subset, tmp_path, capsys, make, message):
+    teacher = tmp_path / "teacher"
+    make(teacher)
+    assert _train(tmp_path / "r", fmnist_subset, teacher) == 2
+    _refused(capsys, tmp_path / "r", message)
+
+
+def test_teacher_flag_needs_a_teacher_method(tiny_config, fmnist_subset, tmp_path, capsys):
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    assert _train(tmp_path / "r", fmnist_subset, teacher, "fmnist-ict", *TINY[4:]) == 2
+    _refused(capsys, tmp_path / "r", "trains without a teacher")
