@@ -1,7 +1,8 @@
 """Throughput benchmark (shared/design/benchmarks.md, section 1).
 
 In one process, variants interleaved so machine drift hits all alike; medians over repeats:
-- training images/s of one optimiser step for each method (same net, same batch), as a ratio to EDM;
+- training images/s of one optimiser step for each method (same net, same batch), as a ratio to EDM (CD
+  with its Heun teacher step, ECT);
 - sampling images/s for 1 step, 2 steps and EDM Heun with 18 steps (35 evaluations), the 1-step / Heun
   ratio, and the 1-step sampler's overhead over a bare forward pass of the network;
 - fp32 eager against bf16 autocast and torch.compile, as ratios.
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from cmkit.config import PRESETS, Config, preset
+from cmkit.checkpoint import build_model
+from cmkit.config import PRESETS, TEACHER_METHODS, Config, preset
 from cmkit.sampling import SeededNoise, default_sigmas, generate
 from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"edm": "fmnist-edm", "ct": "fmnist-ct", "ict": "fmnist-ict"}
+METHODS = {"edm": "fmnist-edm", "ct": "fmnist-ct", "ict": "fmnist-ict", "cd": "fmnist-cd", "ect": "fmnist-ect"}
 
 
 def method_config(base: Config, method: str, *, precision: str = "fp32") -> Config:
@@ -42,8 +44,12 @@ def method_config(base: Config, method: str, *, precision: str = "fp32") -> Conf
 
 
 def train_step_timer(config: Config, *, compile_model: bool = False) -> Callable[[], float]:
-    """A function timing one optimiser step of a fresh run of ``config`` on random data."""
-    run = Run(config, ROOT / "runs", torch.device("cpu"))
+    """A function timing one optimiser step of a fresh run of ``config`` on random data (CD and ECT with a
+    randomly initialised EDM teacher of the same net)."""
+    teacher = None
+    if config.method.name in TEACHER_METHODS:
+        teacher = build_model(method_config(config, "edm")).eval().requires_grad_(False)
+    run = Run(config, ROOT / "runs", torch.device("cpu"), teacher=teacher)
     if compile_model:
         run.model.net = torch.compile(run.model.net)
     d = config.data

@@ -138,8 +138,9 @@ def test_teacher_bad_folders(tmp_path, tiny_config):
     save_teacher(bare, tiny_unet(), layout="bare", prediction_type="flow_prediction")
     _expect_error(bare, "scheduler_config.json", "prediction_type 'flow_prediction'", "epsilon")
     save_teacher(bare, tiny_unet(), layout="bare")
-    (bare / "diffusion_pytorch_model.safetensors").unlink()
-    _expect_error(bare, "no UNet weights", "diffusion_pytorch_model.safetensors")
+    weights = bare / "diffusion_pytorch_model.safetensors"
+    weights.rename(bare / "diffusion_pytorch_model.bin")  # a pickle is never loaded
+    _expect_error(bare, "no safetensors UNet weights", "model.safetensors", ".bin weights are refused")
     save_teacher(bare, tiny_unet(), layout="bare")
     config = json.loads((bare / "config.json").read_text())
     (bare / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DConditionModel"}))
@@ -244,3 +245,22 @@ def test_cli_export(tmp_path, tiny_config, capsys):
     assert "consistency models only" in capsys.readouterr().err
     assert not (tmp_path / "edm").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.safetensors", "edm.safetensors", "out"]
+
+
+def test_cd_distils_a_diffusers_teacher_and_ect_refuses_one(fmnist_subset, tmp_path, capsys):
+    """`cmkit train --preset fmnist-cd --teacher DIR` with a DDPM UNet2DModel folder of Fashion-MNIST's shape."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                       layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    teacher = save_teacher(tmp_path / "ddpm", unet, layout="pipeline")
+    common = ["--out", str(tmp_path / "cd"), "--data", str(fmnist_subset), "--kimg", "0.064", "--teacher",
+              str(teacher), "--set", "net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1",
+              "net.attn_resolutions=14", "train.batch=32", "train.snap_kimg=0.064"]
+    with pytest.warns(UserWarning, match="starts from fresh weights"):
+        assert main(["train", "--preset", "fmnist-cd", *common]) == 0
+    assert json.loads((tmp_path / "cd" / "config.json").read_text())["method"]["teacher"] == str(teacher.resolve())
+    common[1] = str(tmp_path / "ect")
+    assert main(["train", "--preset", "fmnist-ect", *common]) == 2
+    assert "ECT tunes the teacher's own weights" in capsys.readouterr().err
+    assert not (tmp_path / "ect").exists()

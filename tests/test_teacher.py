@@ -12,7 +12,6 @@ from cmkit.checkpoint import build_model, load_export, save_export
 from cmkit.cli import main
 from conftest import TINY
 
-TEACHER_NET = ["net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=14"]
 
 
 def _export(tiny_config, path, *, method, resolution=28, channels=1):
@@ -83,3 +82,9 @@ def test_teacher_flag_needs_a_teacher_method(tiny_config, fmnist_subset, tmp_pat
     teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
     assert _train(tmp_path / "r", fmnist_subset, teacher, "fmnist-ict", *TINY[4:]) == 2
     _refused(capsys, tmp_path / "r", "trains without a teacher")
+
+
+def test_a_student_net_other_than_the_teachers_is_refused(tiny_config, fmnist_subset, tmp_path, capsys):
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    assert _train(tmp_path / "r", fmnist_subset, teacher, "fmnist-cd", "net.model_channels=16") == 2
+    _refused(capsys, tmp_path / "r", "net.model_channels: 8 (teacher) vs 16")

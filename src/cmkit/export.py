@@ -104,7 +104,7 @@ def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path)
     out_dir = Path(out_dir)
     if model.kind != "consistency":
         raise CmkitError(f"a {model.kind or 'non-consistency'} model cannot be exported to diffusers: "
-                         "ConsistencyModelPipeline samples consistency models only (train with ct or ict)")
+                         "ConsistencyModelPipeline samples consistency models only (ct, ict, cd or ect)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CmkitError(f"{out_dir}: already exists and is not an empty folder; expected a new folder name")
     if not out_dir.parent.is_dir():

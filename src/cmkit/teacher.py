@@ -8,7 +8,7 @@ student: the student's backbone starts from the teacher's weights, so it takes t
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -56,12 +56,16 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if stored.is_consistency:
             raise CmkitError(f"--teacher {path}: a consistency model ({stored.method.name}); a teacher must be a "
                              "diffusion model (trained with an *-edm preset)")
+        _check_same_net(stored, config, path)
     elif path.is_dir():
         from cmkit.nets.foreign import is_diffusers_folder, load_diffusers_teacher
 
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
+        if m.name == "ect":
+            raise CmkitError(f"--teacher {path}: ECT tunes the teacher's own weights, which needs a cmkit EDM "
+                             "model; a diffusers teacher can be distilled with a cd preset instead")
         teacher = load_diffusers_teacher(path, device=device)
     else:
         raise CmkitError(f"--teacher {path}: no such file or directory")
@@ -78,19 +82,21 @@ def _check_fit(teacher: nn.Module, config: Config, path: Path) -> None:
                          f"and net.num_classes={classes}")
 
 
+def _check_same_net(stored: Config, config: Config, path: Path) -> None:
+    """The student starts from a cmkit teacher's weights, so its network must be the teacher's (dropout aside)."""
+    theirs, ours = asdict(replace(stored.net, dropout=config.net.dropout)), asdict(config.net)
+    diff = ", ".join(f"net.{k}: {theirs[k]} (teacher) vs {ours[k]}" for k in ours if ours[k] != theirs[k])
+    if diff:
+        raise CmkitError(f"--teacher {path}: the student starts from the teacher's weights, so its network must be "
+                         f"the teacher's ({diff}); drop those net.* settings")
+
+
 def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
     """Copy a cmkit teacher's backbone weights into the student (CD, ECT). A diffusers teacher cannot seed a
-    cmkit student: CD then starts from fresh weights, and ECT, which is defined as tuning, refuses it."""
+    cmkit student: CD then starts from fresh weights (ECT refuses such a teacher in :func:`load_teacher`)."""
     if teacher is None:
         return
     if not isinstance(teacher, EDMDenoiser):
-        if config.method.name == "ect":
-            raise CmkitError(f"--teacher {config.method.teacher}: ECT tunes the teacher's own weights, which needs "
-                             "a cmkit EDM model; a diffusers teacher can be distilled with a cd preset instead")
         warnings.warn("a diffusers teacher cannot seed a cmkit student: CD starts from fresh weights", stacklevel=2)
         return
-    try:
-        student.net.load_state_dict(teacher.net.state_dict())
-    except RuntimeError:
-        raise CmkitError(f"--teacher {config.method.teacher}: its network differs from the student's net config; "
-                         "pass the teacher with --teacher so the student takes its architecture") from None
+    student.net.load_state_dict(teacher.net.state_dict())

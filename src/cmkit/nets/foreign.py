@@ -29,8 +29,8 @@ from cmkit.errors import CmkitError
 __all__ = ["DiffusersTeacher", "MissingDiffusersError", "import_diffusers", "is_diffusers_folder",
            "load_diffusers_teacher"]
 
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                "diffusion_pytorch_model.bin")
+# safetensors only: a pickled .bin file could execute code when loaded.
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 CONSISTENCY_SCHEDULERS = ("CMStochasticIterativeScheduler", "LCMScheduler", "TCDScheduler")
@@ -116,7 +116,8 @@ def _check_unet(config: dict[str, Any], folder: Path) -> None:
     if name != "UNet2DModel":
         raise CmkitError(f"{folder / 'config.json'}: _class_name {name!r}; expected a diffusers UNet2DModel")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
-        raise CmkitError(f"{folder}: no UNet weights; expected one of {', '.join(WEIGHT_FILES)}")
+        raise CmkitError(f"{folder}: no safetensors UNet weights; expected one of {', '.join(WEIGHT_FILES)} "
+                         "(pickled .bin weights are refused: loading them could execute code)")
     if not isinstance(config.get("sample_size"), int):
         raise CmkitError(f"{folder / 'config.json'}: sample_size {config.get('sample_size')!r}; expected one "
                          "integer (square images)")
@@ -229,7 +230,8 @@ def load_diffusers_teacher(path: str | Path, *, device: torch.device | str = "cp
     _check_unet(_read_json(unet_dir / "config.json"), unet_dir)
     diffusers = import_diffusers()
     try:
-        unet = diffusers.UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, local_files_only=True)
+        unet = diffusers.UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, local_files_only=True,
+                                                     use_safetensors=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise CmkitError(f"{unet_dir}: the UNet2DModel does not load ({str(e).splitlines()[0]})") from None
     teacher = DiffusersTeacher(unet, alphas_cumprod=alphas_cumprod(scheduler), prediction_type=prediction)
