@@ -8,7 +8,9 @@ The public API:
 - :func:`consistency_sample`, :func:`heun_sample`, :func:`euler_sample`, :func:`default_sigmas`,
   :func:`generate` -- samplers with one signature ``(model, sigmas, noise, labels)``;
 - :class:`ConsistencyFunction`, :class:`EDMDenoiser` -- the parameterisations;
-- :func:`load_dataset` -- Fashion-MNIST, MNIST, CIFAR-10 and image folders.
+- :func:`load_dataset` -- Fashion-MNIST, MNIST, CIFAR-10 and image folders;
+- :mod:`cmkit.editing` -- zero-shot editing (CM paper, Alg. 4): inpaint, colorize, superres, stroke, denoise,
+  interpolate.
 """
 
 from cmkit.checkpoint import build_model, load_export

@@ -96,6 +96,59 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    from cmkit import editing
+    from cmkit.checkpoint import load_export
+
+    _check_edit_options(args)
+    box = _ints(args.box, "--box", 4) if args.box is not None else None
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else None
+    model, _ = load_export(args.model, device=_device())
+    if args.task == "interpolate":
+        seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), args.frames or 8
+        editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames)
+        print(f"wrote {frames} frames from seed {seeds[0]} to seed {seeds[1]} to {args.out}")
+        return 0
+    mask = None
+    if args.mask is not None:
+        mask = editing.load_mask(Path(args.mask), resolution=model.resolution)
+    elif box is not None:
+        mask = editing.box_mask(box, resolution=model.resolution)
+    written = editing.edit_files(args.task, model, Path(args.image), Path(args.out), seed=args.seed,
+                                 batch=args.batch, mask=mask, factor=args.factor, sigmas=sigmas, sigma=args.sigma,
+                                 warn=lambda m: print(f"cmkit: warning: {m}", file=sys.stderr))
+    print(f"wrote {len(written)} edited image(s) to {args.out}")
+    return 0
+
+
+_EDIT_ONLY = {"--mask": ("inpaint",), "--box": ("inpaint",), "--factor": ("superres",), "--sigma": ("denoise",),
+              "--sigmas": ("inpaint", "colorize", "superres", "stroke"), "--seeds": ("interpolate",),
+              "--frames": ("interpolate",)}
+
+
+def _check_edit_options(args: argparse.Namespace) -> None:
+    """Refuse options the task does not use, and a missing or needless --image."""
+    for flag, tasks in _EDIT_ONLY.items():
+        value = getattr(args, flag[2:])
+        if value is not None and args.task not in tasks:
+            raise CmkitError(f"{flag}: not an option of 'edit {args.task}' (only of {', '.join(tasks)})")
+    if args.mask is not None and args.box is not None:
+        raise CmkitError("--mask and --box: give one of them")
+    if (args.image is None) != (args.task == "interpolate"):
+        raise CmkitError(f"--image: {'not used by' if args.task == 'interpolate' else 'required by'} "
+                         f"'edit {args.task}'")
+
+
+def _ints(text: str, flag: str, count: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise CmkitError(f"{flag} {text}: expected {count} comma-separated integers")
+    return values
+
+
 def _default_steps(config: Config) -> int:
     return 1 if config.is_consistency else 18
 
@@ -255,6 +308,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--label", type=int, help="class label for class-conditional models (default: per seed)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate")
+    p.add_argument("task", choices=("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate"))
+    p.add_argument("model", help="a run directory or a .safetensors export of a consistency model")
+    p.add_argument("--image", help="input image or folder of images (stroke: the stroke painting)")
+    p.add_argument("--out", required=True, help="output .png, or a folder when --image is a folder")
+    p.add_argument("--mask", help="inpaint: a PNG at the model's size, white = generate, black = keep")
+    p.add_argument("--box", help="inpaint: generate inside the box x,y,w,h (pixels)")
+    p.add_argument("--factor", type=int, help="superres: the upsampling factor p (divides the resolution)")
+    p.add_argument("--sigmas", help="descending noise levels (default: 40 Karras levels; stroke: 5.38,2.24)")
+    p.add_argument("--sigma", type=float, help="denoise: the noise level added to the image and removed")
+    p.add_argument("--seeds", help="interpolate: the two noise seeds a,b (default 0,1)")
+    p.add_argument("--frames", type=int, help="interpolate: number of images from a to b (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="input image i uses seed S + i (default 0)")
+    p.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", help="FID, KID, precision and recall of a model, an .npz or a folder")
     p.add_argument("model", help="a run directory, a .safetensors export, an .npz of images or a folder")

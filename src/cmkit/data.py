@@ -39,8 +39,10 @@ __all__ = [
     "KNOWN_DATASETS",
     "ImageData",
     "batch_indices",
+    "list_images",
     "load_dataset",
     "random_flip",
+    "read_image",
     "to_model_range",
     "to_uint8",
 ]
@@ -242,7 +244,7 @@ def _check_labels(labels: np.ndarray, num_classes: int, source: Path | str) -> t
 # Folder of images
 
 
-def _list_images(root: Path) -> list[Path]:
+def list_images(root: Path) -> list[Path]:
     """Image files under ``root``, recursively, in sorted path order; hidden files and folders skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -264,13 +266,17 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[torch.Tensor | None, 
     return torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64), len(classes)
 
 
-def _read_image(path: Path, *, resolution: int, channels: int) -> np.ndarray:
-    """Open, fully decode and conform one image file -> uint8 [channels, resolution, resolution]."""
+def read_image(path: Path, *, channels: int, resolution: int | None = None) -> np.ndarray:
+    """Open and fully decode one image file -> uint8 [channels, H, W] (Pillow's L or RGB conversion).
+
+    With ``resolution``, the image is also resized and centre-cropped to resolution x resolution;
+    without, it keeps its own size. An unreadable file raises CmkitError naming it.
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            oriented = ImageOps.exif_transpose(img)
-            return _image_to_chw(_conform_image(oriented, resolution=resolution, channels=channels))
+            oriented = _to_mode(ImageOps.exif_transpose(img), channels=channels)
+            return _image_to_chw(oriented if resolution is None else _resize_crop(oriented, resolution=resolution))
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
             Image.DecompressionBombError) as err:
         kinds = "/".join(e.lstrip(".").upper() for e in IMAGE_EXTENSIONS)
@@ -280,7 +286,7 @@ def _read_image(path: Path, *, resolution: int, channels: int) -> np.ndarray:
 
 def _load_image_folder(root: Path, *, resolution: int, channels: int) -> ImageData:
     """Every image under ``root`` conformed to [channels, resolution, resolution]; labels from subfolders."""
-    files = _list_images(root)
+    files = list_images(root)
     if not files:
         raise CmkitError(f"no images found in folder {root}; expected files with extensions "
                          f"{', '.join(IMAGE_EXTENSIONS)} (case-insensitive, searched recursively)")
@@ -288,7 +294,7 @@ def _load_image_folder(root: Path, *, resolution: int, channels: int) -> ImageDa
     out = torch.empty((len(files), channels, resolution, resolution), dtype=torch.uint8)
     bar = tqdm(files, desc=f"loading {root}", unit="img", disable=len(files) <= PROGRESS_THRESHOLD)
     for i, path in enumerate(bar):
-        out[i] = torch.from_numpy(_read_image(path, resolution=resolution, channels=channels))
+        out[i] = torch.from_numpy(read_image(path, resolution=resolution, channels=channels))
     return ImageData(out, labels, num_classes, str(root))
 
 

@@ -40,13 +40,22 @@ def atomic_path(path: Path) -> Path:
 
 def save_images(images: np.ndarray, path: Path) -> None:
     """Write uint8 [N, H, W, C] images as a ``.png`` grid or an ``.npz`` holding ``images``, atomically."""
+    if path.suffix != ".npz":
+        save_png(grid(images), path)
+        return
     tmp = atomic_path(path)
     try:
-        if path.suffix == ".npz":
-            np.savez(tmp, images=images)
-        else:
-            arr = grid(images)
-            Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(tmp, format="PNG")
+        np.savez(tmp, images=images)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write one uint8 [H, W, C] image (C in {1, 3}) as a PNG, atomically."""
+    tmp = atomic_path(path)
+    try:
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

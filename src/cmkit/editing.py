@@ -1,0 +1,472 @@
+"""Zero-shot image editing with a consistency model (CM paper, Alg. 4 and App. D; recipes section 9).
+
+- :func:`edit` is Alg. 4, once, for any orthogonal linear map A and binary mask Omega. A is a small object:
+  ``transform(x)`` gives the coordinates A x and ``transform.inverse(a)`` gives A^-1 a = A^T a, both laid out
+  like the image, float [N, C, H, W]; Omega is a bool tensor in those coordinates, True = generate.
+- :class:`Identity`, :class:`LumaChroma` and :class:`PatchBasis` are the three maps the tasks use.
+- :func:`inpaint`, :func:`colorize`, :func:`superres`, :func:`stroke`, :func:`denoise` and :func:`interpolate`
+  are the six tasks; :func:`edit_files` and :func:`interpolate_file` are what ``cmkit edit`` calls.
+
+Images are float32 [N, C, H, W] in model range [-1, 1]. Results are NOT clipped: the replacement is the last
+operation, so what a task keeps is kept exactly in the float output (up to the rounding of A^-1 A); the
+network's part may leave [-1, 1] slightly and is clipped only when written as uint8.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cmkit.data import IMAGE_EXTENSIONS, list_images, read_image, to_model_range
+from cmkit.errors import CmkitError
+from cmkit.images import grid, save_png, to_numpy_images
+from cmkit.sampling import SeededNoise, check_sigmas, default_sigmas
+
+TASKS: tuple[str, ...] = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+EDIT_STEPS = 40  # the paper edits with N = 40 Karras-spaced levels (App. D)
+STROKE_SIGMAS: tuple[float, ...] = (5.38, 2.24)  # the paper's two levels for stroke-guided generation (App. D)
+LUMA: tuple[float, float, float] = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma weights (App. D)
+
+
+# ------------------------------------------------------------------------------------ orthogonal transforms
+
+def orthogonal_completion(v: Tensor) -> Tensor:
+    """An orthogonal float64 [n, n] matrix Q whose first column is v / |v|.
+
+    QR of [v / |v|, e_2, ..., e_n] (full rank when v[0] != 0), with column signs chosen so that R has a
+    positive diagonal; the first column is then v / |v| itself.
+    """
+    v = v.to(torch.float64).flatten()
+    m = torch.eye(v.numel(), dtype=torch.float64)
+    m[:, 0] = v / v.norm()
+    q, r = torch.linalg.qr(m)
+    return q * torch.sign(torch.diagonal(r))
+
+
+class Identity:
+    """A = I: inpainting and stroke-guided generation work on pixels."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x
+
+    def inverse(self, a: Tensor) -> Tensor:
+        return a
+
+
+class LumaChroma:
+    """Per pixel, the 3 x 3 orthogonal Q whose first column is proportional to the luma weights (App. D).
+
+    Coordinates ``a = Q^T x`` of each RGB pixel, [N, 3, H, W]: channel 0 is luma / |w| (w = LUMA), channels 1
+    and 2 span the chroma plane orthogonal to it.
+    """
+
+    def __init__(self) -> None:
+        self.q = orthogonal_completion(torch.tensor(LUMA, dtype=torch.float64))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _times(x.movedim(1, -1), self.q).movedim(-1, 1)
+
+    def inverse(self, a: Tensor) -> Tensor:
+        return _times(a.movedim(1, -1), self.q.T).movedim(-1, 1)
+
+
+class PatchBasis:
+    """Per p x p patch, the orthogonal p^2 x p^2 Q whose first column is the normalised all-ones vector (App. D).
+
+    Coordinates are laid out like the image: coefficient k of a patch sits on the patch's k-th pixel (row
+    major), so coefficient 0, which is p times the patch mean, sits on its top-left pixel. H and W must be
+    multiples of p.
+    """
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+        self.q = orthogonal_completion(torch.ones(factor * factor))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _per_patch(x, self.q, self.factor)
+
+    def inverse(self, a: Tensor) -> Tensor:
+        return _per_patch(a, self.q.T, self.factor)
+
+
+def _per_patch(x: Tensor, m: Tensor, p: int) -> Tensor:
+    """Multiply each p x p patch of x [N, C, H, W], flattened row-major to a row vector, by m [p^2, p^2]."""
+    n, c, h, w = x.shape
+    v = x.reshape(n, c, h // p, p, w // p, p).transpose(3, 4).reshape(n, c, h // p, w // p, p * p)
+    return _times(v, m).reshape(n, c, h // p, w // p, p, p).transpose(3, 4).reshape(n, c, h, w)
+
+
+def _times(v: Tensor, m: Tensor) -> Tensor:
+    """Row vectors v [..., k] times m [k, k], as a product and a sum rather than a BLAS matmul, so that each
+    entry is computed the same way whatever the batch size (results must not depend on it)."""
+    return (v.unsqueeze(-1) * m.to(v)).sum(-2)
+
+
+Transform = Identity | LumaChroma | PatchBasis
+Noise = Callable[[], Tensor]
+
+
+# ---------------------------------------------------------------------------------------------- Alg. 4
+
+def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sigmas: Sequence[float] | Tensor,
+         noise: Noise, labels: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+    """Zero-shot editing (CM paper, Alg. 4).
+
+    y: reference, float32 [N, C, H, W] in [-1, 1] at the model's size; transform: an orthogonal map A; mask:
+    bool Omega in A's coordinates, broadcastable to y, True = generate; sigmas: DESCENDING taus within
+    [sigma_min, sigma_max]; noise(): a fresh standard-normal batch shaped like y on each call.
+
+    Line 2: y <- A^-1[(A y)(1 - Omega)]; x = f(y + tau_1 z, tau_1), then x <- A^-1[(A y)(1 - Omega) + (A x) Omega];
+    each later tau: x = f(x + sqrt(tau^2 - eps^2) z, tau) and the same replacement. ``start`` replaces line 2's
+    y as the point noised at tau_1 (stroke-guided generation starts from the painting itself).
+    Returns float32 [N, C, H, W], not clipped: A x equals A y wherever Omega is False.
+    """
+    check_editable(model)
+    _check_size(model, y)
+    s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
+    known = transform(y)
+
+    def replace(x: Tensor) -> Tensor:
+        return transform.inverse(torch.where(mask, transform(x), known))
+
+    if start is None:
+        start = transform.inverse(torch.where(mask, torch.zeros_like(known), known))
+    x = replace(model(start + s[0] * noise(), s[0], labels))
+    for tau in s[1:]:
+        x = replace(model(x + (tau**2 - model.sigma_min**2) ** 0.5 * noise(), tau, labels))
+    return x
+
+
+def check_editable(model: nn.Module) -> None:
+    """Editing (Alg. 4) needs a consistency function; refuse an EDM diffusion denoiser."""
+    kind = getattr(model, "kind", "")
+    if kind != "consistency":
+        raise CmkitError(f"this is {'an EDM diffusion' if kind == 'edm' else 'not a consistency'} model; "
+                         "zero-shot editing needs a consistency model (trained with ct or ict)")
+
+
+def _check_size(model: nn.Module, x: Tensor) -> None:
+    want = (model.channels, model.resolution, model.resolution)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+        raise CmkitError(f"images of shape {tuple(x.shape)}: expected [N, {want[0]}, {want[1]}, {want[2]}] "
+                         "for this model")
+
+
+def editing_sigmas(model: nn.Module) -> Tensor:
+    """The default editing schedule: EDIT_STEPS Karras-spaced levels (rho 7) from sigma_max, DESCENDING."""
+    return default_sigmas(model, EDIT_STEPS)
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+def inpaint(model: nn.Module, images: Tensor, mask: Tensor, *, sigmas: Sequence[float] | Tensor, noise: Noise,
+            labels: Tensor | None = None) -> Tensor:
+    """Fill the pixels where ``mask`` is True (bool [H, W] or broadcastable to images); A = I.
+
+    images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly.
+    """
+    mask = torch.as_tensor(mask, dtype=torch.bool, device=images.device)
+    return edit(model, images, transform=Identity(), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
+
+
+def luma(images: Tensor) -> Tensor:
+    """Gray value w.x / sum(w) of RGB images float [N, 3, H, W] -> [N, 1, H, W] (w = LUMA)."""
+    w = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    return (images * (w / w.sum()).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def colorize(model: nn.Module, images: Tensor, *, sigmas: Sequence[float] | Tensor, noise: Noise,
+             labels: Tensor | None = None) -> Tensor:
+    """Colour RGB (or gray-on-3-channel) images float32 [N, 3, H, W] in [-1, 1] from their gray values.
+
+    y is the gray image :func:`luma` on 3 channels; A = :class:`LumaChroma`, Omega = the two chroma coordinates.
+    The result has the input's luma exactly: w.x_out = w.x_in.
+    """
+    if model.channels != 3 or images.shape[1] != 3:
+        raise CmkitError(f"colorization needs an RGB (3-channel) model and images; this model has "
+                         f"{model.channels} channel(s)")
+    y = luma(images).expand(-1, 3, -1, -1)
+    mask = torch.tensor([False, True, True], device=images.device).view(1, 3, 1, 1)
+    return edit(model, y, transform=LumaChroma(), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
+
+
+def check_factor(factor: int, resolution: int) -> None:
+    """A super-resolution factor must be >= 2 and divide the model's resolution."""
+    if factor < 2 or resolution % factor:
+        raise CmkitError(f"factor {factor}: expected an integer >= 2 that divides the model's resolution "
+                         f"{resolution}")
+
+
+def patch_means(images: Tensor, factor: int) -> Tensor:
+    """The mean of each factor x factor patch: float [N, C, H, W] -> [N, C, H / factor, W / factor]."""
+    return torch.nn.functional.avg_pool2d(images, factor)
+
+
+def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[float] | Tensor, noise: Noise,
+             labels: Tensor | None = None) -> Tensor:
+    """Upsample low-resolution images float32 [N, C, H / p, W / p] in [-1, 1] by p = ``factor``.
+
+    y is ``low`` upsampled by pixel replication; A = :class:`PatchBasis`, Omega = every coordinate but the
+    patch mean. Each p x p patch mean of the result [N, C, H, W] equals its low-resolution pixel.
+    """
+    check_factor(factor, model.resolution)
+    y = low.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    mask = torch.ones(factor, factor, dtype=torch.bool, device=low.device)
+    mask[0, 0] = False
+    mask = mask.repeat(y.shape[2] // factor, y.shape[3] // factor)
+    return edit(model, y, transform=PatchBasis(factor), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
+
+
+def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[float] | Tensor = STROKE_SIGMAS,
+           labels: Tensor | None = None) -> Tensor:
+    """Stroke-guided generation (SDEdit; CM paper App. D): images from stroke paintings float32 [N, C, H, W].
+
+    Alg. 4 with A = I and Omega all ones, noised from the painting itself (with Omega = 1, line 2 would
+    erase it), so: x = f(y + tau_1 z, tau_1), then x = f(x + sqrt(tau_2^2 - eps^2) z, tau_2).
+    """
+    everything = torch.ones((), dtype=torch.bool, device=strokes.device)
+    return edit(model, strokes, transform=Identity(), mask=everything, sigmas=sigmas, noise=noise, labels=labels,
+                start=strokes)
+
+
+def check_sigma(model: nn.Module, sigma: float) -> None:
+    """A denoising level must lie in (sigma_min, sigma_max]."""
+    if not model.sigma_min < sigma <= model.sigma_max:
+        raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
+
+
+def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Tensor | None = None) -> Tensor:
+    """One call f(x_noisy, sigma) (CM paper, Sec. 6): noisy = x + sigma z, float32 [N, C, H, W]."""
+    check_editable(model)
+    _check_size(model, noisy)
+    check_sigma(model, sigma)
+    return model(noisy, sigma, labels)
+
+
+def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
+    """Spherical interpolation of each pair (z0[i], z1[i]), [N, ...], at t (a float or [N]) in [0, 1].
+
+    The angle is each pair's own, theta_i = arccos(<z0_i, z1_i> / |z0_i| |z1_i|);
+    slerp = sin((1 - t) theta) / sin(theta) z0 + sin(t theta) / sin(theta) z1 (linear where sin(theta) ~ 0).
+    Returns z0 at t = 0 and z1 at t = 1 exactly.
+    """
+    a, b = z0.flatten(1), z1.flatten(1)
+    theta = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1).acos()
+    t = torch.as_tensor(t, dtype=z0.dtype, device=z0.device).expand(z0.shape[0])
+    sin = theta.sin()
+    curved = sin > 1e-6
+    w0 = torch.where(curved, ((1 - t) * theta).sin() / sin, 1 - t)
+    w1 = torch.where(curved, (t * theta).sin() / sin, t)
+    shape = (-1,) + (1,) * (z0.ndim - 1)
+    return w0.view(shape) * z0 + w1.view(shape) * z1
+
+
+def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels: Tensor | None = None) -> Tensor:
+    """Images along the slerp between standard-normal noises z0, z1 float32 [N, C, H, W] (CM paper, App. D).
+
+    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max;
+    returns float32 [N, frames, C, H, W], not clipped.
+    """
+    check_editable(model)
+    _check_size(model, z0)
+    if frames < 2:
+        raise CmkitError(f"frames {frames}: expected at least 2 (the two endpoints)")
+    big_t = model.sigma_max
+    ts = torch.linspace(0, 1, frames).tolist()
+    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels) for t in ts], 1)
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+Warn = Callable[[str], None]
+
+
+def load_mask(path: Path, *, resolution: int) -> Tensor:
+    """A mask image -> bool [resolution, resolution]: white (255) = generate, black (0) = keep.
+
+    Refuses another size and any gray value other than 0 and 255.
+    """
+    arr = read_image(Path(path), channels=1)[0]
+    if arr.shape != (resolution, resolution):
+        raise CmkitError(f"mask {path}: {arr.shape[1]}x{arr.shape[0]} pixels; expected the model's "
+                         f"{resolution}x{resolution}")
+    values = np.unique(arr)
+    if not set(values.tolist()) <= {0, 255}:
+        raise CmkitError(f"mask {path}: holds gray values other than 0 and 255 (e.g. {values[values % 255 != 0][0]}); "
+                         "expected black (0, keep) and white (255, generate) only")
+    return torch.from_numpy(arr == 255)
+
+
+def box_mask(box: Sequence[int], *, resolution: int) -> Tensor:
+    """bool [resolution, resolution], True inside the box (x, y, w, h) in pixels, which must lie in the image."""
+    x, y, w, h = box
+    if w < 1 or h < 1 or x < 0 or y < 0 or x + w > resolution or y + h > resolution:
+        raise CmkitError(f"box {x},{y},{w},{h}: expected x,y,w,h with w, h >= 1 inside the "
+                         f"{resolution}x{resolution} image")
+    mask = torch.zeros(resolution, resolution, dtype=torch.bool)
+    mask[y:y + h, x:x + w] = True
+    return mask
+
+
+def pair_files(image: Path, out: Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: a file gives ``out`` (a .png); a folder gives ``out/<same relative path>.png``."""
+    image, out = Path(image), Path(out)
+    _check_folder(out.parent)
+    if image.is_file():
+        if out.suffix != ".png" or out.is_dir():
+            raise CmkitError(f"--out {out}: expected a .png file name for one input image")
+        return [(image, out)]
+    if not image.is_dir():
+        raise CmkitError(f"--image {image}: no such file or folder")
+    if (out.exists() and not out.is_dir()) or out.suffix.lower() in IMAGE_EXTENSIONS:
+        raise CmkitError(f"--out {out}: a folder of input images needs an output folder, not an image file")
+    files = list_images(image)
+    if not files:
+        raise CmkitError(f"--image {image}: no images found; expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    pairs = [(f, out / f.relative_to(image).with_suffix(".png")) for f in files]
+    targets = [o for _, o in pairs]
+    if len(set(targets)) < len(targets):
+        raise CmkitError(f"--image {image}: two inputs differ only in extension and would both write the same .png")
+    return pairs
+
+
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise CmkitError(f"--out: folder {folder} does not exist or is not writable")
+
+
+def read_inputs(task: str, model: nn.Module, files: Sequence[Path], *, factor: int | None,
+                warn: Warn = warnings.warn) -> Tensor:
+    """Read every input image -> float32 [N, C, h, w] in [-1, 1], ready for ``task``.
+
+    Inpainting needs the model's size exactly (mask coordinates are pixels). Super-resolution takes the low-
+    resolution size (resolution / factor) or the model's size (then reduced to its patch means); other sizes
+    are refused. Colorization, stroke and denoising resize and centre-crop another size, with a warning.
+    """
+    res, ch = model.resolution, model.channels
+    low = res // factor if task == "superres" and factor else None
+    out = []
+    for path in files:
+        arr = read_image(path, channels=ch)
+        size = arr.shape[1:]
+        if task == "superres" and size == (low, low):
+            out.append(to_model_range(torch.from_numpy(arr)))
+            continue
+        if size != (res, res):
+            if task in ("inpaint", "superres"):
+                wanted = f"{low}x{low} (low resolution) or {res}x{res}" if task == "superres" else f"{res}x{res}"
+                raise CmkitError(f"image {path}: {size[1]}x{size[0]} pixels; {task} expects {wanted}")
+            warn(f"image {path}: {size[1]}x{size[0]} pixels, resized and centre-cropped to {res}x{res}")
+            arr = read_image(path, channels=ch, resolution=res)
+        x = to_model_range(torch.from_numpy(arr))
+        out.append(patch_means(x[None], factor)[0] if task == "superres" else x)
+    return torch.stack(out)
+
+
+def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
+             mask: Tensor | None = None, factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None,
+             sigma: float | None = None) -> Iterator[Tensor]:
+    """Apply ``task`` to images float32 [N, C, h, w], image i with seed seeds[i], ``batch`` at a time.
+
+    Yields float32 [B, C, H, W] results (not clipped). The noise (and the class label of a class-conditional
+    model) of image i comes from its own seed, so results do not depend on ``batch``.
+    """
+    device = next(model.parameters()).device
+    shape = (model.channels, model.resolution, model.resolution)
+    for start in range(0, len(images), batch):
+        x = images[start:start + batch].to(device)
+        noise = SeededNoise(seeds[start:start + batch], shape, device)
+        labels = noise.labels(model.num_classes) if model.num_classes else None
+        yield _apply(task, model, x, noise, labels, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
+
+
+def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Tensor | None, *,
+           mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
+           sigma: float | None) -> Tensor:
+    sigmas = editing_sigmas(model) if sigmas is None else sigmas
+    if task == "inpaint":
+        return inpaint(model, x, mask.to(x.device), sigmas=sigmas, noise=noise, labels=labels)
+    if task == "colorize":
+        return colorize(model, x, sigmas=sigmas, noise=noise, labels=labels)
+    if task == "superres":
+        return superres(model, x, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
+    if task == "stroke":
+        return stroke(model, x, sigmas=sigmas, noise=noise, labels=labels)
+    if task == "denoise":
+        return denoise(model, x + sigma * noise(), sigma=sigma, labels=labels)
+    raise CmkitError(f"task {task!r}: expected one of {', '.join(TASKS[:-1])}")
+
+
+def check_task(task: str, model: nn.Module, *, mask: Tensor | None, factor: int | None,
+               sigmas: Sequence[float] | Tensor | None, sigma: float | None) -> None:
+    """Every check that needs only the model and the options, done before any image is read or written."""
+    check_editable(model)
+    if task == "inpaint" and mask is None:
+        raise CmkitError("inpaint: expected --mask M.png or --box x,y,w,h")
+    if task == "colorize" and model.channels != 3:
+        raise CmkitError(f"colorize: colorization needs an RGB (3-channel) model; this model has "
+                         f"{model.channels} channel(s)")
+    if task == "superres":
+        if factor is None:
+            raise CmkitError("superres: expected --factor p")
+        check_factor(factor, model.resolution)
+    if task == "denoise":
+        if sigma is None:
+            raise CmkitError("denoise: expected --sigma s, the noise level to add and remove")
+        check_sigma(model, sigma)
+    if sigmas is not None:
+        check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+
+
+@torch.no_grad()
+def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int = 0, batch: int = 64,
+               mask: Tensor | None = None, factor: int | None = None,
+               sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None,
+               warn: Warn = warnings.warn) -> list[Path]:
+    """Edit one image file, or every image in a folder (into a folder), and write PNGs atomically.
+
+    Input i (sorted path order) uses seed ``seed + i``. Everything is read and checked before the first file
+    is written. Returns the written paths. ``sigmas`` defaults to :func:`editing_sigmas` (stroke:
+    STROKE_SIGMAS); ``mask`` is bool [H, W] (inpaint); ``factor`` is p (superres); ``sigma`` is the noise
+    level added and removed (denoise).
+    """
+    if task == "stroke" and sigmas is None:
+        sigmas = STROKE_SIGMAS
+    check_task(task, model, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
+    if batch < 1:
+        raise CmkitError(f"batch {batch}: expected a positive number of images per batch")
+    pairs = pair_files(image, out)
+    images = read_inputs(task, model, [i for i, _ in pairs], factor=factor, warn=warn)
+    seeds = list(range(seed, seed + len(pairs)))
+    results = run_task(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas,
+                       sigma=sigma)
+    bar = tqdm(results, total=-(-len(pairs) // batch), unit="batch", desc=task, disable=len(pairs) == 1)
+    outputs = iter(o for _, o in pairs)
+    for x in bar:
+        for img in to_numpy_images(x):
+            path = next(outputs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(img, path)
+    return [o for _, o in pairs]
+
+
+@torch.no_grad()
+def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], frames: int) -> None:
+    """Write the interpolation between the noises of seeds a and b as a one-row strip of ``frames`` PNG images."""
+    check_editable(model)
+    if Path(out).suffix != ".png":
+        raise CmkitError(f"--out {out}: expected a .png file name")
+    _check_folder(Path(out).parent)
+    device = next(model.parameters()).device
+    shape = (model.channels, model.resolution, model.resolution)
+    ends = [SeededNoise([s], shape, device) for s in seeds]
+    labels = ends[0].labels(model.num_classes) if model.num_classes else None
+    x = interpolate(model, ends[0](), ends[1](), frames=frames, labels=labels)[0]
+    save_png(grid(to_numpy_images(x), nrow=frames), Path(out))

@@ -1,0 +1,308 @@
+"""Zero-shot editing (CM paper, Alg. 4): transforms, the invariants of each task, slerp, batch independence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cmkit import editing
+from cmkit.editing import Identity, LumaChroma, PatchBasis
+from cmkit.errors import CmkitError
+from cmkit.sampling import SeededNoise
+from conftest import GaussianOracle
+
+TRANSFORMS = [Identity(), LumaChroma(), PatchBasis(2), PatchBasis(4)]
+SIGMAS = [80.0, 10.0, 1.0, 0.1]
+
+
+def oracle(channels: int = 1, resolution: int = 8) -> GaussianOracle:
+    return GaussianOracle(0.5, kind="consistency", channels=channels, resolution=resolution).requires_grad_(False)
+
+
+def noise_for(model, seeds=(0, 1, 2)) -> SeededNoise:
+    return SeededNoise(seeds, (model.channels, model.resolution, model.resolution))
+
+
+def images(n: int, channels: int, resolution: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, channels, resolution, resolution, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ------------------------------------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize("t", TRANSFORMS, ids=lambda t: type(t).__name__ + str(getattr(t, "factor", "")))
+def test_transform_is_orthogonal_and_inverts_exactly(t):
+    x = images(2, 3, 8).double()
+    a = t(x)
+    assert a.shape == x.shape
+    torch.testing.assert_close(t.inverse(a), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(t(t.inverse(x)), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.norm(), x.norm(), rtol=1e-12, atol=0)  # orthogonal maps keep lengths
+    torch.testing.assert_close(t.inverse(t(x.float())), x.float(), rtol=0, atol=1e-6)
+    if hasattr(t, "q"):
+        eye = torch.eye(t.q.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(t.q.T @ t.q, eye, rtol=0, atol=1e-12)
+        torch.testing.assert_close(t.q @ t.q.T, eye, rtol=0, atol=1e-12)
+
+
+def test_first_columns_are_luma_and_patch_mean():
+    w = torch.tensor(editing.LUMA, dtype=torch.float64)
+    torch.testing.assert_close(LumaChroma().q[:, 0], w / w.norm(), rtol=0, atol=1e-15)
+    x = images(2, 3, 8).double()
+    torch.testing.assert_close(LumaChroma()(x)[:, 0], torch.einsum("nchw,c->nhw", x, w / w.norm()))
+    for p in (2, 4):
+        torch.testing.assert_close(PatchBasis(p).q[:, 0], torch.full((p * p,), 1.0 / p, dtype=torch.float64))
+        torch.testing.assert_close(PatchBasis(p)(x)[:, :, ::p, ::p] / p, editing.patch_means(x, p))
+
+
+# ------------------------------------------------------------------------------- Alg. 4 and the tasks
+
+def test_inpainting_keeps_known_pixels_exactly():
+    model, x = oracle(1), images(3, 1)
+    mask = editing.box_mask((2, 1, 4, 5), resolution=8)
+    out = editing.inpaint(model, x, mask, sigmas=SIGMAS, noise=noise_for(model))
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.equal(out[:, :, ~mask], x[:, :, ~mask])
+    assert (out[:, :, mask] - x[:, :, mask]).abs().min() > 0  # the hole is generated, not copied
+
+
+def test_colorization_keeps_the_luma_exactly():
+    model, x = oracle(3), images(3, 3)
+    out = editing.colorize(model, x, sigmas=SIGMAS, noise=noise_for(model))
+    w = torch.tensor(editing.LUMA)
+    gray_in, gray_out = (torch.einsum("nchw,c->nhw", v, w) for v in (x, out))
+    torch.testing.assert_close(gray_out, gray_in, rtol=0, atol=1e-5)
+    assert (out[:, 0] - out[:, 1]).abs().max() > 1e-3  # chroma was generated: not a gray image
+
+
+def test_superresolution_keeps_each_patch_mean_exactly():
+    model, low = oracle(3), images(3, 3, resolution=2)
+    out = editing.superres(model, low, factor=4, sigmas=SIGMAS, noise=noise_for(model))
+    assert out.shape == (3, 3, 8, 8)
+    torch.testing.assert_close(editing.patch_means(out, 4), low, rtol=0, atol=1e-5)
+    assert out.std(dim=(2, 3)).min() > 1e-3  # detail was generated: not pixel replication
+
+
+class Recorder:
+    """Standard-normal noise that remembers each batch it hands out."""
+
+    def __init__(self, shape) -> None:
+        self.inner, self.drawn = SeededNoise(range(shape[0]), shape[1:]), []
+
+    def __call__(self) -> torch.Tensor:
+        self.drawn.append(self.inner())
+        return self.drawn[-1]
+
+
+def test_edit_follows_algorithm_4():
+    model, y = oracle(1), images(2, 1)
+    mask = editing.box_mask((0, 0, 8, 4), resolution=8)
+    noise = Recorder(y.shape)
+    out = editing.inpaint(model, y, mask, sigmas=[80.0, 2.0], noise=noise)
+    start = torch.where(mask, 0.0, y)  # line 2: the masked reference, then noised at tau_1 (not used bare)
+    x = torch.where(mask, model(start + 80.0 * noise.drawn[0], 80.0), y)
+    x = torch.where(mask, model(x + math.sqrt(2.0**2 - 0.002**2) * noise.drawn[1], 2.0), y)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+
+def test_stroke_is_two_step_sdedit_from_the_painting():
+    model, strokes = oracle(3), images(2, 3)
+    noise = Recorder(strokes.shape)
+    out = editing.stroke(model, strokes, noise=noise)
+    assert editing.STROKE_SIGMAS == (5.38, 2.24) and len(noise.drawn) == 2
+    x = model(strokes + 5.38 * noise.drawn[0], 5.38)
+    x = model(x + math.sqrt(2.24**2 - 0.002**2) * noise.drawn[1], 2.24)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
+
+
+def test_denoise_is_one_call():
+    model, noisy = oracle(1), images(2, 1)
+    torch.testing.assert_close(editing.denoise(model, noisy, sigma=0.7), model(noisy, 0.7), rtol=0, atol=0)
+    for sigma in (0.002, 0.0, 81.0):
+        with pytest.raises(CmkitError, match="noise level in"):
+            editing.denoise(model, noisy, sigma=sigma)
+
+
+def test_default_editing_sigmas_are_40_karras_levels_descending():
+    s = editing.editing_sigmas(oracle())
+    assert len(s) == 40 and s[0] == 80.0 and (s[1:] < s[:-1]).all() and s[-1] > 0.002
+    ratios = (s ** (1 / 7))[:-1] - (s ** (1 / 7))[1:]
+    torch.testing.assert_close(ratios, ratios.mean().expand(39), rtol=1e-9, atol=0)
+
+
+# -------------------------------------------------------------------------------------- interpolation
+
+def test_slerp_returns_each_pairs_endpoints_exactly():
+    z0, z1 = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    assert torch.equal(editing.slerp(z0, z1, 0.0), z0) and torch.equal(editing.slerp(z0, z1, 1.0), z1)
+    torch.testing.assert_close(editing.slerp(z0, z0, 0.5), z0)  # identical pair: no 0 / 0
+
+
+def test_slerp_angle_is_per_sample():
+    e = torch.eye(2)
+    near = torch.tensor([math.cos(0.1), math.sin(0.1)])
+    z0, z1 = torch.stack([e[0], e[0]]), torch.stack([e[1], near])  # angles pi/2 and 0.1
+    mid = editing.slerp(z0, z1, 0.5)
+    torch.testing.assert_close(mid[0], torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    torch.testing.assert_close(mid[1], torch.tensor([math.cos(0.05), math.sin(0.05)]))
+    for i in range(2):  # the same as interpolating the pair on its own
+        torch.testing.assert_close(mid[i:i + 1], editing.slerp(z0[i:i + 1], z1[i:i + 1], 0.5))
+    scaled = editing.slerp(z0, 3 * z1, 0.5)  # the angle is taken from the pair's directions
+    torch.testing.assert_close(scaled[0], (torch.tensor([1.0, 3.0])) / math.sqrt(2))
+
+
+def test_interpolate_ends_at_the_two_noises():
+    model = oracle(1)
+    z0, z1 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    frames = editing.interpolate(model, z0, z1, frames=5)
+    assert frames.shape == (2, 5, 1, 8, 8)
+    assert torch.equal(frames[:, 0], model(80.0 * z0, 80.0)) and torch.equal(frames[:, -1], model(80.0 * z1, 80.0))
+
+
+# ------------------------------------------------------------------------------------ batch, refusals
+
+@pytest.mark.parametrize("task", ["inpaint", "colorize", "superres", "stroke", "denoise"])
+def test_results_do_not_depend_on_batch_size(task):
+    model = oracle(3)
+    x = images(5, 3, resolution=4 if task == "superres" else 8)
+    options = {"mask": editing.box_mask((1, 1, 3, 3), resolution=8), "factor": 2, "sigma": 0.5,
+               "sigmas": editing.STROKE_SIGMAS if task == "stroke" else SIGMAS}
+    seeds = list(range(10, 15))
+    one = torch.cat(list(editing.run_task(task, model, x, seeds, batch=5, **options)))
+    split = torch.cat(list(editing.run_task(task, model, x, seeds, batch=2, **options)))
+    assert torch.equal(one, split)
+    alone = next(editing.run_task(task, model, x[3:4], seeds[3:4], batch=1, **options))
+    assert torch.equal(alone[0], one[3])
+
+
+def test_refusals():
+    gray, edm = oracle(1), GaussianOracle(0.5, kind="edm", resolution=8)
+    noise = noise_for(gray)
+    with pytest.raises(CmkitError, match="EDM diffusion"):
+        editing.inpaint(edm, images(3, 1), torch.ones(8, 8, dtype=torch.bool), sigmas=SIGMAS, noise=noise)
+    with pytest.raises(CmkitError, match="RGB"):
+        editing.colorize(gray, images(3, 1), sigmas=SIGMAS, noise=noise)
+    with pytest.raises(CmkitError, match="divides the model's resolution 8"):
+        editing.superres(gray, images(3, 1, 3), factor=3, sigmas=SIGMAS, noise=noise)
+    with pytest.raises(CmkitError, match="descending"):
+        editing.inpaint(gray, images(3, 1), torch.ones(8, 8, dtype=torch.bool), sigmas=[1.0, 2.0], noise=noise)
+    with pytest.raises(CmkitError, match=r"expected \[N, 1, 8, 8\]"):
+        editing.inpaint(gray, images(3, 1, 6), torch.ones(6, 6, dtype=torch.bool), sigmas=SIGMAS, noise=noise)
+    with pytest.raises(CmkitError, match="inside the 8x8"):
+        editing.box_mask((4, 4, 5, 2), resolution=8)
+
+
+# ------------------------------------------------------------------------- the CLI on a trained model
+
+def _fmnist_pngs(folder, n: int = 3):
+    from PIL import Image
+
+    from cmkit.data import load_dataset
+
+    folder.mkdir()
+    data = load_dataset("fashion-mnist", resolution=28, channels=1, split="test").images[:n]
+    for i, img in enumerate(data):
+        Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
+    return data
+
+
+def _read(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path))
+
+
+def test_cli_runs_every_task(run_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cmkit.cli import main
+
+    data = _fmnist_pngs(tmp_path / "in")
+    src = str(tmp_path / "in" / "0.png")
+    Image.fromarray(data[0, 0].numpy()).resize((7, 7), Image.Resampling.BOX).save(tmp_path / "low.png")
+    Image.fromarray(data[0, 0].numpy()).resize((56, 56)).save(tmp_path / "big.png")
+    mask = np.zeros((28, 28), np.uint8)
+    mask[:, :10] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    runs = {
+        "inpaint": ["--image", src, "--mask", str(tmp_path / "mask.png"), "--sigmas", "80,10,1"],
+        "colorize": None,
+        "superres": ["--image", str(tmp_path / "low.png"), "--factor", "4", "--sigmas", "80,10,1"],
+        "stroke": ["--image", str(tmp_path / "big.png")],
+        "denoise": ["--image", src, "--sigma", "0.5", "--seed", "7"],
+        "interpolate": ["--seeds", "1,2", "--frames", "5"],
+    }
+    for task, extra in runs.items():
+        if extra is None:
+            continue
+        out = tmp_path / f"{task}.png"
+        assert main(["edit", task, str(run_dir), "--out", str(out), *extra]) == 0, task
+        assert _read(out).shape == ((2 + 5 * 30, 2 + 30)[::-1] if task == "interpolate" else (28, 28)), task
+    assert "resized and centre-cropped" in capsys.readouterr().err  # the stroke painting was 56x56
+    kept = _read(tmp_path / "inpaint.png")
+    assert np.array_equal(kept[:, 10:], data[0, 0, :, 10:].numpy())  # known pixels survive the uint8 round trip
+    assert not np.array_equal(kept[:, :10], data[0, 0, :, :10].numpy())
+    low = _read(tmp_path / "low.png").astype(float)
+    patches = _read(tmp_path / "superres.png").astype(float).reshape(7, 4, 7, 4)
+    unclipped = ((patches > 0) & (patches < 255)).all(axis=(1, 3))  # the uint8 clip can move a patch's mean
+    assert unclipped.sum() >= 5
+    assert np.abs(patches.mean(axis=(1, 3)) - low)[unclipped].max() <= 0.5  # the mean survives up to rounding
+
+
+def test_cli_folder_in_folder_out_does_not_depend_on_batch(run_dir, tmp_path):
+    import numpy as np
+
+    from cmkit.cli import main
+
+    _fmnist_pngs(tmp_path / "in", n=3)
+    for batch, out in (("3", "a"), ("1", "b")):
+        assert main(["edit", "inpaint", str(run_dir), "--image", str(tmp_path / "in"), "--out", str(tmp_path / out),
+                     "--box", "4,4,12,12", "--sigmas", "80,5,0.5", "--batch", batch, "--seed", "3"]) == 0
+    for i in range(3):
+        a, b = _read(tmp_path / "a" / f"{i}.png"), _read(tmp_path / "b" / f"{i}.png")
+        assert a.shape == (28, 28) and np.abs(a.astype(int) - b.astype(int)).max() <= 1  # network rounding only
+
+
+@pytest.mark.parametrize("args, message", [
+    (["colorize", "--image", "{img}"], "needs an RGB (3-channel) model"),
+    (["superres", "--image", "{img}", "--factor", "3"], "divides the model's resolution 28"),
+    (["inpaint", "--image", "{img}"], "--mask M.png or --box"),
+    (["inpaint", "--image", "{img}", "--mask", "{small}"], "expected the model's 28x28"),
+    (["inpaint", "--image", "{img}", "--mask", "{gray}"], "other than 0 and 255"),
+    (["inpaint", "--image", "{img}", "--mask", "{mask}", "--box", "0,0,2,2"], "give one of them"),
+    (["inpaint", "--image", "{img}", "--box", "20,20,10,2"], "inside the 28x28"),
+    (["inpaint", "--image", "{big}", "--box", "0,0,2,2"], "inpaint expects 28x28"),
+    (["superres", "--image", "{big}", "--factor", "4"], "7x7 (low resolution) or 28x28"),
+    (["denoise", "--image", "{img}"], "expected --sigma"),
+    (["denoise", "--image", "{img}", "--sigma", "100"], "noise level in"),
+    (["stroke", "--image", "{img}", "--factor", "2"], "not an option of 'edit stroke'"),
+    (["stroke", "--image", "{img}", "--sigmas", "2,5"], "descending"),
+    (["interpolate", "--image", "{img}"], "not used by"),
+    (["interpolate", "--seeds", "1"], "2 comma-separated integers"),
+    (["interpolate", "--frames", "1"], "at least 2"),
+    (["stroke", "--image", "{tmp}/in"], "a folder of input images needs an output folder"),
+])
+def test_cli_bad_input_gets_one_clear_line(args, message, run_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cmkit.cli import main
+
+    _fmnist_pngs(tmp_path / "in", n=2)
+    Image.new("L", (56, 56), 0).save(tmp_path / "big.png")
+    Image.new("L", (14, 14), 0).save(tmp_path / "small.png")
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(tmp_path / "gray.png")
+    Image.new("L", (28, 28), 255).save(tmp_path / "mask.png")
+    (tmp_path / "x.png").write_bytes(b"")
+    names = {"img": tmp_path / "in" / "0.png", "tmp": tmp_path, **{k: tmp_path / f"{k}.png" for k in
+                                                                  ("big", "small", "gray", "mask")}}
+    args = [a.format(**names) for a in args]
+    out = tmp_path / "out.png"
+    assert main(["edit", args[0], str(run_dir), *args[1:], "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in", "big.png", "small.png", "gray.png", "mask.png", "x.png"])
