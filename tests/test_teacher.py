@@ -13,7 +13,6 @@ from cmkit.cli import main
 from conftest import TINY
 
 
-
 def _export(tiny_config, path, *, method, resolution=28, channels=1):
     """Write an export of random weights for a tiny net, as 'cmkit train' would."""
     config = replace(tiny_config, method=replace(tiny_config.method, name=method),

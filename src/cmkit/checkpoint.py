@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,9 @@ def save_export(model: nn.Module, config: Config, path: Path) -> None:
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise CmkitError(f"{path}: the model could not be written ({reason}); any earlier export is intact") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -117,10 +122,15 @@ def _tuned_sigmas(text: str, path: Path) -> dict[int, list[float]]:
 # ----------------------------------------------------------------------------------------- training state
 
 def save_state(state: dict[str, Any], run_dir: Path, *, images_seen: int, keep: int) -> Path:
-    """Write a training state atomically as ``checkpoints/state-<images_seen>.pt``; keep the newest ``keep``."""
+    """Write a training state atomically as ``checkpoints/state-<images_seen>.pt``; keep the newest ``keep``.
+
+    Warns first when the disk has less than twice the state's size free. A failed write (a full disk) leaves
+    no partial file and the earlier checkpoints untouched, and raises CmkitError.
+    """
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"state-{images_seen:010d}.pt"
+    warn_if_low_disk(folder, _nbytes(state))
     tmp = atomic_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -128,11 +138,33 @@ def save_state(state: dict[str, Any], run_dir: Path, *, images_seen: int, keep: 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise CmkitError(f"{path}: the checkpoint could not be written ({e.strerror or e}); the earlier "
+                         "checkpoints are intact") from None
     finally:
         tmp.unlink(missing_ok=True)
     for old in list_states(run_dir)[:-keep]:
         old.unlink()
     return path
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested structure of dicts, lists and tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def warn_if_low_disk(folder: Path, nbytes: int) -> None:
+    """Warn when ``folder``'s disk has less than twice ``nbytes`` free (a file of that size is about to land)."""
+    free = shutil.disk_usage(folder).free
+    if free < 2 * nbytes:
+        warnings.warn(f"low disk space: {free / 2**20:.0f} MiB free in {folder}, and a checkpoint needs about "
+                      f"{nbytes / 2**20:.0f} MiB; free some space or lower train.keep_ckpts", stacklevel=2)
 
 
 def list_states(run_dir: Path) -> list[Path]:

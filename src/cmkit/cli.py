@@ -20,7 +20,7 @@ from cmkit.errors import CmkitError
 
 def build_config(args: argparse.Namespace) -> Config:
     """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
-    network), then --kimg/--ckpt-kimg/--seed, then --set."""
+    network), then --kimg/--ckpt-kimg/--seed/--keep, then --set."""
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -30,7 +30,7 @@ def build_config(args: argparse.Namespace) -> Config:
         config = replace(config, data=replace(config.data, source=args.data, resolution=res, channels=ch))
     if args.teacher is not None:
         config = with_teacher(config, args.teacher)
-    train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed}
+    train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed, "keep_ckpts": args.keep}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
     return apply_overrides(config, [kv for group in args.set for kv in group])
@@ -41,10 +41,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    from cmkit.train import train
+    from cmkit.train import TrainingStopped, train
 
     out = Path(args.out)
-    export = train(config, out, resume=args.resume)
+    try:
+        export = train(config, out, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"cmkit: {e}\ncmkit: to continue, run the same command with --resume "
+              f"(cmkit train --preset {args.preset} --out {out} ... --resume)", file=sys.stderr)
+        return 128 + e.signum
     grids = sorted((out / "samples").glob("*.png"))
     print(f"model: {export}")
     if grids:
@@ -288,6 +293,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="diffusion model to distil (cd) or tune (ect): an *-edm run or a diffusers UNet folder")
     p.add_argument("--kimg", type=float, help="training length in thousands of images")
     p.add_argument("--ckpt-kimg", type=float, help="checkpoint interval in thousands of images")
+    p.add_argument("--keep", type=int, metavar="K", help="keep the newest K training checkpoints (default 3)")
     p.add_argument("--seed", type=int, help="run seed (default: the preset's, 0)")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. train.lr=2e-4 net.dropout=0.1")

@@ -99,6 +99,7 @@ class TrainConfig:
 
     ``precision = "bf16"`` runs the network's forward passes under bfloat16 autocast; the
     preconditioning coefficients, the network's output scaling and the loss stay in float32.
+    A step whose loss or gradients are not finite is skipped; ``max_nonfinite`` of them in a row stop the run.
     """
 
     kimg: float = 100.0
@@ -116,6 +117,7 @@ class TrainConfig:
     log_kimg: float = 1.0
     keep_ckpts: int = 3
     precision: str = "fp32"
+    max_nonfinite: int = 10
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,7 @@ def validate(config: Config) -> None:
         "train.kimg": t.kimg, "train.batch": t.batch, "train.lr": t.lr, "data.resolution": d.resolution,
         "net.model_channels": config.net.model_channels, "method.sigma_data": m.sigma_data,
         "method.sigma_min": m.sigma_min, "method.s0": m.s0, "train.keep_ckpts": t.keep_ckpts,
+        "train.max_nonfinite": t.max_nonfinite,
         "train.ckpt_kimg": t.ckpt_kimg, "train.snap_kimg": t.snap_kimg, "train.log_kimg": t.log_kimg,
         "method.p_std": m.p_std, "method.ect_stage_kimg": m.ect_stage_kimg,
     }

@@ -149,7 +149,7 @@ def check_editable(model: nn.Module) -> None:
     kind = getattr(model, "kind", "")
     if kind != "consistency":
         raise CmkitError(f"this is {'an EDM diffusion' if kind == 'edm' else 'not a consistency'} model; "
-                         "zero-shot editing needs a consistency model (trained with ct or ict)")
+                         "zero-shot editing needs a consistency model (ct, ict, cd or ect)")
 
 
 def _check_size(model: nn.Module, x: Tensor) -> None:

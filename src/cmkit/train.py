@@ -6,10 +6,14 @@ function of the images seen, so a run resumed from a checkpoint ends bit-identic
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,7 @@ class Run:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = make_optimizer(config, self.model)
         self.step = 0
+        self.nonfinite = 0  # non-finite steps in a row
 
     def batch(self, dataset: data.ImageData) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The current step's training batch: x0 float32 [B, C, H, W] in [-1, 1] and labels or None."""
@@ -106,17 +111,30 @@ class Run:
         labels = dataset.labels[idx].to(self.device) if self.config.net.num_classes else None
         return x0, labels
 
-    def optimizer_step(self, x0: torch.Tensor, labels: torch.Tensor | None, *, total_steps: int) -> float:
+    def optimizer_step(self, x0: torch.Tensor, labels: torch.Tensor | None, *, total_steps: int) -> float | None:
         """One training step at ``self.step`` of ``total_steps``: loss, backward, clipping, learning rate,
-        optimiser step, then the sampling EMA and any CT target network. Returns the mean loss."""
+        optimiser step, then the sampling EMA and any CT target network. Returns the mean loss, or None when
+        the loss or the gradients were not finite: then nothing is updated and ``self.nonfinite`` counts the
+        skipped steps in a row. The step counter advances either way (the next step sees the next batch)."""
         t, images_seen = self.config.train, self.step * self.config.train.batch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             loss = self.loss(self.model, x0, labels, step=self.step, total_steps=total_steps, target=self.target)
         loss = loss.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+            finite = bool(torch.isfinite(norm))
+        if finite:
+            self._update(images_seen, total_steps)
+        self.nonfinite = 0 if finite else self.nonfinite + 1
+        self.step += 1
+        return loss.item() if finite else None
+
+    def _update(self, images_seen: int, total_steps: int) -> None:
+        """Apply the gradients at the scheduled learning rate; update the sampling EMA and any target."""
+        t = self.config.train
         for group in self.optimizer.param_groups:
             group["lr"] = schedules.learning_rate(images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg)
         self.optimizer.step()
@@ -124,11 +142,10 @@ class Run:
         ema_update(self.ema, self.model, beta)
         if self.target is not None:
             ema_update(self.target, self.model, self.loss.target_decay(self.step, total_steps))
-        self.step += 1
-        return loss.item()
 
     def state(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "step": self.step, "model": self.model.state_dict(),
+        return {"config": self.config.to_dict(), "step": self.step, "nonfinite": self.nonfinite,
+                "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "target": None if self.target is None else self.target.state_dict()}
 
@@ -143,7 +160,7 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.target is not None:
             self.target.load_state_dict(state["target"])
-        self.step = state["step"]
+        self.step, self.nonfinite = state["step"], state.get("nonfinite", 0)
 
     def save(self) -> None:
         t = self.config.train
@@ -205,17 +222,73 @@ class MetricsLog:
 
         self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
 
-    def write(self, record: dict[str, float]) -> None:
+    def write(self, record: dict[str, float | None]) -> None:
+        """Append one line; None (a loss when every step since the last line was skipped) is JSON null."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step":
+            if key != "step" and value is not None:
                 self.tb.add_scalar(key, value, record["step"])
         self.tb.flush()
 
 
+class TrainingStopped(Exception):
+    """SIGINT or SIGTERM stopped training after the current step, and a checkpoint was written."""
+
+    def __init__(self, signum: int, images_seen: int, state: Path) -> None:
+        self.signum, self.images_seen, self.state = signum, images_seen, state
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {images_seen:,} training images; "
+                         f"checkpoint {state}")
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While active, SIGINT and SIGTERM ask the loop to stop after its current step: the yielded list receives
+    the signal numbers. A second signal interrupts at once (KeyboardInterrupt). Outside the main thread,
+    where Python cannot install handlers, signals keep their usual effect."""
+    received: list[int] = []
+
+    def request(signum: int, frame: object) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check_nonfinite(run: Run) -> None:
+    """Stop the run when ``train.max_nonfinite`` steps in a row had a non-finite loss or gradients."""
+    limit = run.config.train.max_nonfinite
+    if run.nonfinite >= limit:
+        states = checkpoint.list_states(run.out)
+        last = f"the last good checkpoint is {states[-1]}" if states else "no checkpoint was written yet"
+        raise CmkitError(f"training stopped at step {run.step}: {limit} steps in a row had a non-finite loss or "
+                         f"gradients (all skipped); {last}. Lower train.lr, set train.grad_clip, or check the data")
+
+
+def log_record(run: Run, losses: list[float | None], busy: float, total_steps: int) -> dict[str, float | None]:
+    """The metrics line for the steps since the last one; ``losses`` holds None for each skipped step."""
+    finite = [v for v in losses if v is not None]
+    return {"step": run.step, "kimg": run.step * run.config.train.batch / 1000,
+            "loss": float(np.mean(finite)) if finite else None, "skipped_steps": len(losses) - len(finite),
+            "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": len(losses) * run.config.train.batch / busy,
+            **run.loss.stats(run.step, total_steps)}
+
+
 def train(config: Config, out: Path, *, resume: bool = False, device: str | None = None) -> Path:
-    """Train the model ``config`` describes into run directory ``out``; returns the export's path."""
+    """Train the model ``config`` describes into run directory ``out``; returns the export's path.
+
+    SIGINT/SIGTERM finish the current step, write a checkpoint and raise :class:`TrainingStopped`; resume with
+    ``resume=True``. Steps with a non-finite loss or gradients are skipped and logged (``skipped_steps``).
+    """
     # 1. Run directory, data, teacher and the run's modules (data and teacher load before anything is written).
     dataset = load_training_data(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -227,29 +300,33 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
     t, every = config.train, Intervals.of(config)
     log = MetricsLog(out, resume_step=run.step)
     bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    losses: list[float] = []
+    losses: list[float | None] = []
     busy = 0.0  # seconds spent in training steps since the last log line
-    while run.step < every.total:
-        tick = time.perf_counter()
-        # 2. This step's batch and randomness are functions of (seed, step) alone.
-        torch.manual_seed(step_seed(t.seed, run.step))
-        x0, labels = run.batch(dataset)
-        # 3. Loss, backward, optimiser step, EMA and target updates.
-        losses.append(run.optimizer_step(x0, labels, total_steps=every.total))
-        busy += time.perf_counter() - tick
-        bar.update(1)
-        # 4. Logs, sample grids and checkpoints at their intervals, and always at the end.
-        last = run.step == every.total
-        if run.step % every.log == 0 or last:
-            record = {"step": run.step, "kimg": run.step * t.batch / 1000, "loss": float(np.mean(losses)),
-                      "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": len(losses) * t.batch / busy,
-                      **run.loss.stats(run.step, every.total)}
-            log.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.0f}")
-            losses, busy = [], 0.0
-        if run.step % every.snap == 0 or last:
-            run.snapshot()
-        if run.step % every.ckpt == 0 or last:
-            run.save()
+    with stop_requests() as stop:
+        while run.step < every.total:
+            tick = time.perf_counter()
+            # 2. This step's batch and randomness are functions of (seed, step) alone.
+            torch.manual_seed(step_seed(t.seed, run.step))
+            x0, labels = run.batch(dataset)
+            # 3. Loss, backward, optimiser step, EMA and target updates (skipped when not finite).
+            losses.append(run.optimizer_step(x0, labels, total_steps=every.total))
+            busy += time.perf_counter() - tick
+            bar.update(1)
+            check_nonfinite(run)
+            # 4. Logs, sample grids and checkpoints at their intervals, and always at the end or on a stop request.
+            last = run.step == every.total
+            if run.step % every.log == 0 or last:
+                record = log_record(run, losses, busy, every.total)
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
+                                img_s=f"{record['images_per_s']:.0f}")
+                losses, busy = [], 0.0
+            if run.step % every.snap == 0 or last:
+                run.snapshot()
+            if run.step % every.ckpt == 0 or last or stop:
+                run.save()
+            if stop and not last:
+                bar.close()
+                raise TrainingStopped(stop[0], run.step * t.batch, checkpoint.list_states(out)[-1])
     bar.close()
     return out / checkpoint.EXPORT_NAME
