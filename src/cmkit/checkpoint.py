@@ -30,6 +30,7 @@ from cmkit.precond import ConsistencyFunction, EDMDenoiser, Preconditioned
 EXPORT_NAME = "model.safetensors"
 FORMAT = "cmkit-1"
 _STATE = re.compile(r"state-(\d+)\.pt")
+_PARTIAL = re.compile(r"\.(state-\d+|model)\.\w+\.(pt|safetensors)")  # atomic_path's temporaries of both kinds
 
 
 def build_model(config: Config) -> Preconditioned:
@@ -172,6 +173,14 @@ def list_states(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     found = [p for p in folder.glob("state-*.pt") if _STATE.fullmatch(p.name)] if folder.is_dir() else []
     return sorted(found, key=lambda p: int(_STATE.fullmatch(p.name).group(1)))
+
+
+def remove_partial_writes(run_dir: Path) -> None:
+    """Delete the temporary files of checkpoint and export writes that a killed process left in ``run_dir``."""
+    found = [p for folder in (run_dir, run_dir / "checkpoints") if folder.is_dir()
+             for p in folder.glob(".*") if _PARTIAL.fullmatch(p.name)]
+    for path in found:
+        path.unlink()
 
 
 def load_state(path: Path) -> dict[str, Any]:

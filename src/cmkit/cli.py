@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -179,6 +180,8 @@ def _scorer(args: argparse.Namespace, resolution: int, channels: int, ref: str |
     from cmkit.eval.evaluate import default_metric, reference_features
     from cmkit.eval.features import get_extractor
 
+    if args.batch < 1:
+        raise CmkitError(f"--batch {args.batch}: expected a positive number of images per batch")
     if ref is None:
         raise CmkitError("--ref: expected a dataset name, a folder or a features .npz to compare with")
     extractor = get_extractor(args.metric or default_metric(resolution, channels), weights=args.weights)
@@ -204,9 +207,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
         model, config = load_export(source, device=_device())
+        steps = _parse_steps(args.steps or ("1,2,4" if config.is_consistency else "18"))
         extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
         sampler = "consistency" if config.is_consistency else "heun"
-        steps = _parse_steps(args.steps or ("1,2,4" if config.is_consistency else "18"))
         rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
                               batch=args.batch, sampler=sampler)
     report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
@@ -264,14 +267,10 @@ def _print_report(report: dict) -> None:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    from cmkit.images import atomic_path
+    from cmkit.images import atomic_write
 
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -366,10 +365,19 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=500, help="images per batch (default 500)")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):  # on a line of its own, not inside a progress bar
+        print(f"cmkit: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line, without the source location
+            return args.func(args)
     except CmkitError as e:
         print(f"cmkit: error: {e}", file=sys.stderr)
         return 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from cmkit.data import to_uint8
+from cmkit.errors import CmkitError
 
 
 def to_numpy_images(x: torch.Tensor) -> np.ndarray:
@@ -38,24 +41,33 @@ def atomic_path(path: Path) -> Path:
     return Path(tmp)
 
 
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it is renamed over ``path``, on any failure
+    removed. An OSError (a full disk, a folder that cannot be written) becomes a CmkitError naming ``path``."""
+    try:
+        tmp = atomic_path(path)
+    except OSError as e:
+        raise CmkitError(f"{path}: cannot be written ({e.strerror or e})") from None
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CmkitError(f"{path}: cannot be written ({e.strerror or e}); nothing was written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_images(images: np.ndarray, path: Path) -> None:
     """Write uint8 [N, H, W, C] images as a ``.png`` grid or an ``.npz`` holding ``images``, atomically."""
     if path.suffix != ".npz":
         save_png(grid(images), path)
         return
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         np.savez(tmp, images=images)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write one uint8 [H, W, C] image (C in {1, 3}) as a PNG, atomically."""
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -199,11 +199,15 @@ def prepare_run_dir(config: Config, out: Path, *, resume: bool) -> Path | None:
     if resume:
         if not states:
             raise CmkitError(f"--resume: no checkpoint in {out / 'checkpoints'}; train without --resume first")
+        checkpoint.remove_partial_writes(out)  # a killed write's leftovers
         return states[-1]
     if states or (out / "config.json").exists():
         raise CmkitError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    except OSError as e:
+        raise CmkitError(f"--out {out}: the run directory could not be created ({e.strerror or e})") from None
     return None
 
 
@@ -213,8 +217,7 @@ class MetricsLog:
     def __init__(self, out: Path, *, resume_step: int) -> None:
         self.path = out / "metrics.jsonl"
         if self.path.exists():
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
+            kept = [ln for ln in self.path.read_text().splitlines() if _logged_step(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         from torch.utils.tensorboard import (
             SummaryWriter,  # imported late: slow import, only the loop needs it
@@ -230,6 +233,14 @@ class MetricsLog:
             if key != "step" and value is not None:
                 self.tb.add_scalar(key, value, record["step"])
         self.tb.flush()
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl line; infinite for a blank or partial line (a write that was killed)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class TrainingStopped(Exception):
@@ -299,10 +310,10 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
         run.restore(checkpoint.load_state(resume_from), resume_from)
     t, every = config.train, Intervals.of(config)
     log = MetricsLog(out, resume_step=run.step)
-    bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0)
     losses: list[float | None] = []
     busy = 0.0  # seconds spent in training steps since the last log line
-    with stop_requests() as stop:
+    bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    with bar, stop_requests() as stop:  # the bar ends its line before any message
         while run.step < every.total:
             tick = time.perf_counter()
             # 2. This step's batch and randomness are functions of (seed, step) alone.
@@ -326,7 +337,5 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
             if run.step % every.ckpt == 0 or last or stop:
                 run.save()
             if stop and not last:
-                bar.close()
                 raise TrainingStopped(stop[0], run.step * t.batch, checkpoint.list_states(out)[-1])
-    bar.close()
     return out / checkpoint.EXPORT_NAME

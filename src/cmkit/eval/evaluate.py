@@ -26,7 +26,7 @@ from cmkit import data, readers
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, fid
-from cmkit.images import atomic_path
+from cmkit.images import atomic_write
 from cmkit.sampling import default_sigmas, generate
 
 FEATURES_FORMAT = "cmkit-features-1"
@@ -102,12 +102,8 @@ def save_features(features: np.ndarray, path: Path, *, extractor: str, resolutio
     """Write a features file (npz: features, and what they are of), atomically."""
     meta = json.dumps({"format": FEATURES_FORMAT, "extractor": extractor, "resolution": resolution,
                        "channels": channels, "source": source})
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         np.savez(tmp, features=features.astype(np.float32), meta=np.array(meta))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_features(path: Path, *, extractor: str, resolution: int, channels: int) -> np.ndarray:
@@ -247,10 +243,8 @@ def plot_quality(series: dict[str, list[tuple[int, float]]], path: Path, *, metr
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = atomic_path(path)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
