@@ -18,8 +18,7 @@ data:
 
 # iCT on Fashion-MNIST, about 10 minutes on 2 CPU cores; re-running continues or reuses the run.
 demo: install data
-	cmkit train --preset fmnist-ict --out $(DEMO) --kimg $(DEMO_KIMG) --set train.precision=bf16 \
-		$$([ -d $(DEMO)/checkpoints ] && echo --resume)
+	cmkit train --preset fmnist-ict --out $(DEMO) --kimg $(DEMO_KIMG) --set train.precision=bf16 --resume
 	cmkit sample $(DEMO) --n 64 --steps 1 --out $(DEMO)/one-step-grid.png
 	@echo "8x8 one-step sample grid: $(DEMO)/one-step-grid.png"
 

@@ -57,6 +57,19 @@ def test_fresh_run_refuses_an_existing_run(run_dir, fmnist_subset, capsys):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
+def test_resume_before_the_first_checkpoint_starts_over(run_dir, fmnist_subset, tmp_path, capsys):
+    """A run killed before its first checkpoint left only config.json: --resume (or a plain re-run with the
+    same options) starts from the beginning and ends as the straight run did; other options are refused."""
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(run_dir / "config.json", early / "config.json")
+    assert train_tiny(early, fmnist_subset, "train.lr=5e-4") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert train_tiny(early, fmnist_subset, "--resume") == 0
+    straight, again = load_state(list_states(run_dir)[-1]), load_state(list_states(early)[-1])
+    torch.testing.assert_close(again["model"], straight["model"], rtol=0, atol=0)
+
+
 def test_sample_npz_and_png(run_dir, tmp_path):
     a, b, g = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "g.png"
     assert main(["sample", str(run_dir), "--n", "10", "--seed", "5", "--out", str(a)]) == 0

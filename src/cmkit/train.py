@@ -191,23 +191,27 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
 
 
 def prepare_run_dir(config: Config, out: Path, *, resume: bool) -> Path | None:
-    """Create the run directory; return the checkpoint to resume from (None for a fresh run).
+    """Create the run directory; return the checkpoint to resume from (None: start from the beginning).
 
-    A fresh run refuses a directory that already holds a run, so no earlier work is overwritten.
+    ``resume`` continues from the newest checkpoint, or starts from the beginning when there is none yet
+    (a run stopped before its first checkpoint lost nothing worth keeping). Without ``resume``, a directory
+    holding checkpoints is refused, and so is one started with another config, so no work is overwritten.
     """
     states = checkpoint.list_states(out)
-    if resume:
-        if not states:
-            raise CmkitError(f"--resume: no checkpoint in {out / 'checkpoints'}; train without --resume first")
+    stored = out / "config.json"
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    if states and resume:
         checkpoint.remove_partial_writes(out)  # a killed write's leftovers
         return states[-1]
-    if states or (out / "config.json").exists():
-        raise CmkitError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if states or (stored.exists() and stored.read_text() != text):
+        raise CmkitError(f"{out} already holds a run; pass --resume (with the same options) to continue it or "
+                         "choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        stored.write_text(text)
     except OSError as e:
         raise CmkitError(f"--out {out}: the run directory could not be created ({e.strerror or e})") from None
+    checkpoint.remove_partial_writes(out)
     return None
 
 
