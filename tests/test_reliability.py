@@ -271,7 +271,7 @@ def test_enough_disk_is_not_warned_about(tmp_path, recwarn):
 def test_a_full_disk_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
     save_state({"step": 1, "w": torch.ones(3)}, tmp_path, images_seen=100, keep=3)
     _full_disk(monkeypatch)
-    with pytest.raises(CmkitError, match=r"state-0000000200\.pt: the checkpoint could not be written \(No space"):
+    with pytest.raises(CmkitError, match=r"state-0000000200\.pt: cannot be written \(No space"):
         save_state({"step": 2, "w": torch.ones(3)}, tmp_path, images_seen=200, keep=3)
     assert os.listdir(tmp_path / "checkpoints") == ["state-0000000100.pt"]  # no temporary file left
     assert load_state(tmp_path / "checkpoints" / "state-0000000100.pt")["step"] == 1

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from cmkit.config import Config
 from cmkit.errors import CmkitError
-from cmkit.images import atomic_path
+from cmkit.images import atomic_write
 from cmkit.nets import UNet
 from cmkit.precond import ConsistencyFunction, EDMDenoiser, Preconditioned
 
@@ -55,15 +55,9 @@ def save_export(model: nn.Module, config: Config, path: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(config.to_dict()),
                 "tuned_sigmas": json.dumps(getattr(model, "tuned_sigmas", {}))}
-    tmp = atomic_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        reason = getattr(e, "strerror", None) or e
-        raise CmkitError(f"{path}: the model could not be written ({reason}); any earlier export is intact") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    blob = save(tensors, metadata=metadata)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(blob)
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -126,24 +120,16 @@ def save_state(state: dict[str, Any], run_dir: Path, *, images_seen: int, keep: 
     """Write a training state atomically as ``checkpoints/state-<images_seen>.pt``; keep the newest ``keep``.
 
     Warns first when the disk has less than twice the state's size free. A failed write (a full disk) leaves
-    no partial file and the earlier checkpoints untouched, and raises CmkitError.
+    no partial file and the earlier checkpoints untouched, and raises CmkitError (:func:`atomic_write`).
     """
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"state-{images_seen:010d}.pt"
     warn_if_low_disk(folder, _nbytes(state))
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CmkitError(f"{path}: the checkpoint could not be written ({e.strerror or e}); the earlier "
-                         "checkpoints are intact") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     for old in list_states(run_dir)[:-keep]:
         old.unlink()
     return path
