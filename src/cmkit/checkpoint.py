@@ -23,7 +23,7 @@ from torch import nn
 
 from cmkit.config import Config
 from cmkit.errors import CmkitError
-from cmkit.images import atomic_write
+from cmkit.files import atomic_write
 from cmkit.nets import UNet
 from cmkit.precond import ConsistencyFunction, EDMDenoiser, Preconditioned
 

@@ -267,7 +267,7 @@ def _print_report(report: dict) -> None:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    from cmkit.images import atomic_write
+    from cmkit.files import atomic_write
 
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")

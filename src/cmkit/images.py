@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +10,7 @@ import torch
 from PIL import Image
 
 from cmkit.data import to_uint8
-from cmkit.errors import CmkitError
+from cmkit.files import atomic_write
 
 
 def to_numpy_images(x: torch.Tensor) -> np.ndarray:
@@ -32,30 +28,6 @@ def grid(images: np.ndarray, *, nrow: int | None = None, pad: int = 2) -> np.nda
         r, q = divmod(i, cols)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
     return out
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path`` (same folder and suffix) to write before renaming over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success it is renamed over ``path``, on any failure
-    removed. An OSError (a full disk, a folder that cannot be written) becomes a CmkitError naming ``path``."""
-    try:
-        tmp = atomic_path(path)
-    except OSError as e:
-        raise CmkitError(f"{path}: cannot be written ({e.strerror or e})") from None
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CmkitError(f"{path}: cannot be written ({e.strerror or e}); nothing was written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_images(images: np.ndarray, path: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import pickle
 import struct
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from cmkit.errors import CmkitError
+from cmkit.files import atomic_write
 
 __all__ = [
     "CIFAR_CLASSES",
@@ -329,15 +329,11 @@ def _batch_field(batch: dict[Any, Any], key: str) -> Any:
 def _download(url: str, dest: Path, *, md5: str) -> None:
     """Fetch ``url`` to ``dest`` via a temp file in the same folder, renamed only when the MD5 matches."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+    with atomic_write(dest) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             digest = _copy_hashing(response, out)
         if digest != md5:
             raise CmkitError(f"downloaded {url} has MD5 {digest}, expected {md5}")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _copy_hashing(src: Any, dst: Any, *, chunk: int = 1 << 20) -> str:

@@ -26,7 +26,7 @@ from cmkit import data, readers
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, fid
-from cmkit.images import atomic_write
+from cmkit.files import atomic_write
 from cmkit.sampling import default_sigmas, generate
 
 FEATURES_FORMAT = "cmkit-features-1"

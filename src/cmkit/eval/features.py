@@ -25,12 +25,13 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm import tqdm
 
 from cmkit.data import batch_indices, load_dataset, to_model_range
 from cmkit.errors import CmkitError
+from cmkit.files import atomic_write
 
 __all__ = [
     "EXTRACTORS",
@@ -366,15 +367,12 @@ def _accuracy(net: FmnistNet, images: torch.Tensor, labels: torch.Tensor, chunk:
 
 
 def _save_atomic(net: nn.Module, out: Path, metadata: dict[str, str]) -> None:
-    """Write ``net``'s weights and ``metadata`` to ``out`` via a temporary file and os.replace."""
+    """Write ``net``'s weights and ``metadata`` to ``out`` as safetensors, atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    blob = save(tensors, metadata=metadata)
+    with atomic_write(out) as tmp:
+        tmp.write_bytes(blob)
 
 
 def load_fmnist_classifier(path: str | Path) -> tuple[FmnistNet, dict[str, str]]:
