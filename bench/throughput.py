@@ -5,7 +5,8 @@ In one process, variants interleaved so machine drift hits all alike; medians ov
   with its Heun teacher step, ECT);
 - sampling images/s for 1 step, 2 steps and EDM Heun with 18 steps (35 evaluations), the 1-step / Heun
   ratio, and the 1-step sampler's overhead over a bare forward pass of the network;
-- fp32 eager against bf16 autocast and torch.compile, as ratios.
+- fp32 eager against bf16 autocast, fp16 autocast with a gradient scaler, channels_last and torch.compile, as
+  ratios.
 
 Writes bench/results/throughput.json and the table in docs/benchmarks.md.
 Usage: python bench/throughput.py [--preset fmnist-ict] [--batch 64] [--repeats 7]
@@ -43,15 +44,15 @@ def method_config(base: Config, method: str, *, precision: str = "fp32") -> Conf
     return replace(base, method=other.method, train=train)
 
 
-def train_step_timer(config: Config, *, compile_model: bool = False) -> Callable[[], float]:
+def train_step_timer(config: Config, *, compile_model: bool = False,
+                     channels_last: bool = False) -> Callable[[], float]:
     """A function timing one optimiser step of a fresh run of ``config`` on random data (CD and ECT with a
     randomly initialised EDM teacher of the same net)."""
     teacher = None
     if config.method.name in TEACHER_METHODS:
         teacher = build_model(method_config(config, "edm")).eval().requires_grad_(False)
+    config = replace(config, train=replace(config.train, compile=compile_model, channels_last=channels_last))
     run = Run(config, ROOT / "runs", torch.device("cpu"), teacher=teacher)
-    if compile_model:
-        run.model.net = torch.compile(run.model.net)
     d = config.data
     x0 = torch.rand(config.train.batch, d.channels, d.resolution, d.resolution) * 2 - 1
 
@@ -119,6 +120,8 @@ def measure(base: Config, batch: int, repeats: int) -> dict:
     print("precision and compile ...", flush=True)
     prec_timers = {"ict fp32": train_step_timer(method_config(base, "ict")),
                    "ict bf16": train_step_timer(method_config(base, "ict", precision="bf16")),
+                   "ict fp16": train_step_timer(method_config(base, "ict", precision="fp16")),
+                   "ict channels_last": train_step_timer(method_config(base, "ict"), channels_last=True),
                    "1 step fp32": sample_timer(cm, 1, batch), "1 step bf16": sample_timer(cm, 1, batch,
                                                                                            precision="bf16")}
     ok, why = compile_works()
@@ -133,6 +136,8 @@ def measure(base: Config, batch: int, repeats: int) -> dict:
         "one_step_overhead_over_forward": samp["1 step"] / samp["forward"],
         "bf16_train_speedup": prec["ict fp32"] / prec["ict bf16"],
         "bf16_sample_speedup": prec["1 step fp32"] / prec["1 step bf16"],
+        "fp16_train_speedup": prec["ict fp32"] / prec["ict fp16"],
+        "channels_last_train_speedup": prec["ict fp32"] / prec["ict channels_last"],
         "compile_train_speedup": prec["ict fp32"] / prec["ict compiled"] if ok else None,
         "compile_unavailable": why or None,
     }
@@ -160,7 +165,9 @@ def table(result: dict) -> str:
     rows += ["", f"- 1-step sampling is {r['one_step_speedup_over_heun35']:.1f}x faster than Heun-35 (limit 35x); "
              f"its overhead over a bare forward pass is {r['one_step_overhead_over_forward']:.2f}x (limit 1.0x).",
              f"- bf16 autocast: training {r['bf16_train_speedup']:.2f}x, 1-step sampling "
-             f"{r['bf16_sample_speedup']:.2f}x faster than fp32; torch.compile (iCT step): {compile_text}."]
+             f"{r['bf16_sample_speedup']:.2f}x faster than fp32; torch.compile (iCT step): {compile_text}.",
+             f"- fp16 autocast with a gradient scaler (iCT step): {r['fp16_train_speedup']:.2f}x; channels_last: "
+             f"{r['channels_last_train_speedup']:.2f}x (ratios to fp32 eager; above 1 is faster)."]
     return "\n".join(rows)
 
 

@@ -21,7 +21,7 @@ from cmkit.errors import CmkitError
 
 def build_config(args: argparse.Namespace) -> Config:
     """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
-    network), then --kimg/--ckpt-kimg/--seed/--keep, then --set."""
+    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum, then --set."""
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -31,7 +31,8 @@ def build_config(args: argparse.Namespace) -> Config:
         config = replace(config, data=replace(config.data, source=args.data, resolution=res, channels=ch))
     if args.teacher is not None:
         config = with_teacher(config, args.teacher)
-    train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed, "keep_ckpts": args.keep}
+    train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed, "keep_ckpts": args.keep,
+             "precision": args.precision, "accum": args.accum}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
     return apply_overrides(config, [kv for group in args.set for kv in group])
@@ -42,15 +43,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    from cmkit import dist
     from cmkit.train import TrainingStopped, train
 
     out = Path(args.out)
     try:
         export = train(config, out, resume=args.resume)
     except TrainingStopped as e:
-        print(f"cmkit: {e}\ncmkit: to continue, run the same command with --resume "
-              f"(cmkit train --preset {args.preset} --out {out} ... --resume)", file=sys.stderr)
+        if dist.is_main():
+            print(f"cmkit: {e}\ncmkit: to continue, run the same command with --resume "
+                  f"(cmkit train --preset {args.preset} --out {out} ... --resume)", file=sys.stderr)
         return 128 + e.signum
+    if not dist.is_main():
+        return 0
     grids = sorted((out / "samples").glob("*.png"))
     print(f"model: {export}")
     if grids:
@@ -75,6 +80,7 @@ def check_output(path: Path, suffixes: tuple[str, ...], *, flag: str = "--out") 
 def cmd_sample(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cmkit import dist
     from cmkit.checkpoint import load_export
     from cmkit.images import save_images, to_numpy_images
     from cmkit.sampling import check_sigmas, default_sigmas, generate
@@ -83,7 +89,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_output(out, (".png", ".npz"))
     if args.n < 1 or args.batch < 1:
         raise CmkitError(f"--n and --batch: expected positive counts, got {args.n} and {args.batch}")
-    model, config = load_export(args.model, device=_device())
+    model, config = load_export(args.model, device=dist.init())
     if args.sampler is not None and (args.sampler == "consistency") != config.is_consistency:
         expected = "consistency" if config.is_consistency else "heun or euler"
         raise CmkitError(f"--sampler {args.sampler}: this {'consistency' if config.is_consistency else 'diffusion'}"
@@ -94,11 +100,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     if args.label is not None and not 0 <= args.label < max(model.num_classes, 1):
         raise CmkitError(f"--label {args.label}: expected a class in [0, {model.num_classes}) for this model")
-    seeds = list(range(args.seed, args.seed + args.n))
+    seeds = dist.shard(range(args.seed, args.seed + args.n))  # under torchrun each rank samples its block
     batches = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=args.batch, label=args.label)
-    total = -(-args.n // args.batch)
-    save_images(np.concatenate([to_numpy_images(b) for b in tqdm(batches, total=total, unit="batch")]), out)
-    print(f"wrote {args.n} samples to {out}")
+    empty = np.zeros((0, model.resolution, model.resolution, model.channels), np.uint8)
+    bar = tqdm(batches, total=-(-len(seeds) // args.batch), unit="batch", disable=not dist.is_main())
+    images = dist.gather_in_order(np.concatenate([empty, *(to_numpy_images(b) for b in bar)]))
+    if dist.is_main():
+        save_images(images, out)
+        print(f"wrote {args.n} samples to {out}")
     return 0
 
 
@@ -294,6 +303,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-kimg", type=float, help="checkpoint interval in thousands of images")
     p.add_argument("--keep", type=int, metavar="K", help="keep the newest K training checkpoints (default 3)")
     p.add_argument("--seed", type=int, help="run seed (default: the preset's, 0)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (train.precision)")
+    p.add_argument("--accum", type=int, metavar="K", help="gradient accumulation steps per optimiser step")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. train.lr=2e-4 net.dropout=0.1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -384,3 +395,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmkit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "cmkit.dist" in sys.modules:  # leave a torchrun process group (not imported by commands without one)
+            sys.modules["cmkit.dist"].shutdown()

@@ -25,7 +25,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.distance": ("l2", "pseudo-huber"),
     "method.weighting": ("uniform", "inverse-gap"),
     "train.optimizer": ("adam", "radam"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("fp32", "bf16", "fp16"),
 }
 
 
@@ -97,8 +97,14 @@ class MethodConfig:
 class TrainConfig:
     """The optimisation loop. Lengths and intervals count training images, in thousands (kimg).
 
-    ``precision = "bf16"`` runs the network's forward passes under bfloat16 autocast; the
-    preconditioning coefficients, the network's output scaling and the loss stay in float32.
+    ``batch`` is the global batch: images per optimiser step over all processes, so a config means the same
+    run at any world size. Each of W processes computes ``accum`` micro-batches of ``batch / (W * accum)``
+    images and accumulates their gradients (``batch`` must be divisible by ``W * accum``).
+
+    ``precision = "bf16"`` (or ``"fp16"``, with a dynamic gradient scaler) runs the network's forward passes
+    under autocast; the noise embedding, the preconditioning coefficients, the network's output scaling and
+    the loss stay in float32. ``compile`` compiles the backbone with ``torch.compile``; ``channels_last``
+    trains in the NHWC memory format (often faster on GPUs). Neither changes what is saved.
     A step whose loss or gradients are not finite is skipped; ``max_nonfinite`` of them in a row stop the run.
     """
 
@@ -118,6 +124,9 @@ class TrainConfig:
     keep_ckpts: int = 3
     precision: str = "fp32"
     max_nonfinite: int = 10
+    accum: int = 1
+    compile: bool = False
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ def validate(config: Config) -> None:
         "train.kimg": t.kimg, "train.batch": t.batch, "train.lr": t.lr, "data.resolution": d.resolution,
         "net.model_channels": config.net.model_channels, "method.sigma_data": m.sigma_data,
         "method.sigma_min": m.sigma_min, "method.s0": m.s0, "train.keep_ckpts": t.keep_ckpts,
-        "train.max_nonfinite": t.max_nonfinite,
+        "train.max_nonfinite": t.max_nonfinite, "train.accum": t.accum,
         "train.ckpt_kimg": t.ckpt_kimg, "train.snap_kimg": t.snap_kimg, "train.log_kimg": t.log_kimg,
         "method.p_std": m.p_std, "method.ect_stage_kimg": m.ect_stage_kimg,
     }
@@ -258,6 +267,7 @@ def validate(config: Config) -> None:
         (t.grad_clip >= 0 and t.warmup_kimg >= 0, "train.grad_clip and train.warmup_kimg: expected >= 0"),
         (t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_halflife_kimg/ema_rampup: expected >= 0"),
         (all(0 <= b < 1 for b in t.betas), f"train.betas: expected values in [0, 1), got {t.betas}"),
+        (t.batch % t.accum == 0, f"train.batch={t.batch}: expected a multiple of train.accum={t.accum}"),
     ]
     for ok, message in checks:
         if not ok:

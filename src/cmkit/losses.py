@@ -4,7 +4,9 @@ Every loss is called as ``loss(model, x0, labels, step=k, total_steps=K, target=
 float32 tensor [N]. Reduction, backward and the update of any target network belong to the training loop;
 ``target_decay(k, K)`` tells the loop the target EMA rate (None: the loss needs no target network) and
 ``stats(k, K)`` the schedule values worth logging.
-Randomness comes from torch's global generators, which the loop seeds per step.
+Per-sample randomness comes from ``noise`` (a :class:`cmkit.dist.BatchNoise` keyed by the global batch, so
+samples get the same numbers at any world size; torch's global generators by default); dropout masks come
+from torch's global generators, which the loop seeds per micro-batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from cmkit import schedules
 from cmkit.config import MethodConfig
+from cmkit.dist import GlobalNoise, Noise
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
 from cmkit.sampling import ode_step
@@ -41,10 +44,11 @@ class EDMLoss:
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
 
     def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
-                 target: nn.Module | None = None) -> Tensor:
-        sigma = (torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp()
+                 target: nn.Module | None = None, noise: Noise | None = None) -> Tensor:
+        noise, n = noise or GlobalNoise(), x0.shape[0]
+        sigma = (noise.randn(n, device=x0.device) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        denoised = model(x0 + sigma.view(-1, 1, 1, 1) * torch.randn_like(x0), sigma, labels)
+        denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise.randn(*x0.shape, device=x0.device), sigma, labels)
         return weight * (denoised - x0).pow(2).flatten(1).mean(1)
 
     def target_decay(self, step: int, total_steps: int) -> float | None:
@@ -94,15 +98,17 @@ class ConsistencyLoss:
         return {"num_scales": self.num_scales(step, total_steps),
                 "target_decay": self.target_decay(step, total_steps) or 0.0}
 
-    def sample_pairs(self, n: int, num_scales: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def sample_pairs(self, n: int, num_scales: int, device: torch.device,
+                     noise: Noise | None = None) -> tuple[Tensor, Tensor]:
         """Draw n adjacent pairs (sigma_i, sigma_{i+1}) of the N-point grid, float32 [n] each."""
+        noise = noise or GlobalNoise()
         sigmas = schedules.karras_sigmas(num_scales, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                                          rho=self.rho)
         if self.index_sampling == "uniform":
-            idx = torch.randint(0, num_scales - 1, (n,))
+            idx = noise.randint(num_scales - 1, n)
         else:
             probs = schedules.lognormal_index_probs(sigmas, p_mean=self.p_mean, p_std=self.p_std)
-            idx = torch.multinomial(probs, n, replacement=True)
+            idx = noise.multinomial(probs, n)
         sigmas = sigmas.float().to(device)
         return sigmas[idx.to(device)], sigmas[idx.to(device) + 1]
 
@@ -115,9 +121,10 @@ class ConsistencyLoss:
             return ode_step(self.teacher, x_next, sigma_hi, sigma_lo, labels, heun=self.heun)
 
     def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
-                 target: nn.Module | None = None) -> Tensor:
-        sigma_lo, sigma_hi = self.sample_pairs(x0.shape[0], self.num_scales(step, total_steps), x0.device)
-        z = torch.randn_like(x0)
+                 target: nn.Module | None = None, noise: Noise | None = None) -> Tensor:
+        noise = noise or GlobalNoise()
+        sigma_lo, sigma_hi = self.sample_pairs(x0.shape[0], self.num_scales(step, total_steps), x0.device, noise)
+        z = noise.randn(*x0.shape, device=x0.device)
         x_next = x0 + sigma_hi.view(-1, 1, 1, 1) * z
         x_hat = self.target_point(x0, x_next, z, sigma_lo, sigma_hi, labels)
         with replayed_randomness(x0.device):
@@ -152,12 +159,13 @@ class EasyConsistencyTuningLoss:
         return {"stage": self.stage(step)}
 
     def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
-                 target: nn.Module | None = None) -> Tensor:
-        t = (torch.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp()
+                 target: nn.Module | None = None, noise: Noise | None = None) -> Tensor:
+        noise = noise or GlobalNoise()
+        t = (noise.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp()
         t = t.clamp(self.sigma_min, self.sigma_max)
         r = schedules.ect_r(t, stage=self.stage(step), q=self.q)
         weight = gap_weight(self.weighting, r, t)
-        z = torch.randn_like(x0)
+        z = noise.randn(*x0.shape, device=x0.device)
         with replayed_randomness(x0.device):
             student = model(x0 + t.view(-1, 1, 1, 1) * z, t, labels)
         clean = (r <= self.sigma_min).view(-1, 1, 1, 1)

@@ -2,6 +2,9 @@
 
 Every step's randomness comes from generators seeded with (seed, step), and the data order is a pure
 function of the images seen, so a run resumed from a checkpoint ends bit-identical to a straight one.
+The same loop runs in 1 or N processes (``torchrun``): ``train.batch`` is the global batch, each process
+takes its rows and splits them into ``train.accum`` micro-batches, DDP averages the gradients, and rank 0
+alone writes files; :mod:`cmkit.dist` explains how samples keep their noise at any world size.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cmkit import checkpoint, data, schedules
+from cmkit import checkpoint, data, dist, schedules
 from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.images import save_images, to_numpy_images
@@ -83,73 +87,124 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class Run:
-    """The state of one training run and the files of its directory."""
+    """The state of one training run and the files of its directory (this process's part of it)."""
 
     def __init__(self, config: Config, out: Path, device: torch.device, *, teacher: nn.Module | None = None) -> None:
         self.config, self.out, self.device = config, out, device
+        t = config.train
+        self.micro = dist.check_batch(t.batch, t.accum)  # rows per micro-batch in this process
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the run seed alone
-            torch.manual_seed(config.train.seed)
+            torch.manual_seed(t.seed)
             self.model = checkpoint.build_model(config).to(device).train()
         init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2,
-                              batch=config.train.batch, teacher=teacher)
+                              batch=t.batch, teacher=teacher)
         self.target = None
         if self.loss.target_decay(0, 1) is not None:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
+        dist.check_same_weights(self.model)
+        if t.channels_last:  # the training replica only: the EMA and target stay contiguous (safetensors)
+            self.model.to(memory_format=torch.channels_last)
+        if t.compile:  # in place: the state_dict keys stay those of the plain module
+            self.model.net.compile()
+        self.ddp = self.model  # what the loss calls: the model, or its DDP wrapper in N processes
+        if dist.world_size() > 1:
+            # 1x1-conv gradients [C, C, 1, 1] arrive with other (equivalent) strides for their size-1 dims
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False,
+                                                           gradient_as_bucket_view=True)
         self.optimizer = make_optimizer(config, self.model)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         self.step = 0
         self.nonfinite = 0  # non-finite steps in a row
 
     def batch(self, dataset: data.ImageData) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The current step's training batch: x0 float32 [B, C, H, W] in [-1, 1] and labels or None."""
-        t = self.config.train
+        """This process's rows of the current step's global batch: x0 float32 [B / world, C, H, W] in [-1, 1]
+        and labels or None. Flips are drawn for the global batch, so a sample's flip is the same at any world
+        size."""
+        t, share = self.config.train, self.config.train.batch // dist.world_size()
+        first = dist.rank() * share
         idx = data.batch_indices(len(dataset.images), t.batch, seed=t.seed, start=self.step * t.batch)
-        x0 = data.to_model_range(dataset.images[idx]).to(self.device)
+        idx = idx[first:first + share]
+        x0 = data.to_model_range(dataset.images[idx])
         if self.config.data.xflip:
-            x0 = data.random_flip(x0)
+            flip = dist.BatchNoise(dist.derive_seed(t.seed, "flip", self.step), start=first, total=t.batch)
+            x0 = torch.where((flip.rand(share) < 0.5).view(-1, 1, 1, 1), x0.flip(-1), x0)
         labels = dataset.labels[idx].to(self.device) if self.config.net.num_classes else None
-        return x0, labels
+        return x0.to(self.device), labels
 
     def optimizer_step(self, x0: torch.Tensor, labels: torch.Tensor | None, *, total_steps: int) -> float | None:
-        """One training step at ``self.step`` of ``total_steps``: loss, backward, clipping, learning rate,
-        optimiser step, then the sampling EMA and any CT target network. Returns the mean loss, or None when
-        the loss or the gradients were not finite: then nothing is updated and ``self.nonfinite`` counts the
-        skipped steps in a row. The step counter advances either way (the next step sees the next batch)."""
+        """One training step at ``self.step`` of ``total_steps`` on this process's rows ``x0`` [B / world, ...]
+        (from :meth:`batch`): loss and backward per micro-batch, gradients averaged over processes, clipping,
+        learning rate, optimiser step, then the sampling EMA and any CT target network. Returns the mean loss
+        over the global batch, or None when the loss or the gradients were not finite on any process: then
+        nothing is updated and ``self.nonfinite`` counts the skipped steps in a row (an fp16 overflow while
+        the gradient scale is still >= 1 is left to the scaler and not counted). The step counter advances
+        either way (the next step sees the next batch)."""
         t, images_seen = self.config.train, self.step * self.config.train.batch
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            loss = self.loss(self.model, x0, labels, step=self.step, total_steps=total_steps, target=self.target)
-        loss = loss.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
-        if finite:
-            loss.backward()
+        loss = self._forward_backward(x0, labels, total_steps)
+        finite = bool(torch.isfinite(loss))  # the global mean: the same verdict on every process
+        overflow = False
+        if finite:  # the gradients, averaged over processes, are the same everywhere, and so is the verdict
+            self.scaler.unscale_(self.optimizer)
             norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
             finite = bool(torch.isfinite(norm))
-        if finite:
-            self._update(images_seen, total_steps)
-        self.nonfinite = 0 if finite else self.nonfinite + 1
+            overflow = not finite and self.scaler.is_enabled() and self.scaler.get_scale() >= 1
+            if finite:
+                self._update(images_seen, total_steps)
+            else:
+                self.scaler.update()  # fp16: halve the gradient scale
+        self.nonfinite = 0 if finite or overflow else self.nonfinite + 1
         self.step += 1
         return loss.item() if finite else None
+
+    def _forward_backward(self, x0: torch.Tensor, labels: torch.Tensor | None, total_steps: int) -> torch.Tensor:
+        """Accumulate the gradients of this process's micro-batches (DDP averages them over processes on the
+        last one); return the loss averaged over the global batch (non-finite if it is on any process)."""
+        t, dtype = self.config.train, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
+        first = dist.rank() * (t.batch // dist.world_size())
+        total = torch.zeros((), device=self.device)
+        if t.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for j in range(t.accum):
+            rows = slice(j * self.micro, (j + 1) * self.micro)
+            start = first + j * self.micro  # the micro-batch's first row in the global batch
+            torch.manual_seed(dist.derive_seed(t.seed, "dropout", self.step, start, self.micro))
+            noise = dist.BatchNoise(step_seed(t.seed, self.step), start=start, total=t.batch)
+            sync = j == t.accum - 1 or self.ddp is self.model
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss = self.loss(self.ddp, x0[rows], None if labels is None else labels[rows], step=self.step,
+                                     total_steps=total_steps, target=self.target, noise=noise).mean()
+                self.scaler.scale(loss / t.accum).backward()
+            total += loss.detach().float()
+        return dist.all_reduce_mean(total / t.accum)
 
     def _update(self, images_seen: int, total_steps: int) -> None:
         """Apply the gradients at the scheduled learning rate; update the sampling EMA and any target."""
         t = self.config.train
         for group in self.optimizer.param_groups:
             group["lr"] = schedules.learning_rate(images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         beta = schedules.ema_beta(images_seen, t.batch, halflife_kimg=t.ema_halflife_kimg, rampup=t.ema_rampup)
         ema_update(self.ema, self.model, beta)
         if self.target is not None:
             ema_update(self.target, self.model, self.loss.target_decay(self.step, total_steps))
 
     def state(self) -> dict[str, Any]:
+        """The resumable training state: plain values and the unwrapped modules' state_dicts."""
         return {"config": self.config.to_dict(), "step": self.step, "nonfinite": self.nonfinite,
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "target": None if self.target is None else self.target.state_dict()}
+                "target": None if self.target is None else self.target.state_dict(),
+                "scaler": self.scaler.state_dict()}
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
+        """Load ``state`` (every process loads the same one)."""
         stored = Config.from_dict(state["config"], where=str(path))
         if stored != self.config:
             diff = _config_diff(stored.to_dict(), self.config.to_dict())
@@ -160,23 +215,39 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.target is not None:
             self.target.load_state_dict(state["target"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite = state["step"], state.get("nonfinite", 0)
 
     def save(self) -> None:
+        """Check that every process holds the same weights, then write the state and export on rank 0 (a
+        failed write raises CmkitError on every rank)."""
         t = self.config.train
-        checkpoint.save_state(self.state(), self.out, images_seen=self.step * t.batch, keep=t.keep_ckpts)
-        checkpoint.save_export(self.ema, self.config, self.out / checkpoint.EXPORT_NAME)
+        dist.check_same_weights(self.model, self.ema, *([self.target] if self.target is not None else []))
+
+        def write() -> None:
+            checkpoint.save_state(self.state(), self.out, images_seen=self.step * t.batch, keep=t.keep_ckpts)
+            checkpoint.save_export(self.ema, self.config, self.out / checkpoint.EXPORT_NAME)
+
+        dist.on_main(write)
 
     def snapshot(self) -> Path:
-        """Write an 8x8 grid of the EMA model's samples (1 step, or Heun 18 steps for EDM)."""
+        """Write an 8x8 grid of the EMA model's samples (1 step, or Heun 18 steps for EDM); the seeds are
+        shared out over the processes and rank 0 writes the grid."""
         steps = 1 if self.config.is_consistency else 18
         sampler = "consistency" if self.config.is_consistency else "heun"
-        batches = generate(self.ema, list(SNAPSHOT_SEEDS), sigmas=default_sigmas(self.ema, steps),
-                           sampler=sampler, batch_size=64)
-        images = np.concatenate([to_numpy_images(b) for b in batches])
+        seeds = dist.shard(list(SNAPSHOT_SEEDS))
+        batches = generate(self.ema, seeds, sigmas=default_sigmas(self.ema, steps), sampler=sampler, batch_size=64)
+        shape = (0, self.config.data.resolution, self.config.data.resolution, self.config.data.channels)
+        images = dist.gather_in_order(np.concatenate([np.zeros(shape, np.uint8),
+                                                      *(to_numpy_images(b) for b in batches)]))
         path = self.out / "samples" / f"samples-{self.step * self.config.train.batch:010d}.png"
-        path.parent.mkdir(exist_ok=True)
-        save_images(images, path)
+
+        def write() -> None:
+            path.parent.mkdir(exist_ok=True)
+            save_images(images, path)
+
+        dist.on_main(write)
         return path
 
 
@@ -196,23 +267,28 @@ def prepare_run_dir(config: Config, out: Path, *, resume: bool) -> Path | None:
     ``resume`` continues from the newest checkpoint, or starts from the beginning when there is none yet
     (a run stopped before its first checkpoint lost nothing worth keeping). Without ``resume``, a directory
     holding checkpoints is refused, and so is one started with another config, so no work is overwritten.
+    Every process checks before rank 0 writes anything, so all raise the same error or none does.
     """
     states = checkpoint.list_states(out)
     stored = out / "config.json"
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    if states and resume:
-        checkpoint.remove_partial_writes(out)  # a killed write's leftovers
-        return states[-1]
-    if states or (stored.exists() and stored.read_text() != text):
+    resume_from = states[-1] if states and resume else None
+    if resume_from is None and (states or (stored.exists() and stored.read_text() != text)):
         raise CmkitError(f"{out} already holds a run; pass --resume (with the same options) to continue it or "
                          "choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        stored.write_text(text)
-    except OSError as e:
-        raise CmkitError(f"--out {out}: the run directory could not be created ({e.strerror or e})") from None
-    checkpoint.remove_partial_writes(out)
-    return None
+    dist.barrier()
+
+    def prepare() -> None:
+        if resume_from is None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                stored.write_text(text)
+            except OSError as e:
+                raise CmkitError(f"--out {out}: the run directory could not be created ({e.strerror or e})") from None
+        checkpoint.remove_partial_writes(out)  # a killed write's leftovers
+
+    dist.on_main(prepare)
+    return resume_from
 
 
 class MetricsLog:
@@ -301,45 +377,51 @@ def log_record(run: Run, losses: list[float | None], busy: float, total_steps: i
 def train(config: Config, out: Path, *, resume: bool = False, device: str | None = None) -> Path:
     """Train the model ``config`` describes into run directory ``out``; returns the export's path.
 
-    SIGINT/SIGTERM finish the current step, write a checkpoint and raise :class:`TrainingStopped`; resume with
+    Under ``torchrun`` every process calls this; rank 0 alone writes files. SIGINT/SIGTERM finish the current
+    step on every process, write a checkpoint and raise :class:`TrainingStopped`; resume with
     ``resume=True``. Steps with a non-finite loss or gradients are skipped and logged (``skipped_steps``).
     """
-    # 1. Run directory, data, teacher and the run's modules (data and teacher load before anything is written).
+    # 1. Process group, checks, data, teacher and the run's modules (all before anything is written).
+    own_device = dist.init()
+    dist.check_batch(config.train.batch, config.train.accum)
     dataset = load_training_data(config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device else own_device
     teacher = load_teacher(config, device=device)
     resume_from = prepare_run_dir(config, out, resume=resume)
     run = Run(config, out, device, teacher=teacher)
     if resume_from is not None:
         run.restore(checkpoint.load_state(resume_from), resume_from)
-    t, every = config.train, Intervals.of(config)
-    log = MetricsLog(out, resume_step=run.step)
+    t, every, main = config.train, Intervals.of(config), dist.is_main()
+    log = MetricsLog(out, resume_step=run.step) if main else None
     losses: list[float | None] = []
     busy = 0.0  # seconds spent in training steps since the last log line
-    bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+               disable=not main)
     with bar, stop_requests() as stop:  # the bar ends its line before any message
         while run.step < every.total:
             tick = time.perf_counter()
-            # 2. This step's batch and randomness are functions of (seed, step) alone.
-            torch.manual_seed(step_seed(t.seed, run.step))
+            # 2. This process's rows of the step's batch; all randomness is a function of (seed, step, row).
             x0, labels = run.batch(dataset)
-            # 3. Loss, backward, optimiser step, EMA and target updates (skipped when not finite).
+            # 3. Loss, backward, optimiser step, EMA and target updates (skipped when not finite anywhere).
             losses.append(run.optimizer_step(x0, labels, total_steps=every.total))
             busy += time.perf_counter() - tick
             bar.update(1)
             check_nonfinite(run)
+            stopping = dist.any_rank(bool(stop))  # a stop request on any process stops all at this step
             # 4. Logs, sample grids and checkpoints at their intervals, and always at the end or on a stop request.
             last = run.step == every.total
-            if run.step % every.log == 0 or last:
+            if (run.step % every.log == 0 or last) and log is not None:
                 record = log_record(run, losses, busy, every.total)
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
                                 img_s=f"{record['images_per_s']:.0f}")
+            if run.step % every.log == 0 or last:
                 losses, busy = [], 0.0
             if run.step % every.snap == 0 or last:
                 run.snapshot()
-            if run.step % every.ckpt == 0 or last or stop:
+            if run.step % every.ckpt == 0 or last or stopping:
                 run.save()
-            if stop and not last:
-                raise TrainingStopped(stop[0], run.step * t.batch, checkpoint.list_states(out)[-1])
+            if stopping and not last:
+                signum = stop[0] if stop else signal.SIGTERM  # the request came from another process
+                raise TrainingStopped(signum, run.step * t.batch, checkpoint.list_states(out)[-1])
     return out / checkpoint.EXPORT_NAME

@@ -1,0 +1,273 @@
+"""Distributed training (cmkit.dist): 2 gloo processes on the CPU against 1 process with the same global batch.
+
+One ``torch.multiprocessing`` launch runs every in-library scenario (train each method, dropout, sharded
+sampling, bad input, weight check, stop flag); two ``torchrun`` launches run the real CLI path (train,
+resume, bad batch). Processes use one thread each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from cmkit import dist
+from cmkit.checkpoint import build_model, list_states, load_state
+from cmkit.cli import main
+from cmkit.config import TEACHER_METHODS, Config, DataConfig, MethodConfig, NetConfig, TrainConfig
+from cmkit.data import ImageData
+from cmkit.errors import CmkitError
+from cmkit.sampling import generate
+from cmkit.train import Run
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+METHODS = {
+    "edm": MethodConfig(name="edm", p_mean=-1.2, p_std=1.2),
+    "ct": MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=10, mu0=0.9, index_sampling="uniform",
+                       distance="l2", weighting="uniform"),
+    "ict": MethodConfig(name="ict", s0=2, s1=8),
+    "cd": MethodConfig(name="cd", curriculum="constant", s1=17, distance="l2", weighting="uniform"),
+    "ect": MethodConfig(name="ect", ect_stage_kimg=0.064),
+}
+STEPS = 3
+IMAGES = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+DATA = ImageData(images=IMAGES, labels=torch.arange(40) % 3, num_classes=3, name="fake")
+
+
+def config_of(method: str, *, batch: int = 16, accum: int = 1, dropout: float = 0.0, **train) -> Config:
+    """A ~20k-parameter class-conditional net with flips, so labels and flips are sharded too."""
+    return Config(
+        preset="test",
+        net=NetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14,), dropout=dropout,
+                      num_classes=3),
+        data=DataConfig(source="fake", resolution=28, channels=1, xflip=True),
+        method=METHODS[method],
+        train=TrainConfig(kimg=0.256, batch=batch, lr=1e-3, ema_halflife_kimg=0.1, accum=accum, **train),
+    )
+
+
+def teacher_of(config: Config) -> torch.nn.Module | None:
+    if config.method.name not in TEACHER_METHODS:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        return build_model(replace(config, method=METHODS["edm"])).eval().requires_grad_(False)
+
+
+def train_steps(config: Config, steps: int = STEPS) -> tuple[Run, list[float | None]]:
+    """``steps`` optimiser steps on this process's rows of DATA (the whole batch in one process)."""
+    run = Run(config, None, torch.device("cpu"), teacher=teacher_of(config))
+    losses = []
+    for _ in range(steps):
+        x0, labels = run.batch(DATA)
+        losses.append(run.optimizer_step(x0, labels, total_steps=10))
+    return run, losses
+
+
+def sample_model() -> torch.nn.Module:
+    torch.manual_seed(7)
+    return build_model(config_of("ict")).eval()
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------ the 2-process scenarios
+
+def _expect_error(fn) -> str | None:
+    try:
+        fn()
+    except CmkitError as e:
+        return str(e)
+    return None
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init(timeout_s=60)
+    result: dict = {}
+    for name in METHODS:
+        run, losses = train_steps(config_of(name))
+        result[name] = (run.model.state_dict(), run.ema.state_dict(), losses)
+    result["dropout"] = train_steps(config_of("ict", dropout=0.3))[0].model.state_dict()
+    model = sample_model()
+    images = [b for b in generate(model, dist.shard(range(5, 12)), sigmas=[80.0], sampler="consistency",
+                                  batch_size=2)]
+    result["samples"] = dist.gather_in_order(torch.cat(images).numpy())
+    result["bad_batch"] = _expect_error(lambda: Run(config_of("ict", batch=31), None, torch.device("cpu")))
+    result["bad_accum"] = _expect_error(lambda: Run(config_of("ict", batch=34, accum=2), None, torch.device("cpu")))
+    with torch.no_grad():
+        model.net.enc_in.weight[0, 0, 0, 0] += rank * 1e-7  # rank 1 drifts by one value
+    result["weights"] = _expect_error(lambda: dist.check_same_weights(model))
+    result["stop"] = dist.any_rank(rank == 1)
+    result["on_main"] = _expect_error(lambda: dist.on_main(lambda: (_ for _ in ()).throw(CmkitError("disk full"))))
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> list[dict]:
+    """Every 2-process scenario, run once: the results of rank 0 and rank 1."""
+    out = tmp_path_factory.mktemp("two")
+    context = mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("the 2-process scenarios did not finish in 240 s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_two_processes_train_like_one(two, name):
+    """The same global batch of 16 (8 rows per process, flips and labels sharded), 3 steps."""
+    run, losses = train_steps(config_of(name))
+    for rank in range(2):
+        model, ema, theirs = two[rank][name]
+        assert max_diff(model, run.model.state_dict()) < 1e-6
+        assert max_diff(ema, run.ema.state_dict()) < 1e-6
+        np.testing.assert_allclose(theirs, losses, rtol=1e-6)  # the logged loss is the global mean
+    assert max_diff(two[0][name][0], two[1][name][0]) == 0  # the replicas are bit-identical
+
+
+def test_dropout_masks_follow_the_micro_batch(two):
+    """2 processes x 8 rows draw the same dropout masks as 1 process x 2 micro-batches of 8."""
+    run, _ = train_steps(config_of("ict", dropout=0.3, accum=2))
+    assert max_diff(two[0]["dropout"], run.model.state_dict()) < 1e-6
+
+
+def test_sharded_sampling_equals_unsharded(two):
+    model = sample_model()
+    expected = torch.cat(list(generate(model, range(5, 12), sigmas=[80.0], sampler="consistency", batch_size=3)))
+    for rank in range(2):
+        assert two[rank]["samples"].shape == (7, 1, 28, 28)
+        np.testing.assert_allclose(two[rank]["samples"], expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_bad_world_size_fails_the_same_on_every_rank(two):
+    assert two[0]["bad_batch"] == two[1]["bad_batch"] and "divisible by" in two[0]["bad_batch"]
+    assert "2 x 1 = 2" in two[0]["bad_batch"] and "2 x 2 = 4" in two[1]["bad_accum"]
+
+
+def test_diverged_weights_stop_every_rank(two):
+    for rank in range(2):
+        assert "different weights" in two[rank]["weights"] and "net.enc_in.weight" in two[rank]["weights"]
+
+
+def test_stop_request_and_rank0_errors_reach_every_rank(two):
+    assert two[0]["stop"] and two[1]["stop"]
+    assert two[0]["on_main"] == "disk full" and two[1]["on_main"] == "on rank 0: disk full"
+
+
+# ------------------------------------------------------------------------------- one process, no group
+
+@pytest.mark.parametrize("name", ["edm", "ict", "ect"])
+def test_accumulation_equals_one_big_batch(name):
+    one, losses = train_steps(config_of(name))
+    two_micro, again = train_steps(config_of(name, accum=2))
+    assert max_diff(one.model.state_dict(), two_micro.model.state_dict()) < 1e-6
+    np.testing.assert_allclose(again, losses, rtol=1e-6)
+
+
+def test_bf16_stays_finite_and_close_to_fp32():
+    """8 iCT steps: bf16 autocast (8 mantissa bits, relative rounding 2^-9 = 0.002 per op) moves the weights by
+    a small fraction of what training moved them (measured: about 1%; bound 10%)."""
+    start = Run(config_of("ict"), None, torch.device("cpu")).model.state_dict()
+    fp32, l32 = train_steps(config_of("ict"), steps=8)
+    bf16, l16 = train_steps(config_of("ict", precision="bf16"), steps=8)
+    assert all(v is not None and np.isfinite(v) for v in l16)
+    moved = max_diff(fp32.model.state_dict(), start)
+    assert max_diff(bf16.model.state_dict(), fp32.model.state_dict()) < 0.1 * moved
+    np.testing.assert_allclose(l16, l32, rtol=0.05)
+
+
+def test_fp16_trains_finite_with_a_gradient_scaler():
+    run, losses = train_steps(config_of("ict", batch=8, precision="fp16"), steps=2)
+    assert run.scaler.is_enabled() and all(v is not None and np.isfinite(v) for v in losses)
+    assert run.state()["scaler"]["scale"] > 0
+
+
+def test_compile_and_channels_last_save_plain_weights():
+    plain = Run(config_of("ict"), None, torch.device("cpu"))
+    fast = Run(config_of("ict", compile=True, channels_last=True), None, torch.device("cpu"))
+    assert list(fast.state()["model"]) == list(plain.state()["model"])  # no _orig_mod. or module. prefixes
+    assert all(t.is_contiguous() for t in fast.ema.state_dict().values())  # exportable as safetensors
+
+
+def test_channels_last_trains_like_contiguous():
+    plain, _ = train_steps(config_of("ict"))
+    nhwc, _ = train_steps(config_of("ict", channels_last=True))
+    assert max_diff(plain.model.state_dict(), nhwc.model.state_dict()) < 1e-5
+
+
+def test_accum_that_does_not_divide_the_batch_is_refused(tmp_path, capsys):
+    assert main(["train", "--preset", "fmnist-ict", "--out", str(tmp_path / "r"), "--accum", "3"]) == 2
+    assert "multiple of train.accum=3" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------- torchrun, the CLI path
+
+def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cmkit",
+               *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_args(out: Path, data: Path, *extra: str) -> list[str]:
+    from conftest import TINY
+
+    return ["train", "--preset", "fmnist-ict", "--out", str(out), "--data", str(data), "--kimg", "0.256",
+            "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra]
+
+
+def test_torchrun_trains_like_one_process_and_resumes(run_dir, fmnist_subset, tmp_path):
+    """``torchrun --nproc_per_node=2 -m cmkit train``: 8 steps of the global batch 32 end within 1e-6 of the
+    1-process run (``run_dir``); deleting the last checkpoint and resuming under 2 processes is bit-exact."""
+    out = tmp_path / "two"
+    done = torchrun(*tiny_args(out, fmnist_subset))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("model: ") == 1  # rank 0 alone reports (and writes)
+    one, two = load_state(list_states(run_dir)[-1]), load_state(list_states(out)[-1])
+    assert two["step"] == one["step"] == 8
+    for key in ("model", "ema"):
+        assert max_diff(two[key], one[key]) < 1e-6
+    half = tmp_path / "half"
+    shutil.copytree(out, half)
+    list_states(half)[-1].unlink()
+    (half / "model.safetensors").unlink()
+    done = torchrun(*tiny_args(half, fmnist_subset, "--resume"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = load_state(list_states(half)[-1])
+    for key in ("model", "ema", "optimizer"):
+        torch.testing.assert_close(resumed[key], two[key], rtol=0, atol=0)
+    assert len((half / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_torchrun_refuses_a_batch_the_processes_cannot_share(fmnist_subset, tmp_path):
+    out = tmp_path / "bad"
+    done = torchrun(*tiny_args(out, fmnist_subset, "train.batch=31"))
+    assert done.returncode != 0
+    assert done.stderr.count("cmkit: error: train.batch=31 is the global batch") == 2  # one line per rank
+    assert not out.exists()
