@@ -1,9 +1,10 @@
 """Before/after pictures of zero-shot editing (docs/editing.md), from the public API of cmkit.editing.
 
-Takes a trained Fashion-MNIST consistency model (a run directory or export) and real Fashion-MNIST test
-images, and writes one PNG per task into docs/img/editing/ (images enlarged 4x, nearest neighbour), plus a
-JSON of the invariants measured on the float outputs and the seconds each task took.
-Usage: python bench/editing_figures.py MODEL [--out docs/img/editing] [--n 8]
+Takes a trained consistency model (a run directory or export) and held-out images: Fashion-MNIST test images by
+default, or the images of a folder (``--images``, e.g. an RGB model's held-out images). Writes one PNG per task
+into ``--out`` (images enlarged 4x, nearest neighbour), plus a JSON of the invariants measured on the float
+outputs and the seconds each task took. Colorization runs on RGB models; a grayscale model records its refusal.
+Usage: python bench/editing_figures.py MODEL [--images FOLDER] [--out docs/img/editing] [--n 8]
 """
 
 from __future__ import annotations
@@ -25,10 +26,37 @@ from cmkit.images import grid, to_numpy_images
 from cmkit.sampling import SeededNoise
 
 ROOT = Path(__file__).resolve().parent.parent
-SCALE = 4  # enlarge the 28x28 images for the page
-FACTOR = 4  # super-resolution 7x7 -> 28x28
+SCALE = 4  # enlarge the images for the page
+FACTOR = 4  # super-resolution: 7x7 -> 28x28, 8x8 -> 32x32
 DENOISE_SIGMAS = (0.3, 1.0)
 STROKE_LEVELS = (editing.STROKE_SIGMAS, (1.5, 0.5))  # the paper's (LSUN 256x256) levels, and milder ones
+
+# Stroke paintings on a 28x28 canvas (scaled to the model's size): (background, [(fill, shape, points)]).
+# Grayscale: flat garments on black, as in Fashion-MNIST. RGB: flat emoji-like shapes on white.
+GARMENTS = (0, [
+    (170, "polygon", [(6, 4), (22, 4), (22, 25), (16, 25), (14, 10), (12, 25), (6, 25)]),  # trousers
+    (170, "polygon", [(9, 4), (19, 4), (26, 10), (22, 13), (20, 11), (20, 25), (8, 25), (8, 11), (6, 13),
+                      (2, 10)]),  # T-shirt
+    (170, "polygon", [(3, 11), (25, 11), (25, 25), (3, 25)]), (170, "handle", [(8, 3), (20, 19)]),  # bag
+    (170, "polygon", [(2, 16), (12, 14), (18, 17), (26, 18), (26, 23), (2, 23)]),  # sneaker
+    (170, "polygon", [(11, 3), (17, 3), (18, 10), (23, 25), (5, 25), (10, 10)]),  # dress
+    (170, "polygon", [(9, 4), (19, 4), (26, 22), (23, 23), (20, 12), (20, 25), (8, 25), (8, 12), (5, 23),
+                      (2, 22)]),  # pullover
+])
+EMOJI = ((255, 255, 255), [
+    ((250, 200, 40), "ellipse", [(3, 3), (25, 25)]), ((90, 60, 30), "ellipse", [(9, 9), (12, 14)]),
+    ((90, 60, 30), "ellipse", [(16, 9), (19, 14)]), ((90, 60, 30), "polygon", [(8, 17), (20, 17), (14, 22)]),  # face
+    ((220, 40, 50), "ellipse", [(4, 6), (15, 16)]), ((220, 40, 50), "ellipse", [(13, 6), (24, 16)]),
+    ((220, 40, 50), "polygon", [(5, 13), (23, 13), (14, 24)]),  # heart
+    ((60, 160, 60), "polygon", [(14, 2), (24, 20), (4, 20)]), ((120, 80, 40), "polygon", [(12, 20), (16, 20),
+                                                                                          (16, 26), (12, 26)]),  # tree
+    ((60, 130, 220), "ellipse", [(4, 4), (24, 24)]),  # blue ball
+    ((230, 50, 40), "ellipse", [(5, 8), (23, 26)]), ((60, 160, 60), "ellipse", [(13, 2), (20, 8)]),  # apple
+    ((250, 150, 30), "polygon", [(14, 2), (17, 11), (26, 11), (19, 17), (22, 26), (14, 20), (6, 26), (9, 17),
+                                 (2, 11), (11, 11)]),  # star
+])
+PAINTING_OF = {1: (GARMENTS, [[0], [1], [2, 3], [4], [5], [6]]),
+               3: (EMOJI, [[0, 1, 2, 3], [4, 5, 6], [7, 8], [9], [10, 11], [12]])}
 
 
 def save_rows(rows: list[torch.Tensor], path: Path) -> None:
@@ -44,30 +72,30 @@ def shown_with_hole(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, torch.zeros_like(x), x)
 
 
-def stroke_paintings() -> torch.Tensor:
-    """Six hand-made stroke paintings (flat gray shapes on black, 28x28): float [6, 1, 28, 28] in [-1, 1]."""
-    shapes = [
-        [(6, 4), (22, 4), (22, 25), (16, 25), (14, 10), (12, 25), (6, 25)],  # trousers
-        [(9, 4), (19, 4), (26, 10), (22, 13), (20, 11), (20, 25), (8, 25), (8, 11), (6, 13), (2, 10)],  # T-shirt
-        [(3, 11), (25, 11), (25, 25), (3, 25)],  # bag body (handle drawn below)
-        [(2, 16), (12, 14), (18, 17), (26, 18), (26, 23), (2, 23)],  # sneaker
-        [(11, 3), (17, 3), (18, 10), (23, 25), (5, 25), (10, 10)],  # dress
-        [(9, 4), (19, 4), (26, 22), (23, 23), (20, 12), (20, 25), (8, 25), (8, 12), (5, 23), (2, 22)],  # pullover
-    ]
+def stroke_paintings(resolution: int, channels: int) -> torch.Tensor:
+    """Six hand-made stroke paintings of flat shapes for the model's data: float [6, C, R, R] in [-1, 1]."""
+    (background, shapes), groups = PAINTING_OF[channels]
+    mode, k = ("L" if channels == 1 else "RGB"), resolution / 28
     out = []
-    for i, points in enumerate(shapes):
-        img = Image.new("L", (28, 28), 0)
+    for group in groups:
+        img = Image.new(mode, (resolution, resolution), background)
         draw = ImageDraw.Draw(img)
-        draw.polygon(points, fill=170)
-        if i == 2:
-            draw.arc((8, 3, 20, 19), 180, 360, fill=170, width=2)
-        out.append(torch.from_numpy(np.asarray(img).copy())[None])
+        for fill, shape, points in (shapes[i] for i in group):
+            xy = [(round(x * k), round(y * k)) for x, y in points]
+            if shape == "polygon":
+                draw.polygon(xy, fill=fill)
+            elif shape == "ellipse":
+                draw.ellipse(xy, fill=fill)
+            else:  # a bag's handle: the upper half of an ellipse's outline
+                draw.arc(xy, 180, 360, fill=fill, width=max(2, round(2 * k)))
+        arr = np.asarray(img).copy()
+        out.append(torch.from_numpy(arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()))
     return to_model_range(torch.stack(out))
 
 
 def run_tasks(model: torch.nn.Module, x: torch.Tensor, out: Path) -> dict:
-    """Every task on the test images ``x`` [N, 1, 28, 28]; writes the pictures and returns the measurements."""
-    n, seeds = len(x), list(range(len(x)))
+    """Every task on the held-out images ``x`` [N, C, R, R]; writes the pictures and returns the measurements."""
+    n, r, seeds = len(x), model.resolution, list(range(len(x)))
     noise = SeededNoise(seeds, x.shape[1:])
     sigmas = editing.editing_sigmas(model)
     report: dict = {}
@@ -78,9 +106,10 @@ def run_tasks(model: torch.nn.Module, x: torch.Tensor, out: Path) -> dict:
         report[name] = {"seconds": round(time.perf_counter() - start, 2)}
         return result
 
-    masks = {"lower-half": editing.box_mask((0, 14, 28, 14), resolution=28),
-             "centre": editing.box_mask((7, 7, 14, 14), resolution=28),
-             "left": editing.box_mask((0, 0, 14, 28), resolution=28)}
+    half, quarter = r // 2, r // 4
+    masks = {"lower-half": editing.box_mask((0, half, r, r - half), resolution=r),
+             "centre": editing.box_mask((quarter, quarter, half, half), resolution=r),
+             "left": editing.box_mask((0, 0, half, r), resolution=r)}
     rows = [x]
     for name, mask in masks.items():
         filled = timed(f"inpaint-{name}", lambda m=mask: editing.inpaint(model, x, m, sigmas=sigmas, noise=noise))
@@ -100,7 +129,7 @@ def run_tasks(model: torch.nn.Module, x: torch.Tensor, out: Path) -> dict:
         rows += [noisy, timed(f"denoise-{sigma}", lambda s=sigma, y=noisy: editing.denoise(model, y, sigma=s))]
     save_rows(rows, out / "denoise.png")
 
-    strokes = stroke_paintings()
+    strokes = stroke_paintings(r, model.channels)
     rows = [strokes]
     for levels in STROKE_LEVELS:
         for seed in range(2):
@@ -115,26 +144,42 @@ def run_tasks(model: torch.nn.Module, x: torch.Tensor, out: Path) -> dict:
     save_rows(list(frames), out / "interpolate.png")
 
     try:
-        editing.colorize(model, x.expand(-1, 3, -1, -1), sigmas=sigmas, noise=noise)
+        rows = [x, editing.luma(x).expand(-1, 3, -1, -1)]
+        for seed in range(2):
+            z = SeededNoise(range(seed * 100, seed * 100 + n), x.shape[1:])
+            colored = timed(f"colorize-seed{seed}", lambda z=z: editing.colorize(model, x, sigmas=sigmas, noise=z))
+            report[f"colorize-seed{seed}"]["max_luma_error"] = float((editing.luma(colored) - rows[1][:, :1])
+                                                                     .abs().max())
+            rows.append(colored)
+        save_rows(rows, out / "colorize.png")
     except CmkitError as e:
         report["colorize"] = {"error": str(e)}
     return report
 
 
+def held_out_images(model: torch.nn.Module, folder: str | None, n: int) -> tuple[torch.Tensor, str]:
+    """``n`` evenly spaced images [n, C, R, R] in [-1, 1]: Fashion-MNIST test, or the images of ``folder``."""
+    size = {"resolution": model.resolution, "channels": model.channels}
+    data = load_dataset(folder, **size) if folder else load_dataset("fashion-mnist", split="test", **size)
+    step = len(data) // n
+    where = folder or "Fashion-MNIST test"
+    return to_model_range(data.images[::step][:n]), f"{where}, every {step}th of {len(data)}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a Fashion-MNIST consistency model: run directory or export")
+    parser.add_argument("model", help="a consistency model: run directory or export")
+    parser.add_argument("--images", help="a folder of held-out images (default: Fashion-MNIST test images)")
     parser.add_argument("--out", default=str(ROOT / "docs/img/editing"))
-    parser.add_argument("--n", type=int, default=8, help="test images per picture (default 8)")
+    parser.add_argument("--n", type=int, default=8, help="images per picture (default 8)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     model, _ = load_export(args.model)
-    data = load_dataset("fashion-mnist", resolution=28, channels=1, split="test")
-    x = to_model_range(data.images[:: len(data) // args.n][: args.n])
+    x, where = held_out_images(model, args.images, args.n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "images": f"Fashion-MNIST test, every {len(data) // args.n}th",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), **run_tasks(model, x, out)}
+    report = {"model": args.model, "images": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              **run_tasks(model, x, out)}
     (out / "measurements.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
