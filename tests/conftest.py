@@ -14,6 +14,7 @@ from torch import nn
 
 from cmkit.cli import main
 from cmkit.config import Config, DataConfig, MethodConfig, NetConfig, TrainConfig
+from cmkit.eval.features import train_fmnist_classifier
 
 
 class GaussianOracle(nn.Module):
@@ -90,3 +91,10 @@ def run_dir(fmnist_subset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "a"
     assert train_tiny(out, fmnist_subset) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory) -> Path:
+    """A fid-fmnist classifier trained on 512 images for one epoch (the contract, not the accuracy)."""
+    return train_fmnist_classifier(out=tmp_path_factory.mktemp("clf") / "fid.safetensors", epochs=1, limit=512,
+                                   progress=False)

@@ -1,12 +1,13 @@
 """Distributed training (cmkit.dist): 2 gloo processes on the CPU against 1 process with the same global batch.
 
 One ``torch.multiprocessing`` launch runs every in-library scenario (train each method, dropout, sharded
-sampling, bad input, weight check, stop flag); two ``torchrun`` launches run the real CLI path (train,
+sampling and evaluation, bad input, weight check, stop flag); two ``torchrun`` launches run the real CLI path (train,
 resume, bad batch). Processes use one thread each.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ from cmkit.cli import main
 from cmkit.config import TEACHER_METHODS, Config, DataConfig, MethodConfig, NetConfig, TrainConfig
 from cmkit.data import ImageData
 from cmkit.errors import CmkitError
+from cmkit.eval.evaluate import evaluate_model, image_features
 from cmkit.sampling import generate
 from cmkit.train import Run
 
@@ -54,6 +56,33 @@ def config_of(method: str, *, batch: int = 16, accum: int = 1, dropout: float = 
         method=METHODS[method],
         train=TrainConfig(kimg=0.256, batch=batch, lr=1e-3, ema_halflife_kimg=0.1, accum=accum, **train),
     )
+
+
+class PoolFeatures:
+    """A cheap feature extractor for the tests: the four 14x14 means of a 28x28 grayscale image. ``seen``
+    counts the images it featurised."""
+
+    name, dim, min_count = "pool", 4, 2
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
+        return torch.nn.functional.avg_pool2d(images.float() / 255, 14).flatten(1)
+
+
+REFERENCE = PoolFeatures()(IMAGES).numpy()
+METRICS = ("fid", "kid", "kid_std", "precision", "recall")
+
+
+def evaluate_sample_model(batch: int) -> tuple[list[dict], int]:
+    """Metrics of 13 one- and two-step samples of :func:`sample_model` against REFERENCE, and how many images
+    this process featurised."""
+    extractor = PoolFeatures()
+    rows = evaluate_model(sample_model(), steps=[1, 2], n=13, extractor=extractor, reference=REFERENCE,
+                          batch=batch, sampler="consistency")
+    return rows, extractor.seen
 
 
 def teacher_of(config: Config) -> torch.nn.Module | None:
@@ -114,6 +143,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     images = [b for b in generate(model, dist.shard(range(5, 12)), sigmas=[80.0], sampler="consistency",
                                   batch_size=2)]
     result["samples"] = dist.gather_in_order(torch.cat(images).numpy())
+    result["evaluation"] = evaluate_sample_model(batch=2)
+    result["image_features"] = image_features(IMAGES[:11], PoolFeatures(), batch=2, desc="images")
     result["bad_batch"] = _expect_error(lambda: Run(config_of("ict", batch=31), None, torch.device("cpu")))
     result["bad_accum"] = _expect_error(lambda: Run(config_of("ict", batch=34, accum=2), None, torch.device("cpu")))
     with torch.no_grad():
@@ -163,6 +194,19 @@ def test_sharded_sampling_equals_unsharded(two):
     for rank in range(2):
         assert two[rank]["samples"].shape == (7, 1, 28, 28)
         np.testing.assert_allclose(two[rank]["samples"], expected.numpy(), rtol=0, atol=1e-6)
+
+
+def test_sharded_evaluation_equals_unsharded(two):
+    """Each process samples and featurises its block of the seeds (6 and 7 of 13, for 1 and 2 steps), or of the
+    rows; every process ends with the metrics and features of one process."""
+    expected, seen = evaluate_sample_model(batch=5)
+    assert seen == 26 and [two[rank]["evaluation"][1] for rank in range(2)] == [12, 14]
+    features = PoolFeatures()(IMAGES[:11]).numpy()
+    for rank in range(2):
+        for got, want in zip(two[rank]["evaluation"][0], expected, strict=True):
+            assert (got["steps"], got["nfe"], got["sigmas"]) == (want["steps"], want["nfe"], want["sigmas"])
+            assert [got[k] for k in METRICS] == pytest.approx([want[k] for k in METRICS], rel=1e-4, abs=1e-6)
+        np.testing.assert_allclose(two[rank]["image_features"], features, rtol=0, atol=1e-7)
 
 
 def test_bad_world_size_fails_the_same_on_every_rank(two):
@@ -228,10 +272,10 @@ def test_accum_that_does_not_divide_the_batch_is_refused(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------- torchrun, the CLI path
 
-def torchrun(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cmkit",
-               *args]
+def torchrun(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "--",
+               "cmkit", *args]  # "--": torchrun would read cmkit's --n as an abbreviation of its --nnodes
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -263,6 +307,22 @@ def test_torchrun_trains_like_one_process_and_resumes(run_dir, fmnist_subset, tm
     for key in ("model", "ema", "optimizer"):
         torch.testing.assert_close(resumed[key], two[key], rtol=0, atol=0)
     assert len((half / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_torchrun_eval_reports_once_what_one_process_reports(run_dir, fmnist_subset, classifier, tmp_path):
+    """``torchrun --nproc_per_node=2 -m cmkit eval``: the ranks share the samples; rank 0 alone prints and writes
+    the report, whose metrics are the 1-process ones."""
+    common = ["eval", str(run_dir), "--n", "40", "--steps", "1,2", "--weights", str(classifier), "--ref",
+              str(fmnist_subset)]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert main([*common, "--out", str(one)]) == 0
+    done = torchrun(*common, "--out", str(two), env=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("FID") == 2  # one line per step count, printed by rank 0 alone
+    rows_one, rows_two = (json.loads(p.read_text())["results"] for p in (one, two))
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert [b[k] for k in METRICS] == pytest.approx([a[k] for k in METRICS], rel=1e-4, abs=1e-6)
 
 
 def test_torchrun_refuses_a_batch_the_processes_cannot_share(fmnist_subset, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,15 +11,7 @@ from PIL import Image
 
 from cmkit.checkpoint import load_export
 from cmkit.cli import main
-from cmkit.eval.features import train_fmnist_classifier
 from cmkit.sampling import default_sigmas
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> Path:
-    """A fid-fmnist classifier trained on 512 images for one epoch (the contract, not the accuracy)."""
-    return train_fmnist_classifier(out=tmp_path_factory.mktemp("clf") / "fid.safetensors", epochs=1, limit=512,
-                                   progress=False)
 
 
 @pytest.fixture(autouse=True)

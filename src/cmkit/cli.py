@@ -112,13 +112,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from cmkit import editing
+    from cmkit import dist, editing
     from cmkit.checkpoint import load_export
 
     _check_edit_options(args)
     box = _ints(args.box, "--box", 4) if args.box is not None else None
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else None
-    model, _ = load_export(args.model, device=_device())
+    model, _ = load_export(args.model, device=dist.init())
     if args.task == "interpolate":
         seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), args.frames or 8
         editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames)
@@ -168,12 +168,6 @@ def _default_steps(config: Config) -> int:
     return 1 if config.is_consistency else 18
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _parse_steps(text: str) -> list[int]:
     try:
         steps = [int(v) for v in text.split(",") if v.strip()]
@@ -200,8 +194,10 @@ def _scorer(args: argparse.Namespace, resolution: int, channels: int, ref: str |
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Under torchrun every process samples and featurises its share; rank 0 alone prints and writes."""
+    from cmkit import dist
     from cmkit.checkpoint import load_export
-    from cmkit.eval.evaluate import evaluate_model, features_of, load_images, plot_quality
+    from cmkit.eval.evaluate import evaluate_model, image_features, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
 
     for flag, path, suffixes in (("--out", args.out, (".json",)), ("--plot", args.plot, (".png",))):
@@ -211,17 +207,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if source.suffix == ".npz" or (source.is_dir() and not (source / "model.safetensors").exists()):
         images = load_images(source)
         extractor, reference = _scorer(args, images.shape[2], images.shape[1], args.ref)
-        fake = features_of((images[i:i + args.batch] for i in range(0, len(images), args.batch)), extractor,
-                           total=len(images), desc=source.name)
+        fake = image_features(images, extractor, batch=args.batch, desc=source.name)
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
-        model, config = load_export(source, device=_device())
+        model, config = load_export(source, device=dist.init())
         steps = _parse_steps(args.steps or ("1,2,4" if config.is_consistency else "18"))
         extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
         sampler = "consistency" if config.is_consistency else "heun"
         rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
                               batch=args.batch, sampler=sampler)
     report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
+    if not dist.is_main():
+        return 0
     _print_report(report)
     if args.out:
         _write_json(report, Path(args.out))
@@ -232,6 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune_steps(args: argparse.Namespace) -> int:
+    """Under torchrun every process samples its share of each candidate; rank 0 alone writes and prints."""
+    from cmkit import dist
     from cmkit.checkpoint import load_export, resolve_model_path, save_export
     from cmkit.eval.evaluate import tune_two_step_sigma
     from cmkit.sampling import TWO_STEP_SIGMA
@@ -239,14 +238,16 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     if args.steps != 2:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
     path = resolve_model_path(args.model)
-    model, config = load_export(path, device=_device())
+    model, config = load_export(path, device=dist.init())
     if not config.is_consistency:
         raise CmkitError(f"{path}: a diffusion model; tune-steps tunes consistency models")
     extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
     best, history = tune_two_step_sigma(model, n=args.n, extractor=extractor, reference=reference,
                                         batch=args.batch, iters=args.iters)
     model.tuned_sigmas[2] = [model.sigma_max, best]
-    save_export(model, config, path)
+    dist.on_main(lambda: save_export(model, config, path))
+    if not dist.is_main():
+        return 0
     for point in history:
         print(f"sigma {point['sigma']:10.4f}  FID {point['fid']:8.3f}")
     print(f"best 2-step sigma: {best:.4g} (FID {min(p['fid'] for p in history):.3f}, {extractor.name}, "

@@ -2,7 +2,9 @@
 
 Samples, image files and reference datasets all go through :func:`features_of`, so the CLI, the quality
 ladder and the cached reference statistics share one path. Images are generated and featurised batch by
-batch: only features (N x D floats) are kept, never all images.
+batch: only features (N x D floats) are kept, never all images. Under ``torchrun`` each process samples (or
+featurises) its block of the seeds (or rows), :func:`cmkit.dist.shard`, and the blocks are gathered in order,
+so every process holds the features one process would compute and the metrics are the same.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from cmkit import data, readers
+from cmkit import data, dist, readers
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, fid
@@ -40,21 +42,34 @@ def default_metric(resolution: int, channels: int) -> str:
 
 def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, *, total: int,
                 desc: str) -> np.ndarray:
-    """Features float32 [N, D] of uint8 [B, C, H, W] batches, with a progress bar counting images."""
-    chunks = []
-    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0) as bar:
+    """Features float32 [N, D] of uint8 [B, C, H, W] batches (N may be 0), with a progress bar counting images
+    (on rank 0)."""
+    chunks = [np.zeros((0, extractor.dim), np.float32)]
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0,
+              disable=not dist.is_main()) as bar:
         for batch in batches:
             chunks.append(extractor(batch).numpy())
             bar.update(len(batch))
     return np.concatenate(chunks)
 
 
-def sample_batches(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
-                   batch: int, seed: int = 0, precision: str = "fp32") -> Iterator[torch.Tensor]:
-    """uint8 [B, C, H, W] CPU batches of ``model``'s samples for seeds seed .. seed + n - 1."""
-    for x in generate(model, range(seed, seed + n), sigmas=sigmas, sampler=sampler, batch_size=batch,
-                      precision=precision):
-        yield data.to_uint8(x).cpu()
+def image_features(images: torch.Tensor, extractor: FeatureExtractor, *, batch: int, desc: str) -> np.ndarray:
+    """Features float32 [N, D] of uint8 images [N, C, H, W], in row order; each process featurises its block."""
+    rows = dist.shard(range(len(images)))
+    mine = images[rows.start:rows.stop]
+    feats = features_of((mine[i:i + batch] for i in range(0, len(mine), batch)), extractor, total=len(mine),
+                        desc=desc)
+    return dist.gather_in_order(feats)
+
+
+def sample_features(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
+                    batch: int, extractor: FeatureExtractor, desc: str, precision: str = "fp32") -> np.ndarray:
+    """Features float32 [n, D] of ``model``'s samples for seeds 0 .. n - 1, in seed order; each process
+    samples its block of the seeds."""
+    seeds = dist.shard(range(n))
+    batches = (data.to_uint8(x).cpu() for x in generate(model, seeds, sigmas=sigmas, sampler=sampler,
+                                                         batch_size=batch, precision=precision))
+    return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc))
 
 
 def network_evaluations(sampler: str, num_sigmas: int) -> int:
@@ -89,11 +104,13 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
         return load_features(path, extractor=extractor.name, resolution=resolution, channels=channels)
     dataset = data.load_dataset(ref, resolution=resolution, channels=channels)
     idx = data.batch_indices(len(dataset.images), min(n, len(dataset.images)), seed=0, start=0)
-    images = dataset.images[idx]
-    feats = features_of((images[i:i + 500] for i in range(0, len(images), 500)), extractor, total=len(images),
-                        desc=f"reference {ref}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_features(feats, path, extractor=extractor.name, resolution=resolution, channels=channels, source=ref)
+    feats = image_features(dataset.images[idx], extractor, batch=500, desc=f"reference {ref}")
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_features(feats, path, extractor=extractor.name, resolution=resolution, channels=channels, source=ref)
+
+    dist.on_main(write)
     return feats
 
 
@@ -180,8 +197,8 @@ def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor:
     rows = []
     for k in steps:
         sigmas = default_sigmas(model, k)
-        batches = sample_batches(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch, precision=precision)
-        feats = features_of(batches, extractor, total=n, desc=f"{k} step{'s' * (k > 1)}")
+        feats = sample_features(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch, extractor=extractor,
+                                desc=f"{k} step{'s' * (k > 1)}", precision=precision)
         rows.append({"steps": k, "nfe": network_evaluations(sampler, len(sigmas)), "sigmas": sigmas.tolist(),
                      **compute_metrics(reference, feats)})
     return rows
@@ -190,9 +207,8 @@ def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor:
 def sample_fid(model: nn.Module, sigmas: Sequence[float], *, n: int, extractor: FeatureExtractor,
                reference: np.ndarray, batch: int, precision: str = "fp32") -> float:
     """FID of ``n`` consistency samples through ``sigmas`` (fixed seeds, so calls are comparable)."""
-    batches = sample_batches(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch, precision=precision)
-    feats = features_of(batches,
-                        extractor, total=n, desc=f"sigmas {','.join(f'{s:.4g}' for s in sigmas)}")
+    feats = sample_features(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch, extractor=extractor,
+                            desc=f"sigmas {','.join(f'{s:.4g}' for s in sigmas)}", precision=precision)
     return fid(reference, feats)
 
 
