@@ -1,8 +1,8 @@
 """Distributed training (cmkit.dist): 2 gloo processes on the CPU against 1 process with the same global batch.
 
 One ``torch.multiprocessing`` launch runs every in-library scenario (train each method, dropout, sharded
-sampling and evaluation, bad input, weight check, stop flag); two ``torchrun`` launches run the real CLI path (train,
-resume, bad batch). Processes use one thread each.
+sampling and evaluation, bad input, weight check, stop flag); ``torchrun`` launches run the real CLI path
+(train, resume, eval, bad batch). Processes use one thread each.
 """
 
 from __future__ import annotations
