@@ -6,7 +6,6 @@ import torch
 from cmkit.checkpoint import build_model
 from cmkit.errors import CmkitError
 from cmkit.sampling import (
-    BATCH_QUANTUM,
     SeededNoise,
     check_sigmas,
     consistency_sample,
@@ -14,7 +13,6 @@ from cmkit.sampling import (
     euler_sample,
     generate,
     heun_sample,
-    pad_seeds,
 )
 from cmkit.schedules import edm_sampling_sigmas
 from conftest import GaussianOracle
@@ -117,11 +115,6 @@ def test_a_real_network_gives_the_same_images_at_any_batch_size(tiny_config):
             for b in (20, 7, 3, 1)]
     for other in runs[1:]:
         assert torch.equal(other, runs[0])
-
-
-def test_pad_seeds_pads_with_the_last_seed_to_the_quantum():
-    assert pad_seeds([4, 5]) == [4, 5] + [5] * (BATCH_QUANTUM - 2)
-    assert pad_seeds(list(range(BATCH_QUANTUM))) == list(range(BATCH_QUANTUM))
 
 
 def test_seeded_noise_labels_are_per_seed():

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from cmkit.data import IMAGE_EXTENSIONS, list_images, read_image, to_model_range
 from cmkit.errors import CmkitError
 from cmkit.images import grid, save_png, to_numpy_images
-from cmkit.sampling import SeededNoise, check_sigmas, default_sigmas, pad_seeds
+from cmkit.sampling import SeededNoise, check_sigmas, default_sigmas
 
 TASKS: tuple[str, ...] = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
 EDIT_STEPS = 40  # the paper edits with N = 40 Karras-spaced levels (App. D)
@@ -376,20 +376,16 @@ def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], 
     """Apply ``task`` to images float32 [N, C, h, w], image i with seed seeds[i], ``batch`` at a time.
 
     Yields float32 [B, C, H, W] results (not clipped). The noise (and the class label of a class-conditional
-    model) of image i comes from its own seed, and the network sees each batch padded by
-    :func:`cmkit.sampling.pad_seeds` (with copies of its last image), so results do not depend on ``batch``.
+    model) of image i comes from its own seed, so results do not depend on ``batch`` (for a model in eval
+    mode, whose rows never depend on each other: :meth:`cmkit.precond.Preconditioned.backbone`).
     """
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(images), batch):
-        chunk = seeds[start:start + batch]
-        padded = pad_seeds(chunk)
         x = images[start:start + batch].to(device)
-        x = torch.cat([x, x[-1:].expand(len(padded) - len(chunk), *x.shape[1:])])
-        noise = SeededNoise(padded, shape, device)
+        noise = SeededNoise(seeds[start:start + batch], shape, device)
         labels = noise.labels(model.num_classes) if model.num_classes else None
-        out = _apply(task, model, x, noise, labels, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
-        yield out[:len(chunk)]
+        yield _apply(task, model, x, noise, labels, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
 
 
 def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Tensor | None, *,

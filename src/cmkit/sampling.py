@@ -21,8 +21,6 @@ from cmkit.errors import CmkitError
 Noise = Callable[[], Tensor]
 # Published intermediate level for 2-step sampling (iCT/ECT on CIFAR-10; recipes section 8).
 TWO_STEP_SIGMA = 0.821
-# Batches of seeds are padded to a multiple of this many rows before the network sees them: see pad_seeds.
-BATCH_QUANTUM = 16
 
 
 def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_max: float) -> Tensor:
@@ -122,17 +120,6 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     return schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi).flip(0)[:steps]
 
 
-def pad_seeds(seeds: Sequence[int]) -> list[int]:
-    """``seeds`` (non-empty) padded with copies of its last seed to a multiple of BATCH_QUANTUM rows.
-
-    CPU BLAS kernels for small matrices round differently from the ones for large matrices (seen: 2e-7 in
-    the noise embedding's linear layers for batches of 1-3, 5-7 and 9-11 rows on a 2-core AMD EPYC), which
-    can move a pixel by one uint8 level. A seed identifies an image, so samplers and editing run the network
-    on padded batches and drop the extra rows: every row then goes through the large-matrix kernels.
-    """
-    return [*seeds, *[seeds[-1]] * (-len(seeds) % BATCH_QUANTUM)]
-
-
 class SeededNoise:
     """Noise for a batch of seeds: sample i always draws from its own generator seeded with seeds[i].
 
@@ -160,13 +147,11 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
 
     Class-conditional models use ``label`` for every image, or a label drawn from each seed when None.
     ``precision="bf16"`` runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32).
-    The network sees each batch padded by :func:`pad_seeds`, so an image does not depend on ``batch_size``.
     """
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
-        noise = SeededNoise(pad_seeds(chunk), shape, device)
+        noise = SeededNoise(seeds[start:start + batch_size], shape, device)
         labels = None
         if model.num_classes:
             labels = noise.labels(model.num_classes)
@@ -174,4 +159,4 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
                 labels = torch.full_like(labels, label)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = SAMPLERS[sampler](model, sigmas, noise, labels)
-        yield x[:len(chunk)].float().clamp(-1, 1)
+        yield x.float().clamp(-1, 1)
