@@ -100,7 +100,8 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
     key = hashlib.sha1(str(Path(ref).resolve() if Path(ref).exists() else ref).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(ref).name)
     path = _cache_dir() / f"{name}-{key}-{extractor.name}-{resolution}x{channels}-{n}.npz"
-    if path.is_file():
+    # Load only if every process has the cache: one without it would compute alone and wait in the gather.
+    if not dist.any_rank(not path.is_file()):
         return load_features(path, extractor=extractor.name, resolution=resolution, channels=channels)
     dataset = data.load_dataset(ref, resolution=resolution, channels=channels)
     idx = data.batch_indices(len(dataset.images), min(n, len(dataset.images)), seed=0, start=0)
