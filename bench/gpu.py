@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cmkit.config import Config, preset
-from cmkit.sampling import default_sigmas, generate
+from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +52,14 @@ def peak_gib(device: torch.device) -> float | None:
 
 def train_timer(config: Config, device: torch.device) -> Callable[[], float]:
     """Seconds of one iCT optimiser step of a fresh run on random images of the config's size."""
-    run = Run(config, ROOT / "runs", device)
+    run = Run(config, device)
     d = config.data
     x0 = torch.rand(config.train.batch, d.channels, d.resolution, d.resolution, device=device) * 2 - 1
 
     def step() -> float:
         sync(device)
         start = time.perf_counter()
-        run.optimizer_step(x0, None, total_steps=400_000)
+        run.optimizer_step(x0, None)
         sync(device)
         return time.perf_counter() - start
 
@@ -69,8 +69,8 @@ def train_timer(config: Config, device: torch.device) -> Callable[[], float]:
 def sample_timer(config: Config, steps: int, batch: int, device: torch.device,
                  precision: str) -> Callable[[], float]:
     """Seconds to sample one batch (seeds 0..batch-1) with the EMA net of a fresh run of ``config``."""
-    model = Run(config, ROOT / "runs", device).ema
-    sampler = "consistency" if config.is_consistency else "heun"
+    model = Run(config, device).ema
+    sampler = sampling_policy(model).sampler
     sigmas = default_sigmas(model, steps)
 
     def sample() -> float:
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     ict, edm = configs(args.smoke, args.batch)
-    params = sum(p.numel() for p in Run(ict, ROOT / "runs", device).model.parameters())
+    params = sum(p.numel() for p in Run(ict, device).model.parameters())
     train, memory = {}, {}
     variants = {"fp32": {}, "bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"},
                 "bf16 channels_last": {"precision": "bf16", "channels_last": True}}

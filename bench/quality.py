@@ -29,7 +29,7 @@ from cmkit.config import preset
 from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features, tune_two_step_sigma
 from cmkit.eval.features import get_extractor
 from cmkit.images import save_images, to_numpy_images
-from cmkit.sampling import default_sigmas, generate
+from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.teacher import with_teacher
 from cmkit.train import train
 from throughput import machine
@@ -76,13 +76,14 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
         return json.loads(record.read_text())["entry"]
     model, config = checkpoint.load_export(run_dir)
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
-    if config.is_consistency:
+    if model.kind == "consistency":
         best, history = tune_two_step_sigma(model, n=size["tune_n"], extractor=extractor, reference=reference,
                                             batch=BATCH, iters=size["tune_iters"], precision="bf16")
         model.tuned_sigmas[2] = [model.sigma_max, best]
         checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
         entry.update(two_step_sigma=best, tune_history=history)
-    sampler, steps = ("consistency", STUDENT_STEPS) if config.is_consistency else ("heun", TEACHER_STEPS)
+    steps = STUDENT_STEPS if model.kind == "consistency" else TEACHER_STEPS
+    sampler = sampling_policy(model).sampler
     entry["rows"] = evaluate_model(model, steps=steps, n=size["n"], extractor=extractor, reference=reference,
                                    batch=BATCH, sampler=sampler, precision="bf16")
     slug = label.split()[0].lower()

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from cmkit.checkpoint import build_model
-from cmkit.config import PRESETS, TEACHER_METHODS, Config, preset
-from cmkit.sampling import SeededNoise, default_sigmas, generate
+from cmkit.config import PRESETS, Config, preset
+from cmkit.sampling import SeededNoise, default_sigmas, generate, sampling_policy
 from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,16 +49,16 @@ def train_step_timer(config: Config, *, compile_model: bool = False,
     """A function timing one optimiser step of a fresh run of ``config`` on random data (CD and ECT with a
     randomly initialised EDM teacher of the same net)."""
     teacher = None
-    if config.method.name in TEACHER_METHODS:
+    if config.method.needs_teacher:
         teacher = build_model(method_config(config, "edm")).eval().requires_grad_(False)
     config = replace(config, train=replace(config.train, compile=compile_model, channels_last=channels_last))
-    run = Run(config, ROOT / "runs", torch.device("cpu"), teacher=teacher)
+    run = Run(config, torch.device("cpu"), teacher=teacher)
     d = config.data
     x0 = torch.rand(config.train.batch, d.channels, d.resolution, d.resolution) * 2 - 1
 
     def step() -> float:
         start = time.perf_counter()
-        run.optimizer_step(x0, None, total_steps=10_000)
+        run.optimizer_step(x0, None)
         return time.perf_counter() - start
 
     return step
@@ -67,8 +67,8 @@ def train_step_timer(config: Config, *, compile_model: bool = False,
 def sample_timer(config: Config, steps: int, batch: int, *, bare: bool = False,
                  precision: str = "fp32") -> Callable[[], float]:
     """A function timing the sampling of one batch (or one bare forward pass of the network)."""
-    model = Run(config, ROOT / "runs", torch.device("cpu")).ema
-    sampler = "consistency" if config.is_consistency else "heun"
+    model = Run(config, torch.device("cpu")).ema
+    sampler = sampling_policy(model).sampler
     sigmas = default_sigmas(model, steps)
     noise = SeededNoise(range(batch), (config.data.channels, config.data.resolution, config.data.resolution))()
     c_noise = torch.zeros(batch)
@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     args = parser.parse_args()
     base = preset(args.preset)
-    params = sum(p.numel() for p in Run(base, ROOT / "runs", torch.device("cpu")).model.parameters())
+    params = sum(p.numel() for p in Run(base, torch.device("cpu")).model.parameters())
     result = {"command": f"python bench/throughput.py --preset {args.preset} --batch {args.batch} "
                          f"--repeats {args.repeats}",
               "machine": machine(), "batch": args.batch, "repeats": args.repeats, "net_parameters": params,

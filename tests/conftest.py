@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from cmkit.cli import main
-from cmkit.config import Config, DataConfig, MethodConfig, NetConfig, TrainConfig
+from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
+from cmkit.methods import ICTConfig
 from cmkit.eval.features import train_fmnist_classifier
 
 
@@ -46,7 +47,7 @@ def tiny_config() -> Config:
         preset="test",
         net=NetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(14,)),
         data=DataConfig(source="fashion-mnist", resolution=28, channels=1),
-        method=MethodConfig(name="ict", s0=2, s1=8),
+        method=ICTConfig(s0=2, s1=8),
         train=TrainConfig(kimg=0.256, batch=32, lr=1e-3, ema_halflife_kimg=0.1, ckpt_kimg=0.128,
                           snap_kimg=0.256, log_kimg=0.064),
     )

@@ -3,13 +3,15 @@ import json
 import pytest
 
 from cmkit.checkpoint import build_model
-from cmkit.config import PRESETS, Config, apply_overrides, preset
+from cmkit.config import PRESETS, Config, apply_overrides, preset, validate
 from cmkit.errors import CmkitError
+from cmkit.methods import CDConfig, ECTConfig
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_presets_round_trip_through_json(name):
+def test_presets_validate_and_round_trip_through_json(name):
     config = preset(name)
+    validate(config)
     assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
@@ -18,10 +20,10 @@ def test_cifar_presets_use_the_papers_settings():
     assert (edm.train.batch, edm.train.lr, edm.method.p_mean, edm.method.p_std) == (512, 1e-3, -1.2, 1.2)
     assert (ict.train.batch, ict.train.lr, ict.train.optimizer) == (1024, 1e-4, "radam")
     assert ict.train.kimg * 1000 / ict.train.batch == 400_000
-    assert (ict.method.s0, ict.method.s1, ict.method.mu0) == (10, 1280, 0.0)
+    assert (ict.method.name, ict.method.s0, ict.method.s1) == ("ict", 10, 1280)
     assert (ict.method.p_mean, ict.method.p_std, ict.net.dropout) == (-1.1, 2.0, 0.3)
     assert (ict.net.embedding, ict.net.fourier_scale) == ("fourier", 0.02)
-    assert ict.method.distance == "pseudo-huber" and ict.method.weighting == "inverse-gap"
+    assert ict.method.distance == "pseudo-huber" and ict.method.huber_c is None
 
 
 def test_fmnist_preset_size():
@@ -45,12 +47,66 @@ def test_overrides_parse_each_type():
     ("data.xflip=maybe", "expected bool"),
     ("train.betas=0.9", "expected 2 values"),
     ("train.batch=0", "train.batch: expected a positive number"),
-    ("method.name=dm", "method.name: unknown value 'dm'"),
-    ("method.mu0=1", "method.mu0"),
+    ("method.name=dm", "method.name: unknown method 'dm'"),
+    ("method.s1=1", "method.s1: expected >= s0"),
+    ("method.mu0=0.9", "the ict method has no field 'mu0'; its fields: method.name, method.sigma_min"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(CmkitError, match=message.replace(".", r"\.")):
-        apply_overrides(preset("fmnist-ict"), [item])
+        validate(apply_overrides(preset("fmnist-ict"), [item]))
+
+
+@pytest.mark.parametrize("items", [
+    ["method.s0=40", "method.s1=40"],  # raising s0 past the preset's s1 first
+    ["train.accum=3", "train.batch=96"],  # 64 is not a multiple of 3, 96 is
+    ["method.name=ct", "method.mu0=0.5"],  # a field only the new method has
+])
+def test_overrides_apply_in_any_order(items):
+    base = preset("fmnist-cd") if "method.s0=40" in items else preset("fmnist-ict")
+    if "method.s0=40" in items:
+        base = apply_overrides(base, ["method.name=ict"])
+    configs = [apply_overrides(base, order) for order in (items, items[::-1])]
+    assert configs[0] == configs[1]
+    validate(configs[0])
+
+
+def test_the_method_name_selects_its_own_fields():
+    config = apply_overrides(preset("fmnist-ict"), ["method.name=ect", "method.huber_c=0"])
+    assert isinstance(config.method, ECTConfig) and config.method.huber_c == 0.0  # 0 is a value, not "auto"
+    assert (config.method.sigma_min, config.method.q) == (0.002, 2.0)
+    with pytest.raises(CmkitError, match="the ect method has no field 's0'"):
+        apply_overrides(config, ["method.s0=3"])
+    assert apply_overrides(config, ["method.huber_c=auto"]).method.huber_c is None
+
+
+def test_compile_with_dropout_is_refused_for_consistency_losses():
+    config = apply_overrides(preset("fmnist-ict"), ["train.compile=true", "net.dropout=0.1"])
+    with pytest.raises(CmkitError, match="train.compile=true with net.dropout=0.1"):
+        validate(config)
+    validate(apply_overrides(preset("fmnist-edm"), ["train.compile=true", "net.dropout=0.1"]))
+
+
+# The method section of a config.json written before per-method configs (cmkit at commit 57d5980).
+FLAT_CD = {"name": "cd", "sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "rho": 7.0, "p_mean": -1.1,
+           "p_std": 2.0, "curriculum": "constant", "s0": 17, "s1": 17, "mu0": 0.95, "index_sampling": "uniform",
+           "distance": "pseudo-huber", "huber_c": 0.0, "weighting": "uniform", "teacher": "/runs/teacher",
+           "solver": "heun", "ect_q": 2.0, "ect_stage_kimg": 3200.0}
+
+
+def test_flat_method_configs_from_earlier_versions_convert():
+    data = preset("fmnist-cd").to_dict()
+    data["method"] = FLAT_CD
+    method = Config.from_dict(data).method
+    assert method == CDConfig(distance="pseudo-huber", num_scales=18, mu=0.95, teacher="/runs/teacher")
+    data["method"] = dict(FLAT_CD, name="ect", ect_q=4.0, weighting="inverse-gap")
+    assert Config.from_dict(data).method == ECTConfig(q=4.0, stage_kimg=3200.0, teacher="/runs/teacher")
+
+
+def test_flat_method_configs_mixing_methods_are_refused_with_advice():
+    data = preset("fmnist-ct").to_dict()
+    data["method"] = dict(FLAT_CD, name="ct", curriculum="exponential")
+    with pytest.raises(CmkitError, match="x.json.method: .*method ct and curriculum='exponential'.*edit the file"):
+        Config.from_dict(data, where="x.json")
 
 
 def test_from_dict_refuses_unknown_and_ill_typed_fields():

@@ -16,6 +16,7 @@ pytest.importorskip("diffusers", reason='diffusers not installed: pip install "c
 from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import cmkit.export  # noqa: E402,F401 -- makes CmkitUNet2DModel resolvable by diffusers
+from cmkit.methods import switch_method
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
@@ -224,7 +225,7 @@ def test_export_refusals(tmp_path, tiny_config):
     with pytest.raises(CmkitError, match="already exists and is not an empty folder"):
         export_diffusers(model, tiny_config, tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
-    edm_config = replace(tiny_config, method=replace(tiny_config.method, name="edm"))
+    edm_config = replace(tiny_config, method=switch_method(tiny_config.method, "edm"))
     with pytest.raises(CmkitError, match="ConsistencyModelPipeline samples consistency models only"):
         export_diffusers(build_model(edm_config), edm_config, tmp_path / "edm")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no temporary folder left behind
@@ -239,7 +240,7 @@ def test_cli_export(tmp_path, tiny_config, capsys):
     assert "import cmkit.export" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
-    edm_config = replace(tiny_config, method=replace(tiny_config.method, name="edm"))
+    edm_config = replace(tiny_config, method=switch_method(tiny_config.method, "edm"))
     save_export(build_model(edm_config), edm_config, tmp_path / "edm.safetensors")
     assert main(["export", str(tmp_path / "edm.safetensors"), "--diffusers", str(tmp_path / "edm")]) == 2
     assert "consistency models only" in capsys.readouterr().err

@@ -25,21 +25,21 @@ import torch.multiprocessing as mp
 from cmkit import dist
 from cmkit.checkpoint import build_model, list_states, load_state
 from cmkit.cli import main
-from cmkit.config import TEACHER_METHODS, Config, DataConfig, MethodConfig, NetConfig, TrainConfig
+from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
+from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
 from cmkit.data import ImageData
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import evaluate_model, image_features
 from cmkit.sampling import generate
-from cmkit.train import Run
+from cmkit.train import Run, local_batch
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 METHODS = {
-    "edm": MethodConfig(name="edm", p_mean=-1.2, p_std=1.2),
-    "ct": MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=10, mu0=0.9, index_sampling="uniform",
-                       distance="l2", weighting="uniform"),
-    "ict": MethodConfig(name="ict", s0=2, s1=8),
-    "cd": MethodConfig(name="cd", curriculum="constant", s1=17, distance="l2", weighting="uniform"),
-    "ect": MethodConfig(name="ect", ect_stage_kimg=0.064),
+    "edm": EDMConfig(p_mean=-1.2, p_std=1.2),
+    "ct": CTConfig(s0=2, s1=10, mu0=0.9, distance="l2"),
+    "ict": ICTConfig(s0=2, s1=8),
+    "cd": CDConfig(num_scales=18, distance="l2"),
+    "ect": ECTConfig(stage_kimg=0.064),
 }
 STEPS = 3
 IMAGES = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -86,7 +86,7 @@ def evaluate_sample_model(batch: int) -> tuple[list[dict], int]:
 
 
 def teacher_of(config: Config) -> torch.nn.Module | None:
-    if config.method.name not in TEACHER_METHODS:
+    if not config.method.needs_teacher:
         return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
@@ -95,11 +95,11 @@ def teacher_of(config: Config) -> torch.nn.Module | None:
 
 def train_steps(config: Config, steps: int = STEPS) -> tuple[Run, list[float | None]]:
     """``steps`` optimiser steps on this process's rows of DATA (the whole batch in one process)."""
-    run = Run(config, None, torch.device("cpu"), teacher=teacher_of(config))
+    run = Run(config, torch.device("cpu"), teacher=teacher_of(config))
     losses = []
     for _ in range(steps):
-        x0, labels = run.batch(DATA)
-        losses.append(run.optimizer_step(x0, labels, total_steps=10))
+        x0, labels = local_batch(run.config, DATA, run.step, run.device)
+        losses.append(run.optimizer_step(x0, labels))
     return run, losses
 
 
@@ -145,8 +145,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["samples"] = dist.gather_in_order(torch.cat(images).numpy())
     result["evaluation"] = evaluate_sample_model(batch=2)
     result["image_features"] = image_features(IMAGES[:11], PoolFeatures(), batch=2, desc="images")
-    result["bad_batch"] = _expect_error(lambda: Run(config_of("ict", batch=31), None, torch.device("cpu")))
-    result["bad_accum"] = _expect_error(lambda: Run(config_of("ict", batch=34, accum=2), None, torch.device("cpu")))
+    result["bad_batch"] = _expect_error(lambda: Run(config_of("ict", batch=31), torch.device("cpu")))
+    result["bad_accum"] = _expect_error(lambda: Run(config_of("ict", batch=34, accum=2), torch.device("cpu")))
     with torch.no_grad():
         model.net.enc_in.weight[0, 0, 0, 0] += rank * 1e-7  # rank 1 drifts by one value
     result["weights"] = _expect_error(lambda: dist.check_same_weights(model))
@@ -237,7 +237,7 @@ def test_accumulation_equals_one_big_batch(name):
 def test_bf16_stays_finite_and_close_to_fp32():
     """8 iCT steps: bf16 autocast (8 mantissa bits, relative rounding 2^-9 = 0.002 per op) moves the weights by
     a small fraction of what training moved them (measured: about 1%; bound 10%)."""
-    start = Run(config_of("ict"), None, torch.device("cpu")).model.state_dict()
+    start = Run(config_of("ict"), torch.device("cpu")).model.state_dict()
     fp32, l32 = train_steps(config_of("ict"), steps=8)
     bf16, l16 = train_steps(config_of("ict", precision="bf16"), steps=8)
     assert all(v is not None and np.isfinite(v) for v in l16)
@@ -249,13 +249,13 @@ def test_bf16_stays_finite_and_close_to_fp32():
 def test_fp16_trains_finite_with_a_gradient_scaler():
     run, losses = train_steps(config_of("ict", batch=8, precision="fp16"), steps=2)
     assert run.scaler.is_enabled() and all(v is not None and np.isfinite(v) for v in losses)
-    assert run.state()["scaler"]["scale"] > 0
+    assert run.state_dict()["scaler"]["scale"] > 0
 
 
 def test_compile_and_channels_last_save_plain_weights():
-    plain = Run(config_of("ict"), None, torch.device("cpu"))
-    fast = Run(config_of("ict", compile=True, channels_last=True), None, torch.device("cpu"))
-    assert list(fast.state()["model"]) == list(plain.state()["model"])  # no _orig_mod. or module. prefixes
+    plain = Run(config_of("ict"), torch.device("cpu"))
+    fast = Run(config_of("ict", compile=True, channels_last=True), torch.device("cpu"))
+    assert list(fast.state_dict()["model"]) == list(plain.state_dict()["model"])  # no _orig_mod. or module. prefixes
     assert all(t.is_contiguous() for t in fast.ema.state_dict().values())  # exportable as safetensors
 
 

@@ -205,20 +205,20 @@ def _snapshot(run: Run) -> dict:
 
 @pytest.mark.parametrize("cause", ["loss", "gradients"])
 def test_a_nonfinite_step_changes_nothing(cause, tiny_config, monkeypatch):
-    run = Run(tiny_config, None, torch.device("cpu"))
+    run = Run(tiny_config, torch.device("cpu"))
     x0 = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert run.optimizer_step(x0, None, total_steps=10) is not None
+    assert run.optimizer_step(x0, None) is not None
     before = _snapshot(run)
     if cause == "loss":
         bad = torch.full_like(x0, float("nan"))
     else:
         bad = x0
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
-    assert run.optimizer_step(bad, None, total_steps=10) is None
+    assert run.optimizer_step(bad, None) is None
     assert (run.step, run.nonfinite) == (2, 1)
     torch.testing.assert_close(_snapshot(run), before, rtol=0, atol=0)
     monkeypatch.undo()
-    assert run.optimizer_step(x0, None, total_steps=10) is not None and run.nonfinite == 0
+    assert run.optimizer_step(x0, None) is not None and run.nonfinite == 0
 
 
 def test_nonfinite_steps_are_logged_and_too_many_stop_the_run(tiny_config, fmnist_subset, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cmkit.methods import switch_method
 from cmkit.checkpoint import build_model, load_export, save_export
 from cmkit.cli import main
 from conftest import TINY
@@ -15,7 +16,7 @@ from conftest import TINY
 
 def _export(tiny_config, path, *, method, resolution=28, channels=1):
     """Write an export of random weights for a tiny net, as 'cmkit train' would."""
-    config = replace(tiny_config, method=replace(tiny_config.method, name=method),
+    config = replace(tiny_config, method=switch_method(tiny_config.method, method),
                      data=replace(tiny_config.data, resolution=resolution, channels=channels))
     torch.manual_seed(0)
     save_export(build_model(config), config, path)

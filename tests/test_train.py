@@ -4,16 +4,15 @@ import pytest
 import torch
 
 from cmkit.checkpoint import build_model
-from cmkit.config import TEACHER_METHODS, MethodConfig
-from cmkit.train import Intervals, Run, ema_update, step_seed
+from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
+from cmkit.train import Intervals, Run, ema_update, local_batch
 
 METHODS = {
-    "edm": MethodConfig(name="edm", p_mean=-1.2, p_std=1.2),
-    "ct": MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=10, mu0=0.9, index_sampling="uniform",
-                       distance="l2", weighting="uniform"),
-    "ict": MethodConfig(name="ict", s0=2, s1=8),
-    "cd": MethodConfig(name="cd", curriculum="constant", s1=17, distance="l2", weighting="uniform"),
-    "ect": MethodConfig(name="ect", ect_stage_kimg=0.064),
+    "edm": EDMConfig(p_mean=-1.2, p_std=1.2),
+    "ct": CTConfig(s0=2, s1=10, mu0=0.9, distance="l2"),
+    "ict": ICTConfig(s0=2, s1=8),
+    "cd": CDConfig(num_scales=18, distance="l2"),
+    "ect": ECTConfig(stage_kimg=0.064),
 }
 
 
@@ -25,13 +24,13 @@ def _teacher(config):
 
 
 def _steps(config, n, seed=0):
-    teacher = _teacher(config) if config.method.name in TEACHER_METHODS else None
-    run = Run(config, None, torch.device("cpu"), teacher=teacher)
+    teacher = _teacher(config) if config.method.needs_teacher else None
+    run = Run(config, torch.device("cpu"), teacher=teacher)
     x0 = torch.rand(config.train.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     losses = []
     for _ in range(n):
-        torch.manual_seed(step_seed(seed, run.step))
-        losses.append(run.optimizer_step(x0, None, total_steps=10))
+        torch.manual_seed(seed + run.step)
+        losses.append(run.optimizer_step(x0, None))
     return run, losses
 
 
@@ -51,7 +50,7 @@ def test_every_method_trains_and_is_deterministic(tiny_config, name, precision):
 def test_student_starts_from_the_teacher(tiny_config, name):
     config = replace(tiny_config, method=METHODS[name])
     teacher = _teacher(config)
-    run = Run(config, None, torch.device("cpu"), teacher=teacher)
+    run = Run(config, torch.device("cpu"), teacher=teacher)
     for ours, theirs in ((run.model.net, teacher.net), (run.ema.net, teacher.net)):
         torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
 
@@ -75,8 +74,8 @@ def test_class_conditional_batch_and_step(tiny_config):
                      data=replace(tiny_config.data, xflip=True))
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     dataset = ImageData(images=images, labels=torch.arange(40) % 3, num_classes=3, name="fake")
-    run = Run(config, None, torch.device("cpu"))
+    run = Run(config, torch.device("cpu"))
     run.step = 1  # the second batch: positions 32..63 of the stream, crossing into epoch 2
-    x0, labels = run.batch(dataset)
+    x0, labels = local_batch(run.config, dataset, run.step, run.device)
     assert x0.shape == (32, 1, 28, 28) and labels.shape == (32,) and labels.max() < 3
-    assert torch.isfinite(torch.tensor(run.optimizer_step(x0, labels, total_steps=4)))
+    assert torch.isfinite(torch.tensor(run.optimizer_step(x0, labels)))

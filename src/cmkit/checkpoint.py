@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -43,7 +42,7 @@ def build_model(config: Config) -> Preconditioned:
                    fourier_scale=n.fourier_scale, num_classes=n.num_classes)
     except ValueError as e:
         raise CmkitError(f"net: {e}") from None
-    wrapper = ConsistencyFunction if config.is_consistency else EDMDenoiser
+    wrapper = {"consistency": ConsistencyFunction, "edm": EDMDenoiser}[m.kind]
     return wrapper(net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
                    sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data)
 
@@ -103,11 +102,18 @@ def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> tupl
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise CmkitError(f"{path}: weights do not match the config in its metadata: {e}") from None
-    model.tuned_sigmas = _tuned_sigmas(metadata.get("tuned_sigmas", "{}"), path)
+    model.tuned_sigmas = _parse_tuned_sigmas(metadata.get("tuned_sigmas", "{}"), path)
     return model.to(device).eval().requires_grad_(False), config
 
 
-def _tuned_sigmas(text: str, path: Path) -> dict[int, list[float]]:
+def tuned_sigmas(path: str | Path) -> dict[int, list[float]]:
+    """The sampling schedules ``cmkit tune-steps`` stored in an export, without loading the weights."""
+    path = resolve_model_path(path)
+    metadata, _ = _read_export(path, weights=False)
+    return _parse_tuned_sigmas(metadata.get("tuned_sigmas", "{}"), path)
+
+
+def _parse_tuned_sigmas(text: str, path: Path) -> dict[int, list[float]]:
     try:
         return {int(k): [float(s) for s in v] for k, v in json.loads(text).items()}
     except (ValueError, TypeError, AttributeError):
@@ -128,8 +134,6 @@ def save_state(state: dict[str, Any], run_dir: Path, *, images_seen: int, keep: 
     warn_if_low_disk(folder, _nbytes(state))
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
     for old in list_states(run_dir)[:-keep]:
         old.unlink()
     return path

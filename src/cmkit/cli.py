@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cmkit.config import PRESETS, Config, apply_overrides, preset
+from cmkit.config import PRESETS, Config, apply_overrides, preset, validate
 from cmkit.errors import CmkitError
 
 
 def build_config(args: argparse.Namespace) -> Config:
     """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
-    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum, then --set."""
+    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum, then --set; validated once, at the
+    end, so the order of the options never matters. A data folder is stored as an absolute path."""
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -35,7 +36,11 @@ def build_config(args: argparse.Namespace) -> Config:
              "precision": args.precision, "accum": args.accum}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
-    return apply_overrides(config, [kv for group in args.set for kv in group])
+    config = apply_overrides(config, [kv for group in args.set for kv in group])
+    if config.data.source not in KNOWN_DATASETS:
+        config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
+    validate(config)
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,19 +88,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from cmkit import dist
     from cmkit.checkpoint import load_export
     from cmkit.images import save_images, to_numpy_images
-    from cmkit.sampling import check_sigmas, default_sigmas, generate
+    from cmkit.sampling import check_sigmas, default_sigmas, generate, sampling_policy
 
     out = Path(args.out)
     check_output(out, (".png", ".npz"))
     if args.n < 1 or args.batch < 1:
         raise CmkitError(f"--n and --batch: expected positive counts, got {args.n} and {args.batch}")
     model, config = load_export(args.model, device=dist.init())
-    if args.sampler is not None and (args.sampler == "consistency") != config.is_consistency:
-        expected = "consistency" if config.is_consistency else "heun or euler"
-        raise CmkitError(f"--sampler {args.sampler}: this {'consistency' if config.is_consistency else 'diffusion'}"
-                         f" model samples with {expected}")
-    sampler = args.sampler or ("consistency" if config.is_consistency else "heun")
-    steps = _default_steps(config) if args.steps is None else args.steps
+    policy = sampling_policy(model)
+    if args.sampler is not None and args.sampler not in policy.samplers:
+        raise CmkitError(f"--sampler {args.sampler}: this {config.method.name} model samples with "
+                         f"{' or '.join(policy.samplers)}")
+    sampler = args.sampler or policy.sampler
+    steps = policy.steps if args.steps is None else args.steps
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else default_sigmas(model, steps)
     check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     if args.label is not None and not 0 <= args.label < max(model.num_classes, 1):
@@ -164,10 +169,6 @@ def _ints(text: str, flag: str, count: int) -> list[int]:
     return values
 
 
-def _default_steps(config: Config) -> int:
-    return 1 if config.is_consistency else 18
-
-
 def _parse_steps(text: str) -> list[int]:
     try:
         steps = [int(v) for v in text.split(",") if v.strip()]
@@ -199,6 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cmkit.checkpoint import load_export
     from cmkit.eval.evaluate import evaluate_model, image_features, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
+    from cmkit.sampling import sampling_policy
 
     for flag, path, suffixes in (("--out", args.out, (".json",)), ("--plot", args.plot, (".png",))):
         if path is not None:
@@ -211,11 +213,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
         model, config = load_export(source, device=dist.init())
-        steps = _parse_steps(args.steps or ("1,2,4" if config.is_consistency else "18"))
+        policy = sampling_policy(model)
+        steps = _parse_steps(args.steps) if args.steps else list(policy.eval_steps)
         extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
-        sampler = "consistency" if config.is_consistency else "heun"
         rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
-                              batch=args.batch, sampler=sampler)
+                              batch=args.batch, sampler=policy.sampler)
     report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
     if not dist.is_main():
         return 0
@@ -239,7 +241,7 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
     path = resolve_model_path(args.model)
     model, config = load_export(path, device=dist.init())
-    if not config.is_consistency:
+    if model.kind != "consistency":
         raise CmkitError(f"{path}: a diffusion model; tune-steps tunes consistency models")
     extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
     best, history = tune_two_step_sigma(model, n=args.n, extractor=extractor, reference=reference,

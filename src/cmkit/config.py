@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from cmkit.errors import CmkitError
+from cmkit.methods import (
+    METHODS,
+    CDConfig,
+    CTConfig,
+    ECTConfig,
+    EDMConfig,
+    ICTConfig,
+    MethodConfig,
+    convert_flat,
+    init_fields,
+    is_flat,
+    method_class,
+    switch_method,
+)
 
-METHODS = ("edm", "ct", "ict", "cd", "ect")
-TEACHER_METHODS = ("cd", "ect")  # methods that start from a trained diffusion model
 CHOICES: dict[str, tuple[str, ...]] = {
     "net.embedding": ("positional", "fourier"),
-    "method.name": METHODS,
-    "method.curriculum": ("sqrt", "exponential", "constant"),
-    "method.solver": ("heun", "euler"),
-    "method.index_sampling": ("uniform", "lognormal"),
-    "method.distance": ("l2", "pseudo-huber"),
-    "method.weighting": ("uniform", "inverse-gap"),
     "train.optimizer": ("adam", "radam"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
@@ -54,43 +61,6 @@ class DataConfig:
     resolution: int = 28
     channels: int = 1
     xflip: bool = False
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """The training method and its noise levels (recipes sections 1-6).
-
-    ``name`` is ``edm`` (diffusion teacher), ``ct``, ``ict``, ``cd`` (distillation) or ``ect`` (easy
-    consistency tuning). ``p_mean``/``p_std`` are the lognormal sigma distribution of EDM and ECT and the
-    discretised lognormal index distribution of iCT. ``s0``, ``s1``, ``mu0`` and ``curriculum`` define the
-    grid size N(k) and the target EMA rate mu(k): ``sqrt`` (CT), ``exponential`` (iCT) or ``constant``
-    (N = s1 + 1 and mu = mu0 throughout, as CD uses); ``mu0 = 0`` means the target is the student under
-    stop-grad. ``huber_c = 0`` selects c = 0.00054 * sqrt(D).
-
-    ``teacher`` is the diffusion model CD distils and ECT tunes (a cmkit export or run directory, or a
-    diffusers UNet folder); ``solver`` is CD's teacher ODE step. ECT's r(t) mapping advances one stage
-    every ``ect_stage_kimg`` thousand images, shrinking t - r by ``ect_q`` each time.
-    """
-
-    name: str = "ict"
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    sigma_data: float = 0.5
-    rho: float = 7.0
-    p_mean: float = -1.1
-    p_std: float = 2.0
-    curriculum: str = "exponential"
-    s0: int = 10
-    s1: int = 1280
-    mu0: float = 0.0
-    index_sampling: str = "lognormal"
-    distance: str = "pseudo-huber"
-    huber_c: float = 0.0
-    weighting: str = "inverse-gap"
-    teacher: str = ""
-    solver: str = "heun"
-    ect_q: float = 2.0
-    ect_stage_kimg: float = 3_200.0
 
 
 @dataclass(frozen=True)
@@ -128,39 +98,53 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
 
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps in the whole run: ``kimg`` thousand images in steps of ``batch``, rounded up."""
+        return math.ceil(self.kimg * 1000 / self.batch)
+
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run: preset name, backbone, data, method and loop."""
+    """A whole run: preset name, backbone, data, method and loop.
+
+    Building one checks nothing: :func:`validate` runs once the config is complete (``cmkit train`` after
+    the preset, the flags and every ``--set``; :meth:`from_dict` on what it reads; :func:`cmkit.train.train`).
+    """
 
     preset: str = "custom"
     net: NetConfig = field(default_factory=NetConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=ICTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        validate(self)
 
     @property
     def is_consistency(self) -> bool:
         """True for consistency models (ct, ict, cd, ect), False for the EDM diffusion denoiser."""
-        return self.method.name != "edm"
+        return self.method.kind == "consistency"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (tuples become lists)."""
+        """Plain JSON-able values (tuples become lists); the method section includes its ``name``."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> Config:
-        """Inverse of :meth:`to_dict`; unknown or ill-typed fields raise CmkitError naming ``where``."""
-        return _build(cls, data, where)
+        """Inverse of :meth:`to_dict`, validated; unknown, ill-typed or invalid fields raise CmkitError naming
+        ``where``. A method section written before per-method configs is converted (or refused with a message
+        saying how to convert it)."""
+        if not isinstance(data, dict):
+            raise CmkitError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        config = _build(cls, data, where)
+        validate(config, where=where)
+        return config
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise CmkitError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
+    if cls is MethodConfig:
+        return _build_method(data, where)
+    known = {f.name: f for f in fields(cls) if f.init}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise CmkitError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(known)}")
@@ -175,8 +159,24 @@ def _build(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
+def _build_method(data: dict[str, Any], where: str) -> MethodConfig:
+    """The method section: its ``name`` selects the class, the other fields must be that method's."""
+    if not isinstance(data.get("name"), str):
+        raise CmkitError(f"{where}.name: expected one of {', '.join(METHODS)}, got {data.get('name')!r}")
+    cls = method_class(data["name"], where=f"{where}.name")
+    own = convert_flat(data, where) if is_flat(data) else {k: v for k, v in data.items() if k != "name"}
+    unknown = sorted(set(own) - set(init_fields(cls)))
+    if unknown:
+        raise CmkitError(f"{where}: the {cls.name} method has no field(s) {', '.join(unknown)}; its fields: "
+                         f"{', '.join(init_fields(cls))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in own.items()})
+
+
 def _coerce(value: Any, kind: Any, key: str) -> Any:
     """Check ``value`` (a JSON value) against the annotation ``kind``; tuples come in as lists."""
+    if typing.get_origin(kind) is types.UnionType:  # ``X | None``
+        return None if value is None else _coerce(value, typing.get_args(kind)[0], key)
     if typing.get_origin(kind) is tuple:
         args = typing.get_args(kind)
         if not isinstance(value, list | tuple):
@@ -197,7 +197,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 
 
 def _parse_text(text: str, kind: Any, key: str) -> Any:
-    """Parse the text of ``--set key=text`` into the annotation ``kind``."""
+    """Parse the text of ``--set key=text`` into the annotation ``kind`` (``auto`` is None for ``X | None``)."""
+    if typing.get_origin(kind) is types.UnionType:
+        return None if text.lower() == "auto" else _parse_text(text, typing.get_args(kind)[0], key)
     if typing.get_origin(kind) is tuple:
         parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
         return _coerce([_parse_text(p.strip(), typing.get_args(kind)[0], key) for p in parts], kind, key)
@@ -210,68 +212,94 @@ def _parse_text(text: str, kind: Any, key: str) -> Any:
 
 
 def settable_keys(config: Config) -> dict[str, Any]:
-    """Every ``section.field`` key that ``--set`` accepts, with its annotation."""
-    keys = {}
+    """Every ``section.field`` key that ``--set`` accepts for ``config`` (its method's fields, and
+    ``method.name``), with its annotation."""
+    keys = {"method.name": str}
     for section in fields(config):
         sub = getattr(config, section.name)
         if dataclasses.is_dataclass(sub):
             hints = typing.get_type_hints(type(sub))
-            keys.update({f"{section.name}.{f.name}": hints[f.name] for f in fields(sub)})
+            keys.update({f"{section.name}.{f.name}": hints[f.name] for f in fields(sub) if f.init})
     return keys
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply ``key=value`` strings (``train.lr=2e-4``, ``net.channel_mult=1,2,2``) to ``config``."""
+    """Apply ``key=value`` strings (``train.lr=2e-4``, ``net.channel_mult=1,2,2``) to ``config``, in any order.
+
+    ``method.name=NAME`` switches the method first (keeping the noise range), then the other keys apply to
+    the new method's fields; a key the method does not have is an error listing the fields it has.
+    Nothing is validated here: see :func:`validate`.
+    """
+    pairs = [_split(item) for item in overrides]
+    for key, text in pairs:
+        if key == "method.name":
+            config = replace(config, method=switch_method(config.method, text))
     keys = settable_keys(config)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise CmkitError(f"--set {item}: expected key=value, for example train.lr=2e-4")
+    for key, text in pairs:
+        if key == "method.name":
+            continue
         if key not in keys:
-            raise CmkitError(f"--set: unknown key '{key}'; valid keys: {', '.join(keys)}")
+            raise CmkitError(_unknown_key(config, key, keys))
         section, name = key.split(".")
-        value = _parse_text(text.strip(), keys[key], key)
+        value = _parse_text(text, keys[key], key)
         config = replace(config, **{section: replace(getattr(config, section), **{name: value})})
     return config
 
 
-def validate(config: Config) -> None:
-    """Raise CmkitError for values no run can use (unknown choices, non-positive sizes)."""
+def _split(item: str) -> tuple[str, str]:
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise CmkitError(f"--set {item}: expected key=value, for example train.lr=2e-4")
+    return key.strip(), text.strip()
+
+
+def _unknown_key(config: Config, key: str, keys: dict[str, Any]) -> str:
+    if key.startswith("method."):
+        own = ", ".join(k for k in keys if k.startswith("method."))
+        return f"--set {key}: the {config.method.name} method has no field '{key[7:]}'; its fields: {own}"
+    return f"--set: unknown key '{key}'; valid keys: {', '.join(keys)}"
+
+
+def validate(config: Config, *, where: str = "") -> None:
+    """Raise CmkitError for values no run can use (unknown choices, non-positive sizes, a method's own
+    constraints), naming the first problem; ``where`` (a file) prefixes the message."""
+    problems = _problems(config) + config.method.problems()
+    if problems:
+        raise CmkitError(f"{where}: {problems[0]}" if where else problems[0])
+
+
+def _problems(config: Config) -> list[str]:
+    out = []
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value not in choices:
-            raise CmkitError(f"{key}: unknown value '{value}'; expected one of {', '.join(choices)}")
-    m, t, d = config.method, config.train, config.data
+            out.append(f"{key}: unknown value '{value}'; expected one of {', '.join(choices)}")
+    t, d = config.train, config.data
     positive = {
         "train.kimg": t.kimg, "train.batch": t.batch, "train.lr": t.lr, "data.resolution": d.resolution,
-        "net.model_channels": config.net.model_channels, "method.sigma_data": m.sigma_data,
-        "method.sigma_min": m.sigma_min, "method.s0": m.s0, "train.keep_ckpts": t.keep_ckpts,
+        "net.model_channels": config.net.model_channels, "train.keep_ckpts": t.keep_ckpts,
         "train.max_nonfinite": t.max_nonfinite, "train.accum": t.accum,
         "train.ckpt_kimg": t.ckpt_kimg, "train.snap_kimg": t.snap_kimg, "train.log_kimg": t.log_kimg,
-        "method.p_std": m.p_std, "method.ect_stage_kimg": m.ect_stage_kimg,
     }
-    for key, value in positive.items():
-        if not (value > 0 and math.isfinite(value)):
-            raise CmkitError(f"{key}: expected a positive number, got {value}")
+    out += [f"{key}: expected a positive number, got {value}" for key, value in positive.items()
+            if not (value > 0 and math.isfinite(value))]
     checks = [
         (d.channels in (1, 3), f"data.channels: expected 1 or 3, got {d.channels}"),
         (config.net.num_classes >= 0, f"net.num_classes: expected >= 0, got {config.net.num_classes}"),
-        (m.sigma_max > m.sigma_min, f"method.sigma_max: expected > sigma_min, got {m.sigma_max}"),
-        (m.s1 >= m.s0, f"method.s1: expected >= s0 ({m.s0}), got {m.s1}"),
-        (0 <= m.mu0 < 1, f"method.mu0: expected a value in [0, 1), got {m.mu0}"),
         (0 <= config.net.dropout < 1, f"net.dropout: expected a value in [0, 1), got {config.net.dropout}"),
-        (m.huber_c >= 0, f"method.huber_c: expected >= 0, got {m.huber_c}"),
-        (m.ect_q > 1, f"method.ect_q: expected a ratio > 1, got {m.ect_q}"),
         (t.grad_clip >= 0 and t.warmup_kimg >= 0, "train.grad_clip and train.warmup_kimg: expected >= 0"),
         (t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_halflife_kimg/ema_rampup: expected >= 0"),
         (all(0 <= b < 1 for b in t.betas), f"train.betas: expected values in [0, 1), got {t.betas}"),
         (t.batch % t.accum == 0, f"train.batch={t.batch}: expected a multiple of train.accum={t.accum}"),
+        # The loss replays the generators so student and target draw one dropout mask; a compiled network
+        # draws its masks with its own generator, so that guarantee would not hold.
+        (not (t.compile and config.net.dropout > 0 and config.method.kind == "consistency"),
+         f"train.compile=true with net.dropout={config.net.dropout}: a compiled network does not replay the "
+         "dropout mask that a consistency loss's student and target must share; set train.compile=false or "
+         "net.dropout=0"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise CmkitError(message)
+    return out + [message for ok, message in checks if not ok]
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -282,16 +310,13 @@ _CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
                        dropout=0.13)
 _CIFAR_DATA = DataConfig(source="cifar10", resolution=32, channels=3, xflip=True)
 
-_EDM = MethodConfig(name="edm", p_mean=-1.2, p_std=1.2, curriculum="sqrt", s0=2, s1=150, mu0=0.0,
-                    index_sampling="uniform", distance="l2", weighting="uniform")
-_CT = MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=150, mu0=0.9, index_sampling="uniform",
-                   distance="l2", weighting="uniform")
-_ICT = MethodConfig(name="ict")
+_EDM = EDMConfig(p_mean=-1.2, p_std=1.2)
+_CT = CTConfig(s0=2, s1=150, mu0=0.9, distance="l2")
+_ICT = ICTConfig()
 # CD (CM paper, Alg. 2 and Table 3): fixed N = 18 Karras levels, Heun teacher step, uniform pair index.
-_CD = MethodConfig(name="cd", curriculum="constant", s0=17, s1=17, mu0=0.0, index_sampling="uniform",
-                   distance="l2", weighting="uniform")
+_CD = CDConfig(num_scales=18, mu=0.0, solver="heun", distance="l2")
 # ECT (Geng et al. 2024): ln t ~ N(-1.1, 2^2), q = 2, weight 1 / (t - r), pseudo-Huber with a small c.
-_ECT = MethodConfig(name="ect", p_mean=-1.1, p_std=2.0, ect_q=2.0, distance="pseudo-huber", weighting="inverse-gap")
+_ECT = ECTConfig(p_mean=-1.1, p_std=2.0, q=2.0, distance="pseudo-huber")
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-edm": (
@@ -316,13 +341,13 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # turned into noise textures within 6k images (4e-4) or 12k (1e-4); mu = 0.95 or 0.9 stayed stable.
     "fmnist-cd": (
         "Consistency distillation (CD) from an fmnist-edm teacher (--teacher): N=18, Heun, mu=0.95, pseudo-Huber",
-        Config(preset="fmnist-cd", net=_FMNIST_NET, method=replace(_CD, distance="pseudo-huber", mu0=0.95),
+        Config(preset="fmnist-cd", net=_FMNIST_NET, method=replace(_CD, distance="pseudo-huber", mu=0.95),
                train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
                                  ckpt_kimg=25, snap_kimg=25)),
     ),
     "fmnist-ect": (
         "Easy consistency tuning (ECT) of an fmnist-edm teacher (--teacher): q=2, a stage every 6k images",
-        Config(preset="fmnist-ect", net=_FMNIST_NET, method=replace(_ECT, ect_stage_kimg=6),
+        Config(preset="fmnist-ect", net=_FMNIST_NET, method=replace(_ECT, stage_kimg=6),
                train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
                                  ckpt_kimg=25, snap_kimg=25)),
     ),
@@ -352,7 +377,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "cifar10-ect": (
         "ECT as published: batch 128, RAdam 1e-4, dropout 0.2, q=2, a stage every 25k iterations, 400k it",
         Config(preset="cifar10-ect", net=replace(_CIFAR_NET, dropout=0.2), data=_CIFAR_DATA,
-               method=replace(_ECT, ect_stage_kimg=3_200),
+               method=replace(_ECT, stage_kimg=3_200),
                # EMA 0.9999 per iteration at batch 128: a half-life of 6,931 iterations (887 kimg).
                train=TrainConfig(kimg=51_200, batch=128, optimizer="radam", lr=1e-4, ema_halflife_kimg=887,
                                  ema_rampup=0.0, ckpt_kimg=1_000, snap_kimg=1_000, log_kimg=25)),

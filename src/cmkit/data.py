@@ -9,7 +9,6 @@ the item stream), so a run resumed at any images-seen count draws exactly the ba
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import struct
 import zlib
@@ -34,6 +33,7 @@ from cmkit.readers import (
     read_cifar_split,
     read_idx_split,
 )
+from cmkit.rng import derive_seed
 
 __all__ = [
     "KNOWN_DATASETS",
@@ -321,16 +321,10 @@ def batch_indices(num_items: int, batch_size: int, *, seed: int, start: int) -> 
     return torch.cat(parts)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    """A 63-bit generator seed derived from (seed, epoch) by hashing, so nearby pairs are unrelated."""
-    digest = hashlib.sha256(f"cmkit-epoch:{seed}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """int64 [num_items] permutation for one epoch; cached, so callers must not modify it."""
-    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
     return torch.randperm(num_items, generator=generator)
 
 

@@ -9,7 +9,7 @@ How randomness is split so that N processes train exactly like one process with 
 - The data order is a pure function of the images seen (:func:`cmkit.data.batch_indices`); process r of W
   takes rows ``[r B/W, (r+1) B/W)`` of each global batch of B, and splits them into ``accum`` micro-batches.
 - Per-sample randomness (noise levels, noise, pair indices, flips) is keyed by the global batch, not by the
-  process: :class:`BatchNoise` draws for all B rows from a generator seeded by (seed, step) and keeps this
+  process: :class:`cmkit.rng.BatchNoise` draws for all B rows from a generator seeded by (seed, step) and keeps this
   process's rows. Every sample therefore gets the same noise at any world size or accumulation, and the
   gradients, averaged over processes by DDP, equal the one-process gradients up to float summation order.
 - Dropout masks are drawn inside the network from the global generator, which the loop seeds per micro-batch
@@ -23,8 +23,8 @@ How randomness is split so that N processes train exactly like one process with 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -172,74 +172,15 @@ def gather_in_order(local: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-# ------------------------------------------------------------------------------- per-sample randomness
-
-def derive_seed(*keys: int | str) -> int:
-    """A 63-bit seed hashed from ``keys`` (e.g. the run seed, a stream name, the step), unrelated for near keys."""
-    digest = hashlib.sha256(":".join(map(str, ("cmkit", *keys))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-class BatchNoise:
-    """Random numbers for rows ``[start, start + n)`` of a global batch of ``total`` samples.
-
-    Each draw generates values for all ``total`` rows from generators seeded with ``seed`` (one per device,
-    created on first use) and returns this process's rows, so sample i gets the same numbers however the
-    batch is split over processes and micro-batches, provided every split makes the same sequence of draws.
-    """
-
-    def __init__(self, seed: int, *, start: int, total: int) -> None:
-        if not 0 <= start < total:
-            raise ValueError(f"BatchNoise: start {start} outside a batch of {total}")
-        self.seed, self.start, self.total = seed, start, total
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def _generator(self, device: torch.device | str) -> torch.Generator:
-        device = torch.device(device)
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[device]
-
-    def _rows(self, values: Tensor, n: int) -> Tensor:
-        if self.start + n > self.total:
-            raise ValueError(f"BatchNoise: rows {self.start}..{self.start + n} outside a batch of {self.total}")
-        return values[self.start:self.start + n]
-
-    def randn(self, n: int, *shape: int, device: torch.device | str = "cpu") -> Tensor:
-        """Standard normal float32 [n, *shape]."""
-        return self._rows(torch.randn((self.total, *shape), generator=self._generator(device), device=device), n)
-
-    def rand(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        """Uniform [0, 1) float32 [n]."""
-        return self._rows(torch.rand(self.total, generator=self._generator(device), device=device), n)
-
-    def randint(self, high: int, n: int) -> Tensor:
-        """Uniform integers in [0, high), int64 [n] on the CPU."""
-        return self._rows(torch.randint(0, high, (self.total,), generator=self._generator("cpu")), n)
-
-    def multinomial(self, probs: Tensor, n: int) -> Tensor:
-        """Indices drawn with replacement from the CPU weights ``probs`` [K], int64 [n] on the CPU."""
-        return self._rows(torch.multinomial(probs, self.total, replacement=True, generator=self._generator("cpu")),
-                          n)
-
-
-class GlobalNoise:
-    """The :class:`BatchNoise` interface drawing ``n`` rows from torch's global generators (a whole batch)."""
-
-    def randn(self, n: int, *shape: int, device: torch.device | str = "cpu") -> Tensor:
-        return torch.randn((n, *shape), device=device)
-
-    def rand(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        return torch.rand(n, device=device)
-
-    def randint(self, high: int, n: int) -> Tensor:
-        return torch.randint(0, high, (n,))
-
-    def multinomial(self, probs: Tensor, n: int) -> Tensor:
-        return torch.multinomial(probs, n, replacement=True)
-
-
-Noise = BatchNoise | GlobalNoise
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torchrun; ``model`` itself in one process."""
+    if world_size() == 1:
+        return model
+    # 1x1-conv gradients [C, C, 1, 1] arrive with other (equivalent) strides for their size-1 dims
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+                                               gradient_as_bucket_view=True)
 
 
 def check_batch(batch: int, accum: int) -> int:

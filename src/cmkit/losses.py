@@ -1,10 +1,16 @@
-"""Training losses: small classes returning one loss per sample.
+"""Training losses: small classes returning one loss per sample, built from a method config by :func:`make_loss`.
 
-Every loss is called as ``loss(model, x0, labels, step=k, total_steps=K, target=None)`` and returns a
-float32 tensor [N]. Reduction, backward and the update of any target network belong to the training loop;
-``target_decay(k, K)`` tells the loop the target EMA rate (None: the loss needs no target network) and
-``stats(k, K)`` the schedule values worth logging.
-Per-sample randomness comes from ``noise`` (a :class:`cmkit.dist.BatchNoise` keyed by the global batch, so
+Every loss is called as ``loss(model, x0, labels, *, images_seen, target=None, noise=None)`` and returns a
+float32 tensor [N]; training progress is always the number of training images seen so far. Reduction,
+backward and the update of any target network belong to the training loop: ``target_decay(images_seen)``
+tells it the target network's EMA rate (None: no target network, the target is the student under stop-grad)
+and ``stats(images_seen)`` the schedule values worth logging.
+
+The consistency methods (CT, iCT, CD, ECT) are one :class:`ConsistencyLoss` composed of parts: a pair sampler
+(which two noise levels), a target point (where the target network looks), a weighting and a distance.
+Adding a method means adding its config (:mod:`cmkit.methods`) and a builder registered with :func:`builds`.
+
+Per-sample randomness comes from ``noise`` (a :class:`cmkit.rng.BatchNoise` keyed by the global batch, so
 samples get the same numbers at any world size; torch's global generators by default); dropout masks come
 from torch's global generators, which the loop seeds per micro-batch.
 """
@@ -12,17 +18,22 @@ from torch's global generators, which the loop seeds per micro-batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from cmkit import schedules
-from cmkit.config import MethodConfig
-from cmkit.dist import GlobalNoise, Noise
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig
+from cmkit.rng import GlobalNoise, RowNoise
 from cmkit.sampling import ode_step
+
+Weighting = Callable[[Tensor, Tensor], Tensor]
+PairSampler = Callable[[int, int, RowNoise, torch.device], tuple[Tensor, Tensor]]
+TargetPoint = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 @contextlib.contextmanager
@@ -43,166 +54,213 @@ class EDMLoss:
     def __init__(self, *, p_mean: float, p_std: float, sigma_data: float) -> None:
         self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
 
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
-                 target: nn.Module | None = None, noise: Noise | None = None) -> Tensor:
+    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+                 target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         noise, n = noise or GlobalNoise(), x0.shape[0]
         sigma = (noise.randn(n, device=x0.device) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise.randn(*x0.shape, device=x0.device), sigma, labels)
         return weight * (denoised - x0).pow(2).flatten(1).mean(1)
 
-    def target_decay(self, step: int, total_steps: int) -> float | None:
+    def target_decay(self, images_seen: int) -> float | None:
         return None
 
-    def stats(self, step: int, total_steps: int) -> dict[str, float]:
+    def stats(self, images_seen: int) -> dict[str, float]:
         return {}
 
 
-class ConsistencyLoss:
-    """Consistency training (CT, CM paper Alg. 3; iCT, Song and Dhariwal 2023) and consistency distillation
-    (CD, CM paper Alg. 2) as settings of one loss.
+# ------------------------------------------------------------------ pair samplers: (n, images_seen) -> levels
 
-    For a pair of adjacent grid levels sigma_n < sigma_{n+1} and one noise z, ``x_next = x0 + sigma_{n+1} z``:
-    ``lambda(sigma_n) d(f(x_next, sigma_{n+1}), stopgrad f_target(x_hat, sigma_n))``. Without a teacher
-    (CT, iCT) ``x_hat = x0 + sigma_n z``; with one (CD) ``x_hat`` is one Euler or Heun step of the teacher's
-    probability-flow ODE from ``x_next`` down to sigma_n. The target is ``target`` when given (an EMA of the
-    student), else the student under stop-grad. Both forward passes see the same dropout mask.
-    """
+class GridPairs:
+    """Adjacent levels (sigma_i, sigma_{i+1}) of the ascending Karras grid of ``num_scales(images_seen)`` points
+    (CM paper, Alg. 2 and 3); the index i is uniform, or drawn from ``index_probs(grid)`` (iCT's lognormal)."""
 
-    def __init__(self, *, curriculum: str, s0: int, s1: int, mu0: float, index_sampling: str,
-                 p_mean: float, p_std: float, distance: Distance, weighting: str,
-                 sigma_min: float, sigma_max: float, rho: float, teacher: nn.Module | None = None,
-                 heun: bool = True) -> None:
-        self.curriculum, self.s0, self.s1, self.mu0 = curriculum, s0, s1, mu0
-        self.index_sampling, self.p_mean, self.p_std = index_sampling, p_mean, p_std
-        self.distance, self.weighting = distance, weighting
+    def __init__(self, num_scales: Callable[[int], int], *, sigma_min: float, sigma_max: float, rho: float,
+                 index_probs: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.num_scales, self.index_probs = num_scales, index_probs
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
-        self.teacher, self.heun = teacher, heun
 
-    def num_scales(self, step: int, total_steps: int) -> int:
-        """N(k): the grid size at step k of K (CT: sqrt curriculum; iCT: exponential; CD: constant s1 + 1)."""
-        if self.curriculum == "constant":
-            return self.s1 + 1
-        rule = schedules.ct_num_scales if self.curriculum == "sqrt" else schedules.ict_num_scales
-        return rule(step, total_steps, s0=self.s0, s1=self.s1)
+    def __call__(self, n: int, images_seen: int, noise: RowNoise, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(sigma_lo, sigma_hi), float32 [n] each on ``device``."""
+        size = self.num_scales(images_seen)
+        grid = schedules.karras_sigmas(size, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
+        idx = noise.randint(size - 1, n) if self.index_probs is None else noise.multinomial(self.index_probs(grid), n)
+        grid, idx = grid.float().to(device), idx.to(device)
+        return grid[idx], grid[idx + 1]
 
-    def target_decay(self, step: int, total_steps: int) -> float | None:
-        """mu(k) for the target network, or None when the target is the student itself (mu0 = 0)."""
-        if self.mu0 == 0:
-            return None
-        if self.curriculum == "constant":
-            return self.mu0
-        return schedules.ct_target_decay(self.num_scales(step, total_steps), s0=self.s0, mu0=self.mu0)
-
-    def stats(self, step: int, total_steps: int) -> dict[str, float]:
-        return {"num_scales": self.num_scales(step, total_steps),
-                "target_decay": self.target_decay(step, total_steps) or 0.0}
-
-    def sample_pairs(self, n: int, num_scales: int, device: torch.device,
-                     noise: Noise | None = None) -> tuple[Tensor, Tensor]:
-        """Draw n adjacent pairs (sigma_i, sigma_{i+1}) of the N-point grid, float32 [n] each."""
-        noise = noise or GlobalNoise()
-        sigmas = schedules.karras_sigmas(num_scales, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-                                         rho=self.rho)
-        if self.index_sampling == "uniform":
-            idx = noise.randint(num_scales - 1, n)
-        else:
-            probs = schedules.lognormal_index_probs(sigmas, p_mean=self.p_mean, p_std=self.p_std)
-            idx = noise.multinomial(probs, n)
-        sigmas = sigmas.float().to(device)
-        return sigmas[idx.to(device)], sigmas[idx.to(device) + 1]
-
-    def target_point(self, x0: Tensor, x_next: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: Tensor,
-                     labels: Tensor | None) -> Tensor:
-        """x at sigma_n: the unbiased estimate x0 + sigma_n z (CT), or the teacher's ODE step (CD)."""
-        if self.teacher is None:
-            return x0 + sigma_lo.view(-1, 1, 1, 1) * z
-        with torch.no_grad():
-            return ode_step(self.teacher, x_next, sigma_hi, sigma_lo, labels, heun=self.heun)
-
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
-                 target: nn.Module | None = None, noise: Noise | None = None) -> Tensor:
-        noise = noise or GlobalNoise()
-        sigma_lo, sigma_hi = self.sample_pairs(x0.shape[0], self.num_scales(step, total_steps), x0.device, noise)
-        z = noise.randn(*x0.shape, device=x0.device)
-        x_next = x0 + sigma_hi.view(-1, 1, 1, 1) * z
-        x_hat = self.target_point(x0, x_next, z, sigma_lo, sigma_hi, labels)
-        with replayed_randomness(x0.device):
-            student = model(x_next, sigma_hi, labels)
-        with torch.no_grad():
-            teacher = (model if target is None else target)(x_hat, sigma_lo, labels)
-        return gap_weight(self.weighting, sigma_lo, sigma_hi) * self.distance(student, teacher)
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return {"num_scales": self.num_scales(images_seen)}
 
 
-class EasyConsistencyTuningLoss:
-    """Easy consistency tuning, ECT (Geng et al. 2024; recipes section 6), continuous time.
+class ECTPairs:
+    """ECT's continuous pairs (Geng et al. 2024): ln t ~ N(P_mean, P_std^2) clamped to [sigma_min, sigma_max],
+    r = r(t) of the stage reached after ``images_seen`` images (:func:`cmkit.schedules.ect_r`; r may be 0)."""
 
-    ln t ~ N(P_mean, P_std^2) (clamped to [sigma_min, sigma_max]); r = r(t) of the current stage
-    (:func:`cmkit.schedules.ect_r`); one z for ``x_t = x0 + t z`` and ``x_r = x0 + r z`` and one dropout mask
-    for both passes; loss ``lambda d(f(x_t, t), stopgrad f(x_r, r))`` with lambda = 1 / (t - r) (``inverse-gap``).
-    Where r <= sigma_min the target is the clean image x0 (f(x, eps) = x), so early ECT is diffusion training.
-    """
-
-    def __init__(self, *, p_mean: float, p_std: float, q: float, stage_kimg: float, batch: int,
-                 distance: Distance, weighting: str, sigma_min: float, sigma_max: float) -> None:
-        self.p_mean, self.p_std, self.q, self.stage_kimg, self.batch = p_mean, p_std, q, stage_kimg, batch
-        self.distance, self.weighting = distance, weighting
+    def __init__(self, *, p_mean: float, p_std: float, q: float, stage_kimg: float, sigma_min: float,
+                 sigma_max: float) -> None:
+        self.p_mean, self.p_std, self.q, self.stage_kimg = p_mean, p_std, q, stage_kimg
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
-    def stage(self, step: int) -> int:
-        return schedules.ect_stage(step * self.batch, stage_kimg=self.stage_kimg)
+    def __call__(self, n: int, images_seen: int, noise: RowNoise, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(r, t), float32 [n] each on ``device``."""
+        t = (noise.randn(n, device=device) * self.p_std + self.p_mean).exp().clamp(self.sigma_min, self.sigma_max)
+        return schedules.ect_r(t, stage=self.stage(images_seen), q=self.q), t
 
-    def target_decay(self, step: int, total_steps: int) -> float | None:
-        return None
+    def stage(self, images_seen: int) -> int:
+        return schedules.ect_stage(images_seen, stage_kimg=self.stage_kimg)
 
-    def stats(self, step: int, total_steps: int) -> dict[str, float]:
-        return {"stage": self.stage(step)}
-
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, step: int, total_steps: int,
-                 target: nn.Module | None = None, noise: Noise | None = None) -> Tensor:
-        noise = noise or GlobalNoise()
-        t = (noise.randn(x0.shape[0], device=x0.device) * self.p_std + self.p_mean).exp()
-        t = t.clamp(self.sigma_min, self.sigma_max)
-        r = schedules.ect_r(t, stage=self.stage(step), q=self.q)
-        weight = gap_weight(self.weighting, r, t)
-        z = noise.randn(*x0.shape, device=x0.device)
-        with replayed_randomness(x0.device):
-            student = model(x0 + t.view(-1, 1, 1, 1) * z, t, labels)
-        clean = (r <= self.sigma_min).view(-1, 1, 1, 1)
-        r = r.clamp(min=self.sigma_min)
-        with torch.no_grad():
-            teacher = torch.where(clean, x0, model(x0 + r.view(-1, 1, 1, 1) * z, r, labels))
-        return weight * self.distance(student, teacher)
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return {"stage": self.stage(images_seen)}
 
 
-def gap_weight(weighting: str, sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
-    """lambda: 1 (``uniform``: CT, CD) or 1 / (sigma_hi - sigma_lo) (``inverse-gap``: iCT, ECT), float32 [N]."""
-    if weighting == "uniform":
-        return torch.ones_like(sigma_lo)
+# ----------------------------------------------------------- target points: where the target network looks
+
+def data_point(x0: Tensor, x_hi: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: Tensor,
+               labels: Tensor | None) -> Tensor:
+    """The unbiased estimate ``x0 + sigma_lo z`` of x at the lower level (CT, iCT, ECT)."""
+    return x0 + sigma_lo.view(-1, 1, 1, 1) * z
+
+
+class TeacherStep:
+    """x at the lower level by one Euler or Heun step of the teacher's probability-flow ODE from ``x_hi``
+    (CD, CM paper Alg. 2); the teacher is a diffusion denoiser ``(x, sigma, labels) -> x0``."""
+
+    def __init__(self, teacher: nn.Module, *, heun: bool) -> None:
+        self.teacher, self.heun = teacher, heun
+
+    @torch.no_grad()
+    def __call__(self, x0: Tensor, x_hi: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: Tensor,
+                 labels: Tensor | None) -> Tensor:
+        return ode_step(self.teacher, x_hi, sigma_hi, sigma_lo, labels, heun=self.heun)
+
+
+# ------------------------------------------------------------------------- weightings lambda(lo, hi) [N]
+
+def uniform_weight(sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
+    """lambda = 1 (CT, CD)."""
+    return torch.ones_like(sigma_lo)
+
+
+def inverse_gap_weight(sigma_lo: Tensor, sigma_hi: Tensor) -> Tensor:
+    """lambda = 1 / (sigma_hi - sigma_lo) (iCT, ECT)."""
     return 1 / (sigma_hi - sigma_lo)
 
 
-Loss = EDMLoss | ConsistencyLoss | EasyConsistencyTuningLoss
+class ConsistencyLoss:
+    """The consistency loss of CT, iCT, CD and ECT, composed of its parts.
+
+    For levels sigma_lo < sigma_hi from ``pairs`` and one noise z, ``x_hi = x0 + sigma_hi z`` and
+    ``x_lo = point(...)``: ``weight(lo, hi) d(f(x_hi, sigma_hi), stopgrad f_target(x_lo, sigma_lo))``. The
+    target network is ``target`` when given (an EMA of the student), else the student under stop-grad; it
+    is evaluated at max(sigma_lo, sigma_min), where f(x, sigma_min) = x exactly (so a pair with sigma_lo = 0
+    targets x_lo itself). Both forward passes see the same dropout mask.
+    """
+
+    def __init__(self, *, pairs: GridPairs | ECTPairs, point: TargetPoint, weight: Weighting, distance: Distance,
+                 target_decay: Callable[[int], float | None], sigma_min: float) -> None:
+        self.pairs, self.point, self.weight, self.distance = pairs, point, weight, distance
+        self._target_decay, self.sigma_min = target_decay, sigma_min
+
+    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+                 target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
+        noise = noise or GlobalNoise()
+        sigma_lo, sigma_hi = self.pairs(x0.shape[0], images_seen, noise, x0.device)
+        z = noise.randn(*x0.shape, device=x0.device)
+        x_hi = x0 + sigma_hi.view(-1, 1, 1, 1) * z
+        x_lo = self.point(x0, x_hi, z, sigma_lo, sigma_hi, labels)
+        with replayed_randomness(x0.device):
+            prediction = model(x_hi, sigma_hi, labels)
+        with torch.no_grad():
+            goal = (model if target is None else target)(x_lo, sigma_lo.clamp(min=self.sigma_min), labels)
+        return self.weight(sigma_lo, sigma_hi) * self.distance(prediction, goal)
+
+    def target_decay(self, images_seen: int) -> float | None:
+        """The target network's EMA rate mu after ``images_seen`` images, or None (no target network)."""
+        return self._target_decay(images_seen)
+
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return {**self.pairs.stats(images_seen), "target_decay": self.target_decay(images_seen) or 0.0}
 
 
-def make_loss(method: MethodConfig, *, dim: int, batch: int, teacher: nn.Module | None = None) -> Loss:
+Loss = EDMLoss | ConsistencyLoss
+LossBuilder = Callable[..., Loss]
+BUILDERS: dict[str, LossBuilder] = {}
+
+
+def builds(name: str) -> Callable[[LossBuilder], LossBuilder]:
+    """Register a loss builder ``fn(method, *, dim, total_images, teacher) -> Loss`` for method ``name``."""
+    def register(fn: LossBuilder) -> LossBuilder:
+        BUILDERS[name] = fn
+        return fn
+    return register
+
+
+def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.Module | None = None) -> Loss:
     """The loss a method config describes.
 
-    ``dim`` is D, the number of values in one sample; ``batch`` the images per step (ECT's stage clock);
-    ``teacher`` the diffusion denoiser CD takes its ODE step with (required for ``cd``, unused otherwise).
+    ``dim`` is D, the number of values in one sample; ``total_images`` the run's length in training images
+    (the curricula's K); ``teacher`` the diffusion denoiser CD takes its ODE step with.
     """
-    distance = make_distance(method.distance, dim=dim, c=method.huber_c)
-    if method.name == "edm":
-        return EDMLoss(p_mean=method.p_mean, p_std=method.p_std, sigma_data=method.sigma_data)
-    if method.name == "ect":
-        return EasyConsistencyTuningLoss(p_mean=method.p_mean, p_std=method.p_std, q=method.ect_q,
-                                         stage_kimg=method.ect_stage_kimg, batch=batch, distance=distance,
-                                         weighting=method.weighting, sigma_min=method.sigma_min,
-                                         sigma_max=method.sigma_max)
-    if method.name == "cd" and teacher is None:
+    return BUILDERS[method.name](method, dim=dim, total_images=total_images, teacher=teacher)
+
+
+def _no_target(images_seen: int) -> None:
+    return None
+
+
+def _grid(method: CTConfig | ICTConfig | CDConfig, num_scales: Callable[[int], int], **kw) -> GridPairs:
+    return GridPairs(num_scales, sigma_min=method.sigma_min, sigma_max=method.sigma_max, rho=method.rho, **kw)
+
+
+def _distance(method: CTConfig | ICTConfig | CDConfig | ECTConfig, dim: int) -> Distance:
+    return make_distance(method.distance, dim=dim, c=method.huber_c)
+
+
+@builds("edm")
+def _edm(method: EDMConfig, **_) -> EDMLoss:
+    return EDMLoss(p_mean=method.p_mean, p_std=method.p_std, sigma_data=method.sigma_data)
+
+
+@builds("ct")
+def _ct(method: CTConfig, *, dim: int, total_images: int, **_) -> ConsistencyLoss:
+    """CT (CM paper, Alg. 3): sqrt curriculum N(k), uniform pairs, weight 1, target EMA mu(k)."""
+    num_scales = functools.partial(schedules.ct_num_scales, total=total_images, s0=method.s0, s1=method.s1)
+
+    def target_decay(images_seen: int) -> float | None:
+        if method.mu0 == 0:
+            return None
+        return schedules.ct_target_decay(num_scales(images_seen), s0=method.s0, mu0=method.mu0)
+
+    return ConsistencyLoss(pairs=_grid(method, num_scales), point=data_point, weight=uniform_weight,
+                           distance=_distance(method, dim), target_decay=target_decay, sigma_min=method.sigma_min)
+
+
+@builds("ict")
+def _ict(method: ICTConfig, *, dim: int, total_images: int, **_) -> ConsistencyLoss:
+    """iCT (Song and Dhariwal 2023): exponential N(k), lognormal pair index, 1 / gap weight, no target EMA."""
+    num_scales = functools.partial(schedules.ict_num_scales, total=total_images, s0=method.s0, s1=method.s1)
+    probs = functools.partial(schedules.lognormal_index_probs, p_mean=method.p_mean, p_std=method.p_std)
+    return ConsistencyLoss(pairs=_grid(method, num_scales, index_probs=probs), point=data_point,
+                           weight=inverse_gap_weight, distance=_distance(method, dim), target_decay=_no_target,
+                           sigma_min=method.sigma_min)
+
+
+@builds("cd")
+def _cd(method: CDConfig, *, dim: int, teacher: nn.Module | None, **_) -> ConsistencyLoss:
+    """CD (CM paper, Alg. 2): a fixed grid, uniform pairs, the teacher's ODE step, weight 1, target EMA mu."""
+    if teacher is None:
         raise CmkitError("method cd: a diffusion teacher is required; pass --teacher MODEL")
-    return ConsistencyLoss(
-        curriculum=method.curriculum, s0=method.s0, s1=method.s1, mu0=method.mu0,
-        index_sampling=method.index_sampling, p_mean=method.p_mean, p_std=method.p_std, distance=distance,
-        weighting=method.weighting, sigma_min=method.sigma_min, sigma_max=method.sigma_max, rho=method.rho,
-        teacher=teacher if method.name == "cd" else None, heun=method.solver == "heun")
+    return ConsistencyLoss(pairs=_grid(method, lambda images_seen: method.num_scales, index_probs=None),
+                           point=TeacherStep(teacher, heun=method.solver == "heun"), weight=uniform_weight,
+                           distance=_distance(method, dim),
+                           target_decay=lambda images_seen: method.mu if method.mu > 0 else None,
+                           sigma_min=method.sigma_min)
+
+
+@builds("ect")
+def _ect(method: ECTConfig, *, dim: int, **_) -> ConsistencyLoss:
+    """ECT (Geng et al. 2024): continuous (r, t) pairs, the clean image where r = 0, weight 1 / (t - r)."""
+    pairs = ECTPairs(p_mean=method.p_mean, p_std=method.p_std, q=method.q, stage_kimg=method.stage_kimg,
+                     sigma_min=method.sigma_min, sigma_max=method.sigma_max)
+    return ConsistencyLoss(pairs=pairs, point=data_point, weight=inverse_gap_weight, distance=_distance(method, dim),
+                           target_decay=_no_target, sigma_min=method.sigma_min)

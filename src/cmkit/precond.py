@@ -13,9 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-# In eval mode the backbone sees batches padded to a multiple of this many rows: see Preconditioned.forward.
-BATCH_QUANTUM = 16
-
 
 class Preconditioned(nn.Module):
     """Base wrapper: subclasses define :meth:`coefficients`.
@@ -47,36 +44,13 @@ class Preconditioned(nn.Module):
         """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; labels: [N] int64 or None.
 
         Returns the estimate of x0, [N, C, H, W] float32. The coefficients are computed in float32 even
-        under autocast. In eval mode a row's result does not depend on the other rows of the batch: see
-        :meth:`backbone`.
+        under autocast.
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
         x = x.to(torch.float32)
-        out = self.backbone(x * c_in, c_noise.flatten(), labels)
+        out = self.net(x * c_in, c_noise.flatten(), labels)
         return c_skip * x + c_out * out.to(torch.float32)
-
-    def backbone(self, x_in: Tensor, c_noise: Tensor, labels: Tensor | None) -> Tensor:
-        """``net(x_in, c_noise, labels)``; in eval mode on the batch padded to a multiple of BATCH_QUANTUM rows
-        (copies of the last row), the extra rows dropped.
-
-        CPU BLAS kernels for small matrices round differently from those for large ones (seen: 2e-7 in the
-        noise embedding's linear layers for batches of 1-3, 5-7 and 9-11 rows on a 2-core AMD EPYC), which can
-        move a sampled pixel by one uint8 level. A seed identifies an image, so sampling, editing and evaluation
-        (eval mode) keep every row on the large-matrix kernels. The math is the same in both modes; training
-        (train mode, where padding would also change the dropout masks drawn) runs the batch as it is.
-        """
-        n = x_in.shape[0]
-        pad = 0 if self.training else -n % BATCH_QUANTUM
-        if pad == 0:
-            return self.net(x_in, c_noise, labels)
-        rows = [_pad_rows(x_in, pad), _pad_rows(c_noise, pad), None if labels is None else _pad_rows(labels, pad)]
-        return self.net(*rows)[:n]
-
-
-def _pad_rows(t: Tensor, pad: int) -> Tensor:
-    """``t`` [N, ...] followed by ``pad`` copies of its last row."""
-    return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
 
 
 class EDMDenoiser(Preconditioned):

@@ -1,24 +1,26 @@
-"""Samplers: pure functions of (denoiser, sigmas, noise), sharing one signature.
+"""Samplers: pure functions of (denoiser, sigmas, noise), sharing one signature, and the sampling policy.
 
 ``sampler(model, sigmas, noise, labels=None) -> x0`` where
 - ``model`` follows the denoiser contract ``(x, sigma, labels) -> x0`` and has ``sigma_min``/``sigma_max``;
 - ``sigmas`` is a DESCENDING 1-D list of noise levels within [sigma_min, sigma_max] (checked here);
 - ``noise()`` returns a fresh standard-normal batch [N, C, H, W] on each call (the first call is x_T / T).
 
-Building the sigma list is separate (:func:`default_sigmas`), so any list works with any sampler.
+Building the sigma list is separate (:func:`default_sigmas`), so any list works with any sampler. Which
+sampler and how many steps a kind of model uses by default is decided once, in :data:`POLICIES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from cmkit import schedules
 from cmkit.errors import CmkitError
+from cmkit.rng import NoiseSource, SeededNoise
 
-Noise = Callable[[], Tensor]
 # Published intermediate level for 2-step sampling (iCT/ECT on CIFAR-10; recipes section 8).
 TWO_STEP_SIGMA = 0.821
 
@@ -38,12 +40,13 @@ def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_ma
     return s
 
 
-def consistency_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise,
+def consistency_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
                        labels: Tensor | None = None) -> Tensor:
     """One-step (one sigma) or multistep consistency sampling (CM paper, Alg. 1).
 
     ``x = f(tau_1 z, tau_1)``; for each later tau: ``x = f(x + sqrt(tau^2 - eps^2) z', tau)``.
-    Returns float32 [N, C, H, W], nominally in [-1, 1].
+    Returns float32 [N, C, H, W], not clipped: the network's estimate, nominally in [-1, 1] but it may stray
+    outside (:func:`generate` clamps).
     """
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
     x = model(s[0] * noise(), s[0], labels)
@@ -70,7 +73,7 @@ def ode_step(model: nn.Module, x: Tensor, sigma: float | Tensor, sigma_next: flo
     return x_next
 
 
-def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise, labels: Tensor | None,
+def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource, labels: Tensor | None,
                 *, heun: bool) -> Tensor:
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist() + [0.0]
     x = s[0] * noise()
@@ -79,7 +82,7 @@ def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise
     return x
 
 
-def heun_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise,
+def heun_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
                 labels: Tensor | None = None) -> Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1) through ``sigmas`` and then 0.
 
@@ -88,7 +91,7 @@ def heun_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise
     return _ode_sample(model, sigmas, noise, labels, heun=True)
 
 
-def euler_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Noise,
+def euler_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
                  labels: Tensor | None = None) -> Tensor:
     """Euler steps of the probability-flow ODE through ``sigmas`` and then 0 (n evaluations)."""
     return _ode_sample(model, sigmas, noise, labels, heun=False)
@@ -99,8 +102,31 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class SamplingPolicy:
+    """How a kind of model samples by default: ``sampler`` and ``steps`` for sampling and training snapshots,
+    ``eval_steps`` for ``cmkit eval``, and the ``samplers`` that apply to it at all."""
+
+    sampler: str
+    steps: int
+    eval_steps: tuple[int, ...]
+    samplers: tuple[str, ...]
+
+
+# Consistency models: one step (CM paper); EDM diffusion models: Heun with 18 levels, 35 evaluations (EDM).
+POLICIES = {
+    "consistency": SamplingPolicy("consistency", 1, (1, 2, 4), ("consistency",)),
+    "edm": SamplingPolicy("heun", 18, (18,), ("heun", "euler")),
+}
+
+
+def sampling_policy(model: nn.Module) -> SamplingPolicy:
+    """The default sampling of ``model``'s kind (its ``kind`` attribute: ``consistency`` or ``edm``)."""
+    return POLICIES[model.kind]
+
+
 def default_sigmas(model: nn.Module, steps: int) -> Tensor:
-    """The schedule ``--steps K`` means, DESCENDING, float64.
+    """The schedule ``--steps K`` means, DESCENDING, float64, checked against the model's sigma range.
 
     A schedule found by ``cmkit tune-steps`` for this model (``model.tuned_sigmas``) comes first.
     Otherwise, diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models:
@@ -109,35 +135,55 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     """
     if steps < 1:
         raise CmkitError(f"steps: expected a positive number of steps, got {steps}")
+    lo, hi = model.sigma_min, model.sigma_max
     tuned = getattr(model, "tuned_sigmas", {}).get(steps)
     if tuned:
-        return torch.tensor(tuned, dtype=torch.float64)
-    lo, hi = model.sigma_min, model.sigma_max
-    if getattr(model, "kind", "") == "edm":
-        return schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi)
-    if steps == 2:
-        return torch.tensor([hi, TWO_STEP_SIGMA], dtype=torch.float64)
-    return schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi).flip(0)[:steps]
+        sigmas = torch.tensor(tuned, dtype=torch.float64)
+    elif model.kind == "edm":
+        sigmas = schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi)
+    elif steps == 2:
+        sigmas = torch.tensor([hi, TWO_STEP_SIGMA], dtype=torch.float64)
+    else:
+        sigmas = schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi).flip(0)[:steps]
+    try:
+        return check_sigmas(sigmas, sigma_min=lo, sigma_max=hi)
+    except CmkitError as e:
+        raise CmkitError(f"the default {steps}-step schedule does not fit this model ({e}); "
+                         "pass --sigmas, or run 'cmkit tune-steps'") from None
 
 
-class SeededNoise:
-    """Noise for a batch of seeds: sample i always draws from its own generator seeded with seeds[i].
+# Below this many rows, CPU BLAS kernels round differently from those for larger batches (seen: up to 1e-6 for
+# batches of 1-3, 5-7 and 9-11 rows on a 2-core AMD EPYC; none from 12 rows up), enough to move a pixel by one
+# uint8 level. Sampling pads smaller CPU batches to this size so that a seed identifies an image.
+INVARIANT_ROWS = 16
 
-    So a seed identifies an image whatever the batch size or the batch it falls in. Call it for the next
-    standard-normal batch [N, *shape], float32 on ``device``.
+
+class BatchInvariant:
+    """``model`` called so that each row's result does not depend on the other rows of its batch.
+
+    On the CPU a batch of fewer than :data:`INVARIANT_ROWS` rows is padded to that many (copies of its last row)
+    and the extra rows dropped; larger batches and other devices call ``model`` as it is. Every other
+    attribute is ``model``'s, so it follows the same denoiser contract.
     """
 
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.shape, self.device = tuple(shape), device
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-    def labels(self, num_classes: int) -> Tensor:
-        """One class label per seed, int64 [N], drawn from each seed's generator (call before any noise)."""
-        picks = [torch.randint(num_classes, (1,), generator=g) for g in self.generators]
-        return torch.cat(picks).to(self.device)
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
 
-    def __call__(self) -> Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
+    def __call__(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+        n = x.shape[0]
+        if n >= INVARIANT_ROWS or x.device.type != "cpu":
+            return self.model(x, sigma, labels)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(n)
+        padded = [None if t is None else _pad_rows(t, INVARIANT_ROWS - n) for t in (x, sigma, labels)]
+        return self.model(*padded)[:n]
+
+
+def _pad_rows(t: Tensor, pad: int) -> Tensor:
+    """``t`` [N, ...] followed by ``pad`` copies of its last row."""
+    return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
 
 
 @torch.no_grad()
@@ -147,8 +193,10 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
 
     Class-conditional models use ``label`` for every image, or a label drawn from each seed when None.
     ``precision="bf16"`` runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32).
+    A seed's image does not depend on ``batch_size`` (:class:`BatchInvariant`).
     """
     device = next(model.parameters()).device
+    net = BatchInvariant(model)
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(seeds), batch_size):
         noise = SeededNoise(seeds[start:start + batch_size], shape, device)
@@ -158,5 +206,5 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
             if label is not None:
                 labels = torch.full_like(labels, label)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            x = SAMPLERS[sampler](model, sigmas, noise, labels)
+            x = SAMPLERS[sampler](net, sigmas, noise, labels)
         yield x.float().clamp(-1, 1)

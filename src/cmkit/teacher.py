@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from cmkit import checkpoint
-from cmkit.config import TEACHER_METHODS, Config
+from cmkit.config import Config
 from cmkit.errors import CmkitError
+from cmkit.methods import TEACHER_METHODS
 from cmkit.precond import EDMDenoiser
 
 
@@ -29,7 +30,7 @@ def with_teacher(config: Config, teacher: str | Path) -> Config:
     """``config`` distilling/tuning ``teacher``: the path made absolute (so resuming works from anywhere)
     and, for a cmkit teacher, the teacher's network (the student's dropout is kept)."""
     path = Path(teacher).resolve()
-    if config.method.name not in TEACHER_METHODS:
+    if not config.method.needs_teacher:
         raise CmkitError(f"--teacher: the {config.method.name} method trains without a teacher; "
                          f"teachers are for {', '.join(TEACHER_METHODS)}")
     if not path.exists():
@@ -45,7 +46,7 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
     """The frozen teacher ``config.method.teacher`` names, checked against the data; None for methods
     without one. Raises CmkitError for a missing teacher, a consistency model or a mismatched shape."""
     m = config.method
-    if m.name not in TEACHER_METHODS:
+    if not m.needs_teacher:
         return None
     if not m.teacher:
         raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "

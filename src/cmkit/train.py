@@ -1,22 +1,22 @@
 """The training loop: one flat sequence of steps delegating to config, data, losses and checkpoints.
 
-Every step's randomness comes from generators seeded with (seed, step), and the data order is a pure
-function of the images seen, so a run resumed from a checkpoint ends bit-identical to a straight one.
+Every step's randomness comes from generators seeded with :func:`cmkit.rng.derive_seed` of (seed, step), and
+the data order is a pure function of the images seen, so a run resumed from a checkpoint ends bit-identical
+to a straight one.
 The same loop runs in 1 or N processes (``torchrun``): ``train.batch`` is the global batch, each process
 takes its rows and splits them into ``train.accum`` micro-batches, DDP averages the gradients, and rank 0
-alone writes files; :mod:`cmkit.dist` explains how samples keep their noise at any world size.
+alone writes files (:mod:`cmkit.rundir`); :mod:`cmkit.dist` explains how samples keep their noise at any
+world size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cmkit import checkpoint, data, dist, schedules
-from cmkit.config import Config
+from cmkit import checkpoint, data, dist, rundir, schedules
+from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
-from cmkit.images import save_images, to_numpy_images
+from cmkit.images import to_numpy_images
 from cmkit.losses import make_loss
-from cmkit.sampling import default_sigmas, generate
+from cmkit.rng import BatchNoise, derive_seed
+from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.teacher import init_student, load_teacher
 
 SNAPSHOT_SEEDS = range(64)
@@ -51,13 +52,8 @@ class Intervals:
     def of(cls, config: Config) -> Intervals:
         t = config.train
         every = lambda kimg: max(1, round(kimg * 1000 / t.batch))  # noqa: E731
-        return cls(total=math.ceil(t.kimg * 1000 / t.batch), log=every(t.log_kimg), snap=every(t.snap_kimg),
+        return cls(total=t.total_steps, log=every(t.log_kimg), snap=every(t.snap_kimg),
                    ckpt=every(t.ckpt_kimg))
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The seed of one optimiser step, derived from the run seed and the step index."""
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63)
 
 
 def load_training_data(config: Config) -> data.ImageData:
@@ -87,10 +83,13 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class Run:
-    """The state of one training run and the files of its directory (this process's part of it)."""
+    """The training state of one run in this process: the modules, the optimiser, the loss and the step.
 
-    def __init__(self, config: Config, out: Path, device: torch.device, *, teacher: nn.Module | None = None) -> None:
-        self.config, self.out, self.device = config, out, device
+    It writes no files (see :class:`cmkit.rundir.RunDir`); :meth:`state_dict` is what a checkpoint holds.
+    """
+
+    def __init__(self, config: Config, device: torch.device, *, teacher: nn.Module | None = None) -> None:
+        self.config, self.device = config, device
         t = config.train
         self.micro = dist.check_batch(t.batch, t.accum)  # rows per micro-batch in this process
         with torch.random.fork_rng(devices=[]):  # the initial weights depend on the run seed alone
@@ -99,53 +98,37 @@ class Run:
         init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2,
-                              batch=t.batch, teacher=teacher)
+                              total_images=t.total_steps * t.batch, teacher=teacher)
         self.target = None
-        if self.loss.target_decay(0, 1) is not None:
+        if self.loss.target_decay(0) is not None:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
         dist.check_same_weights(self.model)
         if t.channels_last:  # the training replica only: the EMA and target stay contiguous (safetensors)
             self.model.to(memory_format=torch.channels_last)
         if t.compile:  # in place: the state_dict keys stay those of the plain module
             self.model.net.compile()
-        self.ddp = self.model  # what the loss calls: the model, or its DDP wrapper in N processes
-        if dist.world_size() > 1:
-            # 1x1-conv gradients [C, C, 1, 1] arrive with other (equivalent) strides for their size-1 dims
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            ids = [device.index] if device.type == "cuda" else None
-            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False,
-                                                           gradient_as_bucket_view=True)
+        self.ddp = dist.data_parallel(self.model, device)  # what the loss calls
         self.optimizer = make_optimizer(config, self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         self.step = 0
         self.nonfinite = 0  # non-finite steps in a row
 
-    def batch(self, dataset: data.ImageData) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This process's rows of the current step's global batch: x0 float32 [B / world, C, H, W] in [-1, 1]
-        and labels or None. Flips are drawn for the global batch, so a sample's flip is the same at any world
-        size."""
-        t, share = self.config.train, self.config.train.batch // dist.world_size()
-        first = dist.rank() * share
-        idx = data.batch_indices(len(dataset.images), t.batch, seed=t.seed, start=self.step * t.batch)
-        idx = idx[first:first + share]
-        x0 = data.to_model_range(dataset.images[idx])
-        if self.config.data.xflip:
-            flip = dist.BatchNoise(dist.derive_seed(t.seed, "flip", self.step), start=first, total=t.batch)
-            x0 = torch.where((flip.rand(share) < 0.5).view(-1, 1, 1, 1), x0.flip(-1), x0)
-        labels = dataset.labels[idx].to(self.device) if self.config.net.num_classes else None
-        return x0.to(self.device), labels
+    @property
+    def images_seen(self) -> int:
+        """Training images consumed so far (over all processes): the progress every schedule is a function of."""
+        return self.step * self.config.train.batch
 
-    def optimizer_step(self, x0: torch.Tensor, labels: torch.Tensor | None, *, total_steps: int) -> float | None:
-        """One training step at ``self.step`` of ``total_steps`` on this process's rows ``x0`` [B / world, ...]
-        (from :meth:`batch`): loss and backward per micro-batch, gradients averaged over processes, clipping,
-        learning rate, optimiser step, then the sampling EMA and any CT target network. Returns the mean loss
+    def optimizer_step(self, x0: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+        """One training step at ``self.step`` on this process's rows ``x0`` [B / world, ...] (from
+        :func:`local_batch`): loss and backward per micro-batch, gradients averaged over processes, clipping,
+        learning rate, optimiser step, then the sampling EMA and any target network. Returns the mean loss
         over the global batch, or None when the loss or the gradients were not finite on any process: then
         nothing is updated and ``self.nonfinite`` counts the skipped steps in a row (an fp16 overflow while
         the gradient scale is still >= 1 is left to the scaler and not counted). The step counter advances
         either way (the next step sees the next batch)."""
-        t, images_seen = self.config.train, self.step * self.config.train.batch
+        t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(x0, labels, total_steps)
+        loss = self._forward_backward(x0, labels)
         finite = bool(torch.isfinite(loss))  # the global mean: the same verdict on every process
         overflow = False
         if finite:  # the gradients, averaged over processes, are the same everywhere, and so is the verdict
@@ -154,14 +137,14 @@ class Run:
             finite = bool(torch.isfinite(norm))
             overflow = not finite and self.scaler.is_enabled() and self.scaler.get_scale() >= 1
             if finite:
-                self._update(images_seen, total_steps)
+                self._update()
             else:
                 self.scaler.update()  # fp16: halve the gradient scale
         self.nonfinite = 0 if finite or overflow else self.nonfinite + 1
         self.step += 1
         return loss.item() if finite else None
 
-    def _forward_backward(self, x0: torch.Tensor, labels: torch.Tensor | None, total_steps: int) -> torch.Tensor:
+    def _forward_backward(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Accumulate the gradients of this process's micro-batches (DDP averages them over processes on the
         last one); return the loss averaged over the global batch (non-finite if it is on any process)."""
         t, dtype = self.config.train, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train.precision)
@@ -172,30 +155,30 @@ class Run:
         for j in range(t.accum):
             rows = slice(j * self.micro, (j + 1) * self.micro)
             start = first + j * self.micro  # the micro-batch's first row in the global batch
-            torch.manual_seed(dist.derive_seed(t.seed, "dropout", self.step, start, self.micro))
-            noise = dist.BatchNoise(step_seed(t.seed, self.step), start=start, total=t.batch)
+            torch.manual_seed(derive_seed(t.seed, "dropout", self.step, start, self.micro))
+            noise = BatchNoise(derive_seed(t.seed, "noise", self.step), start=start, total=t.batch)
             sync = j == t.accum - 1 or self.ddp is self.model
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = self.loss(self.ddp, x0[rows], None if labels is None else labels[rows], step=self.step,
-                                     total_steps=total_steps, target=self.target, noise=noise).mean()
+                    loss = self.loss(self.ddp, x0[rows], None if labels is None else labels[rows],
+                                     images_seen=self.images_seen, target=self.target, noise=noise).mean()
                 self.scaler.scale(loss / t.accum).backward()
             total += loss.detach().float()
         return dist.all_reduce_mean(total / t.accum)
 
-    def _update(self, images_seen: int, total_steps: int) -> None:
+    def _update(self) -> None:
         """Apply the gradients at the scheduled learning rate; update the sampling EMA and any target."""
         t = self.config.train
         for group in self.optimizer.param_groups:
-            group["lr"] = schedules.learning_rate(images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg)
+            group["lr"] = schedules.learning_rate(self.images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        beta = schedules.ema_beta(images_seen, t.batch, halflife_kimg=t.ema_halflife_kimg, rampup=t.ema_rampup)
+        beta = schedules.ema_beta(self.images_seen, t.batch, halflife_kimg=t.ema_halflife_kimg, rampup=t.ema_rampup)
         ema_update(self.ema, self.model, beta)
         if self.target is not None:
-            ema_update(self.target, self.model, self.loss.target_decay(self.step, total_steps))
+            ema_update(self.target, self.model, self.loss.target_decay(self.images_seen))
 
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The resumable training state: plain values and the unwrapped modules' state_dicts."""
         return {"config": self.config.to_dict(), "step": self.step, "nonfinite": self.nonfinite,
                 "model": self.model.state_dict(),
@@ -203,13 +186,14 @@ class Run:
                 "target": None if self.target is None else self.target.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
-    def restore(self, state: dict[str, Any], path: Path) -> None:
-        """Load ``state`` (every process loads the same one)."""
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        """Load ``state`` read from ``path`` (every process loads the same one); CmkitError when it was
+        trained with another config."""
         stored = Config.from_dict(state["config"], where=str(path))
         if stored != self.config:
-            diff = _config_diff(stored.to_dict(), self.config.to_dict())
-            raise CmkitError(f"--resume: the run in {self.out} was trained with a different config ({diff}); "
-                             "resume with the same options or train into a new --out")
+            raise CmkitError(f"--resume: {path} was trained with a different config "
+                             f"({config_diff(stored.to_dict(), self.config.to_dict())}); resume with the same "
+                             "options or train into a new --out")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -219,108 +203,42 @@ class Run:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite = state["step"], state.get("nonfinite", 0)
 
-    def save(self) -> None:
-        """Check that every process holds the same weights, then write the state and export on rank 0 (a
-        failed write raises CmkitError on every rank)."""
-        t = self.config.train
-        dist.check_same_weights(self.model, self.ema, *([self.target] if self.target is not None else []))
-
-        def write() -> None:
-            checkpoint.save_state(self.state(), self.out, images_seen=self.step * t.batch, keep=t.keep_ckpts)
-            checkpoint.save_export(self.ema, self.config, self.out / checkpoint.EXPORT_NAME)
-
-        dist.on_main(write)
-
-    def snapshot(self) -> Path:
-        """Write an 8x8 grid of the EMA model's samples (1 step, or Heun 18 steps for EDM); the seeds are
-        shared out over the processes and rank 0 writes the grid."""
-        steps = 1 if self.config.is_consistency else 18
-        sampler = "consistency" if self.config.is_consistency else "heun"
+    def snapshot_images(self) -> np.ndarray:
+        """The EMA model's samples for seeds 0-63 with the default sampler of its kind, uint8 [64, H, W, C] on
+        rank 0 (the seeds are shared out over the processes)."""
+        policy = sampling_policy(self.ema)
         seeds = dist.shard(list(SNAPSHOT_SEEDS))
-        batches = generate(self.ema, seeds, sigmas=default_sigmas(self.ema, steps), sampler=sampler, batch_size=64)
+        batches = generate(self.ema, seeds, sigmas=default_sigmas(self.ema, policy.steps), sampler=policy.sampler,
+                           batch_size=64)
         shape = (0, self.config.data.resolution, self.config.data.resolution, self.config.data.channels)
-        images = dist.gather_in_order(np.concatenate([np.zeros(shape, np.uint8),
-                                                      *(to_numpy_images(b) for b in batches)]))
-        path = self.out / "samples" / f"samples-{self.step * self.config.train.batch:010d}.png"
-
-        def write() -> None:
-            path.parent.mkdir(exist_ok=True)
-            save_images(images, path)
-
-        dist.on_main(write)
-        return path
+        return dist.gather_in_order(np.concatenate([np.zeros(shape, np.uint8), *(to_numpy_images(b) for b in batches)]))
 
 
-def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+def local_batch(config: Config, dataset: data.ImageData, step: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's rows of step ``step``'s global batch: x0 float32 [B / world, C, H, W] in [-1, 1] and
+    labels or None. Flips are drawn for the global batch, so a sample's flip is the same at any world size."""
+    t, share = config.train, config.train.batch // dist.world_size()
+    first = dist.rank() * share
+    idx = data.batch_indices(len(dataset.images), t.batch, seed=t.seed, start=step * t.batch)
+    idx = idx[first:first + share]
+    x0 = data.to_model_range(dataset.images[idx])
+    if config.data.xflip:
+        flip = BatchNoise(derive_seed(t.seed, "flip", step), start=first, total=t.batch)
+        x0 = torch.where((flip.rand(share) < 0.5).view(-1, 1, 1, 1), x0.flip(-1), x0)
+    labels = dataset.labels[idx].to(device) if config.net.num_classes else None
+    return x0.to(device), labels
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:
+    """``key: old -> new`` for the leaves where two config dicts differ."""
     out = []
-    for key in a:
-        if isinstance(a[key], dict):
-            out.append(_config_diff(a[key], b[key], f"{prefix}{key}."))
-        elif a[key] != b[key]:
-            out.append(f"{prefix}{key}: {a[key]} -> {b[key]}")
-    return ", ".join(o for o in out if o)
-
-
-def prepare_run_dir(config: Config, out: Path, *, resume: bool) -> Path | None:
-    """Create the run directory; return the checkpoint to resume from (None: start from the beginning).
-
-    ``resume`` continues from the newest checkpoint, or starts from the beginning when there is none yet
-    (a run stopped before its first checkpoint lost nothing worth keeping). Without ``resume``, a directory
-    holding checkpoints is refused, and so is one started with another config, so no work is overwritten.
-    Every process checks before rank 0 writes anything, so all raise the same error or none does.
-    """
-    states = checkpoint.list_states(out)
-    stored = out / "config.json"
-    text = json.dumps(config.to_dict(), indent=2) + "\n"
-    resume_from = states[-1] if states and resume else None
-    if resume_from is None and (states or (stored.exists() and stored.read_text() != text)):
-        raise CmkitError(f"{out} already holds a run; pass --resume (with the same options) to continue it or "
-                         "choose another --out")
-    dist.barrier()
-
-    def prepare() -> None:
-        if resume_from is None:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                stored.write_text(text)
-            except OSError as e:
-                raise CmkitError(f"--out {out}: the run directory could not be created ({e.strerror or e})") from None
-        checkpoint.remove_partial_writes(out)  # a killed write's leftovers
-
-    dist.on_main(prepare)
-    return resume_from
-
-
-class MetricsLog:
-    """metrics.jsonl plus TensorBoard scalars; on resume, drops lines newer than the checkpoint."""
-
-    def __init__(self, out: Path, *, resume_step: int) -> None:
-        self.path = out / "metrics.jsonl"
-        if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if _logged_step(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # imported late: slow import, only the loop needs it
-        )
-
-        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, record: dict[str, float | None]) -> None:
-        """Append one line; None (a loss when every step since the last line was skipped) is JSON null."""
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and value is not None:
-                self.tb.add_scalar(key, value, record["step"])
-        self.tb.flush()
-
-
-def _logged_step(line: str) -> float:
-    """The step of one metrics.jsonl line; infinite for a blank or partial line (a write that was killed)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+    for key in a.keys() | b.keys():
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out.append(config_diff(a[key], b[key], f"{prefix}{key}."))
+        elif a.get(key) != b.get(key):
+            out.append(f"{prefix}{key}: {a.get(key)} -> {b.get(key)}")
+    return ", ".join(sorted(o for o in out if o))
 
 
 class TrainingStopped(Exception):
@@ -355,44 +273,46 @@ def stop_requests() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def check_nonfinite(run: Run) -> None:
+def check_nonfinite(run: Run, out: Path) -> None:
     """Stop the run when ``train.max_nonfinite`` steps in a row had a non-finite loss or gradients."""
     limit = run.config.train.max_nonfinite
     if run.nonfinite >= limit:
-        states = checkpoint.list_states(run.out)
+        states = checkpoint.list_states(out)
         last = f"the last good checkpoint is {states[-1]}" if states else "no checkpoint was written yet"
         raise CmkitError(f"training stopped at step {run.step}: {limit} steps in a row had a non-finite loss or "
                          f"gradients (all skipped); {last}. Lower train.lr, set train.grad_clip, or check the data")
 
 
-def log_record(run: Run, losses: list[float | None], busy: float, total_steps: int) -> dict[str, float | None]:
+def log_record(run: Run, losses: list[float | None], busy: float) -> dict[str, float | None]:
     """The metrics line for the steps since the last one; ``losses`` holds None for each skipped step."""
     finite = [v for v in losses if v is not None]
-    return {"step": run.step, "kimg": run.step * run.config.train.batch / 1000,
+    return {"step": run.step, "kimg": run.images_seen / 1000,
             "loss": float(np.mean(finite)) if finite else None, "skipped_steps": len(losses) - len(finite),
             "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": len(losses) * run.config.train.batch / busy,
-            **run.loss.stats(run.step, total_steps)}
+            **run.loss.stats(run.images_seen)}
 
 
 def train(config: Config, out: Path, *, resume: bool = False, device: str | None = None) -> Path:
     """Train the model ``config`` describes into run directory ``out``; returns the export's path.
 
-    Under ``torchrun`` every process calls this; rank 0 alone writes files. SIGINT/SIGTERM finish the current
-    step on every process, write a checkpoint and raise :class:`TrainingStopped`; resume with
-    ``resume=True``. Steps with a non-finite loss or gradients are skipped and logged (``skipped_steps``).
+    ``config`` is validated first (CmkitError naming the first bad field). Under ``torchrun`` every process
+    calls this; rank 0 alone writes files. SIGINT/SIGTERM finish the current step on every process, write a
+    checkpoint and raise :class:`TrainingStopped`; resume with ``resume=True``. Steps with a non-finite loss or
+    gradients are skipped and logged (``skipped_steps``).
     """
     # 1. Process group, checks, data, teacher and the run's modules (all before anything is written).
+    validate(config)
     own_device = dist.init()
     dist.check_batch(config.train.batch, config.train.accum)
     dataset = load_training_data(config)
     device = torch.device(device) if device else own_device
     teacher = load_teacher(config, device=device)
-    resume_from = prepare_run_dir(config, out, resume=resume)
-    run = Run(config, out, device, teacher=teacher)
+    resume_from = rundir.prepare_run_dir(config, out, resume=resume)
+    run = Run(config, device, teacher=teacher)
     if resume_from is not None:
-        run.restore(checkpoint.load_state(resume_from), resume_from)
-    t, every, main = config.train, Intervals.of(config), dist.is_main()
-    log = MetricsLog(out, resume_step=run.step) if main else None
+        run.load_state_dict(checkpoint.load_state(resume_from), resume_from)
+    every, main = Intervals.of(config), dist.is_main()
+    log = rundir.MetricsLog(out, resume_step=run.step) if main else None
     losses: list[float | None] = []
     busy = 0.0  # seconds spent in training steps since the last log line
     bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -401,27 +321,27 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
         while run.step < every.total:
             tick = time.perf_counter()
             # 2. This process's rows of the step's batch; all randomness is a function of (seed, step, row).
-            x0, labels = run.batch(dataset)
+            x0, labels = local_batch(config, dataset, run.step, device)
             # 3. Loss, backward, optimiser step, EMA and target updates (skipped when not finite anywhere).
-            losses.append(run.optimizer_step(x0, labels, total_steps=every.total))
+            losses.append(run.optimizer_step(x0, labels))
             busy += time.perf_counter() - tick
             bar.update(1)
-            check_nonfinite(run)
+            check_nonfinite(run, out)
             stopping = dist.any_rank(bool(stop))  # a stop request on any process stops all at this step
             # 4. Logs, sample grids and checkpoints at their intervals, and always at the end or on a stop request.
             last = run.step == every.total
             if (run.step % every.log == 0 or last) and log is not None:
-                record = log_record(run, losses, busy, every.total)
+                record = log_record(run, losses, busy)
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}" if record["loss"] is not None else "nan",
                                 img_s=f"{record['images_per_s']:.0f}")
             if run.step % every.log == 0 or last:
                 losses, busy = [], 0.0
             if run.step % every.snap == 0 or last:
-                run.snapshot()
+                rundir.save_grid(run.snapshot_images(), out, images_seen=run.images_seen)
             if run.step % every.ckpt == 0 or last or stopping:
-                run.save()
+                rundir.save(run, out)
             if stopping and not last:
                 signum = stop[0] if stop else signal.SIGTERM  # the request came from another process
-                raise TrainingStopped(signum, run.step * t.batch, checkpoint.list_states(out)[-1])
+                raise TrainingStopped(signum, run.images_seen, checkpoint.list_states(out)[-1])
     return out / checkpoint.EXPORT_NAME
