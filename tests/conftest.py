@@ -14,8 +14,8 @@ from torch import nn
 
 from cmkit.cli import main
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
-from cmkit.methods import ICTConfig
 from cmkit.eval.features import train_fmnist_classifier
+from cmkit.methods import ICTConfig
 
 
 class GaussianOracle(nn.Module):

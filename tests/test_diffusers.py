@@ -16,11 +16,11 @@ pytest.importorskip("diffusers", reason='diffusers not installed: pip install "c
 from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
 import cmkit.export  # noqa: E402,F401 -- makes CmkitUNet2DModel resolvable by diffusers
-from cmkit.methods import switch_method
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import export_diffusers  # noqa: E402
+from cmkit.methods import switch_method
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
 

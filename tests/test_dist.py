@@ -26,10 +26,10 @@ from cmkit import dist
 from cmkit.checkpoint import build_model, list_states, load_state
 from cmkit.cli import main
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
-from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
 from cmkit.data import ImageData
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import evaluate_model, image_features
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
 from cmkit.sampling import generate
 from cmkit.train import Run, local_batch
 

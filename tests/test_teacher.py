@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cmkit.methods import switch_method
 from cmkit.checkpoint import build_model, load_export, save_export
 from cmkit.cli import main
+from cmkit.methods import switch_method
 from conftest import TINY
 
 
