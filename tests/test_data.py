@@ -33,6 +33,7 @@ from cmkit.data import (
     to_uint8,
 )
 from cmkit.errors import CmkitError
+from conftest import missing_requirement
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 _REAL_DOWNLOAD = readers._download
@@ -174,8 +175,9 @@ def test_download_is_atomic_and_checks_md5(tmp_path: Path) -> None:
     assert dest.read_bytes() == source.read_bytes() and list(dest.parent.iterdir()) == [dest]
 
 
-@pytest.mark.skipif(not SYSTEM_FASHION.is_dir(), reason="/usr/share/datasets/fashion-mnist is not installed")
 def test_real_fashion_mnist() -> None:
+    if not SYSTEM_FASHION.is_dir():
+        missing_requirement(f"{SYSTEM_FASHION} is not installed (apt-get install dataset-fashion-mnist)")
     ds = load_dataset("fashion-mnist", resolution=28, channels=1)
     assert ds.images.shape == (60000, 1, 28, 28) and ds.images.dtype == torch.uint8
     assert ds.labels is not None and ds.labels.dtype == torch.int64
