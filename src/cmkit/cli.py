@@ -261,10 +261,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, config = load_export(args.model)
     out = export_diffusers(model, config, args.diffusers)
-    print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with cmkit installed:")
-    print("    import cmkit.export  # makes CmkitUNet2DModel known to diffusers")
+    print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with diffusers alone (no cmkit needed):")
     print("    from diffusers import ConsistencyModelPipeline")
-    print(f"    pipe = ConsistencyModelPipeline.from_pretrained({str(out)!r})")
+    print(f"    pipe = ConsistencyModelPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print("    images = pipe(num_inference_steps=1).images")
+    print(f"trust_remote_code=True runs the network's code shipped in {out / 'unet'} (cmkit_unet2d.py, unet.py)")
     return 0
 
 
