@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,12 +18,18 @@ import torch
 
 pytest.importorskip("diffusers", reason='diffusers not installed: pip install "cmkit[diffusers]"')
 
-from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    CMStochasticIterativeScheduler,
+    ConsistencyModelPipeline,
+    DDPMPipeline,
+    DDPMScheduler,
+    UNet2DModel,
+)
 
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
-from cmkit.export import export_diffusers, module_files  # noqa: E402
+from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
 
@@ -243,7 +252,7 @@ def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, 
         assert sorted(p.name for p in (folders[channels] / "unet").glob("*.py")) == ["cmkit_unet2d.py", "unet.py"]
     # 1 channel: noise from the generator; 3 channels: latents (the pipeline checks them only for 3 channels);
     # 2 steps: the scheduler draws the second noise from the same generator, after the latents
-    runs = [{"seed": 1, "num_inference_steps": 1}, {"seed": 2, "timesteps": [22, 0]}]
+    runs = [{"seed": 1, "num_inference_steps": 1}, {"seed": 2, "timesteps": [600, 0]}]
     results, stderr = sample_with_diffusers_alone(
         {folders[c]: [{**run, "latents": c == 3} for run in runs] for c in (1, 3)}, tmp_path)
     assert "Expected types" not in stderr and "Traceback" not in stderr
@@ -255,7 +264,7 @@ def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, 
         torch.testing.assert_close(got["raw0"], ref, atol=1e-4, rtol=0)
         torch.testing.assert_close(got["images0"], (ref / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
         assert ref.abs().max() > 1  # so the unclamped comparison means something
-        sigmas = got["sigmas1"]  # the Karras levels timesteps [22, 0] mean
+        sigmas = got["sigmas1"]  # the Karras levels timesteps [600, 0] mean (80 and 0.959)
         assert len(sigmas) == 2 and sigmas[0] == pytest.approx(model.sigma_max)
         torch.testing.assert_close(got["raw1"], consistency_sample(model, sigmas, noise_of(2, shape)), atol=1e-4,
                                    rtol=0)
@@ -304,6 +313,68 @@ def test_export_refusals(tmp_path, tiny_config):
     (tmp_path / "empty").mkdir()
     assert export_diffusers(model, tiny_config, tmp_path / "empty") == tmp_path / "empty"
     assert (tmp_path / "empty" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@contextlib.contextmanager
+def diffusers_warnings() -> Iterator[list[str]]:
+    """Collect the warnings diffusers logs meanwhile (its logger does not propagate, so caplog misses them)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def final_sample(pipe: ConsistencyModelPipeline, **kwargs) -> torch.Tensor:
+    """The pipeline's last sample of a batch of 3, before postprocessing (which clamps)."""
+    seen = []
+    pipe(batch_size=3, output_type="pt", callback=lambda i, t, x: seen.append(x), **kwargs)
+    return seen[-1]
+
+
+# 4: two sigmas share a level of the grid; 5: does not start at sigma_max. Neither has timesteps.
+TUNED = {1: [80.0], 2: [80.0, 0.9], 3: [80.0, 5.0, 0.5], 4: [80.0, 79.99, 1.0, 0.5], 5: [40.0, 10.0, 1.0, 0.5, 0.1]}
+
+
+def test_tuned_sigmas_survive_the_export(tmp_path, tiny_config, capsys):
+    """Issue 12: `cmkit tune-steps` schedules (export metadata) reach the scheduler config, with timesteps."""
+    model = random_consistency_model(tiny_config)
+    model.tuned_sigmas = TUNED
+    save_export(model, tiny_config, tmp_path / "cm.safetensors")
+    assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    stored = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert stored["_cmkit_tuned_sigmas"] == {str(k): v for k, v in TUNED.items()}  # exactly, all of them
+
+    with diffusers_warnings() as warned:
+        schedules = {t.steps: t for t in tuned_schedules(tmp_path / "out")}  # read back through diffusers
+    assert warned == []  # e.g. not "The config attributes {...} were passed to ..., but are not expected"
+    assert {k: t.sigmas for k, t in schedules.items()} == TUNED
+    assert schedules[1].timesteps == [0] and schedules[1].grid_sigmas == [80.0]
+    for k in (4, 5):
+        assert schedules[k].timesteps is None and schedules[k].grid_sigmas is None
+        assert str(k) not in stored["_cmkit_tuned_timesteps"]
+    assert "tuned 4-step sigmas 80,79.99,1,0.5 (kept in scheduler/scheduler_config.json as _cmkit_tuned_sigmas): " \
+           "no timesteps= reproduces them" in printed
+    for k in (2, 3):
+        assert schedules[k].grid_sigmas == pytest.approx(TUNED[k], rel=0.012)  # half a level at most (docs)
+        assert f"tuned {k}-step sigmas" in printed and f"pipe(timesteps={schedules[k].timesteps})" in printed
+
+    # the stored timesteps sample at those levels, as cmkit does (the unet from cmkit: no remote code here)
+    pipe = ConsistencyModelPipeline(unet=CmkitUNet2DModel.from_pretrained(tmp_path / "out" / "unet"),
+                                    scheduler=CMStochasticIterativeScheduler.from_pretrained(tmp_path / "out" /
+                                                                                             "scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    for k in (2, 3):
+        raw = final_sample(pipe, timesteps=stored["_cmkit_tuned_timesteps"][str(k)],
+                           generator=torch.Generator().manual_seed(k))
+        assert pipe.scheduler.sigmas[:-1].tolist() == schedules[k].grid_sigmas
+        ref = consistency_sample(model, schedules[k].grid_sigmas, noise_of(k, (3, 1, 28, 28)))
+        torch.testing.assert_close(raw, ref, atol=1e-4, rtol=0)
 
 
 def test_cli_export(tmp_path, tiny_config, capsys):

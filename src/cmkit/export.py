@@ -21,6 +21,17 @@ samples equal :func:`cmkit.sampling.consistency_sample` with the same noise and 
   coefficients (CM paper, App. C) when the scheduler's sigma_min and sigma_data are the model's; then adds
   ``sqrt(sigma_next^2 - sigma_min^2) z`` (CM paper, Alg. 1). ``clip_denoised`` is written as False because
   cmkit's sampler does not clamp; the pipeline's postprocessing still clamps ``x / 2 + 0.5`` to [0, 1].
+* sampling levels: ``set_timesteps(timesteps=[t_1 > ... > t_k])`` samples at ``karras(m / (N - 1))`` for ``m``
+  in ``t_k, ..., t_1`` (the list reversed), ``karras(r) = (sigma_max^(1/rho) + r (sigma_min^(1/rho) -
+  sigma_max^(1/rho)))^rho``, ``N = num_train_timesteps``; only levels of that N-point grid can be sampled
+  at (no config field or argument takes sigmas), and the first is sigma_max when the last timestep is 0.
+
+Schedules tuned by ``cmkit tune-steps`` (``model.tuned_sigmas``) are kept in the scheduler config as
+``_cmkit_tuned_sigmas`` ({steps: sigmas}, exact), with ``_cmkit_tuned_timesteps`` ({steps: timesteps}): the
+``timesteps=`` whose grid levels are nearest to them (:func:`grid_timesteps`). diffusers keeps config keys
+starting with ``_`` when loading, without a warning and without passing them to the scheduler. The grid has
+N = 1000 levels, so the nearest levels are within about 0.5% of any sigma (1.2% near sigma_min; the 40
+levels of diffusers' default would be up to 13% off).
 
 This module imports diffusers (``import cmkit`` does not); without it, importing raises
 :class:`cmkit.nets.foreign.MissingDiffusersError`.
@@ -33,6 +44,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from cmkit.config import Config
 from cmkit.errors import CmkitError
@@ -50,10 +62,12 @@ from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, 
 from cmkit.nets import cmkit_unet2d  # noqa: E402
 from cmkit.nets.cmkit_unet2d import CmkitUNet2DModel  # noqa: E402
 
-__all__ = ["CmkitUNet2DModel", "ModelMixin", "export_diffusers", "module_files"]
+__all__ = ["CmkitUNet2DModel", "ModelMixin", "TunedSchedule", "export_diffusers", "grid_sigmas", "grid_timesteps",
+           "module_files", "tuned_schedules"]
 
-# Discrete training steps the scheduler's default timesteps are spaced over (diffusers' default).
-NUM_TRAIN_TIMESTEPS = 40
+# Levels of the scheduler's Karras grid, which timesteps= index (see the module docstring).
+NUM_TRAIN_TIMESTEPS = 1000
+TUNED_SIGMAS_KEY, TUNED_TIMESTEPS_KEY = "_cmkit_tuned_sigmas", "_cmkit_tuned_timesteps"
 
 
 def module_files() -> list[Path]:
@@ -77,11 +91,79 @@ def _unet(model: Preconditioned, config: Config) -> CmkitUNet2DModel:
     return unet.eval()
 
 
+# ------------------------------------------------------------------------------ tuned sigmas in the scheduler
+
+def grid_timesteps(sigmas: list[float], scheduler: CMStochasticIterativeScheduler) -> list[int] | None:
+    """The ``timesteps=`` (DESCENDING integers) whose levels in ``scheduler`` are nearest to ``sigmas``
+    (DESCENDING), or None when its grid cannot represent them: two sigmas share a level, or the first is not
+    at sigma_max's level (the pipeline always starts from ``sigma_max z``).
+
+    Level of a sigma: ``m = round((T^(1/rho) - sigma^(1/rho)) / (T^(1/rho) - eps^(1/rho)) (N - 1))`` with the
+    scheduler's sigma_max T, sigma_min eps, rho and N = num_train_timesteps; the timesteps are the m's reversed.
+    """
+    c = scheduler.config
+    hi, lo = c.sigma_max ** (1 / c.rho), c.sigma_min ** (1 / c.rho)
+    levels = [round((hi - s ** (1 / c.rho)) / (hi - lo) * (c.num_train_timesteps - 1)) for s in sigmas]
+    levels = [min(max(m, 0), c.num_train_timesteps - 1) for m in levels]
+    if levels[0] != 0 or any(b <= a for a, b in zip(levels, levels[1:], strict=False)):
+        return None
+    return levels[::-1]
+
+
+def grid_sigmas(timesteps: list[int], scheduler: CMStochasticIterativeScheduler) -> list[float]:
+    """The levels (DESCENDING) that ``pipe(timesteps=timesteps)`` samples at, as ``scheduler`` computes them."""
+    probe = CMStochasticIterativeScheduler.from_config(scheduler.config)
+    probe.set_timesteps(timesteps=timesteps)
+    return probe.sigmas[:-1].tolist()  # the last entry is the sigma_min the final step ends at
+
+
 def _scheduler(model: Preconditioned, config: Config) -> CMStochasticIterativeScheduler:
-    """The scheduler with the model's noise range and data scale (so its scalings are the model's)."""
-    return CMStochasticIterativeScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, sigma_min=model.sigma_min,
-                                          sigma_max=model.sigma_max, sigma_data=model.sigma_data,
-                                          rho=_karras_rho(config), s_noise=1.0, clip_denoised=False)
+    """The scheduler with the model's noise range and data scale (so its scalings are the model's), carrying
+    ``model.tuned_sigmas`` and the timesteps that reproduce them (see the module docstring)."""
+    scheduler = CMStochasticIterativeScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, sigma_min=model.sigma_min,
+                                               sigma_max=model.sigma_max, sigma_data=model.sigma_data,
+                                               rho=_karras_rho(config), s_noise=1.0, clip_denoised=False)
+    tuned = {str(k): [float(s) for s in v] for k, v in sorted(getattr(model, "tuned_sigmas", {}).items())}
+    if tuned:
+        timesteps = {k: grid_timesteps(v, scheduler) for k, v in tuned.items()}
+        scheduler.register_to_config(**{TUNED_SIGMAS_KEY: tuned,
+                                        TUNED_TIMESTEPS_KEY: {k: v for k, v in timesteps.items() if v}})
+    return scheduler
+
+
+class TunedSchedule(NamedTuple):
+    """A tuned schedule in an exported folder: its step count, the tuned sigmas, and the ``timesteps=`` that
+    come nearest with the sigmas they give (both None when the scheduler's grid cannot represent it)."""
+
+    steps: int
+    sigmas: list[float]
+    timesteps: list[int] | None
+    grid_sigmas: list[float] | None
+
+    def describe(self) -> str:
+        """One line for the user: the tuned sigmas and how to sample them with the exported pipeline."""
+        head = (f"tuned {self.steps}-step sigmas {_fmt(self.sigmas)} (kept in scheduler/scheduler_config.json as "
+                f"{TUNED_SIGMAS_KEY})")
+        if self.timesteps is None:
+            why = "two share a level of its grid, or the first is not sigma_max"
+            return f"{head}: no timesteps= reproduces them ({why})"
+        return f"{head}: pipe(timesteps={self.timesteps}) samples at {_fmt(self.grid_sigmas)}"
+
+
+def _fmt(sigmas: list[float]) -> str:
+    return ",".join(f"{s:.4g}" for s in sigmas)
+
+
+def tuned_schedules(folder: str | Path) -> list[TunedSchedule]:
+    """The tuned schedules an exported pipeline folder carries, by step count, read back through diffusers."""
+    scheduler = CMStochasticIterativeScheduler.from_pretrained(Path(folder) / "scheduler")
+    tuned, all_timesteps = (scheduler.config.get(key, {}) for key in (TUNED_SIGMAS_KEY, TUNED_TIMESTEPS_KEY))
+    schedules = []
+    for steps, sigmas in sorted(tuned.items(), key=lambda item: int(item[0])):
+        timesteps = all_timesteps.get(steps)
+        levels = grid_sigmas(timesteps, scheduler) if timesteps else None
+        schedules.append(TunedSchedule(int(steps), sigmas, timesteps, levels))
+    return schedules
 
 
 # ----------------------------------------------------------------------------------------------- the folder
@@ -100,7 +182,8 @@ def _write(pipe: ConsistencyModelPipeline, folder: Path) -> None:
 
 def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path) -> Path:
     """Write ``model`` (a cmkit consistency model and its config) as a ConsistencyModelPipeline folder that
-    loads with diffusers alone (``trust_remote_code=True``).
+    loads with diffusers alone (``trust_remote_code=True``), keeping ``model.tuned_sigmas`` in its scheduler
+    config (:func:`tuned_schedules` reads them back).
 
     ``out_dir`` must not exist or be an empty folder; the folder is built as a temporary sibling and renamed
     into place, so it is either complete or absent. Returns ``out_dir``. Raises CmkitError for a diffusion
