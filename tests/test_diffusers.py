@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +30,12 @@ from diffusers import (  # noqa: E402
 
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
+from cmkit.config import Config, apply_overrides, preset  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
+from cmkit.teacher import load_teacher  # noqa: E402
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
@@ -161,6 +165,41 @@ def test_consistency_folder_refused_as_teacher(tmp_path, tiny_config):
     folder = export_diffusers(build_model(tiny_config), tiny_config, tmp_path / "cm")
     assert is_diffusers_folder(folder)
     _expect_error(folder, "is a consistency model; a teacher must be a diffusion model")
+
+
+def cd_config(teacher: Path, *sets: str) -> Config:
+    """The fmnist-cd preset distilling ``teacher`` (a tiny_unet folder: 8x8 RGB), with ``--set`` strings."""
+    return apply_overrides(preset("fmnist-cd"), [f"method.teacher={teacher}", "data.resolution=8",
+                                                 "data.channels=3", *sets])
+
+
+def test_teacher_table_above_the_grids_lowest_sigma_warns(tmp_path):
+    """Issue 12: a DDPM table starting at 0.01 with CD's sigma_min 0.002 is no longer clamped silently."""
+    teacher = save_teacher(tmp_path / "ddpm", tiny_unet(), layout="pipeline")  # sigma_0 = 0.0100005
+    with pytest.warns(UserWarning) as warned:
+        load_teacher(cd_config(teacher), device=torch.device("cpu"))
+    message = str(warned[0].message)
+    assert f"--teacher {teacher}: its noise table starts at sigma 0.01, above the grid's lowest level " \
+           "method.sigma_min=0.002" in message
+    assert message.endswith("--set method.sigma_min=0.01001")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the suggested value silences it
+        load_teacher(cd_config(teacher, "method.sigma_min=0.01001"), device=torch.device("cpu"))
+
+
+def test_teacher_table_below_the_grids_highest_sigma_is_refused(tmp_path):
+    """The mirror case: above its table the teacher's errors grow with sigma, so it is refused, not clamped."""
+    schedule = {"beta_schedule": "scaled_linear", "beta_end": 0.012}
+    teacher = save_teacher(tmp_path / "ddpm", tiny_unet(), layout="bare", **schedule)
+    top = float(table_sigmas(**schedule)[-1])  # about 9.04
+    with pytest.raises(CmkitError) as e:
+        load_teacher(cd_config(teacher, "method.sigma_min=0.02"), device=torch.device("cpu"))
+    message = str(e.value)
+    assert f"its noise table ends at sigma {top:.4g}, below the grid's highest level method.sigma_max=80" in message
+    suggested = re.search(r"expected --set method.sigma_max=([0-9.]+) \(or less\)$", message).group(1)
+    assert top * (1 - 1e-3) < float(suggested) <= top
+    load_teacher(cd_config(teacher, "method.sigma_min=0.02", f"method.sigma_max={suggested}"),
+                 device=torch.device("cpu"))
 
 
 def test_import_cmkit_does_not_import_diffusers():
@@ -403,7 +442,9 @@ def test_cd_distils_a_diffusers_teacher_and_ect_refuses_one(fmnist_subset, tmp_p
               str(teacher), "--set", "net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1",
               "net.attn_resolutions=14", "train.batch=32", "train.snap_kimg=0.064"]
     assert main(["train", "--preset", "fmnist-cd", *common]) == 0
-    assert "cmkit: warning: a diffusers teacher cannot seed a cmkit student" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cmkit: warning: a diffusers teacher cannot seed a cmkit student" in err
+    assert f"cmkit: warning: --teacher {teacher.resolve()}: its noise table starts at sigma 0.01" in err
     assert json.loads((tmp_path / "cd" / "config.json").read_text())["method"]["teacher"] == str(teacher.resolve())
     common[1] = str(tmp_path / "ect")
     assert main(["train", "--preset", "fmnist-ect", *common]) == 2
