@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import json
+import logging
+import os
+import re
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,16 +22,23 @@ from conftest import import_or_missing
 
 import_or_missing("diffusers", 'diffusers not installed: pip install "cmkit[diffusers]"')
 
-from diffusers import ConsistencyModelPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    CMStochasticIterativeScheduler,
+    ConsistencyModelPipeline,
+    DDPMPipeline,
+    DDPMScheduler,
+    UNet2DModel,
+)
 
-import cmkit.export  # noqa: E402,F401 -- makes CmkitUNet2DModel resolvable by diffusers
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
+from cmkit.config import Config, apply_overrides, preset  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
-from cmkit.export import export_diffusers  # noqa: E402
-from cmkit.methods import switch_method
+from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
+from cmkit.methods import switch_method  # noqa: E402
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
+from cmkit.teacher import load_teacher  # noqa: E402
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear"}
 
@@ -156,6 +170,41 @@ def test_consistency_folder_refused_as_teacher(tmp_path, tiny_config):
     _expect_error(folder, "is a consistency model; a teacher must be a diffusion model")
 
 
+def cd_config(teacher: Path, *sets: str) -> Config:
+    """The fmnist-cd preset distilling ``teacher`` (a tiny_unet folder: 8x8 RGB), with ``--set`` strings."""
+    return apply_overrides(preset("fmnist-cd"), [f"method.teacher={teacher}", "data.resolution=8",
+                                                 "data.channels=3", *sets])
+
+
+def test_teacher_table_above_the_grids_lowest_sigma_warns(tmp_path):
+    """Issue 12: a DDPM table starting at 0.01 with CD's sigma_min 0.002 is no longer clamped silently."""
+    teacher = save_teacher(tmp_path / "ddpm", tiny_unet(), layout="pipeline")  # sigma_0 = 0.0100005
+    with pytest.warns(UserWarning) as warned:
+        load_teacher(cd_config(teacher), device=torch.device("cpu"))
+    message = str(warned[0].message)
+    assert f"--teacher {teacher}: its noise table starts at sigma 0.01, above the grid's lowest level " \
+           "method.sigma_min=0.002" in message
+    assert message.endswith("--set method.sigma_min=0.01001")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the suggested value silences it
+        load_teacher(cd_config(teacher, "method.sigma_min=0.01001"), device=torch.device("cpu"))
+
+
+def test_teacher_table_below_the_grids_highest_sigma_is_refused(tmp_path):
+    """The mirror case: above its table the teacher's errors grow with sigma, so it is refused, not clamped."""
+    schedule = {"beta_schedule": "scaled_linear", "beta_end": 0.012}
+    teacher = save_teacher(tmp_path / "ddpm", tiny_unet(), layout="bare", **schedule)
+    top = float(table_sigmas(**schedule)[-1])  # about 9.04
+    with pytest.raises(CmkitError) as e:
+        load_teacher(cd_config(teacher, "method.sigma_min=0.02"), device=torch.device("cpu"))
+    message = str(e.value)
+    assert f"its noise table ends at sigma {top:.4g}, below the grid's highest level method.sigma_max=80" in message
+    suggested = re.search(r"expected --set method.sigma_max=([0-9.]+) \(or less\)$", message).group(1)
+    assert top * (1 - 1e-3) < float(suggested) <= top
+    load_teacher(cd_config(teacher, "method.sigma_min=0.02", f"method.sigma_max={suggested}"),
+                 device=torch.device("cpu"))
+
+
 def test_import_cmkit_does_not_import_diffusers():
     code = "import sys, cmkit, cmkit.cli, cmkit.nets.foreign; assert 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -182,42 +231,114 @@ def random_consistency_model(config):
     return model
 
 
-def run_pipeline(pipe, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final sample before postprocessing, "pt" output) for a batch of 3; the callback sees each step's sample."""
-    seen = []
-    images = pipe(batch_size=3, output_type="pt", callback=lambda i, t, x: seen.append(x), **kwargs).images
-    return seen[-1], images
+# Loads exported folders in a fresh interpreter where cmkit is not importable, as a diffusers user would, and
+# samples with them: argv = output file, JSON {folder: [runs]}, a run = {"seed", "latents": bool, pipeline
+# kwargs}. A run draws its latents (when asked) and then the scheduler's noise from one generator seeded "seed".
+LOAD_WITH_DIFFUSERS_ALONE = r"""
+import json, os, sys
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "cmkit"))]
+try:
+    import cmkit
+except ImportError:
+    pass
+else:
+    sys.exit(f"cmkit is importable here ({cmkit.__file__}): the test would prove nothing")
+import torch
+from diffusers import ConsistencyModelPipeline
 
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_export_round_trip_matches_cmkit_sampling(tmp_path, tiny_config, channels):
-    config = replace(tiny_config, data=replace(tiny_config.data, channels=channels))
-    model = random_consistency_model(config)
-    out = export_diffusers(model, config, tmp_path / "cm")
-    assert json.loads((out / "model_index.json").read_text())["unet"] == ["cmkit.export", "CmkitUNet2DModel"]
-    pipe = ConsistencyModelPipeline.from_pretrained(out)
+results = {}
+for folder, runs in json.loads(sys.argv[2]).items():
+    pipe = ConsistencyModelPipeline.from_pretrained(folder, trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
-    shape = (3, channels, 28, 28)
+    c, r = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    results[folder] = got = {"unet_module": type(pipe.unet).__module__, "scheduler": dict(pipe.scheduler.config)}
+    for i, run in enumerate(runs):
+        g = torch.Generator().manual_seed(run.pop("seed"))
+        if run.pop("latents", False):
+            run["latents"] = torch.randn(3, c, r, r, generator=g)
+        seen = []
+        images = pipe(batch_size=3, output_type="pt", generator=g, callback=lambda i, t, x: seen.append(x),
+                      **run).images
+        got.update({f"raw{i}": seen[-1], f"images{i}": images, f"sigmas{i}": pipe.scheduler.sigmas[:-1].tolist()})
+torch.save(results, sys.argv[1])
+"""
 
-    def noise_of(seed):
-        g = torch.Generator().manual_seed(seed)
-        return g, lambda: torch.randn(shape, generator=g)
 
-    # one step: noise from the generator (any channel count) or as latents (the pipeline checks 3 channels)
-    g, _ = noise_of(1)
-    _, noise = noise_of(1)
-    kwargs = {"latents": noise()} if channels == 3 else {"generator": g}
-    raw, images = run_pipeline(pipe, num_inference_steps=1, **kwargs)
-    ref = consistency_sample(model, [model.sigma_max], noise_of(1)[1])
-    torch.testing.assert_close(raw, ref, atol=1e-4, rtol=0)
-    torch.testing.assert_close(images, (ref / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
-    assert ref.abs().max() > 1  # so the unclamped comparison means something
+def sample_with_diffusers_alone(runs: dict[Path, list[dict]], tmp_path: Path) -> tuple[dict[Path, dict], str]:
+    """(results of LOAD_WITH_DIFFUSERS_ALONE per folder, its stderr); fails the test if the interpreter fails."""
+    out = tmp_path / "diffusers-alone.pt"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    runs_json = json.dumps({str(folder): folder_runs for folder, folder_runs in runs.items()})
+    done = subprocess.run([sys.executable, "-I", "-c", LOAD_WITH_DIFFUSERS_ALONE, str(out), runs_json],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return {Path(k): v for k, v in torch.load(out).items()}, done.stderr
 
-    # two steps: the scheduler draws the second noise from the same generator, after the latents
-    g, _ = noise_of(2)
-    raw, _ = run_pipeline(pipe, timesteps=[22, 0], generator=g)
-    sigmas = pipe.scheduler.sigmas[:-1].tolist()  # the Karras levels those timesteps mean; the last is sigma_min
-    torch.testing.assert_close(raw, consistency_sample(model, sigmas, noise_of(2)[1]), atol=1e-4, rtol=0)
+
+def noise_of(seed: int, shape: tuple[int, ...]):
+    """cmkit's noise callable drawing from one generator seeded with ``seed``, as the loader script does."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda: torch.randn(shape, generator=g)
+
+
+def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, tiny_config):
+    """Issue 12: the folder loads where cmkit is not importable, without "Expected types", and samples as cmkit."""
+    folders, models = {}, {}
+    for channels in (1, 3):
+        config = replace(tiny_config, data=replace(tiny_config.data, channels=channels))
+        models[channels] = random_consistency_model(config)
+        folders[channels] = export_diffusers(models[channels], config, tmp_path / f"cm{channels}")
+        index = json.loads((folders[channels] / "model_index.json").read_text())
+        assert index["unet"] == ["cmkit_unet2d", "CmkitUNet2DModel"]
+        assert sorted(p.name for p in (folders[channels] / "unet").glob("*.py")) == ["cmkit_unet2d.py", "unet.py"]
+    # 1 channel: noise from the generator; 3 channels: latents (the pipeline checks them only for 3 channels);
+    # 2 steps: the scheduler draws the second noise from the same generator, after the latents
+    runs = [{"seed": 1, "num_inference_steps": 1}, {"seed": 2, "timesteps": [600, 0]}]
+    results, stderr = sample_with_diffusers_alone(
+        {folders[c]: [{**run, "latents": c == 3} for run in runs] for c in (1, 3)}, tmp_path)
+    assert "Expected types" not in stderr and "Traceback" not in stderr
+    for channels in (1, 3):
+        got, model, shape = results[folders[channels]], models[channels], (3, channels, 28, 28)
+        assert got["unet_module"] == "diffusers_modules.local.cmkit_unet2d"  # the shipped file, not cmkit's
+        assert got["sigmas0"] == [model.sigma_max]
+        ref = consistency_sample(model, [model.sigma_max], noise_of(1, shape))
+        torch.testing.assert_close(got["raw0"], ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got["images0"], (ref / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+        assert ref.abs().max() > 1  # so the unclamped comparison means something
+        sigmas = got["sigmas1"]  # the Karras levels timesteps [600, 0] mean (80 and 0.959)
+        assert len(sigmas) == 2 and sigmas[0] == pytest.approx(model.sigma_max)
+        torch.testing.assert_close(got["raw1"], consistency_sample(model, sigmas, noise_of(2, shape)), atol=1e-4,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("module", module_files(), ids=lambda p: p.name)
+def test_shipped_module_files_need_only_torch_and_diffusers(module):
+    """The files an export ships are cmkit's own modules, copied verbatim: they must not import cmkit."""
+    shipped = {p.stem for p in module_files()}
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.module in shipped, f"{module.name}: relative import of {node.module}, which is not shipped"
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            for top in (name.split(".")[0] for name in names):
+                assert top in sys.stdlib_module_names or top in ("torch", "diffusers"), f"{module.name}: {top}"
+
+
+def test_folders_naming_cmkit_export_still_load_after_importing_it(tmp_path, tiny_config):
+    """Folders written before the custom-component layout name the unet ["cmkit.export", "CmkitUNet2DModel"]."""
+    model = random_consistency_model(tiny_config)
+    folder = export_diffusers(model, tiny_config, tmp_path / "old")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["cmkit.export", "CmkitUNet2DModel"]}))
+    for path in (folder / "unet").glob("*.py"):
+        path.unlink()
+    pipe = ConsistencyModelPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    images = pipe(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(3),
+                  output_type="pt").images
+    torch.testing.assert_close(images, (model(noise * 80, 80.0) / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
 
 
 def test_export_refusals(tmp_path, tiny_config):
@@ -236,10 +357,73 @@ def test_export_refusals(tmp_path, tiny_config):
     assert (tmp_path / "empty" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@contextlib.contextmanager
+def diffusers_warnings() -> Iterator[list[str]]:
+    """Collect the warnings diffusers logs meanwhile (its logger does not propagate, so caplog misses them)."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def final_sample(pipe: ConsistencyModelPipeline, **kwargs) -> torch.Tensor:
+    """The pipeline's last sample of a batch of 3, before postprocessing (which clamps)."""
+    seen = []
+    pipe(batch_size=3, output_type="pt", callback=lambda i, t, x: seen.append(x), **kwargs)
+    return seen[-1]
+
+
+# 4: two sigmas share a level of the grid; 5: does not start at sigma_max. Neither has timesteps.
+TUNED = {1: [80.0], 2: [80.0, 0.9], 3: [80.0, 5.0, 0.5], 4: [80.0, 79.99, 1.0, 0.5], 5: [40.0, 10.0, 1.0, 0.5, 0.1]}
+
+
+def test_tuned_sigmas_survive_the_export(tmp_path, tiny_config, capsys):
+    """Issue 12: `cmkit tune-steps` schedules (export metadata) reach the scheduler config, with timesteps."""
+    model = random_consistency_model(tiny_config)
+    model.tuned_sigmas = TUNED
+    save_export(model, tiny_config, tmp_path / "cm.safetensors")
+    assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    stored = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert stored["_cmkit_tuned_sigmas"] == {str(k): v for k, v in TUNED.items()}  # exactly, all of them
+
+    with diffusers_warnings() as warned:
+        schedules = {t.steps: t for t in tuned_schedules(tmp_path / "out")}  # read back through diffusers
+    assert warned == []  # e.g. not "The config attributes {...} were passed to ..., but are not expected"
+    assert {k: t.sigmas for k, t in schedules.items()} == TUNED
+    assert schedules[1].timesteps == [0] and schedules[1].grid_sigmas == [80.0]
+    for k in (4, 5):
+        assert schedules[k].timesteps is None and schedules[k].grid_sigmas is None
+        assert str(k) not in stored["_cmkit_tuned_timesteps"]
+    assert "tuned 4-step sigmas 80,79.99,1,0.5 (kept in scheduler/scheduler_config.json as _cmkit_tuned_sigmas): " \
+           "no timesteps= reproduces them" in printed
+    for k in (2, 3):
+        assert schedules[k].grid_sigmas == pytest.approx(TUNED[k], rel=0.012)  # half a level at most (docs)
+        assert f"tuned {k}-step sigmas" in printed and f"pipe(timesteps={schedules[k].timesteps})" in printed
+
+    # the stored timesteps sample at those levels, as cmkit does (the unet from cmkit: no remote code here)
+    pipe = ConsistencyModelPipeline(unet=CmkitUNet2DModel.from_pretrained(tmp_path / "out" / "unet"),
+                                    scheduler=CMStochasticIterativeScheduler.from_pretrained(tmp_path / "out" /
+                                                                                             "scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    for k in (2, 3):
+        raw = final_sample(pipe, timesteps=stored["_cmkit_tuned_timesteps"][str(k)],
+                           generator=torch.Generator().manual_seed(k))
+        assert pipe.scheduler.sigmas[:-1].tolist() == schedules[k].grid_sigmas
+        ref = consistency_sample(model, schedules[k].grid_sigmas, noise_of(k, (3, 1, 28, 28)))
+        torch.testing.assert_close(raw, ref, atol=1e-4, rtol=0)
+
+
 def test_cli_export(tmp_path, tiny_config, capsys):
     save_export(random_consistency_model(tiny_config), tiny_config, tmp_path / "cm.safetensors")
     assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 0
-    assert "import cmkit.export" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trust_remote_code=True" in printed and "import cmkit" not in printed
     assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
     edm_config = replace(tiny_config, method=switch_method(tiny_config.method, "edm"))
@@ -261,7 +445,9 @@ def test_cd_distils_a_diffusers_teacher_and_ect_refuses_one(fmnist_subset, tmp_p
               str(teacher), "--set", "net.model_channels=8", "net.channel_mult=1,2", "net.num_blocks=1",
               "net.attn_resolutions=14", "train.batch=32", "train.snap_kimg=0.064"]
     assert main(["train", "--preset", "fmnist-cd", *common]) == 0
-    assert "cmkit: warning: a diffusers teacher cannot seed a cmkit student" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "cmkit: warning: a diffusers teacher cannot seed a cmkit student" in err
+    assert f"cmkit: warning: --teacher {teacher.resolve()}: its noise table starts at sigma 0.01" in err
     assert json.loads((tmp_path / "cd" / "config.json").read_text())["method"]["teacher"] == str(teacher.resolve())
     common[1] = str(tmp_path / "ect")
     assert main(["train", "--preset", "fmnist-ect", *common]) == 2

@@ -259,14 +259,17 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cmkit.checkpoint import load_export
-    from cmkit.export import export_diffusers  # imports diffusers: only this command needs it
+    from cmkit.export import export_diffusers, tuned_schedules  # imports diffusers: only this command needs it
 
     model, config = load_export(args.model)
     out = export_diffusers(model, config, args.diffusers)
-    print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with cmkit installed:")
-    print("    import cmkit.export  # makes CmkitUNet2DModel known to diffusers")
+    print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with diffusers alone (no cmkit needed):")
     print("    from diffusers import ConsistencyModelPipeline")
-    print(f"    pipe = ConsistencyModelPipeline.from_pretrained({str(out)!r})")
+    print(f"    pipe = ConsistencyModelPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print("    images = pipe(num_inference_steps=1).images")
+    print(f"trust_remote_code=True runs the network's code shipped in {out / 'unet'} (cmkit_unet2d.py, unet.py)")
+    for tuned in tuned_schedules(out):
+        print(tuned.describe())
     return 0
 
 

@@ -21,8 +21,10 @@ from cmkit import schedules
 from cmkit.errors import CmkitError
 from cmkit.rng import NoiseSource, SeededNoise
 
-# Published intermediate level for 2-step sampling (iCT/ECT on CIFAR-10; recipes section 8).
+# Published intermediate level for 2-step sampling (iCT and ECT on CIFAR-10).
 TWO_STEP_SIGMA = 0.821
+# The Karras grids sampling schedules are cut from (EDM's rho).
+SAMPLING_RHO = 7.0
 
 
 def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_max: float) -> Tensor:
@@ -140,11 +142,11 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     if tuned:
         sigmas = torch.tensor(tuned, dtype=torch.float64)
     elif model.kind == "edm":
-        sigmas = schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi)
+        sigmas = schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO)
     elif steps == 2:
         sigmas = torch.tensor([hi, TWO_STEP_SIGMA], dtype=torch.float64)
     else:
-        sigmas = schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi).flip(0)[:steps]
+        sigmas = schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO).flip(0)[:steps]
     try:
         return check_sigmas(sigmas, sigma_min=lo, sigma_max=hi)
     except CmkitError as e:

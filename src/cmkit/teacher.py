@@ -59,7 +59,7 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
                              "diffusion model (trained with an *-edm preset)")
         _check_same_net(stored, config, path)
     elif path.is_dir():
-        from cmkit.nets.foreign import is_diffusers_folder, load_diffusers_teacher
+        from cmkit.nets.foreign import check_noise_range, is_diffusers_folder, load_diffusers_teacher
 
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
@@ -68,10 +68,17 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
             raise CmkitError(f"--teacher {path}: ECT tunes the teacher's own weights, which needs a cmkit EDM "
                              "model; a diffusers teacher can be distilled with a cd preset instead")
         teacher = load_diffusers_teacher(path, device=device)
+        lowest, highest = _grid_range(config)
+        check_noise_range(teacher, sigma_min=lowest, sigma_max=highest, where=f"--teacher {path}")
     else:
         raise CmkitError(f"--teacher {path}: no such file or directory")
     _check_fit(teacher, config, path)
     return teacher
+
+
+def _grid_range(config: Config) -> tuple[float, float]:
+    """The lowest and highest noise levels of the grid the method evaluates its teacher at (CD's Karras grid)."""
+    return config.method.sigma_min, config.method.sigma_max
 
 
 def _check_fit(teacher: nn.Module, config: Config, path: Path) -> None:

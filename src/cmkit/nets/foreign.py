@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,8 +27,8 @@ from torch import Tensor, nn
 
 from cmkit.errors import CmkitError
 
-__all__ = ["DiffusersTeacher", "MissingDiffusersError", "import_diffusers", "is_diffusers_folder",
-           "load_diffusers_teacher"]
+__all__ = ["DiffusersTeacher", "MissingDiffusersError", "check_noise_range", "import_diffusers",
+           "is_diffusers_folder", "load_diffusers_teacher"]
 
 # safetensors only: a pickled .bin file could execute code when loaded.
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
@@ -236,3 +237,32 @@ def load_diffusers_teacher(path: str | Path, *, device: torch.device | str = "cp
         raise CmkitError(f"{unet_dir}: the UNet2DModel does not load ({str(e).splitlines()[0]})") from None
     teacher = DiffusersTeacher(unet, alphas_cumprod=alphas_cumprod(scheduler), prediction_type=prediction)
     return teacher.to(device).eval().requires_grad_(False)
+
+
+def _round_sig(value: float, *, up: bool) -> float:
+    """``value`` rounded to 4 significant digits, up or down: a value to suggest that is on the safe side."""
+    scale = 10.0 ** (math.floor(math.log10(value)) - 3)
+    return float(f"{(math.ceil if up else math.floor)(value / scale) * scale:.4g}")
+
+
+def check_noise_range(teacher: DiffusersTeacher, *, sigma_min: float, sigma_max: float, where: str) -> None:
+    """Check that the noise levels [sigma_min, sigma_max] a method evaluates ``teacher`` at lie in its table.
+
+    Outside ``[teacher.sigma_min, teacher.sigma_max]`` the teacher is evaluated at its first or last timestep
+    (:meth:`DiffusersTeacher.sigma_to_t` clamps), a noise level it was not trained at. Below the table the x0
+    estimate is off by at most about the sigma itself (x0 = x - sigma eps), so this warns; above it the eps
+    error is large and multiplied by sigma, so this raises CmkitError. Both name the two values and the
+    ``--set`` that fits the grid into the table; ``where`` starts the message.
+    """
+    lo, hi = teacher.sigma_min, teacher.sigma_max
+    if hi < sigma_max * (1 - 1e-6):
+        raise CmkitError(f"{where}: its noise table ends at sigma {hi:.4g}, below the grid's highest level "
+                         f"method.sigma_max={sigma_max:g}; above {hi:.4g} the teacher would be evaluated at its last "
+                         "timestep and its x0 estimates would be far off; expected --set "
+                         f"method.sigma_max={_round_sig(hi, up=False):g} (or less)")
+    if lo > sigma_min * (1 + 1e-6):
+        warnings.warn(f"{where}: its noise table starts at sigma {lo:.4g}, above the grid's lowest level "
+                      f"method.sigma_min={sigma_min:g}; below {lo:.4g} the teacher is evaluated at its first timestep, "
+                      f"so its x0 estimates there are off by up to about {lo:.2g} (images in [-1, 1]). To keep the "
+                      f"grid inside the teacher's range: --set method.sigma_min={_round_sig(lo, up=True):g}",
+                      stacklevel=2)
