@@ -1,5 +1,6 @@
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +50,15 @@ def test_safetensors_without_cmkit_metadata_is_refused(tmp_path):
     save_file({"w": torch.ones(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(CmkitError, match="without cmkit metadata"):
         load_export(tmp_path / "x.safetensors")
+
+
+def test_every_file_written_is_flushed_to_disk_before_it_replaces_the_old_one(tiny_config, tmp_path, monkeypatch):
+    from cmkit import files
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    save_export(build_model(tiny_config), tiny_config, tmp_path / "model.safetensors")
+    # the temporary file's data, then the folder holding the rename
+    assert [Path(p).parent for p in synced] == [tmp_path, tmp_path.parent] and synced[1] == str(tmp_path)
+    assert Path(synced[0]).name.startswith(".model.") and not Path(synced[0]).exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from PIL import Image
 
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main
+from cmkit.config import PRESETS
 from conftest import train_tiny
 
 
@@ -125,3 +127,44 @@ def test_console_script_and_dry_run(tmp_path):
                              check=True).stdout
     for name in ("fmnist-edm", "fmnist-ct", "fmnist-ict", "cifar10-edm", "cifar10-ict"):
         assert name in listing
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_dry_runs(name, tmp_path, capsys):
+    teacher = ["--teacher", str(tmp_path)] if PRESETS[name][1].method.needs_teacher else []
+    assert main(["train", "--preset", name, "--out", str(tmp_path / "r"), "--dry-run", *teacher]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["preset"] == name and not (tmp_path / "r").exists()
+
+
+def test_options_apply_in_any_order(tmp_path, capsys):
+    def dry(*argv: str) -> dict:
+        assert main(["train", "--preset", "fmnist-ict", "--out", str(tmp_path / "r"), "--dry-run", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    a = dry("--accum", "3", "--set", "train.batch=96", "method.s0=40", "method.s1=40")
+    b = dry("--set", "method.s1=40", "method.s0=40", "train.batch=96", "--accum", "3")
+    assert a == b and (a["train"]["accum"], a["train"]["batch"], a["method"]["s0"]) == (3, 96, 40)
+
+
+def test_a_data_folder_is_stored_absolute(tmp_path, monkeypatch, capsys):
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "fmnist-ict", "--out", "r", "--data", "imgs", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["source"] == str(tmp_path / "imgs")
+    assert main(["train", "--preset", "fmnist-ict", "--out", "r", "--data", "fashion-mnist", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["source"] == "fashion-mnist"
+
+
+def test_tuned_sigmas_survive_a_resumed_run(run_dir, fmnist_subset, tmp_path):
+    from cmkit.checkpoint import save_export, tuned_sigmas
+
+    half = tmp_path / "tuned"
+    shutil.copytree(run_dir, half)
+    list_states(half)[-1].unlink()
+    model, config = load_export(half)
+    model.tuned_sigmas = {2: [80.0, 1.5]}
+    save_export(model, config, half / "model.safetensors")
+    assert train_tiny(half, fmnist_subset, "--resume") == 0
+    assert tuned_sigmas(half) == {2: [80.0, 1.5]}
+    assert load_export(half)[0].tuned_sigmas == {2: [80.0, 1.5]}
