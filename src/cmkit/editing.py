@@ -1,4 +1,4 @@
-"""Zero-shot image editing with a consistency model (CM paper, Alg. 4 and App. D; recipes section 9).
+"""Zero-shot image editing with a consistency model (CM paper, Alg. 4 and App. D).
 
 - :func:`edit` is Alg. 4, once, for any orthogonal linear map A and binary mask Omega. A is a small object:
   ``transform(x)`` gives the coordinates A x and ``transform.inverse(a)`` gives A^-1 a = A^T a, both laid out

@@ -1,4 +1,4 @@
-"""Parameterisations wrapped around a plain backbone (recipes section 1).
+"""Parameterisations wrapped around a plain backbone.
 
 ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))``
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 
 def karras_sigmas(n: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
-    """The Karras grid of ``n`` >= 2 noise levels, ASCENDING, float64 [n] (recipes section 2).
+    """The Karras grid of ``n`` >= 2 noise levels, ASCENDING, float64 [n] (Karras et al. 2022, eq. 5).
 
     ``sigma_i = (eps^(1/rho) + (i-1)/(n-1) (T^(1/rho) - eps^(1/rho)))^rho``, endpoints exact.
     """
