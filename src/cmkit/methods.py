@@ -42,14 +42,17 @@ class MethodConfig:
             value = getattr(self, key)
             if not (value > 0 and math.isfinite(value)):
                 out.append(f"method.{key}: expected a positive number, got {value}")
-        if not self.sigma_max > self.sigma_min:
-            out.append(f"method.sigma_max: expected > sigma_min ({self.sigma_min}), got {self.sigma_max}")
-        return out + self._own_problems()
+        checks = [(self.sigma_max > self.sigma_min,
+                   f"method.sigma_max: expected > sigma_min ({self.sigma_min}), got {self.sigma_max}"),
+                  *self._checks()]
+        return out + [message for ok, message in checks if not ok]
 
     def _positive(self) -> tuple[str, ...]:
+        """The fields that must be positive and finite."""
         return ()
 
-    def _own_problems(self) -> list[str]:
+    def _checks(self) -> list[tuple[bool, str]]:
+        """The method's own constraints: (holds, message) pairs."""
         return []
 
 
@@ -63,9 +66,9 @@ class _ConsistencyDistance(MethodConfig):
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"distance": DISTANCES}
 
-    def _own_problems(self) -> list[str]:
+    def _checks(self) -> list[tuple[bool, str]]:
         ok = self.huber_c is None or (self.huber_c >= 0 and math.isfinite(self.huber_c))
-        return [] if ok else [f"method.huber_c: expected >= 0 (or auto), got {self.huber_c}"]
+        return [(ok, f"method.huber_c: expected >= 0 (or auto), got {self.huber_c}")]
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,8 @@ class CTConfig(_ConsistencyDistance):
     def _positive(self) -> tuple[str, ...]:
         return ("rho", "s0")
 
-    def _own_problems(self) -> list[str]:
-        out = super()._own_problems()
-        if self.s1 < self.s0:
-            out.append(f"method.s1: expected >= s0 ({self.s0}), got {self.s1}")
-        if not 0 <= self.mu0 < 1:
-            out.append(f"method.mu0: expected a value in [0, 1), got {self.mu0}")
-        return out
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [*super()._checks(), _grid_sizes(self.s0, self.s1), _ema_rate("mu0", self.mu0)]
 
 
 @dataclass(frozen=True)
@@ -122,11 +120,8 @@ class ICTConfig(_ConsistencyDistance):
     def _positive(self) -> tuple[str, ...]:
         return ("rho", "s0", "p_std")
 
-    def _own_problems(self) -> list[str]:
-        out = super()._own_problems()
-        if self.s1 < self.s0:
-            out.append(f"method.s1: expected >= s0 ({self.s0}), got {self.s1}")
-        return out
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [*super()._checks(), _grid_sizes(self.s0, self.s1)]
 
 
 @dataclass(frozen=True)
@@ -148,13 +143,9 @@ class CDConfig(_ConsistencyDistance):
     def _positive(self) -> tuple[str, ...]:
         return ("rho",)
 
-    def _own_problems(self) -> list[str]:
-        out = super()._own_problems()
-        if self.num_scales < 2:
-            out.append(f"method.num_scales: expected at least 2 grid levels, got {self.num_scales}")
-        if not 0 <= self.mu < 1:
-            out.append(f"method.mu: expected a value in [0, 1), got {self.mu}")
-        return out
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [*super()._checks(), _ema_rate("mu", self.mu),
+                (self.num_scales >= 2, f"method.num_scales: expected at least 2 grid levels, got {self.num_scales}")]
 
 
 @dataclass(frozen=True)
@@ -174,11 +165,16 @@ class ECTConfig(_ConsistencyDistance):
     def _positive(self) -> tuple[str, ...]:
         return ("p_std", "stage_kimg")
 
-    def _own_problems(self) -> list[str]:
-        out = super()._own_problems()
-        if not self.q > 1:
-            out.append(f"method.q: expected a ratio > 1, got {self.q}")
-        return out
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [*super()._checks(), (self.q > 1, f"method.q: expected a ratio > 1, got {self.q}")]
+
+
+def _grid_sizes(s0: int, s1: int) -> tuple[bool, str]:
+    return s1 >= s0, f"method.s1: expected >= s0 ({s0}), got {s1}"
+
+
+def _ema_rate(key: str, value: float) -> tuple[bool, str]:
+    return 0 <= value < 1, f"method.{key}: expected a value in [0, 1), got {value}"
 
 
 METHODS: dict[str, type[MethodConfig]] = {c.name: c for c in (EDMConfig, CTConfig, ICTConfig, CDConfig, ECTConfig)}
