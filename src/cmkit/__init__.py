@@ -1,8 +1,10 @@
-"""cmkit: consistency models -- training (CT, iCT), diffusion teachers (EDM), one- and few-step sampling.
+"""cmkit: consistency models -- training (CT, iCT), distillation and tuning (CD, ECT), diffusion teachers (EDM),
+one- and few-step sampling, zero-shot editing.
 
 The public API:
 
-- :class:`Config`, :func:`preset` -- run configuration and named presets;
+- :class:`Config`, :func:`preset`, :func:`apply_overrides`, :func:`validate` -- run configuration and named
+  presets (each method's own config in :mod:`cmkit.methods`);
 - :func:`train` -- the training loop, writing a run directory;
 - :func:`load_export`, :func:`build_model` -- models from ``model.safetensors`` or a config;
 - :func:`consistency_sample`, :func:`heun_sample`, :func:`euler_sample`, :func:`default_sigmas`,
@@ -14,12 +16,12 @@ The public API:
 """
 
 from cmkit.checkpoint import build_model, load_export
-from cmkit.config import Config, preset
+from cmkit.config import Config, apply_overrides, preset, validate
 from cmkit.data import load_dataset
 from cmkit.errors import CmkitError
 from cmkit.precond import ConsistencyFunction, EDMDenoiser
+from cmkit.rng import SeededNoise
 from cmkit.sampling import (
-    SeededNoise,
     consistency_sample,
     default_sigmas,
     euler_sample,
@@ -29,8 +31,8 @@ from cmkit.sampling import (
 from cmkit.train import train
 
 __all__ = [
-    "CmkitError", "Config", "ConsistencyFunction", "EDMDenoiser", "SeededNoise", "build_model",
+    "CmkitError", "Config", "ConsistencyFunction", "EDMDenoiser", "SeededNoise", "apply_overrides", "build_model",
     "consistency_sample", "default_sigmas", "euler_sample", "generate", "heun_sample", "load_dataset",
-    "load_export", "preset", "train",
+    "load_export", "preset", "train", "validate",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
