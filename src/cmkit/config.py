@@ -132,8 +132,6 @@ class Config:
         """Inverse of :meth:`to_dict`, validated; unknown, ill-typed or invalid fields raise CmkitError naming
         ``where``. A method section written before per-method configs is converted (or refused with a message
         saying how to convert it)."""
-        if not isinstance(data, dict):
-            raise CmkitError(f"{where}: expected a JSON object, got {type(data).__name__}")
         config = _build(cls, data, where)
         validate(config, where=where)
         return config
