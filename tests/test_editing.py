@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -203,9 +204,63 @@ def test_refusals():
     with pytest.raises(CmkitError, match="descending"):
         editing.inpaint(gray, images(3, 1), torch.ones(8, 8, dtype=torch.bool), sigmas=[1.0, 2.0], noise=noise)
     with pytest.raises(CmkitError, match=r"expected \[N, 1, 8, 8\]"):
-        editing.inpaint(gray, images(3, 1, 6), torch.ones(6, 6, dtype=torch.bool), sigmas=SIGMAS, noise=noise)
+        editing.inpaint(gray, images(3, 1, 6), torch.ones(8, 8, dtype=torch.bool), sigmas=SIGMAS, noise=noise)
     with pytest.raises(CmkitError, match="inside the 8x8"):
         editing.box_mask((4, 4, 5, 2), resolution=8)
+
+
+REFUSALS = [  # (task, options, what the one check says), the same on every path
+    ("inpaint", {}, "expected --mask M.png or --box"),
+    ("inpaint", {"mask": torch.ones(6, 6, dtype=torch.bool)}, "mask of shape (6, 6)"),
+    ("inpaint", {"mask": torch.ones(8, 8, dtype=torch.bool), "sigmas": [1.0, 2.0]}, "descending"),
+    ("colorize", {}, "needs an RGB (3-channel) model; this model has 1 channel(s)"),
+    ("superres", {}, "expected --factor p"),
+    ("superres", {"factor": 1}, "factor 1: expected an integer >= 2"),
+    ("superres", {"factor": 3}, "divides the model's resolution 8"),
+    ("denoise", {}, "expected --sigma s"),
+    ("denoise", {"sigma": 100.0}, "noise level in"),
+]
+
+
+def _call_task(task: str, model, x: torch.Tensor, options: dict) -> torch.Tensor:
+    """The task function itself (the API), with ``options`` as run_task and edit_files take them."""
+    noise, sigmas = noise_for(model, range(len(x))), options.get("sigmas", SIGMAS)
+    if task == "inpaint":
+        return editing.inpaint(model, x, options.get("mask"), sigmas=sigmas, noise=noise)
+    if task == "colorize":
+        return editing.colorize(model, x, sigmas=sigmas, noise=noise)
+    if task == "superres":
+        return editing.superres(model, x, factor=options.get("factor"), sigmas=sigmas, noise=noise)
+    return editing.denoise(model, x, sigma=options.get("sigma"))
+
+
+@pytest.mark.parametrize("task, options, message", REFUSALS)
+def test_each_check_says_the_same_on_every_path(task, options, message, tmp_path):
+    """The task function (API), run_task and edit_files (CLI) refuse bad options with the same one check;
+    edit_files before it looks at its input and output paths."""
+    model, x = oracle(1), images(2, 1)
+    with pytest.raises(CmkitError, match=re.escape(message)):
+        _call_task(task, model, x, options)
+    with pytest.raises(CmkitError, match=re.escape(message)):
+        editing.run_task(task, model, x, [0, 1], batch=2, **options)
+    with pytest.raises(CmkitError, match=re.escape(message)):
+        editing.edit_files(task, model, tmp_path / "missing.png", tmp_path / "missing" / "out.png", **options)
+
+
+def test_run_task_checks_task_and_batch_at_once_and_defaults_stroke_to_its_levels():
+    model, x = oracle(1), images(2, 1)
+    with pytest.raises(CmkitError, match="batch 0: expected a positive number"):
+        editing.run_task("denoise", model, x, [0, 1], batch=0, sigma=0.5)  # before the first batch is asked for
+    with pytest.raises(CmkitError, match="task 'interpolate': expected one of inpaint, colorize, superres"):
+        editing.run_task("interpolate", model, x, [0, 1], batch=2)
+    default = next(editing.run_task("stroke", model, x, [0, 1], batch=2))
+    torch.testing.assert_close(default, editing.stroke(model, x, noise=noise_for(model, [0, 1])), rtol=0, atol=0)
+
+
+def test_superres_checks_the_low_resolution_size():
+    model = oracle(1)
+    with pytest.raises(CmkitError, match=re.escape("expected [N, 1, 2, 2]")):
+        editing.superres(model, images(2, 1, 3), factor=4, sigmas=SIGMAS, noise=noise_for(model))
 
 
 # ------------------------------------------------------------------------- the CLI on a trained model

@@ -6,6 +6,8 @@
 - :class:`Identity`, :class:`LumaChroma` and :class:`PatchBasis` are the three maps the tasks use.
 - :func:`inpaint`, :func:`colorize`, :func:`superres`, :func:`stroke`, :func:`denoise` and :func:`interpolate`
   are the six tasks; :func:`edit_files` and :func:`interpolate_file` are what ``cmkit edit`` calls.
+- Each check of an editing input is one ``check_*`` function, called by the task functions and (composed in
+  :func:`check_task`) by :func:`run_task`, :func:`edit_files` and :func:`interpolate_file`.
 
 Images are float32 [N, C, H, W] in model range [-1, 1]. Results are NOT clipped: the replacement is the last
 operation, so what a task keeps is kept exactly in the float output (up to the rounding of A^-1 A); the
@@ -30,6 +32,7 @@ from cmkit.images import grid, save_png, to_numpy_images
 from cmkit.sampling import SeededNoise, check_sigmas, default_sigmas
 
 TASKS: tuple[str, ...] = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+IMAGE_TASKS: tuple[str, ...] = TASKS[:-1]  # the tasks that edit input images (run_task, edit_files)
 EDIT_STEPS = 40  # the paper edits with N = 40 Karras-spaced levels (App. D)
 STROKE_SIGMAS: tuple[float, ...] = (5.38, 2.24)  # the paper's two levels for stroke-guided generation (App. D)
 LUMA: tuple[float, float, float] = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma weights (App. D)
@@ -129,7 +132,7 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
     Returns float32 [N, C, H, W], not clipped: A x equals A y wherever Omega is False.
     """
     check_editable(model)
-    _check_size(model, y)
+    check_images(model, y)
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
     known = transform(y)
 
@@ -144,6 +147,11 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
     return x
 
 
+# ---------------------------------------------------------------------------------------------- checks
+# Each check of an editing input exists once, here. The task functions (the API) call the ones their inputs
+# need; check_task composes them for run_task, edit_files and interpolate_file (the CLI), which check every
+# option before any image is read or written.
+
 def check_editable(model: nn.Module) -> None:
     """Editing (Alg. 4) needs a consistency function; refuse an EDM diffusion denoiser."""
     kind = getattr(model, "kind", "")
@@ -152,11 +160,87 @@ def check_editable(model: nn.Module) -> None:
                          "zero-shot editing needs a consistency model (ct, ict, cd or ect)")
 
 
-def _check_size(model: nn.Module, x: Tensor) -> None:
-    want = (model.channels, model.resolution, model.resolution)
+def check_images(model: nn.Module, x: Tensor, *, resolution: int | None = None) -> None:
+    """Images must be [N, C, r, r] with the model's C, and r = ``resolution`` (default: the model's)."""
+    want = (model.channels, resolution or model.resolution, resolution or model.resolution)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise CmkitError(f"images of shape {tuple(x.shape)}: expected [N, {want[0]}, {want[1]}, {want[2]}] "
                          "for this model")
+
+
+def check_rgb(model: nn.Module) -> None:
+    """Colorization needs a 3-channel model."""
+    if model.channels != 3:
+        raise CmkitError(f"colorize: colorization needs an RGB (3-channel) model; this model has "
+                         f"{model.channels} channel(s)")
+
+
+def check_mask(model: nn.Module, mask: Tensor | None) -> None:
+    """An inpainting mask must be given, with a shape broadcastable to the images [N, C, R, R]."""
+    if mask is None:
+        raise CmkitError("inpaint: expected --mask M.png or --box x,y,w,h (the pixels to generate)")
+    want = (model.channels, model.resolution, model.resolution)
+    shape = tuple(torch.as_tensor(mask).shape)
+    try:
+        ok = len(shape) <= 4 and torch.broadcast_shapes(shape, (1, *want))[1:] == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise CmkitError(f"mask of shape {shape}: expected [{want[1]}, {want[2]}] (True = generate), or a shape "
+                         f"broadcastable to the images [N, {want[0]}, {want[1]}, {want[2]}]")
+
+
+def check_factor(model: nn.Module, factor: int | None) -> None:
+    """A super-resolution factor must be given, be >= 2 and divide the model's resolution."""
+    if factor is None:
+        raise CmkitError("superres: expected --factor p, the upsampling factor")
+    if factor < 2 or model.resolution % factor:
+        raise CmkitError(f"factor {factor}: expected an integer >= 2 that divides the model's resolution "
+                         f"{model.resolution}")
+
+
+def check_sigma(model: nn.Module, sigma: float | None) -> None:
+    """A denoising level must be given and lie in (sigma_min, sigma_max]."""
+    if sigma is None:
+        raise CmkitError("denoise: expected --sigma s, the noise level to add and remove")
+    if not model.sigma_min < sigma <= model.sigma_max:
+        raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
+
+
+def check_frames(frames: int) -> None:
+    """An interpolation needs at least its two endpoints."""
+    if frames < 2:
+        raise CmkitError(f"frames {frames}: expected at least 2 (the two endpoints)")
+
+
+def check_batch(batch: int) -> None:
+    """Images per forward pass: at least 1."""
+    if batch < 1:
+        raise CmkitError(f"batch {batch}: expected a positive number of images per batch")
+
+
+def check_task(task: str, model: nn.Module, *, among: Sequence[str] = TASKS, mask: Tensor | None = None,
+               factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None,
+               frames: int | None = None, batch: int | None = None) -> None:
+    """Every check of ``task`` (one of ``among``) and its options that needs only the model, composed of the
+    checks above; ``batch`` is checked when given."""
+    if task not in among:
+        raise CmkitError(f"task {task!r}: expected one of {', '.join(among)}")
+    check_editable(model)
+    if task == "inpaint":
+        check_mask(model, mask)
+    if task == "colorize":
+        check_rgb(model)
+    if task == "superres":
+        check_factor(model, factor)
+    if task == "denoise":
+        check_sigma(model, sigma)
+    if task == "interpolate":
+        check_frames(frames)
+    if sigmas is not None:
+        check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    if batch is not None:
+        check_batch(batch)
 
 
 def editing_sigmas(model: nn.Module) -> Tensor:
@@ -172,6 +256,7 @@ def inpaint(model: nn.Module, images: Tensor, mask: Tensor, *, sigmas: Sequence[
 
     images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly.
     """
+    check_mask(model, mask)
     mask = torch.as_tensor(mask, dtype=torch.bool, device=images.device)
     return edit(model, images, transform=Identity(), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
 
@@ -189,19 +274,11 @@ def colorize(model: nn.Module, images: Tensor, *, sigmas: Sequence[float] | Tens
     y is the gray image :func:`luma` on 3 channels; A = :class:`LumaChroma`, Omega = the two chroma coordinates.
     The result has the input's luma exactly: w.x_out = w.x_in.
     """
-    if model.channels != 3 or images.shape[1] != 3:
-        raise CmkitError(f"colorization needs an RGB (3-channel) model and images; this model has "
-                         f"{model.channels} channel(s)")
+    check_rgb(model)
+    check_images(model, images)
     y = luma(images).expand(-1, 3, -1, -1)
     mask = torch.tensor([False, True, True], device=images.device).view(1, 3, 1, 1)
     return edit(model, y, transform=LumaChroma(), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
-
-
-def check_factor(factor: int, resolution: int) -> None:
-    """A super-resolution factor must be >= 2 and divide the model's resolution."""
-    if factor < 2 or resolution % factor:
-        raise CmkitError(f"factor {factor}: expected an integer >= 2 that divides the model's resolution "
-                         f"{resolution}")
 
 
 def patch_means(images: Tensor, factor: int) -> Tensor:
@@ -216,7 +293,8 @@ def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[flo
     y is ``low`` upsampled by pixel replication; A = :class:`PatchBasis`, Omega = every coordinate but the
     patch mean. Each p x p patch mean of the result [N, C, H, W] equals its low-resolution pixel.
     """
-    check_factor(factor, model.resolution)
+    check_factor(model, factor)
+    check_images(model, low, resolution=model.resolution // factor)
     y = low.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
     mask = torch.ones(factor, factor, dtype=torch.bool, device=low.device)
     mask[0, 0] = False
@@ -236,16 +314,10 @@ def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[
                 start=strokes)
 
 
-def check_sigma(model: nn.Module, sigma: float) -> None:
-    """A denoising level must lie in (sigma_min, sigma_max]."""
-    if not model.sigma_min < sigma <= model.sigma_max:
-        raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
-
-
 def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Tensor | None = None) -> Tensor:
     """One call f(x_noisy, sigma) (CM paper, Sec. 6): noisy = x + sigma z, float32 [N, C, H, W]."""
     check_editable(model)
-    _check_size(model, noisy)
+    check_images(model, noisy)
     check_sigma(model, sigma)
     return model(noisy, sigma, labels)
 
@@ -275,9 +347,9 @@ def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels
     returns float32 [N, frames, C, H, W], not clipped.
     """
     check_editable(model)
-    _check_size(model, z0)
-    if frames < 2:
-        raise CmkitError(f"frames {frames}: expected at least 2 (the two endpoints)")
+    check_images(model, z0)
+    check_images(model, z1)
+    check_frames(frames)
     big_t = model.sigma_max
     ts = torch.linspace(0, 1, frames).tolist()
     return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels) for t in ts], 1)
@@ -318,13 +390,12 @@ def box_mask(box: Sequence[int], *, resolution: int) -> Tensor:
 def pair_files(image: Path, out: Path) -> list[tuple[Path, Path]]:
     """(input, output) pairs: a file gives ``out`` (a .png); a folder gives ``out/<same relative path>.png``."""
     image, out = Path(image), Path(out)
-    _check_folder(out.parent)
     if image.is_file():
-        if out.suffix != ".png" or out.is_dir():
-            raise CmkitError(f"--out {out}: expected a .png file name for one input image")
+        check_png_out(out)
         return [(image, out)]
     if not image.is_dir():
         raise CmkitError(f"--image {image}: no such file or folder")
+    _check_folder(out.parent)
     if (out.exists() and not out.is_dir()) or out.suffix.lower() in IMAGE_EXTENSIONS:
         raise CmkitError(f"--out {out}: a folder of input images needs an output folder, not an image file")
     files = list_images(image)
@@ -337,6 +408,14 @@ def pair_files(image: Path, out: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def check_png_out(out: Path) -> None:
+    """One output image: a .png file name (not a folder) in an existing, writable folder."""
+    out = Path(out)
+    if out.suffix != ".png" or out.is_dir():
+        raise CmkitError(f"--out {out}: expected a .png file name")
+    _check_folder(out.parent)
+
+
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise CmkitError(f"--out: folder {folder} does not exist or is not writable")
@@ -344,14 +423,14 @@ def _check_folder(folder: Path) -> None:
 
 def read_inputs(task: str, model: nn.Module, files: Sequence[Path], *, factor: int | None,
                 warn: Warn = warnings.warn) -> Tensor:
-    """Read every input image -> float32 [N, C, h, w] in [-1, 1], ready for ``task``.
+    """Read every input image -> float32 [N, C, h, w] in [-1, 1], ready for ``task`` (options already checked).
 
     Inpainting needs the model's size exactly (mask coordinates are pixels). Super-resolution takes the low-
     resolution size (resolution / factor) or the model's size (then reduced to its patch means); other sizes
     are refused. Colorization, stroke and denoising resize and centre-crop another size, with a warning.
     """
     res, ch = model.resolution, model.channels
-    low = res // factor if task == "superres" and factor else None
+    low = res // factor if task == "superres" else None
     out = []
     for path in files:
         arr = read_image(path, channels=ch)
@@ -373,12 +452,22 @@ def read_inputs(task: str, model: nn.Module, files: Sequence[Path], *, factor: i
 def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
              mask: Tensor | None = None, factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None,
              sigma: float | None = None) -> Iterator[Tensor]:
-    """Apply ``task`` to images float32 [N, C, h, w], image i with seed seeds[i], ``batch`` at a time.
+    """Apply ``task`` (one of IMAGE_TASKS) to images float32 [N, C, h, w], image i with seed seeds[i], ``batch``
+    at a time. ``sigmas`` defaults to :func:`editing_sigmas` (stroke: STROKE_SIGMAS).
 
-    Yields float32 [B, C, H, W] results (not clipped). The noise (and the class label of a class-conditional
-    model) of image i comes from its own seed, so results do not depend on ``batch`` (for a model in eval
-    mode, whose rows never depend on each other: :meth:`cmkit.precond.Preconditioned.backbone`).
+    Checks the options at once (:func:`check_task`), then yields float32 [B, C, H, W] results (not clipped). The
+    noise (and the class label of a class-conditional model) of image i comes from its own seed, so results do
+    not depend on ``batch`` (for a model in eval mode, whose rows never depend on each other:
+    :meth:`cmkit.precond.Preconditioned.backbone`).
     """
+    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch)
+    return _batches(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
+
+
+def _batches(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
+             mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
+             sigma: float | None) -> Iterator[Tensor]:
+    """:func:`run_task` after its checks."""
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(images), batch):
@@ -391,7 +480,8 @@ def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], 
 def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Tensor | None, *,
            mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
            sigma: float | None) -> Tensor:
-    sigmas = editing_sigmas(model) if sigmas is None else sigmas
+    if sigmas is None:
+        sigmas = STROKE_SIGMAS if task == "stroke" else editing_sigmas(model)
     if task == "inpaint":
         return inpaint(model, x, mask.to(x.device), sigmas=sigmas, noise=noise, labels=labels)
     if task == "colorize":
@@ -400,30 +490,7 @@ def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: T
         return superres(model, x, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
     if task == "stroke":
         return stroke(model, x, sigmas=sigmas, noise=noise, labels=labels)
-    if task == "denoise":
-        return denoise(model, x + sigma * noise(), sigma=sigma, labels=labels)
-    raise CmkitError(f"task {task!r}: expected one of {', '.join(TASKS[:-1])}")
-
-
-def check_task(task: str, model: nn.Module, *, mask: Tensor | None, factor: int | None,
-               sigmas: Sequence[float] | Tensor | None, sigma: float | None) -> None:
-    """Every check that needs only the model and the options, done before any image is read or written."""
-    check_editable(model)
-    if task == "inpaint" and mask is None:
-        raise CmkitError("inpaint: expected --mask M.png or --box x,y,w,h")
-    if task == "colorize" and model.channels != 3:
-        raise CmkitError(f"colorize: colorization needs an RGB (3-channel) model; this model has "
-                         f"{model.channels} channel(s)")
-    if task == "superres":
-        if factor is None:
-            raise CmkitError("superres: expected --factor p")
-        check_factor(factor, model.resolution)
-    if task == "denoise":
-        if sigma is None:
-            raise CmkitError("denoise: expected --sigma s, the noise level to add and remove")
-        check_sigma(model, sigma)
-    if sigmas is not None:
-        check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    return denoise(model, x + sigma * noise(), sigma=sigma, labels=labels)
 
 
 @torch.no_grad()
@@ -438,15 +505,11 @@ def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int
     STROKE_SIGMAS); ``mask`` is bool [H, W] (inpaint); ``factor`` is p (superres); ``sigma`` is the noise
     level added and removed (denoise).
     """
-    if task == "stroke" and sigmas is None:
-        sigmas = STROKE_SIGMAS
-    check_task(task, model, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
-    if batch < 1:
-        raise CmkitError(f"batch {batch}: expected a positive number of images per batch")
+    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch)
     pairs = pair_files(image, out)
     images = read_inputs(task, model, [i for i, _ in pairs], factor=factor, warn=warn)
     seeds = list(range(seed, seed + len(pairs)))
-    results = run_task(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas,
+    results = _batches(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas,
                        sigma=sigma)
     bar = tqdm(results, total=-(-len(pairs) // batch), unit="batch", desc=task, disable=len(pairs) == 1)
     outputs = iter(o for _, o in pairs)
@@ -461,10 +524,8 @@ def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int
 @torch.no_grad()
 def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], frames: int) -> None:
     """Write the interpolation between the noises of seeds a and b as a one-row strip of ``frames`` PNG images."""
-    check_editable(model)
-    if Path(out).suffix != ".png":
-        raise CmkitError(f"--out {out}: expected a .png file name")
-    _check_folder(Path(out).parent)
+    check_task("interpolate", model, frames=frames)
+    check_png_out(out)
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     ends = [SeededNoise([s], shape, device) for s in seeds]
