@@ -13,7 +13,7 @@ from cmkit.checkpoint import build_model
 from cmkit.editing import Identity, LumaChroma, PatchBasis
 from cmkit.errors import CmkitError
 from cmkit.sampling import SeededNoise
-from conftest import GaussianOracle
+from conftest import GaussianOracle, train_tiny
 
 TRANSFORMS = [Identity(), LumaChroma(), PatchBasis(2), PatchBasis(4)]
 SIGMAS = [80.0, 10.0, 1.0, 0.1]
@@ -376,3 +376,78 @@ def test_cli_bad_input_gets_one_clear_line(args, message, run_dir, tmp_path, cap
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["in", "big.png", "small.png", "gray.png", "mask.png", "x.png"])
+
+
+# ------------------------------------------------------------------------------ class-conditional models
+
+@pytest.fixture(scope="session")
+def conditional_run(fmnist_subset, tmp_path_factory):
+    """A tiny class-conditional iCT model (10 Fashion-MNIST classes), trained for 8 steps."""
+    out = tmp_path_factory.mktemp("runs") / "conditional"
+    assert train_tiny(out, fmnist_subset, "net.num_classes=10") == 0
+    return out
+
+
+def test_edit_label_is_the_api_labels(conditional_run, tmp_path):
+    """`cmkit edit ... --label K` gives the API's result with labels=K (same noise as without --label), and
+    another class gives another image."""
+    from cmkit.checkpoint import load_export
+    from cmkit.cli import main
+    from cmkit.data import read_image, to_model_range
+    from cmkit.images import to_numpy_images
+
+    _fmnist_pngs(tmp_path / "in", n=2)
+    model, _ = load_export(conditional_run)
+    x = to_model_range(torch.stack([torch.from_numpy(read_image(tmp_path / "in" / f"{i}.png", channels=1))
+                                    for i in range(2)]))
+    for k in (3, 4):
+        assert main(["edit", "denoise", str(conditional_run), "--image", str(tmp_path / "in"), "--sigma", "2",
+                     "--seed", "5", "--label", str(k), "--out", str(tmp_path / f"d{k}")]) == 0
+        api = to_numpy_images(next(editing.run_task("denoise", model, x, [5, 6], batch=2, sigma=2.0, labels=k)))
+        for i in range(2):
+            assert (_read(tmp_path / f"d{k}" / f"{i}.png") == api[i, ..., 0]).all()
+    assert (_read(tmp_path / "d3" / "0.png") != _read(tmp_path / "d4" / "0.png")).any()
+    for k in (3, 4):
+        assert main(["edit", "interpolate", str(conditional_run), "--seeds", "1,2", "--frames", "3", "--label", str(k),
+                     "--out", str(tmp_path / f"i{k}.png")]) == 0
+    editing.interpolate_file(model, tmp_path / "api.png", seeds=(1, 2), frames=3, labels=3)
+    assert (_read(tmp_path / "i3.png") == _read(tmp_path / "api.png")).all()
+    assert (_read(tmp_path / "i3.png") != _read(tmp_path / "i4.png")).any()
+
+
+def test_labels_per_image_and_their_refusals(conditional_run):
+    from cmkit.checkpoint import load_export
+
+    model, _ = load_export(conditional_run)
+    x, seeds = images(2, 1, 28), [5, 6]
+    both = next(editing.run_task("denoise", model, x, seeds, batch=2, sigma=1.0, labels=torch.tensor([2, 7])))
+    for i, k in enumerate((2, 7)):
+        alone = next(editing.run_task("denoise", model, x[i:i + 1], seeds[i:i + 1], batch=1, sigma=1.0, labels=k))
+        assert torch.equal(alone[0], both[i])
+    with pytest.raises(CmkitError, match=r"--label 10: expected a class in \[0, 10\)"):
+        next(editing.run_task("denoise", model, x, seeds, batch=2, sigma=1.0, labels=10))
+    with pytest.raises(CmkitError, match=r"expected one class, or one per image \[2\]"):
+        editing.run_task("denoise", model, x, seeds, batch=2, sigma=1.0, labels=torch.tensor([1, 2, 3]))
+    with pytest.raises(CmkitError, match="class-conditional: expected labels"):
+        editing.denoise(model, x, sigma=1.0)
+    with pytest.raises(CmkitError, match="not class-conditional"):
+        editing.denoise(oracle(1, 28), x, sigma=1.0, labels=3)
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("conditional", ["denoise", "--image", "{img}", "--sigma", "1", "--label", "10"],
+     "--label 10: expected a class in [0, 10)"),
+    ("conditional", ["interpolate", "--label", "-1"], "--label -1: expected a class in [0, 10)"),
+    ("plain", ["denoise", "--image", "{img}", "--sigma", "1", "--label", "0"],
+     "--label 0: this model is not class-conditional"),
+])
+def test_cli_label_refusals(model, args, message, conditional_run, run_dir, tmp_path, capsys):
+    from cmkit.cli import main
+
+    _fmnist_pngs(tmp_path / "in", n=1)
+    path = conditional_run if model == "conditional" else run_dir
+    args = [a.format(img=tmp_path / "in" / "0.png") for a in args]
+    assert main(["edit", args[0], str(path), *args[1:], "--out", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists()

@@ -121,7 +121,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     model, _ = load_export(args.model, device=dist.init())
     if args.task == "interpolate":
         seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), args.frames or 8
-        editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames)
+        editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames,
+                                 labels=args.label)
         print(f"wrote {frames} frames from seed {seeds[0]} to seed {seeds[1]} to {args.out}")
         return 0
     mask = None
@@ -131,7 +132,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         mask = editing.box_mask(box, resolution=model.resolution)
     written = editing.edit_files(args.task, model, Path(args.image), Path(args.out), seed=args.seed,
                                  batch=args.batch, mask=mask, factor=args.factor, sigmas=sigmas, sigma=args.sigma,
-                                 warn=lambda m: print(f"cmkit: warning: {m}", file=sys.stderr))
+                                 labels=args.label, warn=lambda m: print(f"cmkit: warning: {m}", file=sys.stderr))
     print(f"wrote {len(written)} edited image(s) to {args.out}")
     return 0
 
@@ -340,6 +341,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="interpolate: number of images from a to b (default 8)")
     p.add_argument("--seed", type=int, default=0, help="input image i uses seed S + i (default 0)")
     p.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--label", type=int, metavar="K",
+                   help="class-conditional models: the class of every image (default: drawn from each image's seed)")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", help="FID, KID, precision and recall of a model, an .npz or a folder")

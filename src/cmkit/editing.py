@@ -114,17 +114,20 @@ def _times(v: Tensor, m: Tensor) -> Tensor:
 
 Transform = Identity | LumaChroma | PatchBasis
 Noise = Callable[[], Tensor]
+Labels = int | Tensor | None  # one class for every image, int64 [N] (one per image), or None (no class)
 
 
 # ---------------------------------------------------------------------------------------------- Alg. 4
 
 def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sigmas: Sequence[float] | Tensor,
-         noise: Noise, labels: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+         noise: Noise, labels: Labels = None, start: Tensor | None = None) -> Tensor:
     """Zero-shot editing (CM paper, Alg. 4).
 
     y: reference, float32 [N, C, H, W] in [-1, 1] at the model's size; transform: an orthogonal map A; mask:
     bool Omega in A's coordinates, broadcastable to y, True = generate; sigmas: DESCENDING taus within
-    [sigma_min, sigma_max]; noise(): a fresh standard-normal batch shaped like y on each call.
+    [sigma_min, sigma_max]; noise(): a fresh standard-normal batch shaped like y on each call; labels: the
+    class of every image (int) or of each (int64 [N]), required by a class-conditional model and refused by
+    an unconditional one.
 
     Line 2: y <- A^-1[(A y)(1 - Omega)]; x = f(y + tau_1 z, tau_1), then x <- A^-1[(A y)(1 - Omega) + (A x) Omega];
     each later tau: x = f(x + sqrt(tau^2 - eps^2) z, tau) and the same replacement. ``start`` replaces line 2's
@@ -134,6 +137,7 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
     check_editable(model)
     check_images(model, y)
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
+    labels = class_labels(model, labels, len(y), y.device)
     known = transform(y)
 
     def replace(x: Tensor) -> Tensor:
@@ -207,6 +211,35 @@ def check_sigma(model: nn.Module, sigma: float | None) -> None:
         raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
 
 
+def check_labels(model: nn.Module, labels: Labels, count: int | None = None) -> None:
+    """Class labels: None, or for a class-conditional model an int or an integer tensor (shape [] or
+    [``count``]) of classes in [0, num_classes). An unconditional model takes no labels."""
+    if labels is None:
+        return
+    values = torch.as_tensor(labels)
+    text = ",".join(str(v) for v in values.flatten()[:4].tolist()) + ("..." if values.numel() > 4 else "")
+    if not model.num_classes:
+        raise CmkitError(f"--label {text}: this model is not class-conditional (it was trained without labels)")
+    if (values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool
+            or values.numel() == 0 or int(values.min()) < 0 or int(values.max()) >= model.num_classes):
+        raise CmkitError(f"--label {text}: expected a class in [0, {model.num_classes}) for this model")
+    if values.ndim > 1 or (values.ndim == 1 and count is not None and len(values) != count):
+        raise CmkitError(f"labels of shape {tuple(values.shape)}: expected one class, or one per image "
+                         f"[{count if count is not None else 'N'}]")
+
+
+def class_labels(model: nn.Module, labels: Labels, count: int, device: torch.device | str) -> Tensor | None:
+    """The labels the network gets for ``count`` images: int64 [count] on ``device`` for a class-conditional
+    model (which needs them), None for an unconditional one. Checked by :func:`check_labels`."""
+    check_labels(model, labels, count)
+    if labels is None:
+        if model.num_classes:
+            raise CmkitError(f"this model is class-conditional: expected labels (a class in "
+                             f"[0, {model.num_classes}) for every image, or one per image)")
+        return None
+    return torch.as_tensor(labels, dtype=torch.int64, device=device).expand(count)
+
+
 def check_frames(frames: int) -> None:
     """An interpolation needs at least its two endpoints."""
     if frames < 2:
@@ -221,9 +254,10 @@ def check_batch(batch: int) -> None:
 
 def check_task(task: str, model: nn.Module, *, among: Sequence[str] = TASKS, mask: Tensor | None = None,
                factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None,
-               frames: int | None = None, batch: int | None = None) -> None:
+               frames: int | None = None, batch: int | None = None, labels: Labels = None,
+               count: int | None = None) -> None:
     """Every check of ``task`` (one of ``among``) and its options that needs only the model, composed of the
-    checks above; ``batch`` is checked when given."""
+    checks above; ``batch`` is checked when given, a labels tensor against ``count`` images when given."""
     if task not in among:
         raise CmkitError(f"task {task!r}: expected one of {', '.join(among)}")
     check_editable(model)
@@ -241,6 +275,7 @@ def check_task(task: str, model: nn.Module, *, among: Sequence[str] = TASKS, mas
         check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     if batch is not None:
         check_batch(batch)
+    check_labels(model, labels, count)
 
 
 def editing_sigmas(model: nn.Module) -> Tensor:
@@ -251,7 +286,7 @@ def editing_sigmas(model: nn.Module) -> Tensor:
 # ------------------------------------------------------------------------------------------------ tasks
 
 def inpaint(model: nn.Module, images: Tensor, mask: Tensor, *, sigmas: Sequence[float] | Tensor, noise: Noise,
-            labels: Tensor | None = None) -> Tensor:
+            labels: Labels = None) -> Tensor:
     """Fill the pixels where ``mask`` is True (bool [H, W] or broadcastable to images); A = I.
 
     images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly.
@@ -268,7 +303,7 @@ def luma(images: Tensor) -> Tensor:
 
 
 def colorize(model: nn.Module, images: Tensor, *, sigmas: Sequence[float] | Tensor, noise: Noise,
-             labels: Tensor | None = None) -> Tensor:
+             labels: Labels = None) -> Tensor:
     """Colour RGB (or gray-on-3-channel) images float32 [N, 3, H, W] in [-1, 1] from their gray values.
 
     y is the gray image :func:`luma` on 3 channels; A = :class:`LumaChroma`, Omega = the two chroma coordinates.
@@ -287,7 +322,7 @@ def patch_means(images: Tensor, factor: int) -> Tensor:
 
 
 def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[float] | Tensor, noise: Noise,
-             labels: Tensor | None = None) -> Tensor:
+             labels: Labels = None) -> Tensor:
     """Upsample low-resolution images float32 [N, C, H / p, W / p] in [-1, 1] by p = ``factor``.
 
     y is ``low`` upsampled by pixel replication; A = :class:`PatchBasis`, Omega = every coordinate but the
@@ -303,7 +338,7 @@ def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[flo
 
 
 def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[float] | Tensor = STROKE_SIGMAS,
-           labels: Tensor | None = None) -> Tensor:
+           labels: Labels = None) -> Tensor:
     """Stroke-guided generation (SDEdit; CM paper App. D): images from stroke paintings float32 [N, C, H, W].
 
     Alg. 4 with A = I and Omega all ones, noised from the painting itself (with Omega = 1, line 2 would
@@ -314,12 +349,13 @@ def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[
                 start=strokes)
 
 
-def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Tensor | None = None) -> Tensor:
-    """One call f(x_noisy, sigma) (CM paper, Sec. 6): noisy = x + sigma z, float32 [N, C, H, W]."""
+def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Labels = None) -> Tensor:
+    """One call f(x_noisy, sigma) (CM paper, Sec. 6): noisy = x + sigma z, float32 [N, C, H, W]; labels as for
+    :func:`edit`."""
     check_editable(model)
     check_images(model, noisy)
     check_sigma(model, sigma)
-    return model(noisy, sigma, labels)
+    return model(noisy, sigma, class_labels(model, labels, len(noisy), noisy.device))
 
 
 def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
@@ -340,16 +376,17 @@ def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
     return w0.view(shape) * z0 + w1.view(shape) * z1
 
 
-def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels: Tensor | None = None) -> Tensor:
+def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels: Labels = None) -> Tensor:
     """Images along the slerp between standard-normal noises z0, z1 float32 [N, C, H, W] (CM paper, App. D).
 
-    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max;
-    returns float32 [N, frames, C, H, W], not clipped.
+    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max; labels as for
+    :func:`edit`. Returns float32 [N, frames, C, H, W], not clipped.
     """
     check_editable(model)
     check_images(model, z0)
     check_images(model, z1)
     check_frames(frames)
+    labels = class_labels(model, labels, len(z0), z0.device)
     big_t = model.sigma_max
     ts = torch.linspace(0, 1, frames).tolist()
     return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels) for t in ts], 1)
@@ -451,33 +488,44 @@ def read_inputs(task: str, model: nn.Module, files: Sequence[Path], *, factor: i
 
 def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
              mask: Tensor | None = None, factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None,
-             sigma: float | None = None) -> Iterator[Tensor]:
+             sigma: float | None = None, labels: Labels = None) -> Iterator[Tensor]:
     """Apply ``task`` (one of IMAGE_TASKS) to images float32 [N, C, h, w], image i with seed seeds[i], ``batch``
     at a time. ``sigmas`` defaults to :func:`editing_sigmas` (stroke: STROKE_SIGMAS).
 
     Checks the options at once (:func:`check_task`), then yields float32 [B, C, H, W] results (not clipped). The
-    noise (and the class label of a class-conditional model) of image i comes from its own seed, so results do
-    not depend on ``batch`` (for a model in eval mode, whose rows never depend on each other:
-    :meth:`cmkit.precond.Preconditioned.backbone`).
+    noise of image i comes from its own seed, and so does its class on a class-conditional model unless
+    ``labels`` (one class, or int64 [N]) is given; so results do not depend on ``batch`` (for a model in eval
+    mode, whose rows never depend on each other: :meth:`cmkit.precond.Preconditioned.backbone`).
     """
-    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch)
-    return _batches(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
+    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch,
+               labels=labels, count=len(images))
+    return _batches(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma,
+                    labels=labels)
 
 
 def _batches(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
              mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
-             sigma: float | None) -> Iterator[Tensor]:
+             sigma: float | None, labels: Labels) -> Iterator[Tensor]:
     """:func:`run_task` after its checks."""
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(images), batch):
         x = images[start:start + batch].to(device)
         noise = SeededNoise(seeds[start:start + batch], shape, device)
-        labels = noise.labels(model.num_classes) if model.num_classes else None
-        yield _apply(task, model, x, noise, labels, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
+        yield _apply(task, model, x, noise, _batch_labels(model, noise, labels, slice(start, start + batch)),
+                     mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
 
 
-def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Tensor | None, *,
+def _batch_labels(model: nn.Module, noise: SeededNoise, labels: Labels, rows: slice) -> Labels:
+    """The classes of a batch: drawn from each seed (always, so that the noise that follows is the same with
+    or without ``labels``), then replaced by ``labels`` (one class, or the batch's ``rows`` of [N]) if given."""
+    drawn = noise.labels(model.num_classes) if model.num_classes else None
+    if labels is None:
+        return drawn
+    return labels if torch.as_tensor(labels).ndim == 0 else labels[rows]
+
+
+def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Labels, *,
            mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
            sigma: float | None) -> Tensor:
     if sigmas is None:
@@ -496,21 +544,23 @@ def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: T
 @torch.no_grad()
 def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int = 0, batch: int = 64,
                mask: Tensor | None = None, factor: int | None = None,
-               sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None,
+               sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None, labels: Labels = None,
                warn: Warn = warnings.warn) -> list[Path]:
     """Edit one image file, or every image in a folder (into a folder), and write PNGs atomically.
 
     Input i (sorted path order) uses seed ``seed + i``. Everything is read and checked before the first file
     is written. Returns the written paths. ``sigmas`` defaults to :func:`editing_sigmas` (stroke:
     STROKE_SIGMAS); ``mask`` is bool [H, W] (inpaint); ``factor`` is p (superres); ``sigma`` is the noise
-    level added and removed (denoise).
+    level added and removed (denoise); ``labels`` is the class of every image (or int64 [N], one per input in
+    sorted order) for a class-conditional model, default: drawn from each image's seed.
     """
-    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch)
+    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch,
+               labels=labels)
     pairs = pair_files(image, out)
     images = read_inputs(task, model, [i for i, _ in pairs], factor=factor, warn=warn)
     seeds = list(range(seed, seed + len(pairs)))
-    results = _batches(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas,
-                       sigma=sigma)
+    results = run_task(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas,
+                       sigma=sigma, labels=labels)
     bar = tqdm(results, total=-(-len(pairs) // batch), unit="batch", desc=task, disable=len(pairs) == 1)
     outputs = iter(o for _, o in pairs)
     for x in bar:
@@ -522,13 +572,17 @@ def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int
 
 
 @torch.no_grad()
-def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], frames: int) -> None:
-    """Write the interpolation between the noises of seeds a and b as a one-row strip of ``frames`` PNG images."""
-    check_task("interpolate", model, frames=frames)
+def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], frames: int,
+                     labels: Labels = None) -> None:
+    """Write the interpolation between the noises of seeds a and b as a one-row strip of ``frames`` PNG images.
+
+    A class-conditional model uses the class ``labels`` (an int), default: drawn from seed a.
+    """
+    check_task("interpolate", model, frames=frames, labels=labels, count=1)
     check_png_out(out)
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     ends = [SeededNoise([s], shape, device) for s in seeds]
-    labels = ends[0].labels(model.num_classes) if model.num_classes else None
+    labels = _batch_labels(model, ends[0], labels, slice(0, 1))
     x = interpolate(model, ends[0](), ends[1](), frames=frames, labels=labels)[0]
     save_png(grid(to_numpy_images(x), nrow=frames), Path(out))
