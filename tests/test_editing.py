@@ -58,6 +58,51 @@ def test_first_columns_are_luma_and_patch_mean():
         torch.testing.assert_close(PatchBasis(p)(x)[:, :, ::p, ::p] / p, editing.patch_means(x, p))
 
 
+def _superres_mask(p: int, resolution: int) -> torch.Tensor:
+    """Omega of super-resolution: every coordinate but each p x p patch's first (its mean)."""
+    mask = torch.ones(resolution, resolution, dtype=torch.bool)
+    mask[::p, ::p] = False
+    return mask
+
+
+@pytest.mark.parametrize("t, keep", [(LumaChroma(), torch.tensor([True, False, False]).view(1, 3, 1, 1)),
+                                     (PatchBasis(2), ~_superres_mask(2, 8)), (PatchBasis(4), ~_superres_mask(4, 8))],
+                         ids=["luma", "patch2", "patch4"])
+def test_box_projection_is_the_nearest_point_of_the_box_on_the_constraint(t, keep):
+    """The result lies in [-1, 1], meets the kept coordinates, and is clip(x + lambda a) for one lambda per row a
+    (the optimality condition of the nearest point)."""
+    x = (images(4, 3, seed=1) * 1.6).clamp(-1, 1)  # many pixels at -1 and 1
+    y = images(4, 3, seed=2)
+    out = t.project(x, t(y), keep)
+    keep = keep.expand_as(x)
+    assert out.dtype == x.dtype and out.abs().max() <= 1
+    row = t.inverse(keep.double())
+    torch.testing.assert_close(t.groups(row * out.double()), t.groups(torch.where(keep, t(y).double(), 0)),
+                               rtol=0, atol=1e-6)
+    free = (out.abs() < 1 - 1e-6) & (row != 0)
+    lam = t.groups(row * (out - x).double() * free) / t.groups(row**2 * free).clamp_min(1e-30)
+    torch.testing.assert_close(out.double(), (x + t.spread(lam) * row).clamp(-1, 1), rtol=0, atol=1e-5)
+    assert ((out - x).abs() > 1e-3).any()  # the constraint moved x
+
+
+def test_box_projection_unreachable_targets_and_shared_rows():
+    t, x = PatchBasis(2), images(1, 1, seed=3)
+    keep = ~_superres_mask(2, 8)
+    high = t.project(x, torch.full_like(x, 5.0), keep)  # a patch mean of 2.5: the nearest reachable is 1
+    assert torch.equal(high, torch.ones_like(x))
+    both = keep.clone()
+    both[0::2, 1::2] = True  # two kept coefficients in each patch: rows share pixels
+    out = t.project(x, t(images(1, 1, seed=4)), both)
+    assert out.abs().max() <= 1  # the fallback keeps the range
+
+
+def test_identity_projection_copies_the_known_pixels():
+    x, y = images(2, 1, seed=5) * 2, images(2, 1, seed=6)
+    keep = editing.box_mask((0, 0, 8, 3), resolution=8)
+    out = Identity().project(x, y, keep)
+    assert torch.equal(out[:, :, keep], y[:, :, keep]) and torch.equal(out[:, :, ~keep], x[:, :, ~keep].clamp(-1, 1))
+
+
 # ------------------------------------------------------------------------------- Alg. 4 and the tasks
 
 def test_inpainting_keeps_known_pixels_exactly():
@@ -103,8 +148,9 @@ def test_edit_follows_algorithm_4():
     noise = Recorder(y.shape)
     out = editing.inpaint(model, y, mask, sigmas=[80.0, 2.0], noise=noise)
     start = torch.where(mask, 0.0, y)  # line 2: the masked reference, then noised at tau_1 (not used bare)
-    x = torch.where(mask, model(start + 80.0 * noise.drawn[0], 80.0), y)
-    x = torch.where(mask, model(x + math.sqrt(2.0**2 - 0.002**2) * noise.drawn[1], 2.0), y)
+    x = torch.where(mask, model(start + 80.0 * noise.drawn[0], 80.0).clamp(-1, 1), y)  # f clamped, as in the CM code
+    x = torch.where(mask, model(x + math.sqrt(2.0**2 - 0.002**2) * noise.drawn[1], 2.0).clamp(-1, 1), y)
+    assert (model(start + 80.0 * noise.drawn[0], 80.0).abs() > 1).any()  # the clamp mattered
     torch.testing.assert_close(out, x, rtol=0, atol=0)
 
 
@@ -113,8 +159,8 @@ def test_stroke_is_two_step_sdedit_from_the_painting():
     noise = Recorder(strokes.shape)
     out = editing.stroke(model, strokes, noise=noise)
     assert editing.STROKE_SIGMAS == (5.38, 2.24) and len(noise.drawn) == 2
-    x = model(strokes + 5.38 * noise.drawn[0], 5.38)
-    x = model(x + math.sqrt(2.24**2 - 0.002**2) * noise.drawn[1], 2.24)
+    x = model(strokes + 5.38 * noise.drawn[0], 5.38).clamp(-1, 1)
+    x = model(x + math.sqrt(2.24**2 - 0.002**2) * noise.drawn[1], 2.24).clamp(-1, 1)
     torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
 
 
@@ -159,7 +205,8 @@ def test_interpolate_ends_at_the_two_noises():
     z0, z1 = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
     frames = editing.interpolate(model, z0, z1, frames=5)
     assert frames.shape == (2, 5, 1, 8, 8)
-    assert torch.equal(frames[:, 0], model(80.0 * z0, 80.0)) and torch.equal(frames[:, -1], model(80.0 * z1, 80.0))
+    assert torch.equal(frames[:, 0], model(80.0 * z0, 80.0).clamp(-1, 1))
+    assert torch.equal(frames[:, -1], model(80.0 * z1, 80.0).clamp(-1, 1))
 
 
 # ------------------------------------------------------------------------------------ batch, refusals
@@ -376,6 +423,66 @@ def test_cli_bad_input_gets_one_clear_line(args, message, run_dir, tmp_path, cap
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["in", "big.png", "small.png", "gray.png", "mask.png", "x.png"])
+
+
+# ------------------------------------------------------- what a task keeps survives the saved uint8 image
+
+@pytest.fixture(scope="module")
+def rgb_model(tmp_path_factory):
+    """An untrained tiny RGB consistency model, exported: colorization needs 3 channels."""
+    from cmkit.checkpoint import build_model, save_export
+    from cmkit.config import apply_overrides, preset
+    from conftest import TINY
+
+    config = apply_overrides(preset("fmnist-ict"), [*TINY, "data.channels=3"])
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("rgb") / "model.safetensors"
+    save_export(build_model(config).eval(), config, path)
+    return path
+
+
+def test_saved_edits_keep_their_constraints(run_dir, rgb_model, tmp_path):
+    """On real Fashion-MNIST test images, through `cmkit edit`, whatever the (tiny) model generates: known pixels
+    are identical in the PNG, each patch mean and each pixel's luma within uint8 rounding (half a level) of the
+    input's, and no task's result needed clipping to be saved."""
+    import numpy as np
+    from PIL import Image
+
+    from cmkit.checkpoint import load_export
+    from cmkit.cli import main
+
+    data = _fmnist_pngs(tmp_path / "gray", n=8).numpy()[:, 0]  # uint8 [8, 28, 28]
+    low = np.round(data.reshape(8, 7, 4, 7, 4).mean(axis=(2, 4))).astype(np.uint8)
+    rgb = np.round(data[..., None] * np.array([1.0, 0.75, 0.45])).astype(np.uint8)  # a colour version
+    for name, arr in (("low", low), ("rgb", rgb)):
+        (tmp_path / name).mkdir()
+        for i, a in enumerate(arr):
+            Image.fromarray(a).save(tmp_path / name / f"{i}.png")
+    fast = ["--sigmas", "80,10,2,0.5"]
+
+    def edit(task, model, image, *extra):
+        out = tmp_path / f"out-{task}"
+        assert main(["edit", task, str(model), "--image", str(tmp_path / image), "--out", str(out), *extra]) == 0
+        return np.stack([_read(out / f"{i}.png") for i in range(8)]).astype(float)
+
+    filled = edit("inpaint", run_dir, "gray", "--box", "0,14,28,14", *fast)
+    assert np.array_equal(filled[:, :14], data[:, :14])
+    high = edit("superres", run_dir, "low", "--factor", "4", *fast)
+    drift = np.abs(high.reshape(8, 7, 4, 7, 4).mean(axis=(2, 4)) - low)
+    assert drift.max() <= 0.5 + 1e-9, drift.max()  # up to 43 levels when the projection was followed by a clip
+    colored = edit("colorize", rgb_model, "rgb", *fast)
+    w = np.array(editing.LUMA) / sum(editing.LUMA)
+    drift = np.abs(colored @ w - rgb @ w)
+    assert drift.max() <= 0.5 + 1e-9, drift.max()  # up to 73 levels before
+    assert (np.abs(colored[..., 0] - colored[..., 2]) > 8).mean() > 0.1  # colours were generated, not gray
+
+    model, _ = load_export(run_dir)
+    x = torch.from_numpy(data[:, None]).float() / 127.5 - 1
+    seeds = list(range(8))
+    results = [next(editing.run_task(task, model, x, seeds, batch=8, sigma=1.0)) for task in ("stroke", "denoise")]
+    results.append(editing.interpolate(model, *(SeededNoise(s, x.shape[1:])() for s in (seeds, seeds[::-1])),
+                                       frames=3))
+    assert all(r.abs().max() <= 1 for r in results)  # in range: saved without a clip
 
 
 # ------------------------------------------------------------------------------ class-conditional models

@@ -9,9 +9,11 @@
 - Each check of an editing input is one ``check_*`` function, called by the task functions and (composed in
   :func:`check_task`) by :func:`run_task`, :func:`edit_files` and :func:`interpolate_file`.
 
-Images are float32 [N, C, H, W] in model range [-1, 1]. Results are NOT clipped: the replacement is the last
-operation, so what a task keeps is kept exactly in the float output (up to the rounding of A^-1 A); the
-network's part may leave [-1, 1] slightly and is clipped only when written as uint8.
+Images are float32 [N, C, H, W] in model range [-1, 1], and so are results: each denoised estimate is clamped
+to [-1, 1] (as the CM reference code does), and the last replacement of Alg. 4 is a projection onto the kept
+coordinates *within* [-1, 1] (``transform.project``). So what a task keeps survives the uint8 conversion up to
+its rounding: known pixels exactly, a patch mean or a pixel's luma within half a level, wherever the box
+allows it (it always does when the reference itself lies in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class Identity:
     def inverse(self, a: Tensor) -> Tensor:
         return a
 
+    def project(self, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+        """The point of [-1, 1] nearest to x whose kept pixels (``keep`` True) equal ``known``: a copy of them."""
+        return torch.where(keep, known.clamp(-1, 1), x.clamp(-1, 1))
+
 
 class LumaChroma:
     """Per pixel, the 3 x 3 orthogonal Q whose first column is proportional to the luma weights (App. D).
@@ -78,6 +84,18 @@ class LumaChroma:
 
     def inverse(self, a: Tensor) -> Tensor:
         return _times(a.movedim(1, -1), self.q.T).movedim(-1, 1)
+
+    def groups(self, t: Tensor) -> Tensor:
+        """Sum over each pixel's 3 coordinates (or channels): [N, 3, H, W] -> [N, 1, H, W]."""
+        return t.sum(1, keepdim=True)
+
+    def spread(self, g: Tensor) -> Tensor:
+        """A value per pixel [N, 1, H, W] onto its 3 channels."""
+        return g.expand(-1, 3, -1, -1)
+
+    def project(self, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+        """See :func:`box_projection`."""
+        return box_projection(self, x, known, keep)
 
 
 class PatchBasis:
@@ -98,6 +116,19 @@ class PatchBasis:
     def inverse(self, a: Tensor) -> Tensor:
         return _per_patch(a, self.q.T, self.factor)
 
+    def groups(self, t: Tensor) -> Tensor:
+        """Sum over each p x p patch (per channel): [N, C, H, W] -> [N, C, H / p, W / p]."""
+        n, c, h, w, p = *t.shape, self.factor
+        return t.reshape(n, c, h // p, p, w // p, p).sum((3, 5))
+
+    def spread(self, g: Tensor) -> Tensor:
+        """A value per patch [N, C, H / p, W / p] onto its p x p pixels."""
+        return g.repeat_interleave(self.factor, 2).repeat_interleave(self.factor, 3)
+
+    def project(self, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+        """See :func:`box_projection`."""
+        return box_projection(self, x, known, keep)
+
 
 def _per_patch(x: Tensor, m: Tensor, p: int) -> Tensor:
     """Multiply each p x p patch of x [N, C, H, W], flattened row-major to a row vector, by m [p^2, p^2]."""
@@ -113,6 +144,33 @@ def _times(v: Tensor, m: Tensor) -> Tensor:
 
 
 Transform = Identity | LumaChroma | PatchBasis
+BISECT_RANGE, BISECT_STEPS = 1e4, 64  # lambda in [-1e4, 1e4], halved 64 times: to ~1e-15
+
+
+def box_projection(transform: LumaChroma | PatchBasis, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+    """The point of [-1, 1]^D nearest to x whose kept coordinates (``keep`` True, in A's layout) equal ``known``.
+
+    x: float [N, C, H, W] in [-1, 1]; known: A y, laid out like x; keep: bool, broadcastable to x. Exact (to
+    ~1e-15 in float64, then x's dtype) when each group of ``transform`` (a pixel, a patch) has at most one kept
+    coordinate: the kept coordinate k is the row q_k . x over its group's pixels alone, the nearest point is
+    clip(x + lambda q_k) with q_k . clip(x + lambda q_k) = known_k, and that value is monotone in lambda, so
+    lambda is found by bisection, for every group at once. A target outside the box's reach gets the nearest
+    reachable value. With several kept coordinates in a group (rows sharing pixels) it falls back to Alg. 4's
+    replacement followed by a clamp, which keeps the result in [-1, 1] but the kept coordinates only roughly.
+    """
+    keep = keep.expand_as(x)
+    if transform.groups(keep.to(x.dtype)).max() > 1:
+        return transform.inverse(torch.where(keep, known, transform(x))).clamp(-1, 1)
+    x64 = x.to(torch.float64)
+    row = transform.inverse(keep.to(torch.float64))  # each pixel's entry of its group's kept row (0: none)
+    target = transform.groups(torch.where(keep, known.to(torch.float64), 0))
+    lo, hi = torch.full_like(target, -BISECT_RANGE), torch.full_like(target, BISECT_RANGE)
+    for _ in range(BISECT_STEPS):
+        mid = (lo + hi) / 2
+        below = transform.groups(row * (x64 + transform.spread(mid) * row).clamp(-1, 1)) < target
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (x64 + transform.spread((lo + hi) / 2) * row).clamp(-1, 1).to(x.dtype)
+
 Noise = Callable[[], Tensor]
 Labels = int | Tensor | None  # one class for every image, int64 [N] (one per image), or None (no class)
 
@@ -131,8 +189,10 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
 
     Line 2: y <- A^-1[(A y)(1 - Omega)]; x = f(y + tau_1 z, tau_1), then x <- A^-1[(A y)(1 - Omega) + (A x) Omega];
     each later tau: x = f(x + sqrt(tau^2 - eps^2) z, tau) and the same replacement. ``start`` replaces line 2's
-    y as the point noised at tau_1 (stroke-guided generation starts from the painting itself).
-    Returns float32 [N, C, H, W], not clipped: A x equals A y wherever Omega is False.
+    y as the point noised at tau_1 (stroke-guided generation starts from the painting itself). Each f is
+    clamped to [-1, 1] (as in the CM reference code), and the last replacement is ``transform.project``: the
+    nearest point of [-1, 1] whose A x equals A y wherever Omega is False (:func:`box_projection`).
+    Returns float32 [N, C, H, W] in [-1, 1].
     """
     check_editable(model)
     check_images(model, y)
@@ -145,9 +205,12 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
 
     if start is None:
         start = transform.inverse(torch.where(mask, torch.zeros_like(known), known))
-    x = replace(model(start + s[0] * noise(), s[0], labels))
-    for tau in s[1:]:
-        x = replace(model(x + (tau**2 - model.sigma_min**2) ** 0.5 * noise(), tau, labels))
+    x = start + s[0] * noise()
+    for i, tau in enumerate(s):
+        if i:
+            x = x + (tau**2 - model.sigma_min**2) ** 0.5 * noise()
+        x = model(x, tau, labels).clamp(-1, 1)
+        x = replace(x) if i < len(s) - 1 else transform.project(x, known, ~mask)
     return x
 
 
@@ -289,7 +352,8 @@ def inpaint(model: nn.Module, images: Tensor, mask: Tensor, *, sigmas: Sequence[
             labels: Labels = None) -> Tensor:
     """Fill the pixels where ``mask`` is True (bool [H, W] or broadcastable to images); A = I.
 
-    images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly.
+    images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly (bit for
+    bit, and so in uint8 after a round trip); the result lies in [-1, 1].
     """
     check_mask(model, mask)
     mask = torch.as_tensor(mask, dtype=torch.bool, device=images.device)
@@ -307,7 +371,8 @@ def colorize(model: nn.Module, images: Tensor, *, sigmas: Sequence[float] | Tens
     """Colour RGB (or gray-on-3-channel) images float32 [N, 3, H, W] in [-1, 1] from their gray values.
 
     y is the gray image :func:`luma` on 3 channels; A = :class:`LumaChroma`, Omega = the two chroma coordinates.
-    The result has the input's luma exactly: w.x_out = w.x_in.
+    The result lies in [-1, 1] and has the input's luma, w.x_out = w.x_in (to float rounding), since the gray
+    value of [-1, 1] images is always reachable.
     """
     check_rgb(model)
     check_images(model, images)
@@ -326,7 +391,8 @@ def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[flo
     """Upsample low-resolution images float32 [N, C, H / p, W / p] in [-1, 1] by p = ``factor``.
 
     y is ``low`` upsampled by pixel replication; A = :class:`PatchBasis`, Omega = every coordinate but the
-    patch mean. Each p x p patch mean of the result [N, C, H, W] equals its low-resolution pixel.
+    patch mean. The result [N, C, H, W] lies in [-1, 1], and each p x p patch mean equals its low-resolution
+    pixel (to float rounding; low must lie in [-1, 1]).
     """
     check_factor(model, factor)
     check_images(model, low, resolution=model.resolution // factor)
@@ -342,7 +408,8 @@ def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[
     """Stroke-guided generation (SDEdit; CM paper App. D): images from stroke paintings float32 [N, C, H, W].
 
     Alg. 4 with A = I and Omega all ones, noised from the painting itself (with Omega = 1, line 2 would
-    erase it), so: x = f(y + tau_1 z, tau_1), then x = f(x + sqrt(tau_2^2 - eps^2) z, tau_2).
+    erase it), so: x = f(y + tau_1 z, tau_1), then x = f(x + sqrt(tau_2^2 - eps^2) z, tau_2), each clamped to
+    [-1, 1].
     """
     everything = torch.ones((), dtype=torch.bool, device=strokes.device)
     return edit(model, strokes, transform=Identity(), mask=everything, sigmas=sigmas, noise=noise, labels=labels,
@@ -350,12 +417,12 @@ def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[
 
 
 def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Labels = None) -> Tensor:
-    """One call f(x_noisy, sigma) (CM paper, Sec. 6): noisy = x + sigma z, float32 [N, C, H, W]; labels as for
-    :func:`edit`."""
+    """One call f(x_noisy, sigma) (CM paper, Sec. 6), clamped to [-1, 1]: noisy = x + sigma z, float32
+    [N, C, H, W]; labels as for :func:`edit`."""
     check_editable(model)
     check_images(model, noisy)
     check_sigma(model, sigma)
-    return model(noisy, sigma, class_labels(model, labels, len(noisy), noisy.device))
+    return model(noisy, sigma, class_labels(model, labels, len(noisy), noisy.device)).clamp(-1, 1)
 
 
 def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
@@ -379,8 +446,8 @@ def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
 def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels: Labels = None) -> Tensor:
     """Images along the slerp between standard-normal noises z0, z1 float32 [N, C, H, W] (CM paper, App. D).
 
-    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max; labels as for
-    :func:`edit`. Returns float32 [N, frames, C, H, W], not clipped.
+    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max, clamped to [-1, 1];
+    labels as for :func:`edit`. Returns float32 [N, frames, C, H, W].
     """
     check_editable(model)
     check_images(model, z0)
@@ -389,7 +456,7 @@ def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels
     labels = class_labels(model, labels, len(z0), z0.device)
     big_t = model.sigma_max
     ts = torch.linspace(0, 1, frames).tolist()
-    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels) for t in ts], 1)
+    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels).clamp(-1, 1) for t in ts], 1)
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -492,7 +559,7 @@ def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], 
     """Apply ``task`` (one of IMAGE_TASKS) to images float32 [N, C, h, w], image i with seed seeds[i], ``batch``
     at a time. ``sigmas`` defaults to :func:`editing_sigmas` (stroke: STROKE_SIGMAS).
 
-    Checks the options at once (:func:`check_task`), then yields float32 [B, C, H, W] results (not clipped). The
+    Checks the options at once (:func:`check_task`), then yields float32 [B, C, H, W] results in [-1, 1]. The
     noise of image i comes from its own seed, and so does its class on a class-conditional model unless
     ``labels`` (one class, or int64 [N]) is given; so results do not depend on ``batch`` (for a model in eval
     mode, whose rows never depend on each other: :meth:`cmkit.precond.Preconditioned.backbone`).
