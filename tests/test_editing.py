@@ -364,9 +364,7 @@ def test_cli_runs_every_task(run_dir, tmp_path, capsys):
     assert not np.array_equal(kept[:, :10], data[0, 0, :, :10].numpy())
     low = _read(tmp_path / "low.png").astype(float)
     patches = _read(tmp_path / "superres.png").astype(float).reshape(7, 4, 7, 4)
-    unclipped = ((patches > 0) & (patches < 255)).all(axis=(1, 3))  # the uint8 clip can move a patch's mean
-    assert unclipped.sum() >= 5
-    assert np.abs(patches.mean(axis=(1, 3)) - low)[unclipped].max() <= 0.5  # the mean survives up to rounding
+    assert np.abs(patches.mean(axis=(1, 3)) - low).max() <= 0.5  # every mean survives up to rounding
 
 
 def test_cli_folder_in_folder_out_does_not_depend_on_batch(run_dir, tmp_path):
