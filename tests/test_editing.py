@@ -13,7 +13,7 @@ from cmkit.checkpoint import build_model
 from cmkit.editing import Identity, LumaChroma, PatchBasis
 from cmkit.errors import CmkitError
 from cmkit.sampling import SeededNoise
-from conftest import GaussianOracle, train_tiny
+from conftest import GaussianOracle, exit_status, train_tiny
 
 TRANSFORMS = [Identity(), LumaChroma(), PatchBasis(2), PatchBasis(4)]
 SIGMAS = [80.0, 10.0, 1.0, 0.1]
@@ -398,13 +398,16 @@ def test_cli_folder_in_folder_out_does_not_depend_on_batch(run_dir, tmp_path):
     (["interpolate", "--image", "{img}"], "not used by"),
     (["interpolate", "--seeds", "1"], "2 comma-separated integers"),
     (["interpolate", "--frames", "1"], "at least 2"),
+    (["interpolate", "--frames", "0"], "--frames 0: expected a positive integer"),
+    (["interpolate", "--frames", "-3"], "--frames -3: expected a positive integer"),
+    (["superres", "--image", "{img}", "--factor", "0"], "--factor 0: expected a positive integer"),
+    (["denoise", "--image", "{img}", "--sigma", "0"], "--sigma 0: expected a positive number"),
+    (["denoise", "--image", "{img}", "--sigma", "0.5", "--batch", "0"], "--batch 0: expected a positive integer"),
     (["stroke", "--image", "{tmp}/in"], "a folder of input images needs an output folder"),
 ])
 def test_cli_bad_input_gets_one_clear_line(args, message, run_dir, tmp_path, capsys):
     import numpy as np
     from PIL import Image
-
-    from cmkit.cli import main
 
     _fmnist_pngs(tmp_path / "in", n=2)
     Image.new("L", (56, 56), 0).save(tmp_path / "big.png")
@@ -416,7 +419,7 @@ def test_cli_bad_input_gets_one_clear_line(args, message, run_dir, tmp_path, cap
                                                                   ("big", "small", "gray", "mask")}}
     args = [a.format(**names) for a in args]
     out = tmp_path / "out.png"
-    assert main(["edit", args[0], str(run_dir), *args[1:], "--out", str(out)]) == 2
+    assert exit_status(["edit", args[0], str(run_dir), *args[1:], "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
