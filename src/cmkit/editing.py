@@ -144,6 +144,8 @@ def _times(v: Tensor, m: Tensor) -> Tensor:
 
 
 Transform = Identity | LumaChroma | PatchBasis
+Noise = Callable[[], Tensor]
+Labels = int | Tensor | None  # one class for every image, int64 [N] (one per image), or None (no class)
 BISECT_RANGE, BISECT_STEPS = 1e4, 64  # lambda in [-1e4, 1e4], halved 64 times: to ~1e-15
 
 
@@ -170,9 +172,6 @@ def box_projection(transform: LumaChroma | PatchBasis, x: Tensor, known: Tensor,
         below = transform.groups(row * (x64 + transform.spread(mid) * row).clamp(-1, 1)) < target
         lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
     return (x64 + transform.spread((lo + hi) / 2) * row).clamp(-1, 1).to(x.dtype)
-
-Noise = Callable[[], Tensor]
-Labels = int | Tensor | None  # one class for every image, int64 [N] (one per image), or None (no class)
 
 
 # ---------------------------------------------------------------------------------------------- Alg. 4
@@ -303,8 +302,10 @@ def class_labels(model: nn.Module, labels: Labels, count: int, device: torch.dev
     return torch.as_tensor(labels, dtype=torch.int64, device=device).expand(count)
 
 
-def check_frames(frames: int) -> None:
-    """An interpolation needs at least its two endpoints."""
+def check_frames(frames: int | None) -> None:
+    """An interpolation needs a number of frames, at least its two endpoints."""
+    if frames is None:
+        raise CmkitError("interpolate: expected --frames n, the number of images from a to b")
     if frames < 2:
         raise CmkitError(f"frames {frames}: expected at least 2 (the two endpoints)")
 
