@@ -114,6 +114,14 @@ def fmnist_subset(tmp_path_factory) -> Path:
     return folder
 
 
+def exit_status(argv: list[str]) -> int:
+    """``cmkit argv``'s exit status: option errors found while parsing exit (SystemExit), the others return."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def train_tiny(out: Path, data: Path, *extra: str) -> int:
     return main(["train", "--preset", "fmnist-ict", "--out", str(out), "--data", str(data), "--kimg", "0.256",
                  "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra])

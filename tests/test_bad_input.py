@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from cmkit.cli import main
+from conftest import exit_status
 
 
 def _idx(folder: Path, *, magic: int = 2051, cut: int = 0) -> None:
@@ -66,13 +67,13 @@ CASES = {
     "--set not a bool": (None, [*TRAIN, "--set", "data.xflip=maybe"], "data.xflip=maybe: expected bool"),
     "--set without a value": (None, [*TRAIN, "--set", "train.lr"], "expected key=value"),
     "--set a section": (None, [*TRAIN, "--set", "train=3"], "unknown key 'train'"),
-    "--keep 0": (None, [*TRAIN, "--keep", "0"], "train.keep_ckpts"),
-    "--kimg 0": (None, [*TRAIN, "--kimg", "0"], "train.kimg"),
+    "--keep 0": (None, [*TRAIN, "--keep", "0"], "--keep 0: expected a positive integer"),
+    "--kimg 0": (None, [*TRAIN, "--kimg", "0"], "--kimg 0: expected a positive number"),
     "sigmas not numbers": (None, ["sample", "{run}", "--sigmas", "80,abc", "--out", "{tmp}/x.png"], "80,abc"),
     "sigma below sigma_min": (None, ["sample", "{run}", "--sigmas", "80,0.0001", "--out", "{tmp}/x.png"],
                               "within [sigma_min, sigma_max]"),
     "sigma NaN": (None, ["sample", "{run}", "--sigmas", "nan", "--out", "{tmp}/x.png"], "finite"),
-    "sample --steps -1": (None, ["sample", "{run}", "--steps", "-1", "--out", "{tmp}/x.png"], "got -1"),
+    "sample --steps -1": (None, ["sample", "{run}", "--steps", "-1", "--out", "{tmp}/x.png"], "--steps -1"),
     "eval --steps 0": (None, ["eval", "{run}", "--steps", "0"], "--steps 0"),
     "eval --batch 0": (None, ["eval", "{run}", "--batch", "0"], "--batch 0"),
     # outputs that cannot be written: a folder below a regular file (chmod does not stop root)
@@ -101,7 +102,7 @@ def test_bad_input_gets_one_line_and_leaves_nothing(case, run_dir, fmnist_subset
         MAKE[make](tmp_path)
     names = {"tmp": tmp_path, "run": run_dir, "data": fmnist_subset}
     before = _files(tmp_path)
-    assert main([a.format(**names) for a in argv]) == 2
+    assert exit_status([a.format(**names) for a in argv]) == 2
     assert message.format(**names) in _one_error_line(capsys)
     assert _files(tmp_path) == before  # no run directory, no output, no temporary file
 

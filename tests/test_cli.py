@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from cmkit.checkpoint import list_states, load_export, load_state
-from cmkit.cli import main
+from cmkit.cli import main, make_parser
 from cmkit.config import PRESETS
-from conftest import train_tiny
+from conftest import exit_status, train_tiny
 
 
 def test_train_writes_the_run_directory(run_dir):
@@ -103,10 +103,35 @@ def test_bad_input_gets_one_clear_line(argv, message, run_dir, tmp_path, capsys)
     (tmp_path / "notamodel.safetensors").write_text("not a model")
     (tmp_path / "empty").mkdir()
     argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
-    assert main(argv) == 2
+    assert exit_status(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", [
+    "sample m --out x.png --n 0", "sample m --out x.png --batch -2", "sample m --out x.png --steps 0",
+    "edit interpolate m --out x.png --frames 0", "edit denoise m --out x.png --sigma 0",
+    "edit superres m --out x.png --factor -4", "edit inpaint m --out x.png --batch 0",
+    "eval m --n -1", "eval m --batch 0", "tune-steps m --n 0", "tune-steps m --iters 0", "tune-steps m --batch -1",
+    "train --preset p --out r --kimg -0.5", "train --preset p --out r --ckpt-kimg 0",
+    "train --preset p --out r --keep 0", "train --preset p --out r --accum 0",
+])
+def test_counts_and_sizes_refuse_zero_and_negatives_while_parsing(command, capsys):
+    """One validator for every numeric option where 0 or less means nothing: one line naming flag and value,
+    status 2, before any file is read (the model paths here do not exist)."""
+    argv = command.split()
+    assert exit_status(argv) == 2
+    flag, value = argv[-2:]
+    kind = "number" if flag in ("--sigma", "--kimg", "--ckpt-kimg") else "integer"
+    assert capsys.readouterr().err == f"cmkit: error: {flag} {float(value):g}: expected a positive {kind}\n"
+
+
+def test_zero_stays_meaningful_for_seeds_and_labels():
+    args = make_parser().parse_args(["sample", "m", "--out", "x.png", "--seed", "0", "--label", "0"])
+    assert (args.seed, args.label, args.n) == (0, 0, 64)
+    args = make_parser().parse_args(["edit", "denoise", "m", "--out", "x.png", "--seed", "0", "--label", "0"])
+    assert (args.seed, args.label, args.frames) == (0, 0, None)
 
 
 def test_corrupt_image_is_named(tmp_path, capsys):

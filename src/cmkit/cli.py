@@ -12,6 +12,7 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -125,8 +126,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else None
     model, _ = load_export(args.model, device=dist.init())
     if args.task == "interpolate":
-        seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), args.frames or 8
-        editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames)
+        seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), 8 if args.frames is None else args.frames
+        editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames,
+                                 labels=args.label)
         print(f"wrote {frames} frames from seed {seeds[0]} to seed {seeds[1]} to {args.out}")
         return 0
     mask = None
@@ -136,7 +138,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         mask = editing.box_mask(box, resolution=model.resolution)
     written = editing.edit_files(args.task, model, Path(args.image), Path(args.out), seed=args.seed,
                                  batch=args.batch, mask=mask, factor=args.factor, sigmas=sigmas, sigma=args.sigma,
-                                 warn=lambda m: print(f"cmkit: warning: {m}", file=sys.stderr))
+                                 labels=args.label, warn=lambda m: print(f"cmkit: warning: {m}", file=sys.stderr))
     print(f"wrote {len(written)} edited image(s) to {args.out}")
     return 0
 
@@ -295,8 +297,30 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as every cmkit user error: one line 'cmkit: error: ...' and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cmkit: error: {message}\n")
+
+
+class _Positive(argparse.Action):
+    """An option's number (``type`` int unless given), refused unless > 0: for counts, sizes, lengths and
+    levels, where 0 or less means nothing (seeds and labels, where 0 is meaningful, do not use it)."""
+
+    def __init__(self, *args, type=int, **kwargs) -> None:  # "type": the keyword argparse passes
+        super().__init__(*args, type=type, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: float,
+                 option_string: str | None = None) -> None:
+        if value <= 0:
+            kind = "integer" if isinstance(value, int) else "number"
+            parser.error(f"{option_string} {value:g}: expected a positive {kind}")
+        setattr(namespace, self.dest, value)
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmkit", description="Consistency models: train, sample, inspect.")
+    parser = _Parser(prog="cmkit", description="Consistency models: train, sample, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a preset")
@@ -305,12 +329,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="fashion-mnist, mnist, cifar10, or a folder of images")
     p.add_argument("--teacher", metavar="MODEL",
                    help="diffusion model to distil (cd) or tune (ect): an *-edm run or a diffusers UNet folder")
-    p.add_argument("--kimg", type=float, help="training length in thousands of images")
-    p.add_argument("--ckpt-kimg", type=float, help="checkpoint interval in thousands of images")
-    p.add_argument("--keep", type=int, metavar="K", help="keep the newest K training checkpoints (default 3)")
+    p.add_argument("--kimg", action=_Positive, type=float, help="training length in thousands of images")
+    p.add_argument("--ckpt-kimg", action=_Positive, type=float, help="checkpoint interval in thousands of images")
+    p.add_argument("--keep", action=_Positive, metavar="K", help="keep the newest K training checkpoints (default 3)")
     p.add_argument("--seed", type=int, help="run seed (default: the preset's, 0)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (train.precision)")
-    p.add_argument("--accum", type=int, metavar="K", help="gradient accumulation steps per optimiser step")
+    p.add_argument("--accum", action=_Positive, metavar="K", help="gradient accumulation steps per optimiser step")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. train.lr=2e-4 net.dropout=0.1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -320,14 +344,14 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from a trained model")
     p.add_argument("model", help="a run directory or a .safetensors export")
     p.add_argument("--out", required=True, help="a .png (grid) or .npz (images, uint8 N x H x W x C)")
-    p.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--n", action=_Positive, default=64, help="number of images (default 64)")
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help="sampling steps (default: 1 for consistency, 18 Heun for EDM)")
+    steps.add_argument("--steps", action=_Positive, help="sampling steps (default: 1 for consistency, 18 Heun for EDM)")
     steps.add_argument("--sigmas", help="descending noise levels, e.g. 80,0.821")
     p.add_argument("--sampler", choices=("consistency", "heun", "euler"),
                    help="default: consistency for consistency models, heun for diffusion models")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed S + i (default 0)")
-    p.add_argument("--batch", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--batch", action=_Positive, default=256, help="images per forward pass (default 256)")
     p.add_argument("--label", type=int, help="class label for class-conditional models (default: per seed)")
     p.set_defaults(func=cmd_sample)
 
@@ -338,18 +362,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .png, or a folder when --image is a folder")
     p.add_argument("--mask", help="inpaint: a PNG at the model's size, white = generate, black = keep")
     p.add_argument("--box", help="inpaint: generate inside the box x,y,w,h (pixels)")
-    p.add_argument("--factor", type=int, help="superres: the upsampling factor p (divides the resolution)")
+    p.add_argument("--factor", action=_Positive, help="superres: the upsampling factor p (divides the resolution)")
     p.add_argument("--sigmas", help="descending noise levels (default: 40 Karras levels; stroke: 5.38,2.24)")
-    p.add_argument("--sigma", type=float, help="denoise: the noise level added to the image and removed")
+    p.add_argument("--sigma", action=_Positive, type=float,
+                   help="denoise: the noise level added to the image and removed")
     p.add_argument("--seeds", help="interpolate: the two noise seeds a,b (default 0,1)")
-    p.add_argument("--frames", type=int, help="interpolate: number of images from a to b (default 8)")
+    p.add_argument("--frames", action=_Positive, help="interpolate: number of images from a to b (default 8)")
     p.add_argument("--seed", type=int, default=0, help="input image i uses seed S + i (default 0)")
-    p.add_argument("--batch", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--batch", action=_Positive, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--label", type=int, metavar="K",
+                   help="class-conditional models: the class of every image (default: drawn from each image's seed)")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("eval", help="FID, KID, precision and recall of a model, an .npz or a folder")
     p.add_argument("model", help="a run directory, a .safetensors export, an .npz of images or a folder")
-    p.add_argument("--n", type=int, default=10_000, help="samples per step count and reference images")
+    p.add_argument("--n", action=_Positive, default=10_000, help="samples per step count and reference images")
     p.add_argument("--steps", help="step counts, e.g. 1,2,4 (default 1,2,4; diffusion models: 18 Heun = 35 NFE)")
     _scoring_options(p)
     p.add_argument("--out", help="write the report as JSON")
@@ -359,8 +386,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-steps", help="search the best intermediate sigma for 2-step sampling")
     p.add_argument("model", help="a run directory or a .safetensors export (updated in place)")
     p.add_argument("--steps", type=int, default=2, help="number of steps (2)")
-    p.add_argument("--n", type=int, default=2_000, help="samples per FID evaluation (default 2000)")
-    p.add_argument("--iters", type=int, default=12, help="ternary-search iterations (default 12)")
+    p.add_argument("--n", action=_Positive, default=2_000, help="samples per FID evaluation (default 2000)")
+    p.add_argument("--iters", action=_Positive, default=12, help="ternary-search iterations (default 12)")
     _scoring_options(p)
     p.set_defaults(func=cmd_tune_steps)
 
@@ -379,7 +406,7 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
                    help="feature space (default: fid-fmnist for 28x28 grayscale, else fid-inception)")
     p.add_argument("--ref", help="reference: a dataset name or path, or a features .npz (default: the training data)")
     p.add_argument("--weights", help="feature network weights (default: the cached or installed ones)")
-    p.add_argument("--batch", type=int, default=500, help="images per batch (default 500)")
+    p.add_argument("--batch", action=_Positive, default=500, help="images per batch (default 500)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

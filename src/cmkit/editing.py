@@ -6,10 +6,14 @@
 - :class:`Identity`, :class:`LumaChroma` and :class:`PatchBasis` are the three maps the tasks use.
 - :func:`inpaint`, :func:`colorize`, :func:`superres`, :func:`stroke`, :func:`denoise` and :func:`interpolate`
   are the six tasks; :func:`edit_files` and :func:`interpolate_file` are what ``cmkit edit`` calls.
+- Each check of an editing input is one ``check_*`` function, called by the task functions and (composed in
+  :func:`check_task`) by :func:`run_task`, :func:`edit_files` and :func:`interpolate_file`.
 
-Images are float32 [N, C, H, W] in model range [-1, 1]. Results are NOT clipped: the replacement is the last
-operation, so what a task keeps is kept exactly in the float output (up to the rounding of A^-1 A); the
-network's part may leave [-1, 1] slightly and is clipped only when written as uint8.
+Images are float32 [N, C, H, W] in model range [-1, 1], and so are results: each denoised estimate is clamped
+to [-1, 1] (as the CM reference code does), and the last replacement of Alg. 4 is a projection onto the kept
+coordinates *within* [-1, 1] (``transform.project``). So what a task keeps survives the uint8 conversion up to
+its rounding: known pixels exactly, a patch mean or a pixel's luma within half a level, wherever the box
+allows it (it always does when the reference itself lies in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from tqdm import tqdm
 from cmkit.data import IMAGE_EXTENSIONS, list_images, read_image, to_model_range
 from cmkit.errors import CmkitError
 from cmkit.images import grid, save_png, to_numpy_images
-from cmkit.sampling import SeededNoise, check_sigmas, default_sigmas
+from cmkit.rng import NoiseSource, SeededNoise
+from cmkit.sampling import BatchInvariant, check_sigmas, default_sigmas
 
 TASKS: tuple[str, ...] = ("inpaint", "colorize", "superres", "stroke", "denoise", "interpolate")
+IMAGE_TASKS: tuple[str, ...] = TASKS[:-1]  # the tasks that edit input images (run_task, edit_files)
 EDIT_STEPS = 40  # the paper edits with N = 40 Karras-spaced levels (App. D)
 STROKE_SIGMAS: tuple[float, ...] = (5.38, 2.24)  # the paper's two levels for stroke-guided generation (App. D)
 LUMA: tuple[float, float, float] = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma weights (App. D)
@@ -59,6 +65,10 @@ class Identity:
     def inverse(self, a: Tensor) -> Tensor:
         return a
 
+    def project(self, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+        """The point of [-1, 1] nearest to x whose kept pixels (``keep`` True) equal ``known``: a copy of them."""
+        return torch.where(keep, known.clamp(-1, 1), x.clamp(-1, 1))
+
 
 class LumaChroma:
     """Per pixel, the 3 x 3 orthogonal Q whose first column is proportional to the luma weights (App. D).
@@ -75,6 +85,18 @@ class LumaChroma:
 
     def inverse(self, a: Tensor) -> Tensor:
         return _times(a.movedim(1, -1), self.q.T).movedim(-1, 1)
+
+    def groups(self, t: Tensor) -> Tensor:
+        """Sum over each pixel's 3 coordinates (or channels): [N, 3, H, W] -> [N, 1, H, W]."""
+        return t.sum(1, keepdim=True)
+
+    def spread(self, g: Tensor) -> Tensor:
+        """A value per pixel [N, 1, H, W] onto its 3 channels."""
+        return g.expand(-1, 3, -1, -1)
+
+    def project(self, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+        """See :func:`box_projection`."""
+        return box_projection(self, x, known, keep)
 
 
 class PatchBasis:
@@ -95,6 +117,19 @@ class PatchBasis:
     def inverse(self, a: Tensor) -> Tensor:
         return _per_patch(a, self.q.T, self.factor)
 
+    def groups(self, t: Tensor) -> Tensor:
+        """Sum over each p x p patch (per channel): [N, C, H, W] -> [N, C, H / p, W / p]."""
+        n, c, h, w, p = *t.shape, self.factor
+        return t.reshape(n, c, h // p, p, w // p, p).sum((3, 5))
+
+    def spread(self, g: Tensor) -> Tensor:
+        """A value per patch [N, C, H / p, W / p] onto its p x p pixels."""
+        return g.repeat_interleave(self.factor, 2).repeat_interleave(self.factor, 3)
+
+    def project(self, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+        """See :func:`box_projection`."""
+        return box_projection(self, x, known, keep)
+
 
 def _per_patch(x: Tensor, m: Tensor, p: int) -> Tensor:
     """Multiply each p x p patch of x [N, C, H, W], flattened row-major to a row vector, by m [p^2, p^2]."""
@@ -110,27 +145,58 @@ def _times(v: Tensor, m: Tensor) -> Tensor:
 
 
 Transform = Identity | LumaChroma | PatchBasis
-Noise = Callable[[], Tensor]
+Labels = int | Tensor | None  # one class for every image, int64 [N] (one per image), or None (no class)
+BISECT_RANGE, BISECT_STEPS = 1e4, 64  # lambda in [-1e4, 1e4], halved 64 times: to ~1e-15
+
+
+def box_projection(transform: LumaChroma | PatchBasis, x: Tensor, known: Tensor, keep: Tensor) -> Tensor:
+    """The point of [-1, 1]^D nearest to x whose kept coordinates (``keep`` True, in A's layout) equal ``known``.
+
+    x: float [N, C, H, W] in [-1, 1]; known: A y, laid out like x; keep: bool, broadcastable to x. Exact (to
+    ~1e-15 in float64, then x's dtype) when each group of ``transform`` (a pixel, a patch) has at most one kept
+    coordinate: the kept coordinate k is the row q_k . x over its group's pixels alone, the nearest point is
+    clip(x + lambda q_k) with q_k . clip(x + lambda q_k) = known_k, and that value is monotone in lambda, so
+    lambda is found by bisection, for every group at once. A target outside the box's reach gets the nearest
+    reachable value. With several kept coordinates in a group (rows sharing pixels) it falls back to Alg. 4's
+    replacement followed by a clamp, which keeps the result in [-1, 1] but the kept coordinates only roughly.
+    """
+    keep = keep.expand_as(x)
+    if transform.groups(keep.to(x.dtype)).max() > 1:
+        return transform.inverse(torch.where(keep, known, transform(x))).clamp(-1, 1)
+    x64 = x.to(torch.float64)
+    row = transform.inverse(keep.to(torch.float64))  # each pixel's entry of its group's kept row (0: none)
+    target = transform.groups(torch.where(keep, known.to(torch.float64), 0))
+    lo, hi = torch.full_like(target, -BISECT_RANGE), torch.full_like(target, BISECT_RANGE)
+    for _ in range(BISECT_STEPS):
+        mid = (lo + hi) / 2
+        below = transform.groups(row * (x64 + transform.spread(mid) * row).clamp(-1, 1)) < target
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (x64 + transform.spread((lo + hi) / 2) * row).clamp(-1, 1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- Alg. 4
 
 def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sigmas: Sequence[float] | Tensor,
-         noise: Noise, labels: Tensor | None = None, start: Tensor | None = None) -> Tensor:
+         noise: NoiseSource, labels: Labels = None, start: Tensor | None = None) -> Tensor:
     """Zero-shot editing (CM paper, Alg. 4).
 
     y: reference, float32 [N, C, H, W] in [-1, 1] at the model's size; transform: an orthogonal map A; mask:
     bool Omega in A's coordinates, broadcastable to y, True = generate; sigmas: DESCENDING taus within
-    [sigma_min, sigma_max]; noise(): a fresh standard-normal batch shaped like y on each call.
+    [sigma_min, sigma_max]; noise(): a fresh standard-normal batch shaped like y on each call; labels: the
+    class of every image (int) or of each (int64 [N]), required by a class-conditional model and refused by
+    an unconditional one.
 
     Line 2: y <- A^-1[(A y)(1 - Omega)]; x = f(y + tau_1 z, tau_1), then x <- A^-1[(A y)(1 - Omega) + (A x) Omega];
     each later tau: x = f(x + sqrt(tau^2 - eps^2) z, tau) and the same replacement. ``start`` replaces line 2's
-    y as the point noised at tau_1 (stroke-guided generation starts from the painting itself).
-    Returns float32 [N, C, H, W], not clipped: A x equals A y wherever Omega is False.
+    y as the point noised at tau_1 (stroke-guided generation starts from the painting itself). Each f is
+    clamped to [-1, 1] (as in the CM reference code), and the last replacement is ``transform.project``: the
+    nearest point of [-1, 1] whose A x equals A y wherever Omega is False (:func:`box_projection`).
+    Returns float32 [N, C, H, W] in [-1, 1].
     """
     check_editable(model)
-    _check_size(model, y)
+    check_images(model, y)
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
+    labels = class_labels(model, labels, len(y), y.device)
     known = transform(y)
 
     def replace(x: Tensor) -> Tensor:
@@ -138,11 +204,19 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
 
     if start is None:
         start = transform.inverse(torch.where(mask, torch.zeros_like(known), known))
-    x = replace(model(start + s[0] * noise(), s[0], labels))
-    for tau in s[1:]:
-        x = replace(model(x + (tau**2 - model.sigma_min**2) ** 0.5 * noise(), tau, labels))
+    x = start + s[0] * noise()
+    for i, tau in enumerate(s):
+        if i:
+            x = x + (tau**2 - model.sigma_min**2) ** 0.5 * noise()
+        x = model(x, tau, labels).clamp(-1, 1)
+        x = replace(x) if i < len(s) - 1 else transform.project(x, known, ~mask)
     return x
 
+
+# ---------------------------------------------------------------------------------------------- checks
+# Each check of an editing input exists once, here. The task functions (the API) call the ones their inputs
+# need; check_task composes them for run_task, edit_files and interpolate_file (the CLI), which check every
+# option before any image is read or written.
 
 def check_editable(model: nn.Module) -> None:
     """Editing (Alg. 4) needs a consistency function; refuse an EDM diffusion denoiser."""
@@ -152,11 +226,120 @@ def check_editable(model: nn.Module) -> None:
                          "zero-shot editing needs a consistency model (ct, ict, cd or ect)")
 
 
-def _check_size(model: nn.Module, x: Tensor) -> None:
-    want = (model.channels, model.resolution, model.resolution)
+def check_images(model: nn.Module, x: Tensor, *, resolution: int | None = None) -> None:
+    """Images must be [N, C, r, r] with the model's C, and r = ``resolution`` (default: the model's)."""
+    want = (model.channels, resolution or model.resolution, resolution or model.resolution)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
         raise CmkitError(f"images of shape {tuple(x.shape)}: expected [N, {want[0]}, {want[1]}, {want[2]}] "
                          "for this model")
+
+
+def check_rgb(model: nn.Module) -> None:
+    """Colorization needs a 3-channel model."""
+    if model.channels != 3:
+        raise CmkitError(f"colorize: colorization needs an RGB (3-channel) model; this model has "
+                         f"{model.channels} channel(s)")
+
+
+def check_mask(model: nn.Module, mask: Tensor | None) -> None:
+    """An inpainting mask must be given, with a shape broadcastable to the images [N, C, R, R]."""
+    if mask is None:
+        raise CmkitError("inpaint: expected --mask M.png or --box x,y,w,h (the pixels to generate)")
+    want = (model.channels, model.resolution, model.resolution)
+    shape = tuple(torch.as_tensor(mask).shape)
+    try:
+        ok = len(shape) <= 4 and torch.broadcast_shapes(shape, (1, *want))[1:] == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise CmkitError(f"mask of shape {shape}: expected [{want[1]}, {want[2]}] (True = generate), or a shape "
+                         f"broadcastable to the images [N, {want[0]}, {want[1]}, {want[2]}]")
+
+
+def check_factor(model: nn.Module, factor: int | None) -> None:
+    """A super-resolution factor must be given, be >= 2 and divide the model's resolution."""
+    if factor is None:
+        raise CmkitError("superres: expected --factor p, the upsampling factor")
+    if factor < 2 or model.resolution % factor:
+        raise CmkitError(f"factor {factor}: expected an integer >= 2 that divides the model's resolution "
+                         f"{model.resolution}")
+
+
+def check_sigma(model: nn.Module, sigma: float | None) -> None:
+    """A denoising level must be given and lie in (sigma_min, sigma_max]."""
+    if sigma is None:
+        raise CmkitError("denoise: expected --sigma s, the noise level to add and remove")
+    if not model.sigma_min < sigma <= model.sigma_max:
+        raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
+
+
+def check_labels(model: nn.Module, labels: Labels, count: int | None = None) -> None:
+    """Class labels: None, or for a class-conditional model an int or an integer tensor (shape [] or
+    [``count``]) of classes in [0, num_classes). An unconditional model takes no labels."""
+    if labels is None:
+        return
+    values = torch.as_tensor(labels)
+    text = ",".join(str(v) for v in values.flatten()[:4].tolist()) + ("..." if values.numel() > 4 else "")
+    if not model.num_classes:
+        raise CmkitError(f"--label {text}: this model is not class-conditional (it was trained without labels)")
+    if (values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool
+            or values.numel() == 0 or int(values.min()) < 0 or int(values.max()) >= model.num_classes):
+        raise CmkitError(f"--label {text}: expected a class in [0, {model.num_classes}) for this model")
+    if values.ndim > 1 or (values.ndim == 1 and count is not None and len(values) != count):
+        raise CmkitError(f"labels of shape {tuple(values.shape)}: expected one class, or one per image "
+                         f"[{count if count is not None else 'N'}]")
+
+
+def class_labels(model: nn.Module, labels: Labels, count: int, device: torch.device | str) -> Tensor | None:
+    """The labels the network gets for ``count`` images: int64 [count] on ``device`` for a class-conditional
+    model (which needs them), None for an unconditional one. Checked by :func:`check_labels`."""
+    check_labels(model, labels, count)
+    if labels is None:
+        if model.num_classes:
+            raise CmkitError(f"this model is class-conditional: expected labels (a class in "
+                             f"[0, {model.num_classes}) for every image, or one per image)")
+        return None
+    return torch.as_tensor(labels, dtype=torch.int64, device=device).expand(count)
+
+
+def check_frames(frames: int | None) -> None:
+    """An interpolation needs a number of frames, at least its two endpoints."""
+    if frames is None:
+        raise CmkitError("interpolate: expected --frames n, the number of images from a to b")
+    if frames < 2:
+        raise CmkitError(f"frames {frames}: expected at least 2 (the two endpoints)")
+
+
+def check_batch(batch: int) -> None:
+    """Images per forward pass: at least 1."""
+    if batch < 1:
+        raise CmkitError(f"batch {batch}: expected a positive number of images per batch")
+
+
+def check_task(task: str, model: nn.Module, *, among: Sequence[str] = TASKS, mask: Tensor | None = None,
+               factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None,
+               frames: int | None = None, batch: int | None = None, labels: Labels = None,
+               count: int | None = None) -> None:
+    """Every check of ``task`` (one of ``among``) and its options that needs only the model, composed of the
+    checks above; ``batch`` is checked when given, a labels tensor against ``count`` images when given."""
+    if task not in among:
+        raise CmkitError(f"task {task!r}: expected one of {', '.join(among)}")
+    check_editable(model)
+    if task == "inpaint":
+        check_mask(model, mask)
+    if task == "colorize":
+        check_rgb(model)
+    if task == "superres":
+        check_factor(model, factor)
+    if task == "denoise":
+        check_sigma(model, sigma)
+    if task == "interpolate":
+        check_frames(frames)
+    if sigmas is not None:
+        check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    if batch is not None:
+        check_batch(batch)
+    check_labels(model, labels, count)
 
 
 def editing_sigmas(model: nn.Module) -> Tensor:
@@ -166,12 +349,14 @@ def editing_sigmas(model: nn.Module) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ tasks
 
-def inpaint(model: nn.Module, images: Tensor, mask: Tensor, *, sigmas: Sequence[float] | Tensor, noise: Noise,
-            labels: Tensor | None = None) -> Tensor:
+def inpaint(model: nn.Module, images: Tensor, mask: Tensor, *, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
+            labels: Labels = None) -> Tensor:
     """Fill the pixels where ``mask`` is True (bool [H, W] or broadcastable to images); A = I.
 
-    images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly.
+    images: float32 [N, C, H, W] in [-1, 1]. The other pixels of the result equal the input's exactly (bit for
+    bit, and so in uint8 after a round trip); the result lies in [-1, 1].
     """
+    check_mask(model, mask)
     mask = torch.as_tensor(mask, dtype=torch.bool, device=images.device)
     return edit(model, images, transform=Identity(), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
 
@@ -182,26 +367,19 @@ def luma(images: Tensor) -> Tensor:
     return (images * (w / w.sum()).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-def colorize(model: nn.Module, images: Tensor, *, sigmas: Sequence[float] | Tensor, noise: Noise,
-             labels: Tensor | None = None) -> Tensor:
+def colorize(model: nn.Module, images: Tensor, *, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
+             labels: Labels = None) -> Tensor:
     """Colour RGB (or gray-on-3-channel) images float32 [N, 3, H, W] in [-1, 1] from their gray values.
 
     y is the gray image :func:`luma` on 3 channels; A = :class:`LumaChroma`, Omega = the two chroma coordinates.
-    The result has the input's luma exactly: w.x_out = w.x_in.
+    The result lies in [-1, 1] and has the input's luma, w.x_out = w.x_in (to float rounding), since the gray
+    value of [-1, 1] images is always reachable.
     """
-    if model.channels != 3 or images.shape[1] != 3:
-        raise CmkitError(f"colorization needs an RGB (3-channel) model and images; this model has "
-                         f"{model.channels} channel(s)")
+    check_rgb(model)
+    check_images(model, images)
     y = luma(images).expand(-1, 3, -1, -1)
     mask = torch.tensor([False, True, True], device=images.device).view(1, 3, 1, 1)
     return edit(model, y, transform=LumaChroma(), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
-
-
-def check_factor(factor: int, resolution: int) -> None:
-    """A super-resolution factor must be >= 2 and divide the model's resolution."""
-    if factor < 2 or resolution % factor:
-        raise CmkitError(f"factor {factor}: expected an integer >= 2 that divides the model's resolution "
-                         f"{resolution}")
 
 
 def patch_means(images: Tensor, factor: int) -> Tensor:
@@ -209,14 +387,16 @@ def patch_means(images: Tensor, factor: int) -> Tensor:
     return torch.nn.functional.avg_pool2d(images, factor)
 
 
-def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[float] | Tensor, noise: Noise,
-             labels: Tensor | None = None) -> Tensor:
+def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
+             labels: Labels = None) -> Tensor:
     """Upsample low-resolution images float32 [N, C, H / p, W / p] in [-1, 1] by p = ``factor``.
 
     y is ``low`` upsampled by pixel replication; A = :class:`PatchBasis`, Omega = every coordinate but the
-    patch mean. Each p x p patch mean of the result [N, C, H, W] equals its low-resolution pixel.
+    patch mean. The result [N, C, H, W] lies in [-1, 1], and each p x p patch mean equals its low-resolution
+    pixel (to float rounding; low must lie in [-1, 1]).
     """
-    check_factor(factor, model.resolution)
+    check_factor(model, factor)
+    check_images(model, low, resolution=model.resolution // factor)
     y = low.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
     mask = torch.ones(factor, factor, dtype=torch.bool, device=low.device)
     mask[0, 0] = False
@@ -224,30 +404,26 @@ def superres(model: nn.Module, low: Tensor, *, factor: int, sigmas: Sequence[flo
     return edit(model, y, transform=PatchBasis(factor), mask=mask, sigmas=sigmas, noise=noise, labels=labels)
 
 
-def stroke(model: nn.Module, strokes: Tensor, *, noise: Noise, sigmas: Sequence[float] | Tensor = STROKE_SIGMAS,
-           labels: Tensor | None = None) -> Tensor:
+def stroke(model: nn.Module, strokes: Tensor, *, noise: NoiseSource, sigmas: Sequence[float] | Tensor = STROKE_SIGMAS,
+           labels: Labels = None) -> Tensor:
     """Stroke-guided generation (SDEdit; CM paper App. D): images from stroke paintings float32 [N, C, H, W].
 
     Alg. 4 with A = I and Omega all ones, noised from the painting itself (with Omega = 1, line 2 would
-    erase it), so: x = f(y + tau_1 z, tau_1), then x = f(x + sqrt(tau_2^2 - eps^2) z, tau_2).
+    erase it), so: x = f(y + tau_1 z, tau_1), then x = f(x + sqrt(tau_2^2 - eps^2) z, tau_2), each clamped to
+    [-1, 1].
     """
     everything = torch.ones((), dtype=torch.bool, device=strokes.device)
     return edit(model, strokes, transform=Identity(), mask=everything, sigmas=sigmas, noise=noise, labels=labels,
                 start=strokes)
 
 
-def check_sigma(model: nn.Module, sigma: float) -> None:
-    """A denoising level must lie in (sigma_min, sigma_max]."""
-    if not model.sigma_min < sigma <= model.sigma_max:
-        raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
-
-
-def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Tensor | None = None) -> Tensor:
-    """One call f(x_noisy, sigma) (CM paper, Sec. 6): noisy = x + sigma z, float32 [N, C, H, W]."""
+def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Labels = None) -> Tensor:
+    """One call f(x_noisy, sigma) (CM paper, Sec. 6), clamped to [-1, 1]: noisy = x + sigma z, float32
+    [N, C, H, W]; labels as for :func:`edit`."""
     check_editable(model)
-    _check_size(model, noisy)
+    check_images(model, noisy)
     check_sigma(model, sigma)
-    return model(noisy, sigma, labels)
+    return model(noisy, sigma, class_labels(model, labels, len(noisy), noisy.device)).clamp(-1, 1)
 
 
 def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
@@ -268,19 +444,20 @@ def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
     return w0.view(shape) * z0 + w1.view(shape) * z1
 
 
-def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels: Tensor | None = None) -> Tensor:
+def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels: Labels = None) -> Tensor:
     """Images along the slerp between standard-normal noises z0, z1 float32 [N, C, H, W] (CM paper, App. D).
 
-    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max;
-    returns float32 [N, frames, C, H, W], not clipped.
+    Frame j is f(T slerp(z0, z1, t_j), T) with t_j = j / (frames - 1) and T = sigma_max, clamped to [-1, 1];
+    labels as for :func:`edit`. Returns float32 [N, frames, C, H, W].
     """
     check_editable(model)
-    _check_size(model, z0)
-    if frames < 2:
-        raise CmkitError(f"frames {frames}: expected at least 2 (the two endpoints)")
+    check_images(model, z0)
+    check_images(model, z1)
+    check_frames(frames)
+    labels = class_labels(model, labels, len(z0), z0.device)
     big_t = model.sigma_max
     ts = torch.linspace(0, 1, frames).tolist()
-    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels) for t in ts], 1)
+    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels).clamp(-1, 1) for t in ts], 1)
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -318,13 +495,12 @@ def box_mask(box: Sequence[int], *, resolution: int) -> Tensor:
 def pair_files(image: Path, out: Path) -> list[tuple[Path, Path]]:
     """(input, output) pairs: a file gives ``out`` (a .png); a folder gives ``out/<same relative path>.png``."""
     image, out = Path(image), Path(out)
-    _check_folder(out.parent)
     if image.is_file():
-        if out.suffix != ".png" or out.is_dir():
-            raise CmkitError(f"--out {out}: expected a .png file name for one input image")
+        check_png_out(out)
         return [(image, out)]
     if not image.is_dir():
         raise CmkitError(f"--image {image}: no such file or folder")
+    _check_folder(out.parent)
     if (out.exists() and not out.is_dir()) or out.suffix.lower() in IMAGE_EXTENSIONS:
         raise CmkitError(f"--out {out}: a folder of input images needs an output folder, not an image file")
     files = list_images(image)
@@ -337,6 +513,14 @@ def pair_files(image: Path, out: Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def check_png_out(out: Path) -> None:
+    """One output image: a .png file name (not a folder) in an existing, writable folder."""
+    out = Path(out)
+    if out.suffix != ".png" or out.is_dir():
+        raise CmkitError(f"--out {out}: expected a .png file name")
+    _check_folder(out.parent)
+
+
 def _check_folder(folder: Path) -> None:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise CmkitError(f"--out: folder {folder} does not exist or is not writable")
@@ -344,14 +528,14 @@ def _check_folder(folder: Path) -> None:
 
 def read_inputs(task: str, model: nn.Module, files: Sequence[Path], *, factor: int | None,
                 warn: Warn = warnings.warn) -> Tensor:
-    """Read every input image -> float32 [N, C, h, w] in [-1, 1], ready for ``task``.
+    """Read every input image -> float32 [N, C, h, w] in [-1, 1], ready for ``task`` (options already checked).
 
     Inpainting needs the model's size exactly (mask coordinates are pixels). Super-resolution takes the low-
     resolution size (resolution / factor) or the model's size (then reduced to its patch means); other sizes
     are refused. Colorization, stroke and denoising resize and centre-crop another size, with a warning.
     """
     res, ch = model.resolution, model.channels
-    low = res // factor if task == "superres" and factor else None
+    low = res // factor if task == "superres" else None
     out = []
     for path in files:
         arr = read_image(path, channels=ch)
@@ -372,26 +556,49 @@ def read_inputs(task: str, model: nn.Module, files: Sequence[Path], *, factor: i
 
 def run_task(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
              mask: Tensor | None = None, factor: int | None = None, sigmas: Sequence[float] | Tensor | None = None,
-             sigma: float | None = None) -> Iterator[Tensor]:
-    """Apply ``task`` to images float32 [N, C, h, w], image i with seed seeds[i], ``batch`` at a time.
+             sigma: float | None = None, labels: Labels = None) -> Iterator[Tensor]:
+    """Apply ``task`` (one of IMAGE_TASKS) to images float32 [N, C, h, w], image i with seed seeds[i], ``batch``
+    at a time. ``sigmas`` defaults to :func:`editing_sigmas` (stroke: STROKE_SIGMAS).
 
-    Yields float32 [B, C, H, W] results (not clipped). The noise (and the class label of a class-conditional
-    model) of image i comes from its own seed, so results do not depend on ``batch`` (for a model in eval
-    mode, whose rows never depend on each other: :meth:`cmkit.precond.Preconditioned.backbone`).
+    Checks the options at once (:func:`check_task`), then yields float32 [B, C, H, W] results in [-1, 1]. The
+    noise of image i comes from its own seed, and so does its class on a class-conditional model unless
+    ``labels`` (one class, or int64 [N]) is given; so results do not depend on ``batch``
+    (:class:`cmkit.sampling.BatchInvariant`).
     """
+    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch,
+               labels=labels, count=len(images))
+    return _batches(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma,
+                    labels=labels)
+
+
+def _batches(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], *, batch: int,
+             mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
+             sigma: float | None, labels: Labels) -> Iterator[Tensor]:
+    """:func:`run_task` after its checks."""
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
+    net = BatchInvariant(model)
     for start in range(0, len(images), batch):
         x = images[start:start + batch].to(device)
         noise = SeededNoise(seeds[start:start + batch], shape, device)
-        labels = noise.labels(model.num_classes) if model.num_classes else None
-        yield _apply(task, model, x, noise, labels, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
+        yield _apply(task, net, x, noise, _batch_labels(model, noise, labels, slice(start, start + batch)),
+                     mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
 
 
-def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Tensor | None, *,
+def _batch_labels(model: nn.Module, noise: SeededNoise, labels: Labels, rows: slice) -> Labels:
+    """The classes of a batch: drawn from each seed (always, so that the noise that follows is the same with
+    or without ``labels``), then replaced by ``labels`` (one class, or the batch's ``rows`` of [N]) if given."""
+    drawn = noise.labels(model.num_classes) if model.num_classes else None
+    if labels is None:
+        return drawn
+    return labels if torch.as_tensor(labels).ndim == 0 else labels[rows]
+
+
+def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Labels, *,
            mask: Tensor | None, factor: int | None, sigmas: Sequence[float] | Tensor | None,
            sigma: float | None) -> Tensor:
-    sigmas = editing_sigmas(model) if sigmas is None else sigmas
+    if sigmas is None:
+        sigmas = STROKE_SIGMAS if task == "stroke" else editing_sigmas(model)
     if task == "inpaint":
         return inpaint(model, x, mask.to(x.device), sigmas=sigmas, noise=noise, labels=labels)
     if task == "colorize":
@@ -400,54 +607,29 @@ def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: T
         return superres(model, x, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
     if task == "stroke":
         return stroke(model, x, sigmas=sigmas, noise=noise, labels=labels)
-    if task == "denoise":
-        return denoise(model, x + sigma * noise(), sigma=sigma, labels=labels)
-    raise CmkitError(f"task {task!r}: expected one of {', '.join(TASKS[:-1])}")
-
-
-def check_task(task: str, model: nn.Module, *, mask: Tensor | None, factor: int | None,
-               sigmas: Sequence[float] | Tensor | None, sigma: float | None) -> None:
-    """Every check that needs only the model and the options, done before any image is read or written."""
-    check_editable(model)
-    if task == "inpaint" and mask is None:
-        raise CmkitError("inpaint: expected --mask M.png or --box x,y,w,h")
-    if task == "colorize" and model.channels != 3:
-        raise CmkitError(f"colorize: colorization needs an RGB (3-channel) model; this model has "
-                         f"{model.channels} channel(s)")
-    if task == "superres":
-        if factor is None:
-            raise CmkitError("superres: expected --factor p")
-        check_factor(factor, model.resolution)
-    if task == "denoise":
-        if sigma is None:
-            raise CmkitError("denoise: expected --sigma s, the noise level to add and remove")
-        check_sigma(model, sigma)
-    if sigmas is not None:
-        check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
+    return denoise(model, x + sigma * noise(), sigma=sigma, labels=labels)
 
 
 @torch.no_grad()
 def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int = 0, batch: int = 64,
                mask: Tensor | None = None, factor: int | None = None,
-               sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None,
+               sigmas: Sequence[float] | Tensor | None = None, sigma: float | None = None, labels: Labels = None,
                warn: Warn = warnings.warn) -> list[Path]:
     """Edit one image file, or every image in a folder (into a folder), and write PNGs atomically.
 
     Input i (sorted path order) uses seed ``seed + i``. Everything is read and checked before the first file
     is written. Returns the written paths. ``sigmas`` defaults to :func:`editing_sigmas` (stroke:
     STROKE_SIGMAS); ``mask`` is bool [H, W] (inpaint); ``factor`` is p (superres); ``sigma`` is the noise
-    level added and removed (denoise).
+    level added and removed (denoise); ``labels`` is the class of every image (or int64 [N], one per input in
+    sorted order) for a class-conditional model, default: drawn from each image's seed.
     """
-    if task == "stroke" and sigmas is None:
-        sigmas = STROKE_SIGMAS
-    check_task(task, model, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
-    if batch < 1:
-        raise CmkitError(f"batch {batch}: expected a positive number of images per batch")
+    check_task(task, model, among=IMAGE_TASKS, mask=mask, factor=factor, sigmas=sigmas, sigma=sigma, batch=batch,
+               labels=labels)
     pairs = pair_files(image, out)
     images = read_inputs(task, model, [i for i, _ in pairs], factor=factor, warn=warn)
     seeds = list(range(seed, seed + len(pairs)))
     results = run_task(task, model, images, seeds, batch=batch, mask=mask, factor=factor, sigmas=sigmas,
-                       sigma=sigma)
+                       sigma=sigma, labels=labels)
     bar = tqdm(results, total=-(-len(pairs) // batch), unit="batch", desc=task, disable=len(pairs) == 1)
     outputs = iter(o for _, o in pairs)
     for x in bar:
@@ -459,15 +641,17 @@ def edit_files(task: str, model: nn.Module, image: Path, out: Path, *, seed: int
 
 
 @torch.no_grad()
-def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], frames: int) -> None:
-    """Write the interpolation between the noises of seeds a and b as a one-row strip of ``frames`` PNG images."""
-    check_editable(model)
-    if Path(out).suffix != ".png":
-        raise CmkitError(f"--out {out}: expected a .png file name")
-    _check_folder(Path(out).parent)
+def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], frames: int,
+                     labels: Labels = None) -> None:
+    """Write the interpolation between the noises of seeds a and b as a one-row strip of ``frames`` PNG images.
+
+    A class-conditional model uses the class ``labels`` (an int), default: drawn from seed a.
+    """
+    check_task("interpolate", model, frames=frames, labels=labels, count=1)
+    check_png_out(out)
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     ends = [SeededNoise([s], shape, device) for s in seeds]
-    labels = ends[0].labels(model.num_classes) if model.num_classes else None
-    x = interpolate(model, ends[0](), ends[1](), frames=frames, labels=labels)[0]
+    labels = _batch_labels(model, ends[0], labels, slice(0, 1))
+    x = interpolate(BatchInvariant(model), ends[0](), ends[1](), frames=frames, labels=labels)[0]
     save_png(grid(to_numpy_images(x), nrow=frames), Path(out))
