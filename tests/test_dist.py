@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cmkit import dist
+from cmkit import dist, rundir
 from cmkit.checkpoint import build_model, list_states, load_state
 from cmkit.cli import main
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
@@ -56,6 +56,11 @@ def config_of(method: str, *, batch: int = 16, accum: int = 1, dropout: float = 
         method=METHODS[method],
         train=TrainConfig(kimg=0.256, batch=batch, lr=1e-3, ema_halflife_kimg=0.1, accum=accum, **train),
     )
+
+
+# The resume scenarios: CT (an EMA target besides the sampling EMA) with Adam, which moves every weight by about lr
+# per step (RAdam's first steps would leave most weights below float resolution, hiding a wrong resume).
+RESUMED = config_of("ct", optimizer="adam")
 
 
 class PoolFeatures:
@@ -93,9 +98,13 @@ def teacher_of(config: Config) -> torch.nn.Module | None:
         return build_model(replace(config, method=METHODS["edm"])).eval().requires_grad_(False)
 
 
-def train_steps(config: Config, steps: int = STEPS) -> tuple[Run, list[float | None]]:
-    """``steps`` optimiser steps on this process's rows of DATA (the whole batch in one process)."""
+def train_steps(config: Config, steps: int = STEPS, *,
+                resume_from: Path | None = None) -> tuple[Run, list[float | None]]:
+    """``steps`` optimiser steps on this process's rows of DATA (the whole batch in one process), from the start
+    or from the training state ``resume_from``."""
     run = Run(config, torch.device("cpu"), teacher=teacher_of(config))
+    if resume_from is not None:
+        run.load_state_dict(load_state(resume_from), resume_from)
     losses = []
     for _ in range(steps):
         x0, labels = local_batch(run.config, DATA, run.step, run.device)
@@ -139,6 +148,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         run, losses = train_steps(config_of(name))
         result[name] = (run.model.state_dict(), run.ema.state_dict(), losses)
     result["dropout"] = train_steps(config_of("ict", dropout=0.3))[0].model.state_dict()
+    half = train_steps(RESUMED, steps=2)[0]  # checkpointed by 2 processes, resumed by 1 in the test
+    rundir.save(half, Path(out) / "two-then-one")
+    result["two_then_one"] = list_states(Path(out) / "two-then-one")[-1]
+    one = list_states(Path(out) / "one")[-1]  # checkpointed by 1 process in the fixture
+    result["one_then_two"] = train_steps(RESUMED, steps=2, resume_from=one)[0].state_dict()
     model = sample_model()
     images = [b for b in generate(model, dist.shard(range(5, 12)), sigmas=[80.0], sampler="consistency",
                                   batch_size=2)]
@@ -160,6 +174,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def two(tmp_path_factory) -> list[dict]:
     """Every 2-process scenario, run once: the results of rank 0 and rank 1."""
     out = tmp_path_factory.mktemp("two")
+    rundir.save(train_steps(RESUMED, steps=2)[0], out / "one")  # a checkpoint 2 processes resume from
     context = mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
@@ -180,6 +195,22 @@ def test_two_processes_train_like_one(two, name):
         assert max_diff(ema, run.ema.state_dict()) < 1e-6
         np.testing.assert_allclose(theirs, losses, rtol=1e-6)  # the logged loss is the global mean
     assert max_diff(two[0][name][0], two[1][name][0]) == 0  # the replicas are bit-identical
+
+
+def test_resume_at_another_world_size(two):
+    """A CT run (sampling EMA, EMA target, optimiser state) checkpointed after 2 steps by 2 processes and resumed
+    by 1, or checkpointed by 1 and resumed by 2, ends its 4th step where a straight 1-process run does."""
+    straight = train_steps(RESUMED, steps=4)[0].state_dict()
+    two_then_one = train_steps(RESUMED, steps=2, resume_from=two[0]["two_then_one"])[0].state_dict()
+    for state in (two_then_one, two[0]["one_then_two"], two[1]["one_then_two"]):
+        assert state["step"] == 4
+        for key in ("model", "ema", "target"):
+            assert max_diff(state[key], straight[key]) < 1e-6
+        for ours, theirs in zip(state["optimizer"]["state"].values(), straight["optimizer"]["state"].values(),
+                                strict=True):
+            assert max_diff(ours, theirs) < 1e-6  # step count and both moments
+    halfway = train_steps(RESUMED, steps=2)[0].state_dict()
+    assert max_diff(two_then_one["model"], halfway["model"]) > 1e-3  # steps 3 and 4 moved the weights
 
 
 def test_dropout_masks_follow_the_micro_batch(two):

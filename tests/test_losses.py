@@ -1,43 +1,38 @@
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
-from cmkit.config import MethodConfig
+from cmkit.config import Config, apply_overrides, validate
 from cmkit.distances import huber_c
 from cmkit.errors import CmkitError
-from cmkit.losses import ConsistencyLoss, EasyConsistencyTuningLoss, EDMLoss, make_loss, replayed_randomness
+from cmkit.losses import EDMLoss, make_loss, replayed_randomness
+from cmkit.methods import METHODS, CDConfig, CTConfig, ECTConfig, ICTConfig, MethodConfig
+from cmkit.precond import ConsistencyFunction
+from cmkit.rng import BatchNoise
 from conftest import GaussianOracle
 
-METHODS = {
-    "edm": MethodConfig(name="edm", p_mean=-1.2, p_std=1.2),
-    "ct": MethodConfig(name="ct", curriculum="sqrt", s0=2, s1=150, mu0=0.9, index_sampling="uniform",
-                       distance="l2", weighting="uniform"),
-    "ict": MethodConfig(name="ict", s0=10, s1=80),
-    "cd": MethodConfig(name="cd", curriculum="constant", s0=17, s1=17, index_sampling="uniform", distance="l2",
-                       weighting="uniform"),
-    # A stage every 1,000 images: at step k with batch 1, stage k // 1000.
-    "ect": MethodConfig(name="ect", ect_stage_kimg=1.0),
-}
 S = 0.5  # the Gaussian data's standard deviation in these tests
+CONSISTENCY = [name for name, cls in METHODS.items() if cls.kind == "consistency"]
 
 
-def loss_for(name: str, dim: int, method: MethodConfig | None = None):
-    """The method's loss; CD gets the exact diffusion teacher of N(0, S^2) data."""
-    teacher = GaussianOracle(S, kind="edm").requires_grad_(False)
-    return make_loss(method or METHODS[name], dim=dim, batch=1, teacher=teacher if name == "cd" else None)
+def loss_for(method: MethodConfig, *, dim: int = 16, total_images: int = 1000):
+    """The method's loss; a method that needs a teacher gets the exact diffusion teacher of N(0, S^2) data."""
+    teacher = GaussianOracle(S, kind="edm").requires_grad_(False) if method.needs_teacher else None
+    return make_loss(method, dim=dim, total_images=total_images, teacher=teacher)
 
 
-class Constant(nn.Module):
-    """A 'model' whose answer ignores its input: student and target always agree."""
-
-    sigma_min, sigma_max = 0.002, 80.0
-
-    def forward(self, x, sigma, labels=None):
-        return torch.zeros_like(x) + 0.25
+def oracle_for(name: str, s: float = S) -> GaussianOracle:
+    """The exact model of N(0, s^2) data of the kind method ``name`` trains."""
+    return GaussianOracle(s, kind=METHODS[name].kind)
 
 
 class Cheat(nn.Module):
-    """Returns the clean image it was told about: a perfect denoiser for one batch."""
+    """Returns the clean batch it was told about, whatever it is asked: prediction and target always agree."""
+
+    sigma_min, sigma_max = 0.002, 80.0
 
     def __init__(self, x0):
         super().__init__()
@@ -47,30 +42,90 @@ class Cheat(nn.Module):
         return self.x0
 
 
+class Permuted:
+    """A RowNoise whose row i gets the numbers row ``perm[i]`` of the unpermuted batch gets (seed ``seed``)."""
+
+    def __init__(self, seed: int, perm: torch.Tensor) -> None:
+        self.noise, self.perm = BatchNoise(seed, start=0, total=len(perm)), perm
+
+    def randn(self, n, *shape, device="cpu"):
+        return self.noise.randn(n, *shape, device=device)[self.perm]
+
+    def rand(self, n, device="cpu"):
+        return self.noise.rand(n, device=device)[self.perm]
+
+    def randint(self, high, n):
+        return self.noise.randint(high, n)[self.perm]
+
+    def multinomial(self, probs, n):
+        return self.noise.multinomial(probs, n)[self.perm]
+
+
+class Scripted:
+    """A RowNoise handing out prepared values, in the order the loss asks for them."""
+
+    def __init__(self, *, randn=(), randint=()) -> None:
+        self._randn, self._randint = list(randn), list(randint)
+
+    def randn(self, n, *shape, device="cpu"):
+        value = self._randn.pop(0)
+        assert value.shape == (n, *shape)
+        return value.to(device)
+
+    def randint(self, high, n):
+        value = self._randint.pop(0)
+        assert value.shape == (n,) and value.max() < high
+        return value
+
+
+# --------------------------------------------------------------------- contracts of every method's loss
+
 @pytest.mark.parametrize("name", METHODS)
-def test_loss_is_per_sample_and_zero_when_target_equals_prediction(name):
+def test_loss_is_float32_per_sample_and_zero_when_target_equals_prediction(name):
     x0 = torch.rand(6, 1, 4, 4) * 2 - 1
-    loss = loss_for(name, 16)
-    model = Cheat(x0) if name in ("edm", "ect") else Constant()
-    out = loss(model, x0, None, step=3, total_steps=10)
-    assert out.shape == (6,) and out.dtype == torch.float32
-    assert torch.equal(out, torch.zeros(6))
+    loss = loss_for(METHODS[name]())
+    out = loss(oracle_for(name, 0.7), x0, None, images_seen=0)
+    assert out.shape == (6,) and out.dtype == torch.float32 and torch.isfinite(out).all() and (out > 0).all()
+    assert torch.equal(loss(Cheat(x0), x0, None, images_seen=0), torch.zeros(6))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_gradient_reaches_the_student_only(name):
+    """The target (a target network, or the student itself) is under stop-grad."""
+    student, target = oracle_for(name, 0.7), oracle_for(name, 0.6)
+    x0 = torch.randn(6, 1, 4, 4) * S
+    loss_for(METHODS[name]())(student, x0, None, images_seen=0, target=target).mean().backward()
+    assert student.log_s.grad is not None and student.log_s.grad != 0 and target.log_s.grad is None
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_loss_does_not_depend_on_batch_order(name):
+    """Permuting the batch (and each sample's random numbers with it) permutes the losses, bit for bit."""
+    loss, model = loss_for(METHODS[name]()), oracle_for(name, 0.7)
+    x0 = torch.randn(12, 1, 4, 4) * S
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    straight = loss(model, x0, None, images_seen=500, noise=Permuted(5, torch.arange(12)))
+    shuffled = loss(model, x0[perm], None, images_seen=500, noise=Permuted(5, perm))
+    assert torch.equal(shuffled, straight[perm])
+    assert straight.unique().numel() == 12  # distinct per sample: the permutation is seen
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_loss_of_one_sample_does_not_depend_on_the_others(name):
-    model = GaussianOracle(0.7, kind="edm" if name == "edm" else "consistency")
-    loss = loss_for(name, 16)
+    model = oracle_for(name, 0.7)
+    loss = loss_for(METHODS[name]())
     x0 = torch.randn(8, 1, 4, 4) * 0.5
     changed = x0.clone()
     changed[0] = 5.0
     torch.manual_seed(1)
-    a = loss(model, x0, None, step=0, total_steps=10)
+    a = loss(model, x0, None, images_seen=0)
     torch.manual_seed(1)
-    b = loss(model, changed, None, step=0, total_steps=10)
+    b = loss(model, changed, None, images_seen=0)
     assert not torch.equal(a[0], b[0])
     assert torch.equal(a[1:], b[1:])
 
+
+# -------------------------------------------------------------------------------- closed forms
 
 def test_edm_loss_with_exact_denoiser_is_one():
     # For x0 ~ N(0, sigma_data^2 I) the posterior variance per value is sd^2 s^2 / (sd^2 + s^2), and the
@@ -78,30 +133,52 @@ def test_edm_loss_with_exact_denoiser_is_one():
     torch.manual_seed(0)
     loss = EDMLoss(p_mean=-1.2, p_std=1.2, sigma_data=0.5)
     x0 = torch.randn(20000, 1, 4, 4) * 0.5
-    value = loss(GaussianOracle(0.5, kind="edm"), x0, None, step=0, total_steps=1).mean().item()
+    value = loss(GaussianOracle(0.5, kind="edm"), x0, None, images_seen=0).mean().item()
     assert value == pytest.approx(1.0, abs=0.02)
 
 
-def _semi_gradient(loss, s_model: float, x0: torch.Tensor, step: int) -> float:
+def test_cd_loss_vanishes_at_the_exact_consistency_function():
+    """With the exact teacher, x at the lower level is the ODE solution up to Heun's local error O(h^3), so the
+    exact consistency function's loss is O(h^6): a grid 4x finer (18 -> 72 levels) divides it by about 4^6,
+    while a wrong data scale's loss (inconsistent by O(h) per pair) falls by about 4^2 only."""
+    x0 = torch.randn(512, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * S
+
+    def mean_loss(levels: int, s: float) -> float:
+        loss = loss_for(CDConfig(num_scales=levels))
+        return loss(oracle_for("cd", s), x0, None, images_seen=0, noise=BatchNoise(1, start=0, total=512)).mean()
+
+    exact, wrong = [mean_loss(n, S) for n in (18, 72)], [mean_loss(n, 0.8 * S) for n in (18, 72)]
+    assert exact[1] < 1e-3 * wrong[1]
+    assert exact[0] / exact[1] > 4**5 and wrong[0] / wrong[1] < 4**3  # measured: 6,600 and 32
+
+
+def _semi_gradient(loss, s_model: float, x0: torch.Tensor, images_seen: int) -> float:
     model = GaussianOracle(s_model, kind="consistency")
     torch.manual_seed(0)
-    loss(model, x0, None, step=step, total_steps=step + 1).mean().backward()
+    loss(model, x0, None, images_seen=images_seen).mean().backward()
     return model.log_s.grad.item()
 
 
-@pytest.mark.parametrize("name", ["ct", "ict", "cd", "ect"])
+FINE = {  # fine grids (about 200 levels), and ECT at stage 12 (t - r about t / 1000)
+    "ct": CTConfig(s0=200, s1=200),
+    "ict": ICTConfig(s0=200, s1=200),
+    "cd": CDConfig(num_scales=201),
+    "ect": ECTConfig(stage_kimg=1.0),
+}
+
+
+@pytest.mark.parametrize("name", CONSISTENCY)
 def test_consistency_targets_point_to_the_closed_form(name):
-    """The stop-grad CT/iCT/CD/ECT update vanishes at the exact consistency function and pushes towards it.
+    """The stop-grad update vanishes at the exact consistency function and pushes towards it.
 
     With data N(0, s^2 I), a model family f_a (the exact consistency function of scale a) trained by the
     loss must see a gradient ~0 at a = s, negative below (raise a) and positive above. CD takes its pairs
-    with the exact teacher's Heun step; ECT is taken at stage 12, where t - r is about t / 1000.
+    with the exact teacher's Heun step; ECT is taken at stage 12 (12,000 images at 1,000 per stage).
     """
-    method = METHODS[name].__class__(**{**METHODS[name].__dict__, "s0": 200, "s1": 200})
-    loss = loss_for(name, 16, method)
+    loss = loss_for(FINE[name], total_images=20_000)
     x0 = torch.randn(8192, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * S
-    step = 12_000 if name == "ect" else 0
-    low, exact, high = (_semi_gradient(loss, a, x0, step) for a in (0.5 * S, S, 2 * S))
+    images_seen = 12_000 if name == "ect" else 0
+    low, exact, high = (_semi_gradient(loss, a, x0, images_seen) for a in (0.5 * S, S, 2 * S))
     assert low < 0 < high
     assert abs(exact) < 0.05 * min(-low, high)
 
@@ -109,7 +186,7 @@ def test_consistency_targets_point_to_the_closed_form(name):
 def test_brief_distillation_moves_towards_the_closed_form():
     """80 CD steps from the exact teacher pull a wrong data scale most of the way to the true one (the
     remaining gap is Heun's error on the 18-point grid and the noise of the pairs)."""
-    loss = loss_for("cd", 16)
+    loss = loss_for(CDConfig())
     model = GaussianOracle(0.2, kind="consistency")
     optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
     generator = torch.Generator().manual_seed(0)
@@ -117,7 +194,7 @@ def test_brief_distillation_moves_towards_the_closed_form():
         torch.manual_seed(step)
         x0 = torch.randn(512, 1, 4, 4, generator=generator) * S
         optimizer.zero_grad()
-        loss(model, x0, None, step=step, total_steps=80).mean().backward()
+        loss(model, x0, None, images_seen=step * 512).mean().backward()
         optimizer.step()
     assert abs(model.log_s.exp().item() - S) < 0.15 * abs(0.2 - S)
 
@@ -128,49 +205,153 @@ def test_cd_target_point_is_the_teacher_ode_step(solver, order):
     to the solver's accuracy: halving the step divides the local error by about 2^3 (Heun) or 2^2 (Euler)."""
     x0 = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * S
     z = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2))
-    loss = loss_for("cd", 16, MethodConfig(name="cd", curriculum="constant", s1=17, solver=solver))
+    loss = loss_for(CDConfig(solver=solver))
     errors = []
     for h in (0.2, 0.1, 0.05):
         lo, hi = torch.full((64,), 1.0), torch.full((64,), 1.0 + h)
         x_next = x0 + hi.view(-1, 1, 1, 1) * z
         exact = x_next * ((S**2 + 1.0) / (S**2 + (1.0 + h) ** 2)) ** 0.5
-        errors.append((loss.target_point(x0, x_next, z, lo, hi, None) - exact).abs().max().item())
+        errors.append((loss.point(x0, x_next, z, lo, hi, None) - exact).abs().max().item())
     for big, small in zip(errors, errors[1:], strict=False):
         assert 0.8 * 2**order < big / small < 1.1 * 2**order
 
 
 def test_cd_needs_a_teacher():
     with pytest.raises(CmkitError, match="teacher"):
-        make_loss(METHODS["cd"], dim=16, batch=1)
+        make_loss(CDConfig(), dim=16, total_images=1)
+
+
+# ----------------------------------------------------------------------- the target, at hand-made noise
+
+class ConstantNet(nn.Module):
+    """A backbone answering 0.3 everywhere: wrapped, a consistency model with f(x, sigma_min) = x exactly."""
+
+    def forward(self, x, c_noise, labels=None):
+        return torch.full_like(x, 0.3)
 
 
 def test_ect_target_is_the_clean_image_where_r_is_zero():
-    """At stage 0 every small t maps to r = 0: the target is x0 and the weight 1 / t (diffusion training)."""
-    loss = loss_for("ect", 16)
-    assert isinstance(loss, EasyConsistencyTuningLoss) and loss.target_decay(0, 1) is None
-    x0 = torch.randn(4, 1, 4, 4)
-    torch.manual_seed(0)
-    t = (torch.randn(4) * 2.0 - 1.1).exp().clamp(0.002, 80)
-    torch.manual_seed(0)
-    out = loss(Constant(), x0, None, step=0, total_steps=10)
+    """At stage 0, r(t) = 0 for t below about 1.9: the target is f(x0, sigma_min) = x0 and the weight 1 / t.
+
+    t = 5 pairs with r = 5 (1 - (1 + 8 sigmoid(-5)) / 2) = 2.366: the target is f(x0 + r z, r), weight 1 / (t - r).
+    """
+    loss = loss_for(ECTConfig())
+    assert loss.target_decay(0) is None and loss.stats(0)["stage"] == 0
+    model = ConsistencyFunction(ConstantNet(), resolution=4, channels=1)
+    t = torch.tensor([0.01, 0.3, 1.0, 5.0])
+    x0, z = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    noise = Scripted(randn=[(t.log() + 1.1) / 2.0, z])  # ln t = -1.1 + 2 u
+    out = loss(model, x0, None, images_seen=0, noise=noise)
+
+    r = 5 * (1 - (1 + 8 / (1 + math.exp(5))) / 2)
+    with torch.no_grad():
+        prediction = model(x0 + t.view(-1, 1, 1, 1) * z, t)
+        goal = torch.cat([x0[:3], model(x0[3:] + r * z[3:], r)])
     c = huber_c(16)
-    expected = ((0.25 - x0).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
-    small = t < 1
-    assert small.any()
-    torch.testing.assert_close(out[small], (expected / t)[small])
+    distance = ((prediction - goal).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
+    torch.testing.assert_close(out, distance / torch.cat([t[:3], t[3:] - r]), rtol=1e-5, atol=0)
 
 
-def test_ct_loss_uses_target_network_and_decay():
-    loss = loss_for("ct", 16)
-    assert isinstance(loss, ConsistencyLoss)
-    assert loss.target_decay(0, 100) == pytest.approx(0.9)
-    assert loss_for("ict", 16).target_decay(0, 100) is None
-    assert loss_for("cd", 16, MethodConfig(name="cd", curriculum="constant", mu0=0.95)).target_decay(7, 100) == 0.95
-    x0 = torch.randn(4, 1, 4, 4) * 0.5
-    target = GaussianOracle(5.0, kind="consistency")
-    with_target = loss(GaussianOracle(0.5, kind="consistency"), x0, None, step=0, total_steps=1, target=target)
-    assert with_target.shape == (4,) and (with_target > 0).all()
+def test_ct_loss_measures_the_distance_to_the_target_network():
+    """With a target network other than the student, CT's loss is ||f(x0 + hi z, hi) - f_target(x0 + lo z, lo)||^2
+    / D at the drawn pair; at the end of a run of 1,000 images the grid has N = 151 levels (sqrt(151^2) = 151)."""
+    loss = loss_for(CTConfig())
+    student, target = GaussianOracle(S, kind="consistency"), GaussianOracle(2.0, kind="consistency")
+    idx = torch.tensor([0, 40, 100, 149])
+    x0, z = torch.randn(4, 1, 4, 4) * S, torch.randn(4, 1, 4, 4)
+    out = loss(student, x0, None, images_seen=1000, target=target, noise=Scripted(randint=[idx], randn=[z]))
 
+    grid = torch.tensor([(0.002 ** (1 / 7) + i / 150 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 for i in range(151)])
+    lo, hi = grid[idx], grid[idx + 1]
+    with torch.no_grad():
+        expected = (student(x0 + hi.view(-1, 1, 1, 1) * z, hi) - target(x0 + lo.view(-1, 1, 1, 1) * z, lo))
+    torch.testing.assert_close(out, expected.pow(2).flatten(1).mean(1), rtol=1e-5, atol=1e-7)
+    itself = loss(student, x0, None, images_seen=1000, noise=Scripted(randint=[idx], randn=[z]))
+    # At sigma_lo = sigma_min every consistency function is the identity: the target network makes no difference;
+    # above it, the student is much closer to itself than to a target of scale 2.
+    torch.testing.assert_close(itself[0], out[0])
+    assert (itself[1:] < 0.5 * out[1:]).all()
+
+
+def test_target_decay_of_each_method():
+    """CT: mu(k) = exp(s0 ln mu0 / N(k)), so mu0 at N = s0 and mu0^(2/151) at the end (N = 151); CD: its fixed mu;
+    iCT and ECT (and mu = 0): no target network."""
+    ct = loss_for(CTConfig(s0=2, s1=150, mu0=0.9))
+    assert ct.target_decay(0) == pytest.approx(0.9)
+    assert ct.target_decay(1000) == pytest.approx(0.9 ** (2 / 151))
+    assert loss_for(CTConfig(mu0=0.0)).target_decay(500) is None
+    assert loss_for(ICTConfig()).target_decay(500) is None
+    assert loss_for(CDConfig(mu=0.95)).target_decay(7) == 0.95
+    assert loss_for(CDConfig(mu=0.0)).target_decay(7) is None
+
+
+# ------------------------------------------------------------------------- the pairs' index distribution
+
+def _chi_square(counts: torch.Tensor, probs: list[float]) -> float:
+    expected = torch.tensor(probs, dtype=torch.float64) * counts.sum()
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
+def _drawn_indices(loss, images_seen: int, levels: int, n: int) -> torch.Tensor:
+    """The pair indices i of ``n`` draws, read back from (sigma_i, sigma_{i+1}) on the ascending grid."""
+    grid = torch.tensor([(0.002 ** (1 / 7) + i / (levels - 1) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+                         for i in range(levels)])
+    lo, hi = loss.pairs(n, images_seen, BatchNoise(0, start=0, total=n), torch.device("cpu"))
+    idx = (lo[:, None] - grid).abs().argmin(1)
+    torch.testing.assert_close(lo, grid[idx])
+    torch.testing.assert_close(hi, grid[idx + 1])
+    return torch.bincount(idx, minlength=levels - 1).double()
+
+
+def _lognormal_probs(levels: int, p_mean: float, p_std: float) -> list[float]:
+    """iCT's p(i) over the pairs of a Karras grid: the N(p_mean, p_std^2) mass of ln sigma in [ln s_i, ln s_{i+1}]."""
+    grid = [(0.002 ** (1 / 7) + i / (levels - 1) * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 for i in range(levels)]
+    cdf = [0.5 * (1 + math.erf((math.log(s) - p_mean) / (p_std * math.sqrt(2)))) for s in grid]
+    mass = [b - a for a, b in zip(cdf, cdf[1:], strict=False)]
+    return [m / sum(mass) for m in mass]
+
+
+def test_ict_pair_index_follows_the_lognormal():
+    """20,000 draws from iCT's 11-level grid (N(0) = s0 + 1): chi-square against the lognormal p(i) below the
+    0.999 quantile of chi^2 with 9 degrees of freedom (27.88); the uniform distribution is rejected."""
+    counts = _drawn_indices(loss_for(ICTConfig()), 0, 11, 20_000)
+    assert _chi_square(counts, _lognormal_probs(11, -1.1, 2.0)) < 27.88
+    assert _chi_square(counts, [1 / 10] * 10) > 10 * 27.88
+
+
+def test_ct_pair_index_is_uniform():
+    """16,000 draws from CT's grid at the end of its curriculum (s1 = 16: N = 17 levels, 16 pairs): chi-square
+    against uniform below the 0.999 quantile of chi^2 with 15 degrees of freedom (37.70); iCT's lognormal
+    probabilities on the same grid are rejected."""
+    counts = _drawn_indices(loss_for(CTConfig(s1=16)), 1000, 17, 16_000)
+    assert _chi_square(counts, [1 / 16] * 16) < 37.70
+    assert _chi_square(counts, _lognormal_probs(17, -1.1, 2.0)) > 10 * 37.70
+
+
+# -------------------------------------------------------------------------------------------- distances
+
+def test_ect_huber_c_zero_is_the_plain_l2_norm():
+    """``--set method.huber_c=0`` is accepted and means c = 0: the pseudo-Huber distance is then ||a - b||_2
+    (not the automatic c = 0.00054 sqrt(D), which is what 0 meant in configs written before 0.2)."""
+    config = apply_overrides(Config(method=ECTConfig()), ["method.huber_c=0"])
+    validate(config)
+    assert config.method.huber_c == 0
+    loss = loss_for(config.method, dim=48)
+    a, b = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    b[0] = a[0]
+    expected = torch.tensor([math.sqrt(sum(v * v for v in (a[i] - b[i]).flatten().tolist())) for i in range(5)])
+    torch.testing.assert_close(loss.distance(a, b), expected)
+    assert loss.distance(a, b)[0] == 0
+    with_auto = loss_for(replace(config.method, huber_c=None), dim=48).distance(a, b)
+    assert (with_auto[1:] < expected[1:]).all()  # sqrt(d^2 + c^2) - c < d for c > 0
+
+
+def test_negative_huber_c_is_refused():
+    with pytest.raises(CmkitError, match="huber_c"):
+        validate(Config(method=ECTConfig(huber_c=-0.1)))
+
+
+# ------------------------------------------------------------------------------------------ dropout
 
 class DropoutOnly(nn.Module):
     """Output = dropout(ones): equal for student and target exactly when they share the mask."""
@@ -185,13 +366,11 @@ class DropoutOnly(nn.Module):
         return self.drop(torch.ones_like(x))
 
 
-@pytest.mark.parametrize("name", ["ct", "ict", "cd", "ect"])
+@pytest.mark.parametrize("name", CONSISTENCY)
 def test_student_and_target_share_the_dropout_mask(name):
-    loss = loss_for(name, 64)
+    loss = loss_for(METHODS[name](), dim=64)
     x0 = torch.zeros(16, 1, 8, 8)
-    model = DropoutOnly().train()
-    step = 20_000 if name == "ect" else 0  # late enough that no ECT target is the clean image
-    out = loss(model, x0, None, step=step, total_steps=step + 1, target=DropoutOnly().train())
+    out = loss(DropoutOnly().train(), x0, None, images_seen=0, target=DropoutOnly().train())
     assert torch.equal(out, torch.zeros(16))
     drop = nn.Dropout(0.5)
     with replayed_randomness(torch.device("cpu")):

@@ -1,15 +1,17 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from cmkit.checkpoint import build_model
-from cmkit.config import Config, MethodConfig, NetConfig
-from cmkit.precond import BATCH_QUANTUM, ConsistencyFunction, EDMDenoiser
+from cmkit.config import Config
+from cmkit.methods import method_class
+from cmkit.precond import ConsistencyFunction, EDMDenoiser
 
 
 def _model(tiny_config: Config, name: str, dropout: float = 0.3):
-    cfg = Config(net=NetConfig(**{**tiny_config.net.__dict__, "dropout": dropout}),
-                 data=tiny_config.data, method=MethodConfig(name=name), train=tiny_config.train)
-    return build_model(cfg)
+    return build_model(replace(tiny_config, net=replace(tiny_config.net, dropout=dropout),
+                               method=method_class(name)()))
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
@@ -55,28 +57,17 @@ def test_wrapper_feeds_scaled_input_to_backbone():
     torch.testing.assert_close(out[0], x[0] * 0.25 / 1.25)
 
 
-def test_in_eval_mode_a_row_does_not_depend_on_its_batch(tiny_config):
-    """Bit-identical rows for batches of 20, 7, 3 and 1 (CPU BLAS rounds small batches differently)."""
-    torch.manual_seed(0)
-    model = _model(tiny_config, "ict", dropout=0.0).eval()
-    x, sigma = torch.randn(20, 1, 28, 28) * 5, torch.rand(20) * 10 + 0.01
-    with torch.no_grad():
-        full = model(x, sigma)
-        for b in (7, 3, 1):
-            assert torch.equal(torch.cat([model(x[i:i + b], sigma[i:i + b]) for i in range(0, 20, b)]), full)
-
-
-def test_the_backbone_sees_padded_batches_in_eval_mode_only():
+@pytest.mark.parametrize("wrapper", [ConsistencyFunction, EDMDenoiser])
+def test_the_backbone_sees_the_batch_as_it_is_in_both_modes(wrapper):
+    """Padding for batch invariance belongs to sampling (cmkit.sampling.BatchInvariant), not to the wrapper."""
     class Probe(torch.nn.Module):
         def forward(self, x, c_noise, labels):
             self.rows = (x.shape[0], c_noise.shape[0], labels.shape[0])
             return x
 
     probe = Probe()
-    cm = ConsistencyFunction(probe, resolution=2, channels=1, num_classes=3)
+    model = wrapper(probe, resolution=2, channels=1, num_classes=3)
     x, labels = torch.randn(5, 1, 2, 2), torch.arange(5) % 3
-    train_out = cm.train()(x, 1.0, labels)
-    assert probe.rows == (5, 5, 5)
-    eval_out = cm.eval()(x, 1.0, labels)
-    assert probe.rows == (BATCH_QUANTUM,) * 3
-    assert eval_out.shape == x.shape and torch.equal(eval_out, train_out)
+    for train_mode in (True, False):
+        assert model.train(train_mode)(x, 1.0, labels).shape == x.shape
+        assert probe.rows == (5, 5, 5)

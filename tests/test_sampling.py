@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -6,6 +7,10 @@ import torch
 from cmkit.checkpoint import build_model
 from cmkit.errors import CmkitError
 from cmkit.sampling import (
+    INVARIANT_ROWS,
+    POLICIES,
+    SAMPLERS,
+    BatchInvariant,
     SeededNoise,
     check_sigmas,
     consistency_sample,
@@ -107,14 +112,111 @@ def test_a_seed_identifies_a_sample_whatever_the_batch():
 
 def test_a_real_network_gives_the_same_images_at_any_batch_size(tiny_config):
     """With the U-Net (whose BLAS kernels round differently for small batches), the images of 20 seeds are the
-    same, bit for bit, in one batch, in batches of 7 or 3, and one at a time."""
+    same, bit for bit, one at a time and in batches of 7, 16 and 17 (padded remainders of 6, 4 and 3 rows)."""
     torch.manual_seed(0)
     model = build_model(tiny_config).eval()
     seeds = list(range(20))
     runs = [torch.cat(list(generate(model, seeds, sigmas=[80.0, 0.821], sampler="consistency", batch_size=b)))
-            for b in (20, 7, 3, 1)]
+            for b in (1, 7, 16, 17)]
     for other in runs[1:]:
         assert torch.equal(other, runs[0])
+
+
+class RowProbe(torch.nn.Module):
+    """A denoiser that keeps the inputs it was called with and answers row by row: 2 x + sigma + label."""
+
+    sigma_min, sigma_max, kind = 0.002, 80.0, "consistency"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, sigma, labels=None):
+        self.calls.append((x, sigma, labels))
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+        return 2 * x + sigma + labels.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("n", [1, 5, INVARIANT_ROWS - 1])
+def test_batch_invariant_pads_small_cpu_batches(n):
+    """Under 16 rows on the CPU the model sees 16 (x, sigma and labels padded with copies of the last row) and
+    the caller gets its n rows back; attributes are the model's."""
+    probe = RowProbe()
+    x, sigma, labels = torch.randn(n, 1, 2, 2), torch.rand(n) + 0.5, torch.arange(n) % 3
+    out = BatchInvariant(probe)(x, sigma, labels)
+    seen_x, seen_sigma, seen_labels = probe.calls[-1]
+    assert seen_x.shape[0] == seen_sigma.shape[0] == seen_labels.shape[0] == INVARIANT_ROWS
+    assert torch.equal(seen_x[:n], x) and (seen_x[n:] == x[-1]).all()
+    assert torch.equal(seen_sigma[n:], sigma[-1].expand(INVARIANT_ROWS - n))
+    assert torch.equal(out, 2 * x + sigma.view(-1, 1, 1, 1) + labels.view(-1, 1, 1, 1))
+    assert BatchInvariant(probe).sigma_min == 0.002 and BatchInvariant(probe).kind == "consistency"
+
+
+def test_batch_invariant_padding_takes_a_scalar_sigma():
+    probe = RowProbe()
+    x = torch.randn(3, 1, 2, 2)
+    out = BatchInvariant(probe)(x, 0.5, torch.zeros(3, dtype=torch.long))
+    assert probe.calls[-1][1].shape == (INVARIANT_ROWS,) and torch.equal(out, 2 * x + 0.5)
+
+
+@pytest.mark.parametrize(("n", "device"), [(INVARIANT_ROWS, "cpu"), (40, "cpu"), (3, "meta")])
+def test_batch_invariant_passes_large_batches_and_other_devices_as_they_are(n, device):
+    probe = RowProbe()
+    x, labels = torch.randn(n, 1, 2, 2, device=device), torch.zeros(n, dtype=torch.long, device=device)
+    out = BatchInvariant(probe)(x, 0.5, labels)
+    seen_x, seen_sigma, seen_labels = probe.calls[-1]
+    assert seen_x is x and seen_sigma == 0.5 and seen_labels is labels and out.shape == x.shape
+
+
+# ------------------------------------------------------------------------- contracts of every sampler
+
+def _oracle_for(sampler: str) -> GaussianOracle:
+    """The exact model of N(0, S^2) data of the kind whose policy lists ``sampler``."""
+    kind = next(kind for kind, policy in POLICIES.items() if sampler in policy.samplers)
+    return GaussianOracle(S, kind=kind)
+
+
+def test_every_sampler_belongs_to_a_policy():
+    assert {name for policy in POLICIES.values() for name in policy.samplers} == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_signature(name):
+    params = inspect.signature(SAMPLERS[name]).parameters
+    assert list(params) == ["model", "sigmas", "noise", "labels"] and params["labels"].default is None
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_with_one_sigma_returns_the_model_answer(name):
+    """From sigma z, one consistency step, one Euler step to 0 and Heun (no correction at 0) all give D(sigma z):
+    float32 [N, C, H, W], drawn from ``noise`` alone (the global generator is left untouched)."""
+    model = _oracle_for(name)
+    state = torch.get_rng_state()
+    out = SAMPLERS[name](model, [80.0], SeededNoise([1, 2, 3], (1, 4, 4)))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert out.shape == (3, 1, 4, 4) and out.dtype == torch.float32
+    z = SeededNoise([1, 2, 3], (1, 4, 4))()
+    torch.testing.assert_close(out, model(80.0 * z, 80.0))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_sampler_takes_descending_sigmas_within_range(name):
+    model = _oracle_for(name)
+    out = SAMPLERS[name](model, [80.0, 10.0, 0.5], SeededNoise([4, 5], (1, 4, 4)))
+    again = SAMPLERS[name](model, [80.0, 10.0, 0.5], SeededNoise([4, 5], (1, 4, 4)))
+    assert out.shape == (2, 1, 4, 4) and out.dtype == torch.float32 and torch.equal(out, again)
+    for bad in ([0.5, 10.0, 80.0], [80.0, 80.0], [100.0], [80.0, 0.001]):
+        with pytest.raises(CmkitError, match="sigmas"):
+            SAMPLERS[name](model, bad, SeededNoise([4, 5], (1, 4, 4)))
+
+
+def test_default_two_step_sigma_is_checked_against_the_model_range():
+    """The published 0.821 lies below a model whose sigma_min is 0.9: refused, with the way out."""
+    model = GaussianOracle(S, kind="consistency")
+    model.sigma_min = 0.9
+    assert default_sigmas(model, 1).tolist() == [80.0]
+    with pytest.raises(CmkitError, match="default 2-step schedule does not fit this model.*0.821"):
+        default_sigmas(model, 2)
 
 
 def test_seeded_noise_labels_are_per_seed():

@@ -1,12 +1,20 @@
+import copy
+import os
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 
 from cmkit.checkpoint import build_model
+from cmkit.config import validate
+from cmkit.errors import CmkitError
 from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
-from cmkit.train import Intervals, Run, ema_update, local_batch
+from cmkit.rng import BatchNoise
+from cmkit.train import Intervals, Run, ema_update, local_batch, log_record, train
+from conftest import under_ci
 
+CPU = torch.device("cpu")
 METHODS = {
     "edm": EDMConfig(p_mean=-1.2, p_std=1.2),
     "ct": CTConfig(s0=2, s1=10, mu0=0.9, distance="l2"),
@@ -23,10 +31,20 @@ def _teacher(config):
         return build_model(replace(config, method=METHODS["edm"])).eval().requires_grad_(False)
 
 
+def _with(config, *, method=None, **train):
+    return replace(config, method=method or config.method, train=replace(config.train, **train))
+
+
+def _run(config):
+    return Run(config, CPU, teacher=_teacher(config) if config.method.needs_teacher else None)
+
+
+def _batch(config):
+    return torch.rand(config.train.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
 def _steps(config, n, seed=0):
-    teacher = _teacher(config) if config.method.needs_teacher else None
-    run = Run(config, torch.device("cpu"), teacher=teacher)
-    x0 = torch.rand(config.train.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    run, x0 = _run(config), _batch(config)
     losses = []
     for _ in range(n):
         torch.manual_seed(seed + run.step)
@@ -34,23 +52,162 @@ def _steps(config, n, seed=0):
     return run, losses
 
 
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+class Recorder:
+    """A run's loss that keeps the arguments of every call (the noise as its seed and rows)."""
+
+    def __init__(self, loss):
+        self.loss, self.calls = loss, []
+
+    def __getattr__(self, name):
+        return getattr(self.loss, name)
+
+    def __call__(self, model, x0, labels, *, images_seen, target=None, noise=None):
+        self.calls.append({"x0": x0, "labels": labels, "images_seen": images_seen, "target": target,
+                           "noise": (noise.seed, noise.start, noise.total)})
+        return self.loss(model, x0, labels, images_seen=images_seen, target=target, noise=noise)
+
+    def replay(self, call, model, target):
+        """The loss of ``call`` again, for ``model`` against ``target``, with the same noise."""
+        seed, start, total = call["noise"]
+        return self.loss(model, call["x0"], call["labels"], images_seen=call["images_seen"], target=target,
+                         noise=BatchNoise(seed, start=start, total=total)).mean()
+
+
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_method_trains_and_is_deterministic(tiny_config, name, precision):
-    config = replace(tiny_config, method=METHODS[name], train=replace(tiny_config.train, precision=precision))
+    """3 steps move every parameter; a second run repeats them bit for bit.
+
+    Adam here: RAdam's first five steps are SGD steps lr g, below float32 resolution for the layers behind the
+    near-zero initialised convolutions, so most weights would not move yet (its steps: the clipping test).
+    """
+    config = _with(tiny_config, method=METHODS[name], precision=precision, optimizer="adam")
+    start = _params(_run(config).model)
     run_a, losses = _steps(config, 3)
     run_b, again = _steps(config, 3)
     assert all(torch.isfinite(torch.tensor(losses))) and losses == again
     for a, b in zip(run_a.model.state_dict().values(), run_b.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    unmoved = [k for k, v in _params(run_a.model).items() if torch.equal(v, start[k])]
+    assert not unmoved
     assert (run_a.target is not None) == (name == "ct")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_step_lowers_the_loss_it_was_taken_on(tiny_config, name):
+    """The loss of the step's batch and noise, against the target as it was, is lower after the step."""
+    run = _run(_with(tiny_config, method=METHODS[name]))
+    run.loss = recorder = Recorder(run.loss)
+    before = copy.deepcopy(run.model)
+    target = copy.deepcopy(run.target if run.target is not None else run.model)  # stop-grad: the student as it was
+    run.optimizer_step(_batch(run.config), None)
+    with torch.no_grad():
+        old, new = (recorder.replay(recorder.calls[0], model, target) for model in (before, run.model))
+    assert new < old
+
+
+def test_ct_target_is_the_mu_k_moving_average(tiny_config):
+    """After a step at k images, target = mu(k) old_target + (1 - mu(k)) model, with mu(k) = mu0^(s0 / N(k)).
+
+    8 steps of 32 (K = 256), s0 = 2, s1 = 10: N(0) = 2, so mu = 0.9; N(128) = ceil(sqrt(0.5 (11^2 - 4) + 4) - 1)
+    + 1 = ceil(6.906) + 1 = 8, so mu = 0.9^(1/4).
+    """
+    run, x0 = _run(_with(tiny_config, method=METHODS["ct"], lr=0.01)), _batch(tiny_config)
+    for step, mu in ((0, 0.9), (4, 0.9 ** (2 / 8))):
+        run.step = step
+        old = copy.deepcopy(run.target.state_dict())
+        run.optimizer_step(x0, None)
+        new = run.model.state_dict()
+        for key, value in run.target.state_dict().items():
+            torch.testing.assert_close(value, mu * old[key] + (1 - mu) * new[key], rtol=1e-6, atol=1e-8)
+        wrong = 0.9 ** (2 / 7)  # the rate for N - 1 levels: told apart at this tolerance
+        assert any(not torch.allclose(v, wrong * old[k] + (1 - wrong) * new[k], rtol=1e-6, atol=1e-8)
+                   for k, v in run.target.state_dict().items())
+
+
+class PairSpy:
+    """A loss's pair sampler that keeps what it drew."""
+
+    def __init__(self, pairs):
+        self.pairs, self.drawn = pairs, []
+
+    def __getattr__(self, name):
+        return getattr(self.pairs, name)
+
+    def __call__(self, n, images_seen, noise, device):
+        r, t = self.pairs(n, images_seen, noise, device)
+        self.drawn.append((r, t))
+        return r, t
+
+
+def test_ect_stage_advances_during_a_run(tiny_config):
+    """A stage every 64 images at batch 32: steps 0 and 1 draw pairs of stage 0, steps 2 and 3 of stage 1, and
+    after 4 steps (128 images) the logged stage is 2. The stage is read back from the pairs: where r > 0,
+    (t - r) / t = q^-(stage + 1) (1 + 8 sigmoid(-t)) with q = 2."""
+    run, x0 = _run(_with(tiny_config, method=METHODS["ect"])), _batch(tiny_config)
+    run.loss.pairs = spy = PairSpy(run.loss.pairs)
+    losses = [run.optimizer_step(x0, None) for _ in range(4)]
+    stages = []
+    for r, t in spy.drawn:
+        ratio = ((t - r) / t / (1 + 8 * torch.sigmoid(-t)))[r > 0]
+        assert len(ratio) > 0
+        implied = -ratio.log2() - 1
+        stages.append(implied.round().unique().tolist())
+        torch.testing.assert_close(implied, implied.round(), rtol=0, atol=1e-3)
+    assert stages == [[0.0], [0.0], [1.0], [1.0]]
+    assert log_record(run, losses, busy=1.0)["stage"] == 2
+
+
+def test_learning_rate_warms_up_in_the_loop(tiny_config):
+    """warmup 0.128 kimg at batch 32: a step taken after k images runs at lr k / 128, so the first step (k = 0)
+    leaves the weights as they were (as in EDM), and the rate is reached at the fifth."""
+    config = _with(tiny_config, warmup_kimg=0.128)
+    run, x0 = _run(config), _batch(config)
+    start = _params(run.model)
+    rates = []
+    for _ in range(6):
+        run.optimizer_step(x0, None)
+        rates.append(run.optimizer.param_groups[0]["lr"])
+        if run.step == 1:
+            assert all(torch.equal(v, start[k]) for k, v in _params(run.model).items())
+    assert rates == pytest.approx([0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3, 1e-3], abs=1e-12)
+    no_warmup = _run(tiny_config)
+    no_warmup.optimizer_step(x0, None)
+    assert no_warmup.optimizer.param_groups[0]["lr"] == 1e-3
+    assert not all(torch.equal(v, start[k]) for k, v in _params(no_warmup.model).items())
+
+
+def _first_update(config):
+    run = _run(config)
+    start = torch.cat([p.detach().flatten().clone() for p in run.model.parameters()])
+    run.optimizer_step(_batch(config), None)
+    return start - torch.cat([p.detach().flatten() for p in run.model.parameters()])
+
+
+def test_gradient_clipping_in_the_loop(tiny_config):
+    """RAdam's first step is plain SGD (its variance estimate is not used before rho_t > 5): the update is lr g.
+    With grad_clip at a tenth of ||g||, the update is the same direction at a tenth of the length, lr grad_clip."""
+    lr = 0.1
+    config = _with(tiny_config, optimizer="radam", lr=lr)
+    free = _first_update(config)
+    norm = free.norm().item() / lr
+    clip = norm / 10
+    clipped = _first_update(_with(config, grad_clip=clip))
+    assert clipped.norm().item() == pytest.approx(lr * clip, rel=1e-3)
+    torch.testing.assert_close(clipped, free / 10, rtol=0, atol=1e-3 * clipped.abs().max().item())
+    loose = _first_update(_with(config, grad_clip=10 * norm))  # a bound above ||g||: no effect
+    torch.testing.assert_close(loose, free, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", TEACHER_METHODS)
 def test_student_starts_from_the_teacher(tiny_config, name):
     config = replace(tiny_config, method=METHODS[name])
     teacher = _teacher(config)
-    run = Run(config, torch.device("cpu"), teacher=teacher)
+    run = Run(config, CPU, teacher=teacher)
     for ours, theirs in ((run.model.net, teacher.net), (run.ema.net, teacher.net)):
         torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
 
@@ -74,8 +231,47 @@ def test_class_conditional_batch_and_step(tiny_config):
                      data=replace(tiny_config.data, xflip=True))
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     dataset = ImageData(images=images, labels=torch.arange(40) % 3, num_classes=3, name="fake")
-    run = Run(config, torch.device("cpu"))
+    run = Run(config, CPU)
     run.step = 1  # the second batch: positions 32..63 of the stream, crossing into epoch 2
     x0, labels = local_batch(run.config, dataset, run.step, run.device)
     assert x0.shape == (32, 1, 28, 28) and labels.shape == (32,) and labels.max() < 3
     assert torch.isfinite(torch.tensor(run.optimizer_step(x0, labels)))
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+def test_compile_with_dropout_is_refused_for_consistency_methods(tiny_config, tmp_path):
+    """A compiled network would not replay the dropout mask student and target share: refused before anything
+    is written; diffusion training (no target) and consistency training without dropout may compile."""
+    dropout = replace(tiny_config, net=replace(tiny_config.net, dropout=0.1))
+    for name in ("ct", "ict", "cd", "ect"):
+        with pytest.raises(CmkitError, match="train.compile=true with net.dropout=0.1"):
+            validate(_with(dropout, method=METHODS[name], compile=True))
+    validate(_with(dropout, method=METHODS["edm"], compile=True))
+    validate(_with(tiny_config, compile=True))
+    validate(_with(dropout, compile=False))
+    with pytest.raises(CmkitError, match="compile"):
+        train(_with(dropout, compile=True), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+SLOW = "a compiled forward costs 80-120 s on 2 CPU cores with a cold inductor cache (5-8 s warm)"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # inside torch's compiler
+@pytest.mark.skipif(not (under_ci() or os.environ.get("CMKIT_SLOW_TESTS")),
+                    reason=f"{SLOW}; set CMKIT_SLOW_TESTS=1 (CI runs it)")
+def test_compiled_forward_equals_eager(tiny_config):
+    """train.compile=true: the backbone the loop calls is compiled (inductor), and answers as the eager one."""
+    run, eager = Run(_with(tiny_config, compile=True), CPU), Run(tiny_config, CPU)
+    x, sigma = torch.randn(4, 1, 28, 28), torch.tensor([0.01, 0.5, 3.0, 70.0])
+    tick = time.perf_counter()
+    with torch.no_grad():
+        try:
+            out = run.ddp(x, sigma)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
+            pytest.skip(f"inductor cannot compile here: {str(e).splitlines()[0]}")
+        print(f"compiled forward: {time.perf_counter() - tick:.1f} s")
+        expected = eager.model(x, sigma)
+    assert run.model.net._compiled_call_impl is not None  # compiled in place (the state_dict keys stay plain)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
