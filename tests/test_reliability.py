@@ -5,6 +5,7 @@ full disk is warned about or refused without harming the earlier checkpoints."""
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import pickle
@@ -188,13 +189,14 @@ def test_resume_from_a_planted_pickle_runs_no_code(run_dir, fmnist_subset, tmp_p
 
 def _nan_batches(monkeypatch, steps: set[int]) -> None:
     """Make the training batches of ``steps`` NaN, so their loss is NaN."""
-    batch = Run.batch
+    loop = importlib.import_module("cmkit.train")  # the module: cmkit.train is also the function's name
+    batch = loop.local_batch
 
-    def poisoned(self, dataset):
-        x0, labels = batch(self, dataset)
-        return (torch.full_like(x0, float("nan")) if self.step in steps else x0), labels
+    def poisoned(config, dataset, step, device):
+        x0, labels = batch(config, dataset, step, device)
+        return (torch.full_like(x0, float("nan")) if step in steps else x0), labels
 
-    monkeypatch.setattr(Run, "batch", poisoned)
+    monkeypatch.setattr(loop, "local_batch", poisoned)
 
 
 def _snapshot(run: Run) -> dict:
