@@ -93,8 +93,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_output(out, (".png", ".npz"))
-    if args.n < 1 or args.batch < 1:
-        raise CmkitError(f"--n and --batch: expected positive counts, got {args.n} and {args.batch}")
     model, config = load_export(args.model, device=dist.init())
     policy = sampling_policy(model)
     if args.sampler is not None and args.sampler not in policy.samplers:
