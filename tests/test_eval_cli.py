@@ -90,3 +90,21 @@ def test_eval_scores_a_folder_and_refuses_mixed_sizes(fmnist_subset, classifier,
     Image.new("L", (32, 32)).save(folder / "big.png")
     assert _eval(str(folder), *common) == 2
     assert "several sizes" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_run_directory_without_its_model(run_dir, fmnist_subset, classifier, tmp_path, capsys):
+    # A run stopped before its export holds sample grids: they must not be scored as a folder of images.
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "model.safetensors").unlink()
+    assert list((run / "samples").glob("*.png"))
+    common = ["--n", "40", "--weights", str(classifier), "--ref", str(fmnist_subset)]
+    assert _eval(str(run), *common) == 2
+    err = capsys.readouterr().err
+    assert "run directory" in err and "model.safetensors" in err and "Traceback" not in err
+    for keep in ("config.json", "checkpoints", "samples"):  # any one sign is enough
+        only = tmp_path / f"only-{keep}"
+        only.mkdir()
+        shutil.copytree(run / keep, only / keep) if (run / keep).is_dir() else shutil.copy(run / keep, only)
+        assert _eval(str(only), *common) == 2
+        assert "run directory" in capsys.readouterr().err

@@ -196,7 +196,7 @@ def _scorer(args: argparse.Namespace, resolution: int, channels: int, ref: str |
 def cmd_eval(args: argparse.Namespace) -> int:
     """Under torchrun every process samples and featurises its share; rank 0 alone prints and writes."""
     from cmkit import dist
-    from cmkit.checkpoint import load_export
+    from cmkit.checkpoint import EXPORT_NAME, load_export
     from cmkit.eval.evaluate import evaluate_model, image_features, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
 
@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if path is not None:
             check_output(Path(path), suffixes, flag=flag)
     source = Path(args.model)
-    if source.suffix == ".npz" or (source.is_dir() and not (source / "model.safetensors").exists()):
+    if source.suffix == ".npz" or (source.is_dir() and not (source / EXPORT_NAME).exists()):
         images = load_images(source)
         extractor, reference = _scorer(args, images.shape[2], images.shape[1], args.ref)
         fake = image_features(images, extractor, batch=args.batch, desc=source.name)

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cmkit import data, dist, readers
+from cmkit.checkpoint import EXPORT_NAME
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, fid
@@ -153,6 +154,7 @@ def load_images(path: Path) -> torch.Tensor:
         return _npz_images(path)
     if not path.is_dir():
         raise CmkitError(f"{path}: expected a run directory, a .safetensors model, an .npz of images or a folder")
+    _refuse_run_directory(path)
     headers = [_image_header(p) for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS]
     sizes = {size for size, _ in headers}
     if len(sizes) > 1:
@@ -164,6 +166,17 @@ def load_images(path: Path) -> torch.Tensor:
         raise CmkitError(f"{path}: images are {w}x{h}; expected square images")
     channels = 1 if {mode for _, mode in headers} <= GRAY_MODES else 3
     return data.load_dataset(str(path), resolution=w, channels=channels).images
+
+
+def _refuse_run_directory(path: Path) -> None:
+    """Raise CmkitError if ``path`` is a run directory of 'cmkit train' (config.json, checkpoints/ or
+    samples/samples-*.png): without its model it must not be scored as a folder of sample grids."""
+    signs = [name for name in ("config.json", "checkpoints") if (path / name).exists()]
+    signs += ["samples/"] if any((path / "samples").glob("samples-*.png")) else []
+    if signs:
+        raise CmkitError(f"{path}: a cmkit run directory ({', '.join(signs)}) without {EXPORT_NAME}: there is no "
+                         f"model to evaluate yet (the run has not finished); expected a run directory with "
+                         f"{EXPORT_NAME}, a .safetensors export, an .npz of images or a folder of images")
 
 
 def _image_header(path: Path) -> tuple[tuple[int, int], str]:
