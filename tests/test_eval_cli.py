@@ -72,12 +72,16 @@ def test_tune_steps_stores_the_sigma_that_sample_then_uses(run_dir, fmnist_subse
     shutil.copytree(run_dir, run)
     assert main(["tune-steps", str(run), "--n", "20", "--iters", "2", "--weights", str(classifier), "--ref",
                  str(fmnist_subset)]) == 0
-    assert "best 2-step sigma" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best 2-step sigma" in out
+    assert out.count("FID") == 2 + 2 + 1  # golden section: two first points, one per iteration; the summary
     model, _ = load_export(run)
     (t, sigma), = [model.tuned_sigmas[2]]
     assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2
     assert default_sigmas(model, 2).tolist() == [t, sigma]
     assert main(["tune-steps", str(run), "--steps", "3"]) == 2
+    assert main(["tune-steps", str(run), "--iters", "-1"]) == 2
+    assert "--iters -1" in capsys.readouterr().err
 
 
 def test_eval_scores_a_folder_and_refuses_mixed_sizes(fmnist_subset, classifier, tmp_path, capsys):

@@ -237,6 +237,8 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
 
     if args.steps != 2:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
+    if args.iters < 0:
+        raise CmkitError(f"--iters {args.iters}: expected a number of search iterations >= 0")
     path = resolve_model_path(args.model)
     model, config = load_export(path, device=dist.init())
     if not config.is_consistency:
@@ -355,7 +357,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory or a .safetensors export (updated in place)")
     p.add_argument("--steps", type=int, default=2, help="number of steps (2)")
     p.add_argument("--n", type=int, default=2_000, help="samples per FID evaluation (default 2000)")
-    p.add_argument("--iters", type=int, default=12, help="ternary-search iterations (default 12)")
+    p.add_argument("--iters", type=int, default=10,
+                   help="golden-section iterations, one FID evaluation each after the first two (default 10)")
     _scoring_options(p)
     p.set_defaults(func=cmd_tune_steps)
 

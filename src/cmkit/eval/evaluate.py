@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from cmkit import data, dist, readers
 from cmkit.checkpoint import EXPORT_NAME
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
-from cmkit.eval.metrics import check_features, compute_metrics, fid
+from cmkit.eval.metrics import check_features, compute_metrics, feature_stats, frechet_distance
 from cmkit.files import atomic_write
 from cmkit.sampling import default_sigmas, generate
 
@@ -42,11 +42,11 @@ def default_metric(resolution: int, channels: int) -> str:
 
 
 def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, *, total: int,
-                desc: str) -> np.ndarray:
+                desc: str, leave: bool = True) -> np.ndarray:
     """Features float32 [N, D] of uint8 [B, C, H, W] batches (N may be 0), with a progress bar counting images
-    (on rank 0)."""
+    (on rank 0; ``leave=False`` erases it when done)."""
     chunks = [np.zeros((0, extractor.dim), np.float32)]
-    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0,
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0, leave=leave,
               disable=not dist.is_main()) as bar:
         for batch in batches:
             chunks.append(extractor(batch).numpy())
@@ -64,13 +64,14 @@ def image_features(images: torch.Tensor, extractor: FeatureExtractor, *, batch: 
 
 
 def sample_features(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
-                    batch: int, extractor: FeatureExtractor, desc: str, precision: str = "fp32") -> np.ndarray:
+                    batch: int, extractor: FeatureExtractor, desc: str, precision: str = "fp32",
+                    leave: bool = True) -> np.ndarray:
     """Features float32 [n, D] of ``model``'s samples for seeds 0 .. n - 1, in seed order; each process
     samples its block of the seeds."""
     seeds = dist.shard(range(n))
     batches = (data.to_uint8(x).cpu() for x in generate(model, seeds, sigmas=sigmas, sampler=sampler,
                                                          batch_size=batch, precision=precision))
-    return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc))
+    return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc, leave=leave))
 
 
 def network_evaluations(sampler: str, num_sigmas: int) -> int:
@@ -218,42 +219,71 @@ def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor:
     return rows
 
 
-def sample_fid(model: nn.Module, sigmas: Sequence[float], *, n: int, extractor: FeatureExtractor,
-               reference: np.ndarray, batch: int, precision: str = "fp32") -> float:
-    """FID of ``n`` consistency samples through ``sigmas`` (fixed seeds, so calls are comparable)."""
-    feats = sample_features(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch, extractor=extractor,
-                            desc=f"sigmas {','.join(f'{s:.4g}' for s in sigmas)}", precision=precision)
-    return fid(reference, feats)
+INV_PHI = (math.sqrt(5) - 1) / 2  # 1 / golden ratio
+
+
+def golden_section_search(score: Callable[[float], float], lo: float, hi: float, *,
+                          iters: int) -> tuple[float, list[tuple[float, float]]]:
+    """Minimise ``score`` over [lo, hi] by golden-section search (Kiefer 1953); exact for unimodal scores.
+
+    Scores two interior points, then one new point per iteration: each iteration keeps the better interior
+    point and shrinks the bracket by 1 / phi ~ 0.618, so ``iters + 2`` calls leave a bracket of width
+    (hi - lo) * 0.618^(iters + 1) around the best point. Returns (the best x scored, every (x, score) in
+    the order scored); ties keep the earlier point.
+    """
+    if not lo < hi or iters < 0:
+        raise CmkitError(f"golden-section search needs lo < hi and iters >= 0, got [{lo}, {hi}], {iters}")
+    history: list[tuple[float, float]] = []
+
+    def scored(x: float) -> float:
+        history.append((x, score(x)))
+        return history[-1][1]
+
+    a, b = lo, hi
+    c, d = b - INV_PHI * (b - a), a + INV_PHI * (b - a)
+    fc, fd = scored(c), scored(d)
+    for _ in range(iters):
+        if fc <= fd:  # the minimum lies in [a, d]; c becomes the right interior point
+            b, d, fd = d, c, fc
+            c = b - INV_PHI * (b - a)
+            fc = scored(c)
+        else:  # the minimum lies in [c, b]; d becomes the left interior point
+            a, c, fc = c, d, fd
+            d = a + INV_PHI * (b - a)
+            fd = scored(d)
+    best = min(history, key=lambda point: point[1])
+    return best[0], history
 
 
 def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor, reference: np.ndarray,
-                        batch: int, iters: int = 12, lo: float | None = None, hi: float | None = None,
+                        batch: int, iters: int = 10, lo: float | None = None, hi: float | None = None,
                         precision: str = "fp32") -> tuple[float, list[dict[str, float]]]:
-    """Ternary search of the intermediate sigma of 2-step sampling on FID, in log sigma (as the papers did).
+    """Golden-section search of the intermediate sigma of 2-step sampling on FID, in log sigma.
 
-    Searches [lo, hi] (default [sigma_min, sigma_max / 2]); every candidate is scored on the same seeds.
-    Returns the best sigma seen and every (sigma, fid) evaluated.
+    Searches [lo, hi] (default [sigma_min, sigma_max / 2]) with :func:`golden_section_search`: ``iters + 2``
+    FID evaluations of ``n`` samples each, all on the same seeds, against the reference statistics computed
+    once; a progress bar counts the evaluations (on rank 0). Returns the best sigma (rounded to 6 digits,
+    the value scored) and every (sigma, fid) evaluated, by sigma.
     """
     t = model.sigma_max
-    a, b = math.log(lo or model.sigma_min * 1.0001), math.log(hi or t / 2)
-    seen: dict[float, float] = {}
+    ref_stats = feature_stats(reference)
+    with tqdm(total=iters + 2, unit="FID", desc="2-step sigma", dynamic_ncols=True,
+              disable=not dist.is_main()) as bar:
 
-    def score(log_sigma: float) -> float:
-        sigma = round(math.exp(log_sigma), 6)
-        if sigma not in seen:
-            seen[sigma] = sample_fid(model, [t, sigma], n=n, extractor=extractor, reference=reference, batch=batch,
-                                     precision=precision)
-        return seen[sigma]
+        def score(log_sigma: float) -> float:
+            sigma = round(math.exp(log_sigma), 6)
+            feats = sample_features(model, n=n, sigmas=[t, sigma], sampler="consistency", batch=batch,
+                                    extractor=extractor, desc=f"sigma {sigma:.4g}", precision=precision,
+                                    leave=False)
+            value = frechet_distance(*ref_stats, *feature_stats(feats))
+            bar.update()
+            bar.set_postfix_str(f"sigma {sigma:.4g}: FID {value:.3f}")
+            return value
 
-    for _ in range(iters):
-        m1, m2 = a + (b - a) / 3, b - (b - a) / 3
-        if score(m1) < score(m2):
-            b = m2
-        else:
-            a = m1
-    score((a + b) / 2)
-    best = min(seen, key=seen.get)
-    return best, [{"sigma": s, "fid": f} for s, f in sorted(seen.items())]
+        best, history = golden_section_search(score, math.log(lo or model.sigma_min * 1.0001),
+                                              math.log(hi or t / 2), iters=iters)
+    points = sorted((round(math.exp(x), 6), value) for x, value in history)
+    return round(math.exp(best), 6), [{"sigma": sigma, "fid": value} for sigma, value in points]
 
 
 def plot_quality(series: dict[str, list[tuple[int, float]]], path: Path, *, metric: str) -> None:
