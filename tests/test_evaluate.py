@@ -1,13 +1,16 @@
-"""The evaluation pipeline's parts: the golden-section search behind tune-steps."""
+"""The evaluation pipeline's parts: the golden-section search behind tune-steps, the reference cache."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from cmkit.errors import CmkitError
-from cmkit.eval.evaluate import INV_PHI, golden_section_search
+from cmkit.eval import evaluate
+from cmkit.eval.evaluate import INV_PHI, golden_section_search, reference_features
+from cmkit.eval.features import get_extractor
 
 
 def _counting(f):
@@ -46,3 +49,23 @@ def test_golden_section_rejects_an_empty_bracket() -> None:
     with pytest.raises(CmkitError, match="lo < hi"):
         golden_section_search(abs, 1.0, 1.0, iters=3)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference features: a cached larger set is reused
+
+
+def test_reference_features_reuse_the_first_rows_of_a_larger_cache(fmnist_subset, classifier, tmp_path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    extractor = get_extractor("fid-fmnist", weights=classifier)
+    ref = str(fmnist_subset)
+    forty = reference_features(ref, extractor, n=40, resolution=28, channels=1)
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("reference images were featurised again")
+
+    monkeypatch.setattr(evaluate.data, "load_dataset", no_images)
+    # The reference images are the first n of one fixed permutation: 20 of them are the first 20 of the 40.
+    np.testing.assert_array_equal(reference_features(ref, extractor, n=20, resolution=28, channels=1), forty[:20])
+    with pytest.raises(AssertionError, match="featurised again"):
+        reference_features(ref, extractor, n=41, resolution=28, channels=1)

@@ -91,7 +91,8 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
     """Features of up to ``n`` reference images at ``resolution`` x ``channels``; cached after the first call.
 
     ``ref`` is a features file written by :func:`save_features` (``.npz``), a dataset name or a path
-    ``load_dataset`` accepts. The images are the first ``n`` of a fixed permutation of the train split.
+    ``load_dataset`` accepts. The images are the first ``n`` of a fixed permutation of the train split, so
+    the first ``n`` rows of a cached file of more images of the same reference are reused as they are.
     """
     if ref.endswith(".npz"):
         return load_features(Path(ref), extractor=extractor.name, resolution=resolution, channels=channels)
@@ -101,10 +102,11 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
                          f"to score are {resolution}x{resolution}x{channels}; pass a matching --ref")
     key = hashlib.sha1(str(Path(ref).resolve() if Path(ref).exists() else ref).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(ref).name)
-    path = _cache_dir() / f"{name}-{key}-{extractor.name}-{resolution}x{channels}-{n}.npz"
-    # Load only if every process has the cache: one without it would compute alone and wait in the gather.
-    if not dist.any_rank(not path.is_file()):
-        return load_features(path, extractor=extractor.name, resolution=resolution, channels=channels)
+    stem = f"{name}-{key}-{extractor.name}-{resolution}x{channels}"
+    path, cached = _cache_dir() / f"{stem}-{n}.npz", _cached_superset(stem, n)
+    # Load only if every process has a cache: one without it would compute alone and wait in the gather.
+    if not dist.any_rank(cached is None):
+        return load_features(cached, extractor=extractor.name, resolution=resolution, channels=channels)[:n]
     dataset = data.load_dataset(ref, resolution=resolution, channels=channels)
     idx = data.batch_indices(len(dataset.images), min(n, len(dataset.images)), seed=0, start=0)
     feats = image_features(dataset.images[idx], extractor, batch=500, desc=f"reference {ref}")
@@ -115,6 +117,14 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
 
     dist.on_main(write)
     return feats
+
+
+def _cached_superset(stem: str, n: int) -> Path | None:
+    """The cache file ``{stem}-{count}.npz`` with the smallest count >= ``n``, or None if there is none."""
+    counts = [int(m.group(1)) for path in _cache_dir().glob(f"{stem}-*.npz")
+              if (m := re.fullmatch(re.escape(stem) + r"-(\d+)\.npz", path.name))]
+    fits = [count for count in counts if count >= n]
+    return _cache_dir() / f"{stem}-{min(fits)}.npz" if fits else None
 
 
 def save_features(features: np.ndarray, path: Path, *, extractor: str, resolution: int, channels: int,
