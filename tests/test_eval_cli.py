@@ -12,6 +12,7 @@ from PIL import Image
 from cmkit.checkpoint import load_export
 from cmkit.cli import main
 from cmkit.sampling import default_sigmas
+from conftest import TINY
 
 
 @pytest.fixture(autouse=True)
@@ -71,12 +72,16 @@ def test_tune_steps_stores_the_sigma_that_sample_then_uses(run_dir, fmnist_subse
     shutil.copytree(run_dir, run)
     assert main(["tune-steps", str(run), "--n", "20", "--iters", "2", "--weights", str(classifier), "--ref",
                  str(fmnist_subset)]) == 0
-    assert "best 2-step sigma" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best 2-step sigma" in out
+    assert out.count("FID") == 2 + 2 + 1  # golden section: two first points, one per iteration; the summary
     model, _ = load_export(run)
     (t, sigma), = [model.tuned_sigmas[2]]
     assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2
     assert default_sigmas(model, 2).tolist() == [t, sigma]
     assert main(["tune-steps", str(run), "--steps", "3"]) == 2
+    assert main(["tune-steps", str(run), "--iters", "-1"]) == 2
+    assert "--iters -1" in capsys.readouterr().err
 
 
 def test_eval_scores_a_folder_and_refuses_mixed_sizes(fmnist_subset, classifier, tmp_path, capsys):
@@ -90,3 +95,40 @@ def test_eval_scores_a_folder_and_refuses_mixed_sizes(fmnist_subset, classifier,
     Image.new("L", (32, 32)).save(folder / "big.png")
     assert _eval(str(folder), *common) == 2
     assert "several sizes" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_run_directory_without_its_model(run_dir, fmnist_subset, classifier, tmp_path, capsys):
+    # A run stopped before its export holds sample grids: they must not be scored as a folder of images.
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "model.safetensors").unlink()
+    assert list((run / "samples").glob("*.png"))
+    common = ["--n", "40", "--weights", str(classifier), "--ref", str(fmnist_subset)]
+    assert _eval(str(run), *common) == 2
+    err = capsys.readouterr().err
+    assert "run directory" in err and "model.safetensors" in err and "Traceback" not in err
+    for keep in ("config.json", "checkpoints", "samples"):  # any one sign is enough
+        only = tmp_path / f"only-{keep}"
+        only.mkdir()
+        shutil.copytree(run / keep, only / keep) if (run / keep).is_dir() else shutil.copy(run / keep, only)
+        assert _eval(str(only), *common) == 2
+        assert "run directory" in capsys.readouterr().err
+
+
+def test_eval_scores_a_diffusion_model_with_heun_at_18_steps(fmnist_subset, classifier, tmp_path):
+    # A tiny EDM teacher (the conftest TINY net, trained for two steps): eval's defaults are Heun over EDM's 18
+    # Karras levels (35 network evaluations), the same images 'cmkit sample' draws by default.
+    run, report, samples, again = tmp_path / "edm", tmp_path / "r.json", tmp_path / "s.npz", tmp_path / "a.json"
+    net = [kv for kv in TINY if not kv.startswith("method.")]
+    assert main(["train", "--preset", "fmnist-edm", "--out", str(run), "--data", str(fmnist_subset), "--kimg",
+                 "0.064", "--ckpt-kimg", "0.064", "--seed", "3", "--set", *net]) == 0
+    common = ["--n", "8", "--weights", str(classifier), "--ref", str(fmnist_subset)]
+    assert _eval(str(run), *common, "--out", str(report)) == 0
+    (row,) = json.loads(report.read_text())["results"]
+    assert (row["steps"], row["nfe"]) == (18, 35)
+    lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    assert row["sigmas"] == pytest.approx([(hi + i / 17 * (lo - hi)) ** 7 for i in range(18)], rel=1e-9)
+    assert all(np.isfinite([row["fid"], row["kid"], row["precision"], row["recall"]]))
+    assert main(["sample", str(run), "--n", "8", "--out", str(samples)]) == 0
+    assert _eval(str(samples), *common, "--out", str(again)) == 0
+    assert json.loads(again.read_text())["results"][0]["fid"] == pytest.approx(row["fid"], rel=1e-6)

@@ -63,14 +63,23 @@ def test_frechet_isotropic_vs_rotated_closed_form() -> None:
     assert frechet_distance(zero, c * np.eye(5), zero, s2) == pytest.approx(expected, rel=1e-10)
 
 
-def test_frechet_identical_zero_and_symmetric() -> None:
+def _frechet_by_eigvals(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """The formula as the TTUR reference code evaluates it: Tr (S1 S2)^(1/2) from the eigenvalues of the
+    non-symmetric product S1 S2 (cmkit instead takes a symmetric square root of S1 first)."""
+    tr_sqrt = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(complex)).real.sum()
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def test_frechet_general_covariances_match_the_eigvals_formula_both_ways() -> None:
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((8, 8)), rng.standard_normal((8, 8))
     s1, s2 = a @ a.T, b @ b.T + 0.1 * np.eye(8)
     mu1, mu2 = rng.standard_normal(8), rng.standard_normal(8)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-9)
-    assert frechet_distance(mu1, s1, mu2, s2) > 0
+    expected = _frechet_by_eigvals(mu1, s1, mu2, s2)
+    assert expected > 1
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_singular_covariance() -> None:
@@ -121,27 +130,46 @@ def test_kid_same_and_shifted() -> None:
     assert shifted_mean > 0.1 and shifted_mean > 10 * shifted_std
 
 
-def test_kid_subset_size_capped_and_deterministic() -> None:
-    rng = np.random.default_rng(8)
-    a, b = rng.standard_normal((40, 5)), rng.standard_normal((30, 5)) + 0.5
-    assert kid(a, b, num_subsets=5, seed=3) == kid(a, b, num_subsets=5, seed=3)
-    mean, std = kid(a, b, num_subsets=1, subset_size=1000)
-    assert math.isfinite(mean) and std == 0.0
+def _k(u: np.ndarray, v: np.ndarray) -> float:
+    """The cubic polynomial kernel of KID, one pair of rows at a time."""
+    return (float(u @ v) / len(u) + 1.0) ** 3
 
 
-def test_kid_single_subset_matches_direct_formula() -> None:
+def _mmd2_by_loops(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 (Binkowski et al. 2018, eq. 2) by explicit sums; x [m, D], y [n, D] may differ in size."""
+    m, n = len(x), len(y)
+    xx = sum(_k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(_k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(_k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_single_subset_matches_explicit_sums() -> None:
     rng = np.random.default_rng(9)
-    x, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 3)) + 0.3
+    x, y = rng.standard_normal((7, 3)), rng.standard_normal((7, 3)) + 0.3
+    mean, std = kid(x, y, num_subsets=1, subset_size=7)  # full sets: the permutation does not matter
+    assert mean == pytest.approx(_mmd2_by_loops(x, y), rel=1e-10) and std == 0.0
 
-    def k(u: np.ndarray, v: np.ndarray) -> float:
-        return (u @ v / 3 + 1) ** 3
 
-    m = 6
-    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
-    mean, _ = kid(x, y, num_subsets=1, subset_size=6)  # full sets: the permutation does not matter
-    assert mean == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+def test_kid_subset_size_capped_to_the_sets_matches_explicit_sums() -> None:
+    # subset_size 1000 > 6 rows: every subset is the whole of both sets, so each of the 5 subsets gives the
+    # explicit-sum MMD^2 and the spread over subsets is 0.
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((6, 3)), rng.standard_normal((6, 3)) - 0.2
+    mean, std = kid(x, y, num_subsets=5, subset_size=1000)
+    assert mean == pytest.approx(_mmd2_by_loops(x, y), rel=1e-10)
+    assert std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kid_mean_over_subsets_estimates_the_full_sample_mmd() -> None:
+    # Subsets of 5 from 9 real and 7 fake rows: a random subset's unbiased MMD^2 has expectation the unbiased
+    # MMD^2 of the full sets (every pair is equally likely to be drawn), computed here by explicit sums.
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal((9, 4)), rng.standard_normal((7, 4)) + 0.5
+    subsets = 4000
+    mean, std = kid(x, y, num_subsets=subsets, subset_size=5, seed=3)
+    assert std > 0
+    assert abs(mean - _mmd2_by_loops(x, y)) < 4 * std / math.sqrt(subsets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,10 +210,24 @@ def test_precision_recall_half_modes() -> None:
     assert 0.4 < recall <= 0.5
 
 
-def test_precision_recall_batch_invariant() -> None:
+def _manifold_fraction_by_loops(query: np.ndarray, ref: np.ndarray, k: int) -> float:
+    """Kynkaanniemi et al. 2019, eq. 1-2, literally: the fraction of query rows within the k-NN radius of some
+    ref row, distances in float64 one pair at a time."""
+    def dist(u: np.ndarray, v: np.ndarray) -> float:
+        return math.sqrt(sum((p - q) ** 2 for p, q in zip(u, v, strict=True)))
+
+    radii = [sorted(dist(r, o) for j, o in enumerate(ref) if j != i)[k - 1] for i, r in enumerate(ref)]
+    inside = [any(dist(q, r) <= radius for r, radius in zip(ref, radii, strict=True)) for q in query]
+    return sum(inside) / len(query)
+
+
+@pytest.mark.parametrize("batch", [7, 1000])
+def test_precision_recall_match_explicit_loops_at_any_batch(batch: int) -> None:
     rng = np.random.default_rng(12)
-    real, fake = rng.standard_normal((97, 6)), rng.standard_normal((53, 6)) * 1.3
-    assert precision_recall(real, fake, k=3, batch=7) == precision_recall(real, fake, k=3, batch=1000)
+    real, fake = rng.standard_normal((47, 6)), rng.standard_normal((33, 6)) * 0.7 + 0.4
+    expected = (_manifold_fraction_by_loops(fake, real, 3), _manifold_fraction_by_loops(real, fake, 3))
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    assert precision_recall(real, fake, k=3, batch=batch) == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------------------------------------------

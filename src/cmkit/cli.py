@@ -184,8 +184,6 @@ def _scorer(args: argparse.Namespace, resolution: int, channels: int, ref: str |
     from cmkit.eval.evaluate import default_metric, reference_features
     from cmkit.eval.features import get_extractor
 
-    if args.batch < 1:
-        raise CmkitError(f"--batch {args.batch}: expected a positive number of images per batch")
     if ref is None:
         raise CmkitError("--ref: expected a dataset name, a folder or a features .npz to compare with")
     extractor = get_extractor(args.metric or default_metric(resolution, channels), weights=args.weights)
@@ -197,7 +195,7 @@ def _scorer(args: argparse.Namespace, resolution: int, channels: int, ref: str |
 def cmd_eval(args: argparse.Namespace) -> int:
     """Under torchrun every process samples and featurises its share; rank 0 alone prints and writes."""
     from cmkit import dist
-    from cmkit.checkpoint import load_export
+    from cmkit.checkpoint import EXPORT_NAME, load_export
     from cmkit.eval.evaluate import evaluate_model, image_features, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
     from cmkit.sampling import sampling_policy
@@ -206,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if path is not None:
             check_output(Path(path), suffixes, flag=flag)
     source = Path(args.model)
-    if source.suffix == ".npz" or (source.is_dir() and not (source / "model.safetensors").exists()):
+    if source.suffix == ".npz" or (source.is_dir() and not (source / EXPORT_NAME).exists()):
         images = load_images(source)
         extractor, reference = _scorer(args, images.shape[2], images.shape[1], args.ref)
         fake = image_features(images, extractor, batch=args.batch, desc=source.name)
@@ -239,6 +237,8 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
 
     if args.steps != 2:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
+    if args.iters < 0:
+        raise CmkitError(f"--iters {args.iters}: expected a number of search iterations >= 0")
     path = resolve_model_path(args.model)
     model, config = load_export(path, device=dist.init())
     if model.kind != "consistency":
@@ -385,7 +385,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory or a .safetensors export (updated in place)")
     p.add_argument("--steps", type=int, default=2, help="number of steps (2)")
     p.add_argument("--n", action=_Positive, default=2_000, help="samples per FID evaluation (default 2000)")
-    p.add_argument("--iters", action=_Positive, default=12, help="ternary-search iterations (default 12)")
+    p.add_argument("--iters", type=int, default=10,
+                   help="golden-section iterations, one FID evaluation each after the first two (default 10)")
     _scoring_options(p)
     p.set_defaults(func=cmd_tune_steps)
 

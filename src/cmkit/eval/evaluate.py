@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from cmkit import data, dist, readers
+from cmkit.checkpoint import EXPORT_NAME
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
-from cmkit.eval.metrics import check_features, compute_metrics, fid
+from cmkit.eval.metrics import check_features, compute_metrics, feature_stats, frechet_distance
 from cmkit.files import atomic_write
 from cmkit.sampling import default_sigmas, generate
 
@@ -41,11 +42,11 @@ def default_metric(resolution: int, channels: int) -> str:
 
 
 def features_of(batches: Iterable[torch.Tensor], extractor: FeatureExtractor, *, total: int,
-                desc: str) -> np.ndarray:
+                desc: str, leave: bool = True) -> np.ndarray:
     """Features float32 [N, D] of uint8 [B, C, H, W] batches (N may be 0), with a progress bar counting images
-    (on rank 0)."""
+    (on rank 0; ``leave=False`` erases it when done)."""
     chunks = [np.zeros((0, extractor.dim), np.float32)]
-    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0,
+    with tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, mininterval=1.0, leave=leave,
               disable=not dist.is_main()) as bar:
         for batch in batches:
             chunks.append(extractor(batch).numpy())
@@ -63,13 +64,14 @@ def image_features(images: torch.Tensor, extractor: FeatureExtractor, *, batch: 
 
 
 def sample_features(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
-                    batch: int, extractor: FeatureExtractor, desc: str, precision: str = "fp32") -> np.ndarray:
+                    batch: int, extractor: FeatureExtractor, desc: str, precision: str = "fp32",
+                    leave: bool = True) -> np.ndarray:
     """Features float32 [n, D] of ``model``'s samples for seeds 0 .. n - 1, in seed order; each process
     samples its block of the seeds."""
     seeds = dist.shard(range(n))
     batches = (data.to_uint8(x).cpu() for x in generate(model, seeds, sigmas=sigmas, sampler=sampler,
                                                          batch_size=batch, precision=precision))
-    return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc))
+    return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc, leave=leave))
 
 
 def network_evaluations(sampler: str, num_sigmas: int) -> int:
@@ -89,7 +91,8 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
     """Features of up to ``n`` reference images at ``resolution`` x ``channels``; cached after the first call.
 
     ``ref`` is a features file written by :func:`save_features` (``.npz``), a dataset name or a path
-    ``load_dataset`` accepts. The images are the first ``n`` of a fixed permutation of the train split.
+    ``load_dataset`` accepts. The images are the first ``n`` of a fixed permutation of the train split, so
+    the first ``n`` rows of a cached file of more images of the same reference are reused as they are.
     """
     if ref.endswith(".npz"):
         return load_features(Path(ref), extractor=extractor.name, resolution=resolution, channels=channels)
@@ -99,10 +102,11 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
                          f"to score are {resolution}x{resolution}x{channels}; pass a matching --ref")
     key = hashlib.sha1(str(Path(ref).resolve() if Path(ref).exists() else ref).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(ref).name)
-    path = _cache_dir() / f"{name}-{key}-{extractor.name}-{resolution}x{channels}-{n}.npz"
-    # Load only if every process has the cache: one without it would compute alone and wait in the gather.
-    if not dist.any_rank(not path.is_file()):
-        return load_features(path, extractor=extractor.name, resolution=resolution, channels=channels)
+    stem = f"{name}-{key}-{extractor.name}-{resolution}x{channels}"
+    path, cached = _cache_dir() / f"{stem}-{n}.npz", _cached_superset(stem, n)
+    # Load only if every process has a cache: one without it would compute alone and wait in the gather.
+    if not dist.any_rank(cached is None):
+        return load_features(cached, extractor=extractor.name, resolution=resolution, channels=channels)[:n]
     dataset = data.load_dataset(ref, resolution=resolution, channels=channels)
     idx = data.batch_indices(len(dataset.images), min(n, len(dataset.images)), seed=0, start=0)
     feats = image_features(dataset.images[idx], extractor, batch=500, desc=f"reference {ref}")
@@ -113,6 +117,14 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
 
     dist.on_main(write)
     return feats
+
+
+def _cached_superset(stem: str, n: int) -> Path | None:
+    """The cache file ``{stem}-{count}.npz`` with the smallest count >= ``n``, or None if there is none."""
+    counts = [int(m.group(1)) for path in _cache_dir().glob(f"{stem}-*.npz")
+              if (m := re.fullmatch(re.escape(stem) + r"-(\d+)\.npz", path.name))]
+    fits = [count for count in counts if count >= n]
+    return _cache_dir() / f"{stem}-{min(fits)}.npz" if fits else None
 
 
 def save_features(features: np.ndarray, path: Path, *, extractor: str, resolution: int, channels: int,
@@ -153,6 +165,7 @@ def load_images(path: Path) -> torch.Tensor:
         return _npz_images(path)
     if not path.is_dir():
         raise CmkitError(f"{path}: expected a run directory, a .safetensors model, an .npz of images or a folder")
+    _refuse_run_directory(path)
     headers = [_image_header(p) for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS]
     sizes = {size for size, _ in headers}
     if len(sizes) > 1:
@@ -164,6 +177,17 @@ def load_images(path: Path) -> torch.Tensor:
         raise CmkitError(f"{path}: images are {w}x{h}; expected square images")
     channels = 1 if {mode for _, mode in headers} <= GRAY_MODES else 3
     return data.load_dataset(str(path), resolution=w, channels=channels).images
+
+
+def _refuse_run_directory(path: Path) -> None:
+    """Raise CmkitError if ``path`` is a run directory of 'cmkit train' (config.json, checkpoints/ or
+    samples/samples-*.png): without its model it must not be scored as a folder of sample grids."""
+    signs = [name for name in ("config.json", "checkpoints") if (path / name).exists()]
+    signs += ["samples/"] if any((path / "samples").glob("samples-*.png")) else []
+    if signs:
+        raise CmkitError(f"{path}: a cmkit run directory ({', '.join(signs)}) without {EXPORT_NAME}: there is no "
+                         f"model to evaluate yet (the run has not finished); expected a run directory with "
+                         f"{EXPORT_NAME}, a .safetensors export, an .npz of images or a folder of images")
 
 
 def _image_header(path: Path) -> tuple[tuple[int, int], str]:
@@ -205,42 +229,71 @@ def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor:
     return rows
 
 
-def sample_fid(model: nn.Module, sigmas: Sequence[float], *, n: int, extractor: FeatureExtractor,
-               reference: np.ndarray, batch: int, precision: str = "fp32") -> float:
-    """FID of ``n`` consistency samples through ``sigmas`` (fixed seeds, so calls are comparable)."""
-    feats = sample_features(model, n=n, sigmas=sigmas, sampler="consistency", batch=batch, extractor=extractor,
-                            desc=f"sigmas {','.join(f'{s:.4g}' for s in sigmas)}", precision=precision)
-    return fid(reference, feats)
+INV_PHI = (math.sqrt(5) - 1) / 2  # 1 / golden ratio
+
+
+def golden_section_search(score: Callable[[float], float], lo: float, hi: float, *,
+                          iters: int) -> tuple[float, list[tuple[float, float]]]:
+    """Minimise ``score`` over [lo, hi] by golden-section search (Kiefer 1953); exact for unimodal scores.
+
+    Scores two interior points, then one new point per iteration: each iteration keeps the better interior
+    point and shrinks the bracket by 1 / phi ~ 0.618, so ``iters + 2`` calls leave a bracket of width
+    (hi - lo) * 0.618^(iters + 1) around the best point. Returns (the best x scored, every (x, score) in
+    the order scored); ties keep the earlier point.
+    """
+    if not lo < hi or iters < 0:
+        raise CmkitError(f"golden-section search needs lo < hi and iters >= 0, got [{lo}, {hi}], {iters}")
+    history: list[tuple[float, float]] = []
+
+    def scored(x: float) -> float:
+        history.append((x, score(x)))
+        return history[-1][1]
+
+    a, b = lo, hi
+    c, d = b - INV_PHI * (b - a), a + INV_PHI * (b - a)
+    fc, fd = scored(c), scored(d)
+    for _ in range(iters):
+        if fc <= fd:  # the minimum lies in [a, d]; c becomes the right interior point
+            b, d, fd = d, c, fc
+            c = b - INV_PHI * (b - a)
+            fc = scored(c)
+        else:  # the minimum lies in [c, b]; d becomes the left interior point
+            a, c, fc = c, d, fd
+            d = a + INV_PHI * (b - a)
+            fd = scored(d)
+    best = min(history, key=lambda point: point[1])
+    return best[0], history
 
 
 def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor, reference: np.ndarray,
-                        batch: int, iters: int = 12, lo: float | None = None, hi: float | None = None,
+                        batch: int, iters: int = 10, lo: float | None = None, hi: float | None = None,
                         precision: str = "fp32") -> tuple[float, list[dict[str, float]]]:
-    """Ternary search of the intermediate sigma of 2-step sampling on FID, in log sigma (as the papers did).
+    """Golden-section search of the intermediate sigma of 2-step sampling on FID, in log sigma.
 
-    Searches [lo, hi] (default [sigma_min, sigma_max / 2]); every candidate is scored on the same seeds.
-    Returns the best sigma seen and every (sigma, fid) evaluated.
+    Searches [lo, hi] (default [sigma_min, sigma_max / 2]) with :func:`golden_section_search`: ``iters + 2``
+    FID evaluations of ``n`` samples each, all on the same seeds, against the reference statistics computed
+    once; a progress bar counts the evaluations (on rank 0). Returns the best sigma (rounded to 6 digits,
+    the value scored) and every (sigma, fid) evaluated, by sigma.
     """
     t = model.sigma_max
-    a, b = math.log(lo or model.sigma_min * 1.0001), math.log(hi or t / 2)
-    seen: dict[float, float] = {}
+    ref_stats = feature_stats(reference)
+    with tqdm(total=iters + 2, unit="FID", desc="2-step sigma", dynamic_ncols=True,
+              disable=not dist.is_main()) as bar:
 
-    def score(log_sigma: float) -> float:
-        sigma = round(math.exp(log_sigma), 6)
-        if sigma not in seen:
-            seen[sigma] = sample_fid(model, [t, sigma], n=n, extractor=extractor, reference=reference, batch=batch,
-                                     precision=precision)
-        return seen[sigma]
+        def score(log_sigma: float) -> float:
+            sigma = round(math.exp(log_sigma), 6)
+            feats = sample_features(model, n=n, sigmas=[t, sigma], sampler="consistency", batch=batch,
+                                    extractor=extractor, desc=f"sigma {sigma:.4g}", precision=precision,
+                                    leave=False)
+            value = frechet_distance(*ref_stats, *feature_stats(feats))
+            bar.update()
+            bar.set_postfix_str(f"sigma {sigma:.4g}: FID {value:.3f}")
+            return value
 
-    for _ in range(iters):
-        m1, m2 = a + (b - a) / 3, b - (b - a) / 3
-        if score(m1) < score(m2):
-            b = m2
-        else:
-            a = m1
-    score((a + b) / 2)
-    best = min(seen, key=seen.get)
-    return best, [{"sigma": s, "fid": f} for s, f in sorted(seen.items())]
+        best, history = golden_section_search(score, math.log(lo or model.sigma_min * 1.0001),
+                                              math.log(hi or t / 2), iters=iters)
+    points = sorted((round(math.exp(x), 6), value) for x, value in history)
+    return round(math.exp(best), 6), [{"sigma": sigma, "fid": value} for sigma, value in points]
 
 
 def plot_quality(series: dict[str, list[tuple[int, float]]], path: Path, *, metric: str) -> None:
