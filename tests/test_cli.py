@@ -113,7 +113,7 @@ def test_bad_input_gets_one_clear_line(argv, message, run_dir, tmp_path, capsys)
     "sample m --out x.png --n 0", "sample m --out x.png --batch -2", "sample m --out x.png --steps 0",
     "edit interpolate m --out x.png --frames 0", "edit denoise m --out x.png --sigma 0",
     "edit superres m --out x.png --factor -4", "edit inpaint m --out x.png --batch 0",
-    "eval m --n -1", "eval m --batch 0", "tune-steps m --n 0", "tune-steps m --iters 0", "tune-steps m --batch -1",
+    "eval m --n -1", "eval m --batch 0", "tune-steps m --n 0", "tune-steps m --batch -1",
     "train --preset p --out r --kimg -0.5", "train --preset p --out r --ckpt-kimg 0",
     "train --preset p --out r --keep 0", "train --preset p --out r --accum 0",
 ])
