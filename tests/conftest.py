@@ -21,6 +21,8 @@ from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.eval.features import train_fmnist_classifier
 from cmkit.methods import ICTConfig
 
+pytest_plugins = ["pytester"]  # test_conftest.py runs pytest in-process
+
 
 class GaussianOracle(nn.Module):
     """Exact models for data x0 ~ N(0, s^2 I): the EDM denoiser or the consistency function.

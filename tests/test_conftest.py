@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from conftest import import_or_missing, missing_requirement, under_ci
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -50,19 +45,18 @@ def test_import_or_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("ci", ["true", ""])
-def test_module_level_requirement_fails_the_run_only_under_ci(tmp_path: Path, ci: str) -> None:
-    """As test_diffusers.py uses it: at import time of a test module, in a real pytest run."""
-    (tmp_path / "test_needs_pkg.py").write_text(
-        "from conftest import import_or_missing\n"
-        "import_or_missing('cmkit_no_such_module', 'pkg absent')\n"
-        "def test_x():\n    pass\n")
-    (tmp_path / "test_other.py").write_text("def test_y():\n    pass\n")
-    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "CI": ci, "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tmp_path)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert "pkg absent" in out.stdout
+def test_module_level_requirement_fails_the_run_only_under_ci(pytester: pytest.Pytester,
+                                                              monkeypatch: pytest.MonkeyPatch, ci: str) -> None:
+    """As test_diffusers.py uses it: at import time of a test module, in a real (in-process) pytest run."""
+    monkeypatch.setenv("CI", ci)
+    pytester.makepyfile(
+        test_needs_pkg="from conftest import import_or_missing\n"
+                       "import_or_missing('cmkit_no_such_module', 'pkg absent')\n"
+                       "def test_x():\n    pass\n",
+        test_other="def test_y():\n    pass\n")
+    result = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-rs")
+    assert "pkg absent" in result.stdout.str()
     if ci:
-        assert out.returncode != 0 and "skipped" not in out.stdout, out.stdout
+        assert result.ret != 0 and result.parseoutcomes().get("skipped") is None, result.stdout.str()
     else:
-        assert out.returncode == 0 and "1 passed, 1 skipped" in out.stdout, out.stdout
+        assert result.ret == 0 and result.parseoutcomes() == {"passed": 1, "skipped": 1}, result.stdout.str()
