@@ -5,7 +5,7 @@ On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same trai
 2. from it: consistency distillation (fmnist-cd) and easy consistency tuning (fmnist-ect);
 3. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct);
 4. each model is evaluated on N samples with fid-fmnist: students at 1, 2 and 4 steps (2 steps with the
-   intermediate sigma found by ternary search), the teacher with Heun at 18 steps (35 evaluations).
+   intermediate sigma found by golden-section search), the teacher with Heun at 18 steps (35 evaluations).
 
 Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
 docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
@@ -107,7 +107,7 @@ def table(result: dict) -> str:
                          f"{row['precision']:.3f} | {row['recall']:.3f} | {entry['images_seen']:,} | "
                          f"{entry['train_seconds'] / 60:.1f} min |")
     sigmas = ", ".join(f"{k}: {v['two_step_sigma']:.3g}" for k, v in result["models"].items() if "two_step_sigma" in v)
-    lines += ["", f"Best 2-step intermediate sigma (ternary search on FID): {sigmas} (papers, CIFAR-10: 0.821).",
+    lines += ["", f"Best 2-step intermediate sigma (golden-section search on FID): {sigmas} (papers, CIFAR-10: 0.821).",
               f"FID against network evaluations: `{result['plot']}`. One sample grid per row:", ""]
     for label, entry in result["models"].items():
         lines.append(" ".join(f"![{label}, {k} step(s)]({Path(p).relative_to('docs')})"
