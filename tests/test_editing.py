@@ -10,9 +10,9 @@ import torch
 
 from cmkit import editing
 from cmkit.checkpoint import build_model
-from cmkit.editing import Identity, LumaChroma, PatchBasis
 from cmkit.errors import CmkitError
 from cmkit.sampling import SeededNoise
+from cmkit.transforms import Identity, LumaChroma, PatchBasis
 from conftest import GaussianOracle, exit_status, train_tiny
 
 TRANSFORMS = [Identity(), LumaChroma(), PatchBasis(2), PatchBasis(4)]
