@@ -190,7 +190,7 @@ def test_learning_rate_without_warmup():
 
 # ------------------------------------------------------------------------------------------ ECT
 # ECT paper (Geng et al. 2024), the mapping function: r = max(0, t (1 - q^-a n(t))), n(t) = 1 + 8 sigmoid(-t),
-# with a = stage + 1 here; the stage advances every ect_stage_kimg thousand images.
+# with a = stage + 1 here; the stage advances every method.stage_kimg thousand images.
 
 
 def test_ect_stage_at_the_boundaries():
