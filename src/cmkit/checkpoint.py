@@ -24,7 +24,7 @@ from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.files import atomic_write
 from cmkit.nets import UNet
-from cmkit.precond import ConsistencyFunction, EDMDenoiser, Preconditioned
+from cmkit.precond import WRAPPERS, Preconditioned
 
 EXPORT_NAME = "model.safetensors"
 FORMAT = "cmkit-1"
@@ -33,18 +33,20 @@ _PARTIAL = re.compile(r"\.(state-\d+|model)\.\w+\.(pt|safetensors)")  # atomic_p
 
 
 def build_model(config: Config) -> Preconditioned:
-    """The wrapped network a config describes: EDM denoiser for ``edm``, consistency function otherwise."""
+    """The wrapped network a config describes: the method's parameterisation (:data:`cmkit.precond.WRAPPERS`)
+    around the U-Net of ``config.net``."""
     n, d, m = config.net, config.data, config.method
     try:
         net = UNet(resolution=d.resolution, in_channels=d.channels, out_channels=d.channels,
                    model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
                    attn_resolutions=n.attn_resolutions, dropout=n.dropout, embedding=n.embedding,
-                   fourier_scale=n.fourier_scale, num_classes=n.num_classes)
+                   fourier_scale=n.fourier_scale, num_classes=n.num_classes, double_norm=n.double_norm,
+                   logvar_head=m.logvar_head)
     except ValueError as e:
         raise CmkitError(f"net: {e}") from None
-    wrapper = {"consistency": ConsistencyFunction, "edm": EDMDenoiser}[m.kind]
-    return wrapper(net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
-                   sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data)
+    return WRAPPERS[m.parameterisation](net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
+                                        sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
+                                        **m.wrapper_options())
 
 
 # -------------------------------------------------------------------------------------- inference export

@@ -233,7 +233,6 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     from cmkit import dist
     from cmkit.checkpoint import load_export, resolve_model_path, save_export
     from cmkit.eval.evaluate import tune_two_step_sigma
-    from cmkit.sampling import TWO_STEP_SIGMA
 
     if args.steps != 2:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
@@ -253,7 +252,7 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     for point in history:
         print(f"sigma {point['sigma']:10.4f}  FID {point['fid']:8.3f}")
     print(f"best 2-step sigma: {best:.4g} (FID {min(p['fid'] for p in history):.3f}, {extractor.name}, "
-          f"n={args.n}); the papers' CIFAR-10 value: {TWO_STEP_SIGMA}. Stored in {path}.")
+          f"n={args.n}); the papers' CIFAR-10 value: {model.two_step_sigma:.4g}. Stored in {path}.")
     return 0
 
 

@@ -8,6 +8,7 @@ and ``stats(images_seen)`` the schedule values worth logging.
 
 The consistency methods (CT, iCT, CD, ECT) are one :class:`ConsistencyLoss` composed of parts: a pair sampler
 (which two noise levels), a target point (where the target network looks), a weighting and a distance.
+The continuous-time methods (sCT, sCD) are one :class:`SCMLoss` with a velocity source (the data or a teacher).
 Adding a method means adding its config (:mod:`cmkit.methods`) and a builder registered with :func:`builds`.
 
 Per-sample randomness comes from ``noise`` (a :class:`cmkit.rng.BatchNoise` keyed by the global batch, so
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,7 +29,9 @@ from torch import Tensor, nn
 from cmkit import schedules
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
+from cmkit.nets import math_attention
+from cmkit.precond import trigflow_velocity
 from cmkit.rng import GlobalNoise, RowNoise
 from cmkit.sampling import ode_step
 
@@ -182,7 +186,90 @@ class ConsistencyLoss:
         return {**self.pairs.stats(images_seen), "target_decay": self.target_decay(images_seen) or 0.0}
 
 
-Loss = EDMLoss | ConsistencyLoss
+# ------------------------------------------------------------------ continuous time: sCT and sCD (TrigFlow)
+
+Velocity = Callable[[Tensor, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def data_velocity(x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+    """sCT's ``dx_t/dt = cos t z - sin t x0``, the velocity of the sample's own path."""
+    return t.cos().view(-1, 1, 1, 1) * z - t.sin().view(-1, 1, 1, 1) * x0
+
+
+class TeacherVelocity:
+    """sCD's ``dx_t/dt``: the teacher denoiser's TrigFlow velocity (:func:`cmkit.precond.trigflow_velocity`)."""
+
+    def __init__(self, teacher: nn.Module, *, sigma_data: float) -> None:
+        self.teacher, self.sigma_data = teacher, sigma_data
+
+    @torch.no_grad()
+    def __call__(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return trigflow_velocity(self.teacher, x_t, t, labels, sigma_data=self.sigma_data).float()
+
+
+class SCMLoss:
+    """The sCM loss (Lu and Song 2024, Alg. 1) of a :class:`cmkit.precond.TrigFlow` model, sCT and sCD alike.
+
+    ``tau ~ N(p_mean, p_std^2)``, ``t = arctan(e^tau / sigma_d)`` clamped to ``[t_min, t_max]``,
+    ``x_t = cos t x0 + sin t z`` with ``z ~ N(0, sigma_d^2 I)`` and ``dx_t/dt`` from ``velocity``. One forward-mode
+    JVP of the unwrapped network (no gradients, fp32, plain math attention, the same dropout mask as the gradient
+    pass) gives ``F-`` and ``cos t sin t dF-/dt`` with tangents ``(cos t sin t dx_t/dt / sigma_d, cos t sin t)``;
+    then ``g = -cos^2 t (sigma_d F- - dx_t/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF-/dt)`` with the
+    warm-up ``r = min(1, images_seen / warmup_images)``, normalised ``g / (||g|| + c)``. The gradient pass through
+    ``model`` (DDP-wrapped or not) gives ``F`` and the log-variance ``w``; the loss per sample is
+    ``e^w / D ||F - stopgrad(F) - g||^2 - w``, whose gradient moves F along ``g``. A non-finite tangent makes
+    the loss non-finite, and the training loop skips and counts that step.
+    """
+
+    def __init__(self, velocity: Velocity, *, p_mean: float, p_std: float, sigma_data: float, t_min: float,
+                 t_max: float, warmup_images: float, tangent_c: float) -> None:
+        self.velocity, self.p_mean, self.p_std, self.sigma_data = velocity, p_mean, p_std, sigma_data
+        self.t_min, self.t_max, self.warmup_images, self.tangent_c = t_min, t_max, warmup_images, tangent_c
+
+    def warmup(self, images_seen: int) -> float:
+        """The tangent warm-up factor r after ``images_seen`` images."""
+        return min(1.0, images_seen / self.warmup_images) if self.warmup_images > 0 else 1.0
+
+    def times(self, n: int, noise: RowNoise, device: torch.device) -> Tensor:
+        """t [n] float32 from the lognormal proposal on sigma = sigma_d tan t."""
+        sigma = (noise.randn(n, device=device) * self.p_std + self.p_mean).exp()
+        return torch.atan(sigma / self.sigma_data).clamp(self.t_min, self.t_max)
+
+    def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, dxdt: Tensor, labels: Tensor | None,
+                images_seen: int) -> Tensor:
+        """The normalised tangent g [N, C, H, W] float32 (no gradients)."""
+        sd, cs = self.sigma_data, t.cos() * t.sin()
+        cos, cs4 = t.cos().view(-1, 1, 1, 1), cs.view(-1, 1, 1, 1)
+
+        def velocity_net(y: Tensor, time: Tensor) -> Tensor:
+            return net(y, time, labels, trig=True)[0]
+
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), math_attention():
+            f_minus, cs_df_dt = torch.func.jvp(velocity_net, (x_t / sd, t), (cs4 * dxdt / sd, cs))
+        g = -cos**2 * (sd * f_minus - dxdt) - self.warmup(images_seen) * (cs4 * x_t + sd * cs_df_dt)
+        return g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + self.tangent_c)
+
+    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+                 target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
+        noise, n, sd = noise or GlobalNoise(), x0.shape[0], self.sigma_data
+        t = self.times(n, noise, x0.device)
+        z = noise.randn(*x0.shape, device=x0.device) * sd
+        x_t = t.cos().view(-1, 1, 1, 1) * x0 + t.sin().view(-1, 1, 1, 1) * z
+        dxdt = self.velocity(x0, z, x_t, t, labels)
+        with replayed_randomness(x0.device):  # the JVP pass and the gradient pass draw one dropout mask
+            g = self.tangent(getattr(model, "module", model), x_t, t, dxdt, labels, images_seen)
+        f, w = model(x_t / sd, t, labels, trig=True)
+        diff = (f - f.detach() - g).flatten(1)
+        return w.exp() * diff.pow(2).mean(1) - w
+
+    def target_decay(self, images_seen: int) -> float | None:
+        return None
+
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return {"tangent_warmup": self.warmup(images_seen)}
+
+
+Loss = EDMLoss | ConsistencyLoss | SCMLoss
 LossBuilder = Callable[..., Loss]
 BUILDERS: dict[str, LossBuilder] = {}
 
@@ -264,3 +351,24 @@ def _ect(method: ECTConfig, *, dim: int, **_) -> ConsistencyLoss:
                      sigma_min=method.sigma_min, sigma_max=method.sigma_max)
     return ConsistencyLoss(pairs=pairs, point=data_point, weight=inverse_gap_weight, distance=_distance(method, dim),
                            target_decay=_no_target, sigma_min=method.sigma_min)
+
+
+def _scm(method: SCTConfig | SCDConfig, velocity: Velocity) -> SCMLoss:
+    sd = method.sigma_data
+    return SCMLoss(velocity, p_mean=method.p_mean, p_std=method.p_std, sigma_data=sd,
+                   t_min=math.atan(method.sigma_min / sd), t_max=math.atan(method.sigma_max / sd),
+                   warmup_images=method.tangent_warmup_kimg * 1000, tangent_c=method.tangent_c)
+
+
+@builds("sct")
+def _sct(method: SCTConfig, **_) -> SCMLoss:
+    """sCT (Lu and Song 2024): the tangent from the data's own velocity."""
+    return _scm(method, data_velocity)
+
+
+@builds("scd")
+def _scd(method: SCDConfig, *, teacher: nn.Module | None, **_) -> SCMLoss:
+    """sCD (Lu and Song 2024): the tangent from the teacher's TrigFlow velocity."""
+    if teacher is None:
+        raise CmkitError("method scd: a diffusion teacher is required; pass --teacher MODEL")
+    return _scm(method, TeacherVelocity(teacher, sigma_data=method.sigma_data))

@@ -1,10 +1,12 @@
 """Per-method configs: one small frozen dataclass per training method, selected by its ``name``.
 
 Every method shares the noise range of the parameterisation (:class:`MethodConfig`); each subclass adds only
-the fields its loss reads. ``kind`` says which parameterisation the method trains (``edm``: the diffusion
-denoiser; ``consistency``: the consistency function) and ``needs_teacher`` whether it starts from a trained
-diffusion model. Adding a method means adding a class here (registered in :data:`METHODS`) and a loss
-builder in :mod:`cmkit.losses`.
+the fields its loss reads. ``kind`` says what the method trains (``edm``: a diffusion denoiser; ``consistency``:
+a consistency model), ``parameterisation`` which wrapper of :mod:`cmkit.precond` (``edm``, ``consistency``,
+``trigflow``), ``logvar_head`` whether its loss learns the network's log-variance head, ``needs_teacher``
+whether it takes a trained diffusion model and ``teacher_optional`` whether it can also train without one.
+Adding a method means adding a class here (registered in :data:`METHODS`) and a loss builder in
+:mod:`cmkit.losses`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from cmkit.errors import CmkitError
+from cmkit.precond import C_NOISE
 
 DISTANCES = ("l2", "pseudo-huber")
 
@@ -31,7 +34,10 @@ class MethodConfig:
     sigma_data: float = 0.5
 
     kind: ClassVar[str] = "consistency"
+    parameterisation: ClassVar[str] = "consistency"
+    logvar_head: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
+    teacher_optional: ClassVar[bool] = False
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def problems(self) -> list[str]:
@@ -46,6 +52,10 @@ class MethodConfig:
                    f"method.sigma_max: expected > sigma_min ({self.sigma_min}), got {self.sigma_max}"),
                   *self._checks()]
         return out + [message for ok, message in checks if not ok]
+
+    def wrapper_options(self) -> dict[str, Any]:
+        """Keyword arguments of the method's wrapper (:data:`cmkit.precond.WRAPPERS`) beyond the noise range."""
+        return {}
 
     def _positive(self) -> tuple[str, ...]:
         """The fields that must be positive and finite."""
@@ -80,6 +90,7 @@ class EDMConfig(MethodConfig):
     p_std: float = 1.2
 
     kind: ClassVar[str] = "edm"
+    parameterisation: ClassVar[str] = "edm"
 
     def _positive(self) -> tuple[str, ...]:
         return ("p_std",)
@@ -169,6 +180,57 @@ class ECTConfig(_ConsistencyDistance):
         return [*super()._checks(), (self.q > 1, f"method.q: expected a ratio > 1, got {self.q}")]
 
 
+@dataclass(frozen=True)
+class _SCMConfig(MethodConfig):
+    """Continuous-time consistency models in TrigFlow form (sCM, Lu and Song 2024, Alg. 1).
+
+    ``tau ~ N(p_mean, p_std^2)``, ``t = arctan(e^tau / sigma_data)`` (kept within the model's
+    [sigma_min, sigma_max]); the tangent ``g`` is warmed up over ``tangent_warmup_kimg`` thousand images and
+    normalised as ``g / (||g|| + tangent_c)``; ``c_noise`` is the network's time input (:class:`TrigFlow`):
+    ``log-sigma`` lets a cmkit EDM ``teacher`` seed the student exactly, ``t`` is the paper's.
+    """
+
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    tangent_warmup_kimg: float = 5_120.0
+    tangent_c: float = 0.1
+    c_noise: str = "log-sigma"
+    teacher: str = ""
+
+    parameterisation: ClassVar[str] = "trigflow"
+    logvar_head: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = True
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"c_noise": C_NOISE}
+
+    def wrapper_options(self) -> dict[str, Any]:
+        return {"c_noise": self.c_noise}
+
+    def _positive(self) -> tuple[str, ...]:
+        return ("p_std", "tangent_c")
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        ok = self.tangent_warmup_kimg >= 0 and math.isfinite(self.tangent_warmup_kimg)
+        return [(ok, f"method.tangent_warmup_kimg: expected >= 0, got {self.tangent_warmup_kimg}")]
+
+
+@dataclass(frozen=True)
+class SCTConfig(_SCMConfig):
+    """sCT: the tangent's ``dx_t/dt = cos t z - sin t x0`` comes from the data. It starts from a ``teacher``'s
+    weights where one is given (the paper's setting), else from scratch."""
+
+    name: str = field(default="sct", init=False)
+
+    teacher_optional: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class SCDConfig(_SCMConfig):
+    """sCD: the tangent's ``dx_t/dt`` is the ``teacher``'s TrigFlow velocity (an EDM denoiser converted by
+    matching signal-to-noise ratios, :func:`cmkit.precond.trigflow_velocity`)."""
+
+    name: str = field(default="scd", init=False)
+
+
 def _grid_sizes(s0: int, s1: int) -> tuple[bool, str]:
     return s1 >= s0, f"method.s1: expected >= s0 ({s0}), got {s1}"
 
@@ -177,7 +239,8 @@ def _ema_rate(key: str, value: float) -> tuple[bool, str]:
     return 0 <= value < 1, f"method.{key}: expected a value in [0, 1), got {value}"
 
 
-METHODS: dict[str, type[MethodConfig]] = {c.name: c for c in (EDMConfig, CTConfig, ICTConfig, CDConfig, ECTConfig)}
+METHODS: dict[str, type[MethodConfig]] = {
+    c.name: c for c in (EDMConfig, CTConfig, ICTConfig, CDConfig, ECTConfig, SCTConfig, SCDConfig)}
 TEACHER_METHODS = tuple(name for name, c in METHODS.items() if c.needs_teacher)
 
 

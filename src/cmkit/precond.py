@@ -2,16 +2,20 @@
 
 ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))``
 
-Both wrappers follow one denoiser contract, ``(x, sigma, labels=None) -> x0``, and know their own noise
+Every wrapper follows one denoiser contract, ``(x, sigma, labels=None) -> x0``, and knows its own noise
 range, resolution, channels and class count, so samplers need no side information. The coefficients do
-not depend on ``self.training``: the consistency boundary condition ``f(x, sigma_min) = x`` holds exactly
-in train and eval mode alike.
+not depend on ``self.training``: the consistency boundary condition (``f(x, sigma_min) = x``, or
+``f(x, 0) = x`` for TrigFlow) holds exactly in train and eval mode alike.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+from cmkit.errors import CmkitError
 
 
 class Preconditioned(nn.Module):
@@ -27,6 +31,8 @@ class Preconditioned(nn.Module):
     """
 
     kind = ""
+    # The intermediate level of 2-step sampling where no tuned schedule exists (consistency models only).
+    two_step_sigma = 0.821  # iCT and ECT on CIFAR-10
 
     def __init__(self, net: nn.Module, *, resolution: int, channels: int, num_classes: int = 0,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> None:
@@ -39,6 +45,17 @@ class Preconditioned(nn.Module):
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) for sigma of shape [N], in sigma's dtype."""
         raise NotImplementedError
+
+    def adopt_backbone(self, teacher: EDMDenoiser) -> None:
+        """Start from an EDM ``teacher``'s backbone weights (CD, ECT, sCT, sCD students); a log-variance head
+        the teacher lacks starts at zero."""
+        self._load_backbone(teacher.net.state_dict())
+
+    def _load_backbone(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if unexpected or any(not key.startswith("map_logvar.") for key in missing):
+            raise CmkitError(f"the teacher's network does not match the student's (missing {missing}, "
+                             f"unexpected {unexpected})")
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
         """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; labels: [N] int64 or None.
@@ -77,3 +94,93 @@ class ConsistencyFunction(Preconditioned):
         c_out = sd * (sigma - eps) / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
+
+
+C_NOISE = ("t", "log-sigma")
+
+
+class TrigFlow(Preconditioned):
+    """A continuous-time consistency model in TrigFlow form (Lu and Song 2024, sCM section 3).
+
+    TrigFlow writes ``x_t = cos t x0 + sin t z`` with ``z ~ N(0, sigma_data^2 I)`` and ``t in [0, pi/2]``; the
+    model is ``f(x_t, t) = cos t x_t - sin t sigma_data F(x_t / sigma_data, c_noise(t))``, where ``sigma_data F``
+    is the velocity ``dx_t/dt`` of the probability-flow ODE. With ``sigma = sigma_data tan t`` the EDM-scaled
+    input ``x = x0 + sigma eps`` is ``x_t / cos t``, so in the denoiser contract
+    ``c_skip = cos^2 t``, ``c_out = -sigma_data sin t``, ``c_in = cos t / sigma_data``: ``f(x, 0) = x`` exactly.
+
+    ``c_noise`` is ``"t"`` (the paper's time input) or ``"log-sigma"`` (EDM's ``ln(sigma) / 4`` at the matching
+    sigma): with it, the network of an EDM denoiser whose last layer changes sign is this model exactly
+    (:func:`edm_backbone_to_trigflow`), which is how a cmkit EDM teacher seeds sCT and sCD students. A
+    The backbone's log-variance head (``net.logvar(c_noise)``, :class:`cmkit.nets.UNet`) is the adaptive weight
+    ``w(t)`` of the sCM loss; ``forward(..., trig=True)`` returns ``(F, w)`` at TrigFlow inputs
+    ``(x_t / sigma_data, t)``.
+    """
+
+    kind = "consistency"
+
+    def __init__(self, net: nn.Module, *, c_noise: str = "t", **kw) -> None:
+        super().__init__(net, **kw)
+        if c_noise not in C_NOISE:
+            raise ValueError(f"TrigFlow: c_noise must be one of {', '.join(C_NOISE)}, got {c_noise!r}")
+        self.c_noise = c_noise
+        # The sCM paper's 2-step sampling: t_mid = 1.1.
+        self.two_step_sigma = self.sigma_data * math.tan(1.1)
+
+    def adopt_backbone(self, teacher: EDMDenoiser) -> None:
+        """Become the EDM ``teacher`` exactly (:func:`edm_backbone_to_trigflow`); needs ``c_noise="log-sigma"``."""
+        if self.c_noise != "log-sigma":
+            raise CmkitError(f"method.c_noise={self.c_noise}: a student that starts from an EDM teacher's weights "
+                             "must see the teacher's time input; set method.c_noise=log-sigma (or train sct "
+                             "without --teacher)")
+        self._load_backbone(edm_backbone_to_trigflow(teacher.net.state_dict(), "out_conv"))
+
+    def time_input(self, t: Tensor) -> Tensor:
+        """c_noise(t) for t of shape [N] (float32); differentiable in t (forward mode too)."""
+        if self.c_noise == "t":
+            return t
+        return (self.sigma_data * t.tan()).clamp(min=1e-20).log() / 4
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        sd = self.sigma_data
+        t = torch.atan(sigma / sd)
+        return t.cos() ** 2, -sd * t.sin(), t.cos() / sd, self.time_input(t)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, *,
+                trig: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The denoiser contract (sigma >= 0), or with ``trig=True``: ``x`` is ``x_t / sigma_data`` and ``sigma``
+        is t [N]; returns ``(F [N, C, H, W] float32, w [N] float32)`` (w = 0 without a log-variance head)."""
+        if not trig:
+            return super().forward(x, sigma, labels)
+        c_noise = self.time_input(sigma)
+        return self.net(x, c_noise, labels).to(torch.float32), self.net.logvar(c_noise)
+
+
+def edm_backbone_to_trigflow(state: dict[str, Tensor], output_layer: str) -> dict[str, Tensor]:
+    """The backbone weights of an EDM denoiser as those of a TrigFlow model with ``c_noise="log-sigma"``.
+
+    EDM's ``c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2) = sigma_data sin t`` and TrigFlow's
+    ``-sigma_data sin t`` differ in sign only (c_skip and c_in agree), so negating the last layer
+    (``output_layer``'s weight and bias) makes the two models give the same x0 at every noise level.
+    """
+    out = dict(state)
+    for key in (f"{output_layer}.weight", f"{output_layer}.bias"):
+        out[key] = -state[key]
+    return out
+
+
+def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor | None = None, *,
+                      sigma_data: float) -> Tensor:
+    """The TrigFlow velocity ``dx_t/dt = sigma_data F`` of any diffusion denoiser ``(x, sigma, labels) -> x0``.
+
+    From ``x_t = cos t x0 + sin t z`` and ``v = cos t z - sin t x0``: ``v = (cos t x_t - D(x_t / cos t,
+    sigma_data tan t)) / sin t``, for t in (0, pi/2) [N], with the TrigFlow model's ``sigma_data``. This is how
+    an EDM teacher serves sCD.
+    """
+    sd = sigma_data
+    cos, sin = (v.view(-1, 1, 1, 1) for v in (t.cos(), t.sin()))
+    x0 = denoiser(x_t / cos, sd * t.tan(), labels)
+    return (cos * x_t - x0) / sin
+
+
+WRAPPERS: dict[str, type[Preconditioned]] = {"edm": EDMDenoiser, "consistency": ConsistencyFunction,
+                                             "trigflow": TrigFlow}

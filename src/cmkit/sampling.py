@@ -21,8 +21,6 @@ from cmkit import schedules
 from cmkit.errors import CmkitError
 from cmkit.rng import NoiseSource, SeededNoise
 
-# Published intermediate level for 2-step sampling (iCT and ECT on CIFAR-10).
-TWO_STEP_SIGMA = 0.821
 # The Karras grids sampling schedules are cut from (EDM's rho).
 SAMPLING_RHO = 7.0
 
@@ -132,7 +130,8 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
 
     A schedule found by ``cmkit tune-steps`` for this model (``model.tuned_sigmas``) comes first.
     Otherwise, diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models:
-    1 step is [sigma_max]; 2 steps add the published 0.821; K > 2 steps take the first K levels of a
+    1 step is [sigma_max]; 2 steps add the published ``model.two_step_sigma`` (0.821 for iCT and ECT, sCM's
+    t = 1.1 for TrigFlow models); K > 2 steps take the first K levels of a
     descending (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
     """
     if steps < 1:
@@ -144,7 +143,7 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     elif model.kind == "edm":
         sigmas = schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO)
     elif steps == 2:
-        sigmas = torch.tensor([hi, TWO_STEP_SIGMA], dtype=torch.float64)
+        sigmas = torch.tensor([hi, model.two_step_sigma], dtype=torch.float64)
     else:
         sigmas = schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO).flip(0)[:steps]
     try:

@@ -49,6 +49,8 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
     if not m.needs_teacher:
         return None
     if not m.teacher:
+        if m.teacher_optional:
+            return None
         raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "
                          "(a run of an *-edm preset, or a diffusers UNet folder)")
     path = Path(m.teacher)
@@ -64,9 +66,9 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
-        if m.name == "ect":
-            raise CmkitError(f"--teacher {path}: ECT tunes the teacher's own weights, which needs a cmkit EDM "
-                             "model; a diffusers teacher can be distilled with a cd preset instead")
+        if m.name in ("ect", "sct"):
+            raise CmkitError(f"--teacher {path}: {m.name.upper()} starts from the teacher's own weights, which needs "
+                             "a cmkit EDM model; a diffusers teacher can be distilled with a cd or scd preset instead")
         teacher = load_diffusers_teacher(path, device=device)
         lowest, highest = _grid_range(config)
         check_noise_range(teacher, sigma_min=lowest, sigma_max=highest, where=f"--teacher {path}")
@@ -100,11 +102,11 @@ def _check_same_net(stored: Config, config: Config, path: Path) -> None:
 
 
 def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
-    """Copy a cmkit teacher's backbone weights into the student (CD, ECT). A diffusers teacher cannot seed a
+    """Start the student from a cmkit teacher's backbone weights (CD, ECT, sCT, sCD). A diffusers teacher cannot seed a
     cmkit student: CD then starts from fresh weights (ECT refuses such a teacher in :func:`load_teacher`)."""
     if teacher is None:
         return
     if not isinstance(teacher, EDMDenoiser):
         warnings.warn("a diffusers teacher cannot seed a cmkit student: CD starts from fresh weights", stacklevel=2)
         return
-    student.net.load_state_dict(teacher.net.state_dict())
+    student.adopt_backbone(teacher)

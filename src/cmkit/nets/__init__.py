@@ -1,5 +1,5 @@
 """Network backbones."""
 
-from cmkit.nets.unet import UNet
+from cmkit.nets.unet import UNet, math_attention
 
-__all__ = ["UNet"]
+__all__ = ["UNet", "math_attention"]

@@ -6,24 +6,31 @@ of Diffusion-Based Generative Models" (EDM) call ``SongUNet``:
 
 * noise embedding: sinusoidal positional (Vaswani et al. 2017, EDM's ``endpoint=True`` variant)
   or random Fourier features (Tancik et al. 2020), then a two-layer SiLU MLP;
-* residual blocks with GroupNorm, adaptive scale/shift from the embedding, dropout, a
-  near-zero-initialised last convolution and ``(h + skip) / sqrt(2)`` merging;
+* residual blocks with GroupNorm, adaptive scale/shift from the embedding (optionally with sCM's adaptive
+  double normalisation), dropout, a near-zero-initialised last convolution and ``(h + skip) / sqrt(2)`` merging;
 * multi-head self-attention blocks at chosen resolutions;
 * an encoder that keeps every intermediate output as a skip connection, a middle pair at the
-  lowest resolution, and a decoder that pops one skip per residual block.
+  lowest resolution, and a decoder that pops one skip per residual block;
+* optionally a log-variance head ``w(c_noise)`` (sCM's adaptive loss weighting, Lu and Song 2024).
+
+Every option supports forward-mode differentiation (``torch.func.jvp``, ``torch.autograd.forward_ad``);
+run it inside :func:`math_attention`, because fused attention kernels on GPUs have no forward-mode rule.
 
 The written code is original; only the published architecture is followed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["UNet"]
+__all__ = ["UNet", "math_attention"]
 
 EMBEDDINGS = ("positional", "fourier")
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)
@@ -67,6 +74,19 @@ def _linear(in_f: int, out_f: int, *, bias: bool = True, scale: float = 1.0) -> 
     lin = nn.Linear(in_f, out_f, bias=bias)
     _init(lin, scale=scale)
     return lin
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention through PyTorch's plain math path, which forward-mode AD can differentiate (the fused
+    flash / memory-efficient kernels cannot); the same numbers up to rounding."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """``x / rms(x)`` over dim 1 (channels)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
 
 
 def _resample(x: Tensor, mode: str) -> Tensor:
@@ -128,7 +148,9 @@ class ResBlock(nn.Module):
     With ``g = conv0(resample(silu(norm0(x))))``:
     ``adaptive_scale=False`` (DDPM++ / EDM ``SongUNet``): ``h = silu(norm1(g + affine(emb)))``;
     ``adaptive_scale=True`` (ADM / EDM ``DhariwalUNet``): ``h = silu(norm1(g) * (1 + scale) + shift)``
-    with ``(scale, shift) = affine(emb)``. Then ``h = conv1(dropout(h))`` and
+    with ``(scale, shift) = affine(emb)``; ``double_norm=True`` (sCM's adaptive double normalisation, which
+    the paper found stable where plain AdaGN diverged): ``h = silu(norm1(g) * pixelnorm(scale) +
+    pixelnorm(shift))``. Then ``h = conv1(dropout(h))`` and
     ``out = (h + skip(resample(x))) / sqrt(2)``.
     Shapes: ``x`` ``[N, in_ch, H, W]``, ``emb`` ``[N, emb_ch]`` -> ``[N, out_ch, H', W']`` with
     ``H' = H/2`` (``resample="down"``), ``2H`` (``"up"``) or ``H`` (``"none"``).
@@ -142,14 +164,15 @@ class ResBlock(nn.Module):
         emb_ch: int,
         dropout: float,
         adaptive_scale: bool,
+        double_norm: bool = False,
         resample: str = "none",
     ) -> None:
         super().__init__()
         self.resample = resample
-        self.adaptive_scale = adaptive_scale
+        self.adaptive_scale, self.double_norm = adaptive_scale or double_norm, double_norm
         self.norm0 = _norm(in_ch)
         self.conv0 = _conv(in_ch, out_ch, kernel=3)
-        self.affine = _linear(emb_ch, 2 * out_ch if adaptive_scale else out_ch)
+        self.affine = _linear(emb_ch, 2 * out_ch if self.adaptive_scale else out_ch)
         self.norm1 = _norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = _conv(out_ch, out_ch, kernel=3, scale=_SMALL_INIT)
@@ -160,7 +183,10 @@ class ResBlock(nn.Module):
         h = _resample(F.silu(self.norm0(x)), self.resample)
         h = self.conv0(h)
         params = self.affine(emb)[:, :, None, None]
-        if self.adaptive_scale:
+        if self.double_norm:
+            scale, shift = params.chunk(2, dim=1)
+            h = torch.addcmul(_pixel_norm(shift), self.norm1(h), _pixel_norm(scale))
+        elif self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             h = torch.addcmul(shift, self.norm1(h), scale + 1)
         else:
@@ -204,13 +230,13 @@ class Stage(nn.Module):
         emb_ch: int,
         dropout: float,
         adaptive_scale: bool,
+        double_norm: bool,
         attention: bool,
         resample: str = "none",
     ) -> None:
         super().__init__()
-        self.res = ResBlock(
-            in_ch, out_ch, emb_ch=emb_ch, dropout=dropout, adaptive_scale=adaptive_scale, resample=resample
-        )
+        self.res = ResBlock(in_ch, out_ch, emb_ch=emb_ch, dropout=dropout, adaptive_scale=adaptive_scale,
+                            double_norm=double_norm, resample=resample)
         self.attn = AttentionBlock(out_ch) if attention else None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -286,11 +312,16 @@ class UNet(nn.Module):
         adaptive_scale: False (default, DDPM++ / EDM ``SongUNet``): the embedding is added to the
             features before the second GroupNorm. True: ``norm(h) * (1 + scale) + shift`` (ADM style,
             about 4.3M more parameters at the CIFAR-10 size).
+        double_norm: sCM's adaptive double normalisation ``norm(h) * pixelnorm(scale) + pixelnorm(shift)``
+            (the parameters of ``adaptive_scale=True``).
+        logvar_head: add the log-variance head ``logvar(noise_labels)``: a linear layer on the noise
+            embedding's features, zero at initialisation (sCM's adaptive weighting ``w(t)``).
 
     ``forward(x, noise_labels, class_labels=None)``: ``x`` ``[N, in_channels, R, R]`` float,
     ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``), ``class_labels`` ``[N]``
     int64 in ``[0, num_classes)`` (required iff ``num_classes > 0``). Returns
     ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
+    ``logvar(noise_labels)``: ``[N]`` float32, zeros without the head.
     """
 
     def __init__(
@@ -308,6 +339,8 @@ class UNet(nn.Module):
         fourier_scale: float = 16.0,
         num_classes: int = 0,
         adaptive_scale: bool = False,
+        double_norm: bool = False,
+        logvar_head: bool = False,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -329,8 +362,9 @@ class UNet(nn.Module):
         self.num_classes = num_classes
         self._emb_ch = 4 * model_channels
         self._dropout = dropout
-        self._adaptive_scale = adaptive_scale
+        self._adaptive_scale, self._double_norm = adaptive_scale, double_norm
         self._build_embedding(model_channels, embedding=embedding, fourier_scale=fourier_scale)
+        self.map_logvar = _linear(model_channels, 1, scale=0.0) if logvar_head else None
         attn = set(attn_resolutions)
         skips = self._build_encoder(
             model_channels, channel_mult=channel_mult, num_blocks=num_blocks, attn=attn
@@ -348,6 +382,7 @@ class UNet(nn.Module):
             emb_ch=self._emb_ch,
             dropout=self._dropout,
             adaptive_scale=self._adaptive_scale,
+            double_norm=self._double_norm,
             attention=attention,
             resample=resample,
         )
@@ -416,6 +451,12 @@ class UNet(nn.Module):
             onehot = F.one_hot(class_labels, self.num_classes).to(emb.dtype)
             emb = emb + self.map_label(onehot)
         return F.silu(emb)
+
+    def logvar(self, noise_labels: Tensor) -> Tensor:
+        """The log-variance head ``w`` at ``[N]`` noise labels: ``[N]`` float32 (zeros without the head)."""
+        if self.map_logvar is None:
+            return torch.zeros_like(noise_labels, dtype=torch.float32)
+        return self.map_logvar(self.map_noise(noise_labels)).squeeze(1).float()
 
     def _check_inputs(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None) -> None:
         expected = (self.in_channels, self.resolution, self.resolution)
