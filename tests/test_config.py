@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -24,6 +25,19 @@ def test_cifar_presets_use_the_papers_settings():
     assert (ict.method.p_mean, ict.method.p_std, ict.net.dropout) == (-1.1, 2.0, 0.3)
     assert (ict.net.embedding, ict.net.fourier_scale) == ("fourier", 0.02)
     assert ict.method.distance == "pseudo-huber" and ict.method.huber_c is None
+
+
+@pytest.mark.parametrize("name, dropout", [("cifar10-sct", 0.2), ("cifar10-scd", 0.0)])
+def test_cifar_scm_presets_use_the_papers_settings(name, dropout):
+    config, teacher = preset(name), preset("cifar10-edm")
+    t, m = config.train, config.method
+    assert (m.name, config.net.dropout) == (name[-3:], dropout)
+    assert (t.batch, t.optimizer, t.lr, t.betas, t.warmup_kimg) == (512, "radam", 1e-4, (0.9, 0.99), 0.0)
+    assert t.ema_halflife_kimg == 500 and t.kimg * 1000 / t.batch == 400_000
+    assert (m.p_mean, m.p_std, m.tangent_c) == (-1.0, 1.4, 0.1)
+    assert m.tangent_warmup_kimg * 1000 / t.batch == 10_000
+    # The student starts from the EDM teacher: its time input and network (dropout aside) must be the teacher's.
+    assert m.c_noise == "log-sigma" and replace(config.net, dropout=teacher.net.dropout) == teacher.net
 
 
 def test_fmnist_preset_size():

@@ -325,7 +325,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--data", help="fashion-mnist, mnist, cifar10, or a folder of images")
     p.add_argument("--teacher", metavar="MODEL",
-                   help="diffusion model to distil (cd) or tune (ect): an *-edm run or a diffusers UNet folder")
+                   help="diffusion model to distil (cd, scd), tune (ect) or start from (sct, optional): an *-edm "
+                        "run, or for cd and scd also a diffusers UNet folder")
     p.add_argument("--kimg", action=_Positive, type=float, help="training length in thousands of images")
     p.add_argument("--ckpt-kimg", action=_Positive, type=float, help="checkpoint interval in thousands of images")
     p.add_argument("--keep", action=_Positive, metavar="K", help="keep the newest K training checkpoints (default 3)")
