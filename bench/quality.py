@@ -4,13 +4,15 @@ On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same trai
 1. the EDM diffusion teacher (fmnist-edm);
 2. from it: consistency distillation (fmnist-cd) and easy consistency tuning (fmnist-ect);
 3. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct);
+   and the continuous-time sCT (fmnist-sct) and sCD (fmnist-scd), both from the teacher;
 4. each model is evaluated on N samples with fid-fmnist: students at 1, 2 and 4 steps (2 steps with the
    intermediate sigma found by golden-section search), the teacher with Heun at 18 steps (35 evaluations).
 
 Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
 docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
-in its run directory, ladder-eval.json).
-Usage: python bench/quality.py quick|full [--runs runs/ladder]
+in its run directory, ladder-eval.json). ``--only LABEL ...`` trains and evaluates those models (with the teacher
+they need) and keeps the other rows of the committed results file, marked with the commit they come from.
+Usage: python bench/quality.py quick|full [--runs runs/ladder] [--only sCT sCD]
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ SIZES = {
 }
 # label: (preset, the preset of its teacher or None)
 MODELS = {"teacher (EDM)": ("fmnist-edm", None), "CD": ("fmnist-cd", "fmnist-edm"), "ECT": ("fmnist-ect", "fmnist-edm"),
-          "iCT": ("fmnist-ict", None), "CT": ("fmnist-ct", None)}
+          "iCT": ("fmnist-ict", None), "CT": ("fmnist-ct", None), "sCT": ("fmnist-sct", "fmnist-edm"),
+          "sCD": ("fmnist-scd", "fmnist-edm")}
 BATCH = 128  # fastest sampling batch for this net on 2 CPU cores
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (18,)
@@ -97,13 +100,15 @@ def table(result: dict) -> str:
     lines = [f"Command: `{result['command']}` -- {result['machine']['date']}, commit {result['machine']['commit']}, "
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metric: {result['metric']} on "
              f"{result['n']} samples against {result['n']} training images; bf16 autocast for training and "
-             "sampling, all models alike. CD and ECT start from the teacher: their images seen do not count the "
-             "teacher's.", "",
+             "sampling, all models alike. CD, ECT, sCT and sCD start from the teacher: their images seen do not "
+             "count the teacher's. A row marked with a commit comes from that earlier run of this ladder (its "
+             "student was distilled from that run's teacher, trained with the same config and seed).", "",
              "| model | steps | NFE | FID | FID / teacher | precision | recall | images seen | train wall time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, entry in result["models"].items():
+        name = f"{label} ({entry['from_commit']})" if "from_commit" in entry else label
         for row in entry["rows"]:
-            lines.append(f"| {label} | {row['steps']} | {row['nfe']} | {row['fid']:.2f} | {row['fid'] / teacher:.2f} | "
+            lines.append(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.2f} | {row['fid'] / teacher:.2f} | "
                          f"{row['precision']:.3f} | {row['recall']:.3f} | {entry['images_seen']:,} | "
                          f"{entry['train_seconds'] / 60:.1f} min |")
     sigmas = ", ".join(f"{k}: {v['two_step_sigma']:.3g}" for k, v in result["models"].items() if "two_step_sigma" in v)
@@ -126,28 +131,47 @@ def update_docs(result: dict, size: str) -> None:
     docs.write_text(f"{head}{start}\n{table(result)}\n{end}{tail}")
 
 
+def kept_rows(path: Path, chosen: set[str]) -> dict[str, dict]:
+    """The entries of the results file at ``path`` for the models not in ``chosen``, each marked with the commit
+    of the run it comes from."""
+    if not path.exists():
+        return {}
+    result = json.loads(path.read_text())
+    commit = result["machine"]["commit"]
+    return {label: {"from_commit": commit, **entry} for label, entry in result["models"].items()
+            if label not in chosen}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("size", choices=SIZES)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "ladder"), help="where the models are trained")
+    parser.add_argument("--only", nargs="+", choices=MODELS, metavar="LABEL",
+                        help=f"train and evaluate only these models (and their teacher): {', '.join(MODELS)}")
     args = parser.parse_args()
     size, runs = SIZES[args.size], Path(args.runs) / args.size
+    out = ROOT / "bench" / "results" / f"quality-{args.size}.json"
     img_dir = ROOT / "docs" / "img" / f"ladder-{args.size}"
     img_dir.mkdir(parents=True, exist_ok=True)
+    chosen = set(args.only or MODELS)
+    chosen |= {label for label, (name, _) in MODELS.items() if any(MODELS[c][1] == name for c in chosen)}
     seconds = {label: train_model(name, size["kimg"], runs / name, teacher and runs / teacher)
-               for label, (name, teacher) in MODELS.items()}
+               for label, (name, teacher) in MODELS.items() if label in chosen}
     extractor = get_extractor("fid-fmnist")
     reference = reference_features("fashion-mnist", extractor, n=size["n"], resolution=28, channels=1)
+    earlier = kept_rows(out, chosen)
     models = {}
     for label, (name, _) in MODELS.items():
-        models[label] = {**evaluate(label, runs / name, size, extractor, reference, img_dir),
-                         "train_seconds": seconds[label]}
+        if label in chosen:
+            models[label] = {**evaluate(label, runs / name, size, extractor, reference, img_dir),
+                             "train_seconds": seconds[label]}
+        elif label in earlier:
+            models[label] = earlier[label]
     plot = img_dir / "quality.png"
     plot_quality({label: [(r["nfe"], r["fid"]) for r in e["rows"]] for label, e in models.items()}, plot,
                  metric=extractor.name)
     result = {"command": f"python bench/quality.py {args.size}", "machine": machine(), "metric": extractor.name,
               "n": size["n"], "plot": str(plot.relative_to(ROOT)), "models": models}
-    out = ROOT / "bench" / "results" / f"quality-{args.size}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     update_docs(result, args.size)
     print(table(result))

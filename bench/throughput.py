@@ -2,7 +2,7 @@
 
 In one process, variants interleaved so machine drift hits all alike; medians over repeats:
 - training images/s of one optimiser step for each method (same net, same batch), as a ratio to EDM (CD
-  with its Heun teacher step, ECT);
+  with its Heun teacher step, ECT, sCT and sCD with their forward-mode JVP);
 - sampling images/s for 1 step, 2 steps and EDM Heun with 18 steps (35 evaluations), the 1-step / Heun
   ratio, and the 1-step sampler's overhead over a bare forward pass of the network;
 - fp32 eager against bf16 autocast, fp16 autocast with a gradient scaler, channels_last and torch.compile, as
@@ -34,7 +34,8 @@ from cmkit.sampling import SeededNoise, default_sigmas, generate, sampling_polic
 from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"edm": "fmnist-edm", "ct": "fmnist-ct", "ict": "fmnist-ict", "cd": "fmnist-cd", "ect": "fmnist-ect"}
+METHODS = {"edm": "fmnist-edm", "ct": "fmnist-ct", "ict": "fmnist-ict", "cd": "fmnist-cd", "ect": "fmnist-ect",
+           "sct": "fmnist-sct", "scd": "fmnist-scd"}
 
 
 def method_config(base: Config, method: str, *, precision: str = "fp32") -> Config:
@@ -46,8 +47,8 @@ def method_config(base: Config, method: str, *, precision: str = "fp32") -> Conf
 
 def train_step_timer(config: Config, *, compile_model: bool = False,
                      channels_last: bool = False) -> Callable[[], float]:
-    """A function timing one optimiser step of a fresh run of ``config`` on random data (CD and ECT with a
-    randomly initialised EDM teacher of the same net)."""
+    """A function timing one optimiser step of a fresh run of ``config`` on random data (methods with a teacher
+    get a randomly initialised EDM teacher of the same net)."""
     teacher = None
     if config.method.needs_teacher:
         teacher = build_model(method_config(config, "edm")).eval().requires_grad_(False)

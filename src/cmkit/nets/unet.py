@@ -453,10 +453,12 @@ class UNet(nn.Module):
         return F.silu(emb)
 
     def logvar(self, noise_labels: Tensor) -> Tensor:
-        """The log-variance head ``w`` at ``[N]`` noise labels: ``[N]`` float32 (zeros without the head)."""
+        """The log-variance head ``w`` at ``[N]`` noise labels: ``[N]`` float32 (zeros without the head), computed in
+        float32 under autocast too."""
         if self.map_logvar is None:
             return torch.zeros_like(noise_labels, dtype=torch.float32)
-        return self.map_logvar(self.map_noise(noise_labels)).squeeze(1).float()
+        with torch.autocast(noise_labels.device.type, enabled=False):
+            return self.map_logvar(self.map_noise(noise_labels.float())).squeeze(1)
 
     def _check_inputs(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None) -> None:
         expected = (self.in_channels, self.resolution, self.resolution)
