@@ -35,7 +35,7 @@ from cmkit.cli import main  # noqa: E402
 from cmkit.config import Config, apply_overrides, preset  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
-from cmkit.methods import switch_method  # noqa: E402
+from cmkit.methods import SCTConfig, switch_method  # noqa: E402
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
 from cmkit.teacher import load_teacher  # noqa: E402
@@ -221,6 +221,15 @@ def test_missing_diffusers_is_a_user_error(tmp_path, tiny_config):
 
 # ------------------------------------------------------------------------------------------- the export
 
+# The parameterisations an export carries: the CM paper's (ict), and TrigFlow (sct) with each time input, with
+# double normalisation and Fourier features between them; TrigFlow models have a log-variance head.
+VARIANTS = {
+    "ict": lambda c: c,
+    "sct-log-sigma": lambda c: replace(c, net=replace(c.net, double_norm=True), method=SCTConfig()),
+    "sct-t": lambda c: replace(c, net=replace(c.net, embedding="fourier"), method=SCTConfig(c_noise="t")),
+}
+
+
 def random_consistency_model(config):
     """A cmkit consistency model with weights far from their near-zero init, so the output depends on them."""
     torch.manual_seed(0)
@@ -282,11 +291,13 @@ def noise_of(seed: int, shape: tuple[int, ...]):
     return lambda: torch.randn(shape, generator=g)
 
 
-def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, tiny_config):
-    """Issue 12: the folder loads where cmkit is not importable, without "Expected types", and samples as cmkit."""
+@pytest.mark.parametrize("variant", ["ict", "sct-log-sigma"])  # sct-t in-process only (below), to save time
+def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, tiny_config, variant):
+    """Issue 12: the folder loads where cmkit is not importable, without "Expected types", and samples as cmkit;
+    TrigFlow models (sct, scd) too, though the scheduler applies the CM paper's scalings."""
     folders, models = {}, {}
     for channels in (1, 3):
-        config = replace(tiny_config, data=replace(tiny_config.data, channels=channels))
+        config = VARIANTS[variant](replace(tiny_config, data=replace(tiny_config.data, channels=channels)))
         models[channels] = random_consistency_model(config)
         folders[channels] = export_diffusers(models[channels], config, tmp_path / f"cm{channels}")
         index = json.loads((folders[channels] / "model_index.json").read_text())
@@ -297,19 +308,55 @@ def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, 
     runs = [{"seed": 1, "num_inference_steps": 1}, {"seed": 2, "timesteps": [600, 0]}]
     results, stderr = sample_with_diffusers_alone(
         {folders[c]: [{**run, "latents": c == 3} for run in runs] for c in (1, 3)}, tmp_path)
-    assert "Expected types" not in stderr and "Traceback" not in stderr
+    assert "Expected types" not in stderr and "Traceback" not in stderr and "were not used" not in stderr
     for channels in (1, 3):
         got, model, shape = results[folders[channels]], models[channels], (3, channels, 28, 28)
+        # every weight loads, the log-variance head of TrigFlow models too (sampling does not use it)
+        state = CmkitUNet2DModel.from_pretrained(folders[channels] / "unet").net.state_dict()
+        assert state.keys() == model.net.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in model.net.state_dict().items())
         assert got["unet_module"] == "diffusers_modules.local.cmkit_unet2d"  # the shipped file, not cmkit's
         assert got["sigmas0"] == [model.sigma_max]
-        ref = consistency_sample(model, [model.sigma_max], noise_of(1, shape))
-        torch.testing.assert_close(got["raw0"], ref, atol=1e-4, rtol=0)
-        torch.testing.assert_close(got["images0"], (ref / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
-        assert ref.abs().max() > 1  # so the unclamped comparison means something
         sigmas = got["sigmas1"]  # the Karras levels timesteps [600, 0] mean (80 and 0.959)
         assert len(sigmas) == 2 and sigmas[0] == pytest.approx(model.sigma_max)
-        torch.testing.assert_close(got["raw1"], consistency_sample(model, sigmas, noise_of(2, shape)), atol=1e-4,
-                                   rtol=0)
+        refs = [consistency_sample(model, [model.sigma_max], noise_of(1, shape)),
+                consistency_sample(model, sigmas, noise_of(2, shape))]
+        for i, ref in enumerate(refs):
+            torch.testing.assert_close(got[f"raw{i}"], ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(got[f"images{i}"], (ref / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+        assert max(ref.abs().max() for ref in refs) > 1  # so the unclamped comparison means something
+
+
+@pytest.mark.parametrize("variant", ["sct-log-sigma", "sct-t"])
+def test_trigflow_output_under_the_scheduler_scalings_is_the_model(tmp_path, tiny_config, variant):
+    """The scheduler's c_skip x + c_out F' is cmkit's TrigFlow f(x, sigma) at every level but sigma_min, where
+    c_out = 0 and the unet returns F' = 0 (documented): the step then gives x. So the pipeline samples as cmkit."""
+    config = VARIANTS[variant](tiny_config)
+    model = random_consistency_model(config)
+    folder = export_diffusers(model, config, tmp_path / "sct")
+    unet = CmkitUNet2DModel.from_pretrained(folder / "unet")
+    scheduler = CMStochasticIterativeScheduler.from_pretrained(folder / "scheduler")
+    sigmas = torch.tensor([80.0, 20.0, 0.959, 0.5, 0.05, 0.00205], dtype=torch.float64)  # 0.00205: level 998
+    x = torch.randn(len(sigmas), 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    x = x * (1 + sigmas.float().view(-1, 1, 1, 1))
+    c_in = (1 / (sigmas**2 + model.sigma_data**2).sqrt()).float().view(-1, 1, 1, 1)
+    timesteps = torch.from_numpy(scheduler.sigma_to_t(sigmas.numpy()))  # float64, as the pipeline passes them
+    with torch.no_grad():
+        out = unet(x * c_in, timesteps).sample
+        ref = model(x, sigmas.float())
+    c_skip, c_out = (c.float().view(-1, 1, 1, 1) for c in scheduler.get_scalings_for_boundary_condition(sigmas))
+    torch.testing.assert_close(c_skip * x + c_out * out, ref, atol=1e-4, rtol=0)
+    assert (c_out * out).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # the network's part is not negligible anywhere
+    with torch.no_grad():
+        at_min = unet(x[:1], torch.tensor(float(scheduler.sigma_to_t(model.sigma_min)))).sample
+    assert torch.equal(at_min, torch.zeros_like(at_min))
+    # and the pipeline (in this process, the unet from cmkit) samples as cmkit in 1 and 2 steps
+    pipe = ConsistencyModelPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    for seed, kwargs in enumerate([{"num_inference_steps": 1}, {"timesteps": [600, 0]}]):
+        raw = final_sample(pipe, generator=torch.Generator().manual_seed(seed), **kwargs)
+        ref = consistency_sample(model, pipe.scheduler.sigmas[:-1].tolist(), noise_of(seed, (3, 1, 28, 28)))
+        torch.testing.assert_close(raw, ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("module", module_files(), ids=lambda p: p.name)
@@ -326,11 +373,16 @@ def test_shipped_module_files_need_only_torch_and_diffusers(module):
 
 
 def test_folders_naming_cmkit_export_still_load_after_importing_it(tmp_path, tiny_config):
-    """Folders written before the custom-component layout name the unet ["cmkit.export", "CmkitUNet2DModel"]."""
+    """Folders written before the custom-component layout name the unet ["cmkit.export", "CmkitUNet2DModel"],
+    and their unet config lacks the fields added for TrigFlow models."""
     model = random_consistency_model(tiny_config)
     folder = export_diffusers(model, tiny_config, tmp_path / "old")
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["cmkit.export", "CmkitUNet2DModel"]}))
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    new_fields = ("double_norm", "logvar_head", "parameterisation", "c_noise", "sigma_min", "sigma_data")
+    (folder / "unet" / "config.json").write_text(json.dumps({k: v for k, v in unet_config.items()
+                                                            if k not in new_fields}))
     for path in (folder / "unet").glob("*.py"):
         path.unlink()
     pipe = ConsistencyModelPipeline.from_pretrained(folder)
@@ -339,6 +391,7 @@ def test_folders_naming_cmkit_export_still_load_after_importing_it(tmp_path, tin
     images = pipe(batch_size=2, num_inference_steps=1, generator=torch.Generator().manual_seed(3),
                   output_type="pt").images
     torch.testing.assert_close(images, (model(noise * 80, 80.0) / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+    assert pipe.unet.config.parameterisation == "consistency" and not pipe.unet.config.logvar_head
 
 
 def test_export_refusals(tmp_path, tiny_config):
@@ -419,11 +472,16 @@ def test_tuned_sigmas_survive_the_export(tmp_path, tiny_config, capsys):
         torch.testing.assert_close(raw, ref, atol=1e-4, rtol=0)
 
 
-def test_cli_export(tmp_path, tiny_config, capsys):
-    save_export(random_consistency_model(tiny_config), tiny_config, tmp_path / "cm.safetensors")
+@pytest.mark.parametrize("variant", ["ict", "sct-log-sigma"])
+def test_cli_export(tmp_path, tiny_config, capsys, variant):
+    config = VARIANTS[variant](tiny_config)
+    save_export(random_consistency_model(config), config, tmp_path / "cm.safetensors")
     assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "trust_remote_code=True" in printed and "import cmkit" not in printed
+    unet_config = json.loads((tmp_path / "out" / "unet" / "config.json").read_text())
+    assert unet_config["parameterisation"] == ("consistency" if variant == "ict" else "trigflow")
+    assert unet_config["double_norm"] == unet_config["logvar_head"] == (variant != "ict")
     assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
     edm_config = replace(tiny_config, method=switch_method(tiny_config.method, "edm"))
@@ -451,5 +509,5 @@ def test_cd_distils_a_diffusers_teacher_and_ect_refuses_one(fmnist_subset, tmp_p
     assert json.loads((tmp_path / "cd" / "config.json").read_text())["method"]["teacher"] == str(teacher.resolve())
     common[1] = str(tmp_path / "ect")
     assert main(["train", "--preset", "fmnist-ect", *common]) == 2
-    assert "ECT tunes the teacher's own weights" in capsys.readouterr().err
+    assert "ECT starts from the teacher's own weights" in capsys.readouterr().err
     assert not (tmp_path / "ect").exists()

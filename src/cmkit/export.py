@@ -21,6 +21,10 @@ samples equal :func:`cmkit.sampling.consistency_sample` with the same noise and 
   coefficients (CM paper, App. C) when the scheduler's sigma_min and sigma_data are the model's; then adds
   ``sqrt(sigma_next^2 - sigma_min^2) z`` (CM paper, Alg. 1). ``clip_denoised`` is written as False because
   cmkit's sampler does not clamp; the pipeline's postprocessing still clamps ``x / 2 + 0.5`` to [0, 1].
+* TrigFlow models (sct, scd; :class:`cmkit.precond.TrigFlow`) share the input scaling but not ``c_skip`` and
+  ``c_out``: the unet's config says ``parameterisation="trigflow"`` and it returns ``F'`` with ``c_skip x + c_out
+  F' = f``, the TrigFlow model (:class:`CmkitUNet2DModel`); exact but at sigma_min, where the scheduler's
+  ``c_out`` is 0 and its step returns x;
 * sampling levels: ``set_timesteps(timesteps=[t_1 > ... > t_k])`` samples at ``karras(m / (N - 1))`` for ``m``
   in ``t_k, ..., t_1`` (the list reversed), ``karras(r) = (sigma_max^(1/rho) + r (sigma_min^(1/rho) -
   sigma_max^(1/rho)))^rho``, ``N = num_train_timesteps``; only levels of that N-point grid can be sampled
@@ -50,7 +54,7 @@ from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.nets import unet as unet_module
 from cmkit.nets.foreign import import_diffusers
-from cmkit.precond import Preconditioned
+from cmkit.precond import Preconditioned, TrigFlow
 from cmkit.sampling import SAMPLING_RHO
 
 import_diffusers()
@@ -78,11 +82,18 @@ def module_files() -> list[Path]:
 
 
 def _unet(model: Preconditioned, config: Config) -> CmkitUNet2DModel:
+    """The custom component: the model's network with its parameterisation (consistency or TrigFlow), time
+    input and the scheduler's sigma_min and sigma_data (see :class:`CmkitUNet2DModel`)."""
     n, d = config.net, config.data
+    trig = isinstance(model, TrigFlow)
     unet = CmkitUNet2DModel(sample_size=d.resolution, in_channels=d.channels, num_class_embeds=n.num_classes or None,
                             model_channels=n.model_channels, channel_mult=list(n.channel_mult),
                             num_blocks=n.num_blocks, attn_resolutions=list(n.attn_resolutions), dropout=n.dropout,
-                            embedding=n.embedding, fourier_scale=n.fourier_scale)
+                            embedding=n.embedding, fourier_scale=n.fourier_scale, double_norm=n.double_norm,
+                            logvar_head=getattr(model.net, "map_logvar", None) is not None,
+                            parameterisation="trigflow" if trig else "consistency",
+                            c_noise=model.c_noise if trig else "log-sigma", sigma_min=model.sigma_min,
+                            sigma_data=model.sigma_data)
     unet.net.load_state_dict(model.net.state_dict())
     return unet.eval()
 
@@ -188,7 +199,7 @@ def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path)
     out_dir = Path(out_dir)
     if model.kind != "consistency":
         raise CmkitError(f"a {model.kind or 'non-consistency'} model cannot be exported to diffusers: "
-                         "ConsistencyModelPipeline samples consistency models only (ct, ict, cd or ect)")
+                         "ConsistencyModelPipeline samples consistency models only (ct, ict, cd, ect, sct or scd)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CmkitError(f"{out_dir}: already exists and is not an empty folder; expected a new folder name")
     if not out_dir.parent.is_dir():
