@@ -351,6 +351,10 @@ def test_export_refusals(tmp_path, tiny_config):
     edm_config = replace(tiny_config, method=switch_method(tiny_config.method, "edm"))
     with pytest.raises(CmkitError, match="ConsistencyModelPipeline samples consistency models only"):
         export_diffusers(build_model(edm_config), edm_config, tmp_path / "edm")
+    for name in ("sct", "scd"):  # TrigFlow: not the scheduler's coefficients (and a log-variance head)
+        trig_config = replace(tiny_config, method=switch_method(tiny_config.method, name))
+        with pytest.raises(CmkitError, match=f"{name} models \\(TrigFlow\\) cannot be exported to diffusers"):
+            export_diffusers(build_model(trig_config), trig_config, tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no temporary folder left behind
     (tmp_path / "empty").mkdir()
     assert export_diffusers(model, tiny_config, tmp_path / "empty") == tmp_path / "empty"

@@ -50,7 +50,7 @@ from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.nets import unet as unet_module
 from cmkit.nets.foreign import import_diffusers
-from cmkit.precond import Preconditioned
+from cmkit.precond import ConsistencyFunction, Preconditioned
 from cmkit.sampling import SAMPLING_RHO
 
 import_diffusers()
@@ -183,12 +183,17 @@ def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path)
 
     ``out_dir`` must not exist or be an empty folder; the folder is built as a temporary sibling and renamed
     into place, so it is either complete or absent. Returns ``out_dir``. Raises CmkitError for a diffusion
-    (EDM) model: ConsistencyModelPipeline samples consistency models only.
+    (EDM) model: ConsistencyModelPipeline samples consistency models only; and for a TrigFlow model (sct, scd),
+    whose coefficients are not the ones CMStochasticIterativeScheduler applies.
     """
     out_dir = Path(out_dir)
     if model.kind != "consistency":
         raise CmkitError(f"a {model.kind or 'non-consistency'} model cannot be exported to diffusers: "
                          "ConsistencyModelPipeline samples consistency models only (ct, ict, cd or ect)")
+    if not isinstance(model, ConsistencyFunction):
+        raise CmkitError(f"{config.method.name} models ({type(model).__name__}) cannot be exported to diffusers: "
+                         "CMStochasticIterativeScheduler applies the CM paper's coefficients, not this model's "
+                         "(ct, ict, cd or ect models only); sample it with 'cmkit sample'")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CmkitError(f"{out_dir}: already exists and is not an empty folder; expected a new folder name")
     if not out_dir.parent.is_dir():
