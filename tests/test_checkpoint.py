@@ -1,5 +1,6 @@
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from cmkit.checkpoint import build_model, list_states, load_export, load_state, save_export, save_state
 from cmkit.errors import CmkitError
+from cmkit.methods import SCTConfig
 
 
 def test_export_round_trip(tiny_config, tmp_path):
@@ -20,6 +22,24 @@ def test_export_round_trip(tiny_config, tmp_path):
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(loaded(x, 1.0), model.eval()(x, 1.0), rtol=0, atol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+
+
+def test_trigflow_export_round_trip(tiny_config, tmp_path):
+    """A TrigFlow model comes back with its time input and log-variance head: the same x0 and the same (F, w)."""
+    config = replace(tiny_config, method=SCTConfig(c_noise="t"), net=replace(tiny_config.net, double_norm=True))
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    save_export(model, config, tmp_path / "m.safetensors")
+    loaded, stored = load_export(tmp_path / "m.safetensors")
+    assert stored == config and type(loaded) is type(model) and loaded.c_noise == "t"
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([0.3, 1.2])
+    model.eval()
+    torch.testing.assert_close(loaded(x, 1.0), model(x, 1.0), rtol=0, atol=0)
+    for ours, theirs in zip(loaded(x, t, trig=True), model(x, t, trig=True), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert loaded.two_step_sigma == model.two_step_sigma
 
 
 def test_states_are_atomic_pruned_and_weights_only(tiny_config, tmp_path):

@@ -150,7 +150,7 @@ def test_console_script_and_dry_run(tmp_path):
     assert '"batch": 1024' in out.stdout and not (tmp_path / "r").exists()
     listing = subprocess.run([sys.executable, "-m", "cmkit", "presets"], capture_output=True, text=True,
                              check=True).stdout
-    for name in ("fmnist-edm", "fmnist-ct", "fmnist-ict", "cifar10-edm", "cifar10-ict"):
+    for name in ("fmnist-edm", "fmnist-ct", "fmnist-ict", "fmnist-sct", "fmnist-scd", "cifar10-edm", "cifar10-ict"):
         assert name in listing
 
 

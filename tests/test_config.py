@@ -6,7 +6,7 @@ import pytest
 from cmkit.checkpoint import build_model
 from cmkit.config import PRESETS, Config, apply_overrides, preset, validate
 from cmkit.errors import CmkitError
-from cmkit.methods import CDConfig, ECTConfig
+from cmkit.methods import CDConfig, ECTConfig, SCTConfig
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -38,6 +38,20 @@ def test_cifar_scm_presets_use_the_papers_settings(name, dropout):
     assert m.tangent_warmup_kimg * 1000 / t.batch == 10_000
     # The student starts from the EDM teacher: its time input and network (dropout aside) must be the teacher's.
     assert m.c_noise == "log-sigma" and replace(config.net, dropout=teacher.net.dropout) == teacher.net
+
+
+@pytest.mark.parametrize("name", ["fmnist-sct", "fmnist-scd"])
+def test_scm_presets_use_the_papers_settings(name):
+    """sCM's CIFAR-10 time distribution and tangent normalisation, EDM's time input (so that an EDM teacher seeds
+    the student), the log-variance head; the time input is t or log-sigma, nothing else."""
+    config = preset(name)
+    m = config.method
+    assert (m.name, m.p_mean, m.p_std, m.tangent_c, m.c_noise) == (name[7:], -1.0, 1.4, 0.1, "log-sigma")
+    assert build_model(config).net.map_logvar is not None
+    with pytest.raises(CmkitError, match="method.c_noise: unknown value 'sigma'; expected one of t, log-sigma"):
+        validate(apply_overrides(config, ["method.c_noise=sigma"]))
+    switched = apply_overrides(preset("fmnist-ict"), ["method.name=sct", "method.c_noise=t"]).method
+    assert switched == SCTConfig(c_noise="t")
 
 
 def test_fmnist_preset_size():

@@ -492,7 +492,7 @@ def test_cli_export(tmp_path, tiny_config, capsys, variant):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.safetensors", "edm.safetensors", "out"]
 
 
-def test_cd_distils_a_diffusers_teacher_and_ect_refuses_one(fmnist_subset, tmp_path, capsys):
+def test_cd_distils_a_diffusers_teacher_and_ect_and_sct_refuse_one(fmnist_subset, tmp_path, capsys):
     """`cmkit train --preset fmnist-cd --teacher DIR` with a DDPM UNet2DModel folder of Fashion-MNIST's shape."""
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(16, 32),
@@ -507,7 +507,8 @@ def test_cd_distils_a_diffusers_teacher_and_ect_refuses_one(fmnist_subset, tmp_p
     assert "cmkit: warning: a diffusers teacher cannot seed a cmkit student" in err
     assert f"cmkit: warning: --teacher {teacher.resolve()}: its noise table starts at sigma 0.01" in err
     assert json.loads((tmp_path / "cd" / "config.json").read_text())["method"]["teacher"] == str(teacher.resolve())
-    common[1] = str(tmp_path / "ect")
-    assert main(["train", "--preset", "fmnist-ect", *common]) == 2
-    assert "ECT starts from the teacher's own weights" in capsys.readouterr().err
-    assert not (tmp_path / "ect").exists()
+    for name in ("ect", "sct"):  # they start from the teacher's own weights
+        common[1] = str(tmp_path / name)
+        assert main(["train", "--preset", f"fmnist-{name}", *common]) == 2
+        assert f"{name.upper()} starts from the teacher's own weights" in capsys.readouterr().err
+        assert not (tmp_path / name).exists()

@@ -29,7 +29,7 @@ from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.data import ImageData
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import evaluate_model, image_features
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCTConfig
 from cmkit.sampling import generate
 from cmkit.train import Run, local_batch
 
@@ -40,6 +40,9 @@ METHODS = {
     "ict": ICTConfig(s0=2, s1=8),
     "cd": CDConfig(num_scales=18, distance="l2"),
     "ect": ECTConfig(stage_kimg=0.064),
+    # sCM: the JVP pass runs on the module DDP wraps, the gradient pass through DDP. sCD differs from sCT in its
+    # velocity source alone (a frozen teacher, no process group): one of the two, as an sCM step costs 2.5 others'.
+    "sct": SCTConfig(tangent_warmup_kimg=0.032),
 }
 STEPS = 3
 IMAGES = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

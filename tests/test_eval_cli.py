@@ -67,9 +67,11 @@ def test_eval_bad_input(make, argv, message, fmnist_subset, classifier, tmp_path
     assert not (tmp_path / "r.txt").exists()
 
 
-def test_tune_steps_stores_the_sigma_that_sample_then_uses(run_dir, fmnist_subset, classifier, tmp_path, capsys):
+@pytest.mark.parametrize("trained", ["run_dir", "sct_run"])  # iCT; sCT (TrigFlow)
+def test_tune_steps_stores_the_sigma_that_sample_then_uses(trained, request, fmnist_subset, classifier, tmp_path,
+                                                           capsys):
     run = tmp_path / "run"
-    shutil.copytree(run_dir, run)
+    shutil.copytree(request.getfixturevalue(trained), run)
     assert main(["tune-steps", str(run), "--n", "20", "--iters", "2", "--weights", str(classifier), "--ref",
                  str(fmnist_subset)]) == 0
     out = capsys.readouterr().out

@@ -9,13 +9,14 @@ from cmkit.config import Config, apply_overrides, validate
 from cmkit.distances import huber_c
 from cmkit.errors import CmkitError
 from cmkit.losses import EDMLoss, make_loss, replayed_randomness
-from cmkit.methods import METHODS, CDConfig, CTConfig, ECTConfig, ICTConfig, MethodConfig
+from cmkit.methods import METHODS, CDConfig, CTConfig, ECTConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
 from cmkit.precond import ConsistencyFunction
 from cmkit.rng import BatchNoise
-from conftest import GaussianOracle
+from conftest import GaussianOracle, GaussianTrigFlow
 
 S = 0.5  # the Gaussian data's standard deviation in these tests
 CONSISTENCY = [name for name, cls in METHODS.items() if cls.kind == "consistency"]
+SCM = [name for name, cls in METHODS.items() if cls.parameterisation == "trigflow"]  # sCT, sCD
 
 
 def loss_for(method: MethodConfig, *, dim: int = 16, total_images: int = 1000):
@@ -25,7 +26,9 @@ def loss_for(method: MethodConfig, *, dim: int = 16, total_images: int = 1000):
 
 
 def oracle_for(name: str, s: float = S) -> GaussianOracle:
-    """The exact model of N(0, s^2) data of the kind method ``name`` trains."""
+    """The exact model of N(0, s^2) data of the kind (and parameterisation) method ``name`` trains."""
+    if METHODS[name].parameterisation == "trigflow":
+        return GaussianTrigFlow(s)
     return GaussianOracle(s, kind=METHODS[name].kind)
 
 
@@ -81,12 +84,40 @@ class Scripted:
 # --------------------------------------------------------------------- contracts of every method's loss
 
 @pytest.mark.parametrize("name", METHODS)
-def test_loss_is_float32_per_sample_and_zero_when_target_equals_prediction(name):
+def test_loss_is_float32_per_sample(name):
     x0 = torch.rand(6, 1, 4, 4) * 2 - 1
-    loss = loss_for(METHODS[name]())
-    out = loss(oracle_for(name, 0.7), x0, None, images_seen=0)
+    out = loss_for(METHODS[name]())(oracle_for(name, 0.7), x0, None, images_seen=0)
     assert out.shape == (6,) and out.dtype == torch.float32 and torch.isfinite(out).all() and (out > 0).all()
-    assert torch.equal(loss(Cheat(x0), x0, None, images_seen=0), torch.zeros(6))
+
+
+@pytest.mark.parametrize("name", [name for name in METHODS if name not in SCM])
+def test_loss_is_zero_when_target_equals_prediction(name):
+    """sCT and sCD have no target prediction to compare with: their statement is the next test's."""
+    x0 = torch.rand(6, 1, 4, 4) * 2 - 1
+    assert torch.equal(loss_for(METHODS[name]())(Cheat(x0), x0, None, images_seen=0), torch.zeros(6))
+
+
+@pytest.mark.parametrize("name", SCM)
+def test_scm_loss_is_the_weighted_tangent_norm(name):
+    """sCM's target is the student itself moved along the tangent g (F- + g), so where the ones above compare a
+    prediction with its target, the sCM loss's value is e^w ||F - F- - g||^2 / D - w = e^w ||g||^2 / D - w
+    (F = F- in value): never 0 for w = 0 and a tangent that is not. g is 0 where the model is consistent along
+    the velocity field it is given (sCD's exact model of the teacher's ODE, warm-up done): the loss is then -w."""
+    x0, z = torch.randn(6, 1, 4, 4) * S, torch.randn(6, 1, 4, 4)
+    tau = torch.linspace(-3, 3, 6)  # t from 0.1 to 1.5
+    loss, model = loss_for(METHODS[name](tangent_warmup_kimg=0)), oracle_for(name, 0.7)
+    with torch.no_grad():
+        model.logvar.fill_(0.3)
+    out = loss(model, x0, None, images_seen=0, noise=Scripted(randn=[(tau - loss.p_mean) / loss.p_std, z]))
+    t = torch.atan(tau.exp() / S)
+    x_t = t.cos().view(-1, 1, 1, 1) * x0 + t.sin().view(-1, 1, 1, 1) * z * S
+    g = loss.tangent(model, x_t, t, loss.velocity(x0, z * S, x_t, t, None), None, images_seen=0)
+    torch.testing.assert_close(out.detach(), math.exp(0.3) * g.pow(2).flatten(1).mean(1) - 0.3)
+    norm = g.flatten(1).norm(dim=1)
+    assert (norm > 1e-3).all() and (norm < 1).all()  # normalised: ||g|| / (||g|| + c)
+    if name == "scd":  # the exact teacher of N(0, S^2) data and the exact consistency model of its ODE
+        exact = oracle_for(name, S)
+        torch.testing.assert_close(loss(exact, x0, None, images_seen=0), torch.zeros(6), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -152,18 +183,20 @@ def test_cd_loss_vanishes_at_the_exact_consistency_function():
     assert exact[0] / exact[1] > 4**5 and wrong[0] / wrong[1] < 4**3  # measured: 6,600 and 32
 
 
-def _semi_gradient(loss, s_model: float, x0: torch.Tensor, images_seen: int) -> float:
-    model = GaussianOracle(s_model, kind="consistency")
+def _semi_gradient(loss, name: str, s_model: float, x0: torch.Tensor, images_seen: int) -> float:
+    model = oracle_for(name, s_model)
     torch.manual_seed(0)
     loss(model, x0, None, images_seen=images_seen).mean().backward()
     return model.log_s.grad.item()
 
 
-FINE = {  # fine grids (about 200 levels), and ECT at stage 12 (t - r about t / 1000)
+FINE = {  # fine grids (about 200 levels), and ECT at stage 12 (t - r about t / 1000); sCM: continuous already
     "ct": CTConfig(s0=200, s1=200),
     "ict": ICTConfig(s0=200, s1=200),
     "cd": CDConfig(num_scales=201),
     "ect": ECTConfig(stage_kimg=1.0),
+    "sct": SCTConfig(tangent_warmup_kimg=0),
+    "scd": SCDConfig(tangent_warmup_kimg=0),
 }
 
 
@@ -173,12 +206,13 @@ def test_consistency_targets_point_to_the_closed_form(name):
 
     With data N(0, s^2 I), a model family f_a (the exact consistency function of scale a) trained by the
     loss must see a gradient ~0 at a = s, negative below (raise a) and positive above. CD takes its pairs
-    with the exact teacher's Heun step; ECT is taken at stage 12 (12,000 images at 1,000 per stage).
+    with the exact teacher's Heun step; ECT is taken at stage 12 (12,000 images at 1,000 per stage). sCD's
+    tangent vanishes at a = s (the exact teacher); sCT's, built from each sample's own velocity, averages to 0.
     """
     loss = loss_for(FINE[name], total_images=20_000)
     x0 = torch.randn(8192, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * S
     images_seen = 12_000 if name == "ect" else 0
-    low, exact, high = (_semi_gradient(loss, a, x0, images_seen) for a in (0.5 * S, S, 2 * S))
+    low, exact, high = (_semi_gradient(loss, name, a, x0, images_seen) for a in (0.5 * S, S, 2 * S))
     assert low < 0 < high
     assert abs(exact) < 0.05 * min(-low, high)
 
@@ -354,24 +388,35 @@ def test_negative_huber_c_is_refused():
 # ------------------------------------------------------------------------------------------ dropout
 
 class DropoutOnly(nn.Module):
-    """Output = dropout(ones): equal for student and target exactly when they share the mask."""
+    """Output = dropout(ones): equal for student and target exactly when they share the mask. Called with
+    ``trig=True`` (as sCM's JVP and gradient passes call a TrigFlow model): (dropout(ones) * y, w = 0), and the
+    mask is kept in ``masks``."""
 
     sigma_min, sigma_max = 0.002, 80.0
 
     def __init__(self):
         super().__init__()
-        self.drop = nn.Dropout(0.5)
+        self.drop, self.masks = nn.Dropout(0.5), []
 
-    def forward(self, x, sigma, labels=None):
-        return self.drop(torch.ones_like(x))
+    def forward(self, x, sigma, labels=None, *, trig=False):
+        mask = self.drop(torch.ones(x.shape))
+        if not trig:
+            return mask
+        self.masks.append(mask)
+        return mask * x, torch.zeros(x.shape[0])
 
 
 @pytest.mark.parametrize("name", CONSISTENCY)
 def test_student_and_target_share_the_dropout_mask(name):
-    loss = loss_for(METHODS[name](), dim=64)
+    """sCT and sCD: the forward-mode JVP pass (F-, dF-/dt) and the gradient pass (F) draw the same mask."""
+    loss, model = loss_for(METHODS[name](), dim=64), DropoutOnly().train()
     x0 = torch.zeros(16, 1, 8, 8)
-    out = loss(DropoutOnly().train(), x0, None, images_seen=0, target=DropoutOnly().train())
-    assert torch.equal(out, torch.zeros(16))
+    out = loss(model, x0, None, images_seen=0, target=DropoutOnly().train())
+    if name in SCM:
+        jvp_pass, gradient_pass = model.masks
+        assert torch.equal(jvp_pass, gradient_pass) and 0.3 < (jvp_pass == 0).float().mean() < 0.7
+    else:
+        assert torch.equal(out, torch.zeros(16))
     drop = nn.Dropout(0.5)
     with replayed_randomness(torch.device("cpu")):
         first = drop(torch.ones(100))

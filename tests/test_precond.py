@@ -6,7 +6,7 @@ import torch
 from cmkit.checkpoint import build_model
 from cmkit.config import Config
 from cmkit.methods import method_class
-from cmkit.precond import ConsistencyFunction, EDMDenoiser
+from cmkit.precond import WRAPPERS, ConsistencyFunction, EDMDenoiser
 
 
 def _model(tiny_config: Config, name: str, dropout: float = 0.3):
@@ -15,13 +15,14 @@ def _model(tiny_config: Config, name: str, dropout: float = 0.3):
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
-def test_consistency_boundary_is_exact(tiny_config, train_mode):
-    model = _model(tiny_config, "ict").train(train_mode)
+@pytest.mark.parametrize(("name", "boundary"), [("ict", 0.002), ("sct", 0.0)])  # TrigFlow: f(x, 0) = x
+def test_consistency_boundary_is_exact(tiny_config, train_mode, name, boundary):
+    model = _model(tiny_config, name).train(train_mode)
     with torch.no_grad():  # make the backbone's output non-zero so c_out = 0 matters
         for p in model.parameters():
             p.normal_(0, 0.1)
     x = torch.randn(4, 1, 28, 28) * 3
-    out = model(x, torch.full((4,), model.sigma_min), None)
+    out = model(x, torch.full((4,), boundary), None)
     assert torch.equal(out, x)
     assert not torch.equal(model(x, 1.0, None), x)
 
@@ -57,7 +58,7 @@ def test_wrapper_feeds_scaled_input_to_backbone():
     torch.testing.assert_close(out[0], x[0] * 0.25 / 1.25)
 
 
-@pytest.mark.parametrize("wrapper", [ConsistencyFunction, EDMDenoiser])
+@pytest.mark.parametrize("wrapper", WRAPPERS.values())
 def test_the_backbone_sees_the_batch_as_it_is_in_both_modes(wrapper):
     """Padding for batch invariance belongs to sampling (cmkit.sampling.BatchInvariant), not to the wrapper."""
     class Probe(torch.nn.Module):

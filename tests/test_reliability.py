@@ -24,6 +24,7 @@ from cmkit import checkpoint
 from cmkit.checkpoint import list_states, load_state, save_state
 from cmkit.cli import main
 from cmkit.errors import CmkitError
+from cmkit.methods import SCTConfig
 from cmkit.train import Run, train
 from conftest import TINY, train_tiny
 
@@ -205,17 +206,24 @@ def _snapshot(run: Run) -> dict:
             "optimizer": [v.clone() for s in run.optimizer.state.values() for v in s.values()]}
 
 
-@pytest.mark.parametrize("cause", ["loss", "gradients"])
+@pytest.mark.parametrize("cause", ["loss", "gradients", "tangent"])
 def test_a_nonfinite_step_changes_nothing(cause, tiny_config, monkeypatch):
-    run = Run(tiny_config, torch.device("cpu"))
-    x0 = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    """tangent: sCT with an infinite velocity dx_t/dt (as a diverged sCD teacher would give): the normalised
+    tangent g / (||g|| + c) is NaN, and so is the loss."""
+    config = tiny_config
+    if cause == "tangent":  # batch 8: an sCM step costs 2.5 others'
+        config = replace(tiny_config, method=SCTConfig(), train=replace(tiny_config.train, batch=8))
+    run = Run(config, torch.device("cpu"))
+    x0 = torch.rand(config.train.batch, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert run.optimizer_step(x0, None) is not None
     before = _snapshot(run)
+    bad = x0
     if cause == "loss":
         bad = torch.full_like(x0, float("nan"))
-    else:
-        bad = x0
+    elif cause == "gradients":
         monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    else:
+        monkeypatch.setattr(run.loss, "velocity", lambda x0, *rest: torch.full_like(x0, float("inf")))
     assert run.optimizer_step(bad, None) is None
     assert (run.step, run.nonfinite) == (2, 1)
     torch.testing.assert_close(_snapshot(run), before, rtol=0, atol=0)

@@ -1,4 +1,5 @@
-"""Teachers for CD and ECT through the CLI: a cmkit EDM teacher is distilled; bad teachers are refused cleanly."""
+"""Teachers for CD, ECT, sCT and sCD through the CLI: a cmkit EDM teacher is distilled; bad teachers are refused
+cleanly. (sCD's run and sCT without a teacher: tests/test_scm_cli.py.)"""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _train(out, data, teacher, preset="fmnist-cd", *extra):
     return main(args + ([] if teacher is None else ["--teacher", str(teacher)]))
 
 
-@pytest.mark.parametrize("preset", ["fmnist-cd", "fmnist-ect"])
+@pytest.mark.parametrize("preset", ["fmnist-cd", "fmnist-ect", "fmnist-sct"])
 def test_students_train_from_a_cmkit_teacher(tiny_config, fmnist_subset, tmp_path, preset):
     teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
     out = tmp_path / "student"
@@ -49,15 +50,28 @@ def _refused(capsys, out, message):
     assert not out.exists()  # nothing written
 
 
-def test_cd_without_a_teacher_is_refused(fmnist_subset, tmp_path, capsys):
-    assert _train(tmp_path / "r", fmnist_subset, None) == 2
+@pytest.mark.parametrize("preset", ["fmnist-cd", "fmnist-scd"])  # sCT trains without one: tests/test_scm_cli.py
+def test_distillation_without_a_teacher_is_refused(fmnist_subset, tmp_path, capsys, preset):
+    assert _train(tmp_path / "r", fmnist_subset, None, preset) == 2
     _refused(capsys, tmp_path / "r", "pass --teacher MODEL")
 
 
-def test_a_consistency_model_is_not_a_teacher(tiny_config, fmnist_subset, tmp_path, capsys):
-    teacher = _export(tiny_config, tmp_path / "ict.safetensors", method="ict")
-    assert _train(tmp_path / "r", fmnist_subset, teacher) == 2
-    _refused(capsys, tmp_path / "r", "a teacher must be a diffusion model")
+@pytest.mark.parametrize("preset", ["fmnist-cd", "fmnist-scd"])
+@pytest.mark.parametrize("method", ["ict", "sct"])
+def test_a_consistency_model_is_not_a_teacher(tiny_config, fmnist_subset, tmp_path, capsys, preset, method):
+    teacher = _export(tiny_config, tmp_path / f"{method}.safetensors", method=method)
+    assert _train(tmp_path / "r", fmnist_subset, teacher, preset) == 2
+    _refused(capsys, tmp_path / "r", f"a consistency model ({method}); a teacher must be a diffusion model")
+
+
+@pytest.mark.parametrize("preset", ["fmnist-sct", "fmnist-scd"])
+def test_a_trigflow_student_of_a_cmkit_teacher_needs_its_time_input(tiny_config, fmnist_subset, tmp_path, capsys,
+                                                                   preset):
+    """The student becomes the EDM teacher only with EDM's ln(sigma) / 4 as its time input: c_noise=t is refused
+    (when the student is built, still before the run directory is written)."""
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    assert _train(tmp_path / "r", fmnist_subset, teacher, preset, "method.c_noise=t") == 2
+    _refused(capsys, tmp_path / "r", "method.c_noise=t: a student that starts from an EDM teacher's weights")
 
 
 def test_a_teacher_of_another_shape_is_refused(tiny_config, fmnist_subset, tmp_path, capsys):

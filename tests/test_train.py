@@ -9,7 +9,7 @@ import torch
 from cmkit.checkpoint import build_model
 from cmkit.config import validate
 from cmkit.errors import CmkitError
-from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig
+from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCDConfig, SCTConfig
 from cmkit.rng import BatchNoise
 from cmkit.train import Intervals, Run, ema_update, local_batch, log_record, train
 
@@ -20,7 +20,10 @@ METHODS = {
     "ict": ICTConfig(s0=2, s1=8),
     "cd": CDConfig(num_scales=18, distance="l2"),
     "ect": ECTConfig(stage_kimg=0.064),
+    "sct": SCTConfig(tangent_warmup_kimg=0.064),
+    "scd": SCDConfig(tangent_warmup_kimg=0.064),
 }
+SCM = [name for name, method in METHODS.items() if method.parameterisation == "trigflow"]
 
 
 def _teacher(config):
@@ -75,9 +78,26 @@ class Recorder:
         return self.loss(model, call["x0"], call["labels"], images_seen=call["images_seen"], target=target,
                          noise=BatchNoise(seed, start=start, total=total)).mean()
 
+    def replay_scm(self, call, model, before):
+        """sCM's loss of ``call`` for ``model`` with its stop-grad parts (F- and the tangent g) those of ``before``:
+        e^w ||F - F- - g||^2 / D - w, the function whose gradient the step at ``before`` followed."""
+        loss, (seed, start, total), x0, labels = self.loss, call["noise"], call["x0"], call["labels"]
+        noise, sd = BatchNoise(seed, start=start, total=total), loss.sigma_data
+        t = loss.times(len(x0), noise, x0.device)  # the draws of SCMLoss.__call__, in its order
+        z = noise.randn(*x0.shape) * sd
+        x_t = t.cos().view(-1, 1, 1, 1) * x0 + t.sin().view(-1, 1, 1, 1) * z
+        g = loss.tangent(before, x_t, t, loss.velocity(x0, z, x_t, t, labels), labels, call["images_seen"])
+        f_minus, f, w = before(x_t / sd, t, labels, trig=True)[0], *model(x_t / sd, t, labels, trig=True)
+        return (w.exp() * (f - f_minus - g).flatten(1).pow(2).mean(1) - w).mean()
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+
+# sCT and sCD share one loss (SCMLoss), whose steps cost 2.5 others': each precision once for it, bf16 with sCD,
+# whose teacher then runs under autocast too.
+PRECISIONS = [*((name, p) for name in METHODS if name not in SCM for p in ("fp32", "bf16")), ("sct", "fp32"),
+              ("scd", "bf16")]
+
+
+@pytest.mark.parametrize(("name", "precision"), PRECISIONS)
 def test_every_method_trains_and_is_deterministic(tiny_config, name, precision):
     """3 steps move every parameter; a second run repeats them bit for bit.
 
@@ -98,14 +118,24 @@ def test_every_method_trains_and_is_deterministic(tiny_config, name, precision):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_step_lowers_the_loss_it_was_taken_on(tiny_config, name):
-    """The loss of the step's batch and noise, against the target as it was, is lower after the step."""
+    """The loss of the step's batch and noise, against the target as it was, is lower after the step.
+
+    sCT and sCD have no target network: their target is the student as it was, moved along the tangent g, and
+    the loss's value does not show F (F - stopgrad(F) = 0); so their loss here holds F- and g at the student as
+    it was (:meth:`Recorder.replay_scm`), which is the loss's value before the step.
+    """
     run = _run(_with(tiny_config, method=METHODS[name]))
     run.loss = recorder = Recorder(run.loss)
     before = copy.deepcopy(run.model)
     target = copy.deepcopy(run.target if run.target is not None else run.model)  # stop-grad: the student as it was
-    run.optimizer_step(_batch(run.config), None)
+    loss = run.optimizer_step(_batch(run.config), None)
+    call = recorder.calls[0]
     with torch.no_grad():
-        old, new = (recorder.replay(recorder.calls[0], model, target) for model in (before, run.model))
+        if name in SCM:
+            old, new = (recorder.replay_scm(call, model, before) for model in (before, run.model))
+            assert old.item() == pytest.approx(loss, rel=1e-5)
+        else:
+            old, new = (recorder.replay(call, model, target) for model in (before, run.model))
     assert new < old
 
 
@@ -204,11 +234,20 @@ def test_gradient_clipping_in_the_loop(tiny_config):
 
 @pytest.mark.parametrize("name", TEACHER_METHODS)
 def test_student_starts_from_the_teacher(tiny_config, name):
+    """CD and ECT students take the teacher's backbone weights; a TrigFlow student (sCT, sCD) becomes the
+    teacher's denoiser (its last layer negated) with a log-variance head at 0."""
     config = replace(tiny_config, method=METHODS[name])
     teacher = _teacher(config)
     run = Run(config, CPU, teacher=teacher)
-    for ours, theirs in ((run.model.net, teacher.net), (run.ema.net, teacher.net)):
-        torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+    if name not in SCM:
+        for ours, theirs in ((run.model.net, teacher.net), (run.ema.net, teacher.net)):
+            torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0)
+        return
+    x, sigma = torch.randn(4, 1, 28, 28), torch.tensor([0.01, 0.5, 3.0, 70.0])
+    with torch.no_grad():
+        for model in (run.model.eval(), run.ema):
+            torch.testing.assert_close(model(x, sigma), teacher(x, sigma), rtol=1e-5, atol=1e-5)
+            assert torch.equal(model.net.logvar(sigma), torch.zeros(4))
 
 
 def test_ema_update_is_a_lerp():
@@ -252,6 +291,14 @@ def test_compile_with_dropout_is_refused_for_consistency_methods(tiny_config, tm
     with pytest.raises(CmkitError, match="compile"):
         train(_with(dropout, compile=True), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", SCM)
+def test_compile_is_refused_for_forward_mode_losses(tiny_config, name):
+    """sCT and sCD differentiate the network in forward mode (a JVP), which torch.compile does not support
+    reliably: refused with or without dropout."""
+    with pytest.raises(CmkitError, match=f"train.compile=true with method {name}: its loss differentiates"):
+        validate(_with(tiny_config, method=METHODS[name], compile=True))
 
 
 SLOW = "inductor's C++ kernels cost 80-120 s on 2 CPU cores with a cold cache (5-8 s warm)"

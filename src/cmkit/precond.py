@@ -130,8 +130,8 @@ class TrigFlow(Preconditioned):
         """Become the EDM ``teacher`` exactly (:func:`edm_backbone_to_trigflow`); needs ``c_noise="log-sigma"``."""
         if self.c_noise != "log-sigma":
             raise CmkitError(f"method.c_noise={self.c_noise}: a student that starts from an EDM teacher's weights "
-                             "must see the teacher's time input; set method.c_noise=log-sigma (or train sct "
-                             "without --teacher)")
+                             "must see the teacher's time input; set method.c_noise=log-sigma (c_noise=t suits sct "
+                             "trained from scratch, without --teacher)")
         self._load_backbone(edm_backbone_to_trigflow(teacher.net.state_dict(), "out_conv"))
 
     def time_input(self, t: Tensor) -> Tensor:

@@ -23,6 +23,9 @@ from cmkit.rng import NoiseSource, SeededNoise
 
 # The Karras grids sampling schedules are cut from (EDM's rho).
 SAMPLING_RHO = 7.0
+# The published 2-step intermediate level (iCT and ECT on CIFAR-10), for a consistency model that does not name
+# its own ``two_step_sigma`` (every cmkit wrapper does; the denoiser contract does not require it).
+TWO_STEP_SIGMA = 0.821
 
 
 def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_max: float) -> Tensor:
@@ -131,8 +134,8 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     A schedule found by ``cmkit tune-steps`` for this model (``model.tuned_sigmas``) comes first.
     Otherwise, diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models:
     1 step is [sigma_max]; 2 steps add the published ``model.two_step_sigma`` (0.821 for iCT and ECT, sCM's
-    t = 1.1 for TrigFlow models); K > 2 steps take the first K levels of a
-    descending (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
+    t = 1.1 for TrigFlow models; :data:`TWO_STEP_SIGMA` for a model without one); K > 2 steps take the first
+    K levels of a descending (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
     """
     if steps < 1:
         raise CmkitError(f"steps: expected a positive number of steps, got {steps}")
@@ -143,7 +146,7 @@ def default_sigmas(model: nn.Module, steps: int) -> Tensor:
     elif model.kind == "edm":
         sigmas = schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO)
     elif steps == 2:
-        sigmas = torch.tensor([hi, model.two_step_sigma], dtype=torch.float64)
+        sigmas = torch.tensor([hi, getattr(model, "two_step_sigma", TWO_STEP_SIGMA)], dtype=torch.float64)
     else:
         sigmas = schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO).flip(0)[:steps]
     try:

@@ -307,8 +307,8 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
     dataset = load_training_data(config)
     device = torch.device(device) if device else own_device
     teacher = load_teacher(config, device=device)
+    run = Run(config, device, teacher=teacher)  # may refuse the teacher's weights (TrigFlow's c_noise)
     resume_from = rundir.prepare_run_dir(config, out, resume=resume)
-    run = Run(config, device, teacher=teacher)
     if resume_from is not None:
         run.load_state_dict(checkpoint.load_state(resume_from), resume_from)
     every, main = Intervals.of(config), dist.is_main()
