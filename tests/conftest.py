@@ -152,9 +152,12 @@ def exit_status(argv: list[str]) -> int:
         return e.code
 
 
-def train_tiny(out: Path, data: Path, *extra: str) -> int:
-    return main(["train", "--preset", "fmnist-ict", "--out", str(out), "--data", str(data), "--kimg", "0.256",
-                 "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra])
+def train_tiny(out: Path, data: Path, *extra: str, preset: str = "fmnist-ict", settings: list[str] = TINY,
+               kimg: float = 0.256) -> int:
+    """``cmkit train`` of a tiny ``preset`` run on ``data`` with a checkpoint halfway; ``extra``: more ``--set``
+    values or flags."""
+    return main(["train", "--preset", preset, "--out", str(out), "--data", str(data), "--kimg", str(kimg),
+                 "--ckpt-kimg", str(kimg / 2), "--seed", "3", "--set", *settings, *extra])
 
 
 @pytest.fixture(scope="session")
@@ -172,8 +175,7 @@ TINY_SCT = [*TINY[:4], "train.batch=16", "train.snap_kimg=0.064", "train.log_kim
 
 
 def train_tiny_sct(out: Path, data: Path, *extra: str) -> int:
-    return main(["train", "--preset", "fmnist-sct", "--out", str(out), "--data", str(data), "--kimg", "0.064",
-                 "--ckpt-kimg", "0.032", "--seed", "3", "--set", *TINY_SCT, *extra])
+    return train_tiny(out, data, *extra, preset="fmnist-sct", settings=TINY_SCT, kimg=0.064)
 
 
 @pytest.fixture(scope="session")

@@ -19,20 +19,17 @@ derivative's largest element (6e-4 at h = 0.05 from truncation, rising again bel
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from cmkit.config import Config, DataConfig, NetConfig, TrainConfig, validate
 from cmkit.errors import CmkitError
 from cmkit.losses import SCMLoss, TeacherVelocity, data_velocity, make_loss
-from cmkit.methods import ICTConfig, SCDConfig, SCTConfig
+from cmkit.methods import SCDConfig, SCTConfig
 from cmkit.nets import UNet, math_attention
 from cmkit.precond import C_NOISE, EDMDenoiser, TrigFlow, edm_backbone_to_trigflow, trigflow_velocity
 from cmkit.rng import BatchNoise
-from cmkit.train import Run
 from conftest import GaussianOracle
 
 SD = 0.5  # sigma_data
@@ -340,45 +337,11 @@ def test_a_non_finite_tangent_makes_that_samples_loss_non_finite(value):
     assert not torch.isfinite(per_sample.mean())
 
 
-class NaNTeacher(EDMDenoiser):
-    """An EDM denoiser with ordinary weights (a student can adopt them) whose every answer is NaN."""
-
-    def forward(self, x: Tensor, sigma, labels=None) -> Tensor:
-        return torch.full_like(x, math.nan)
-
-
-def test_training_skips_and_counts_a_step_with_a_nan_teacher():
-    config = Config(net=NetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,)),
-                    data=DataConfig(resolution=8, channels=1), method=SCDConfig(),
-                    train=TrainConfig(kimg=0.016, batch=4, lr=1e-3, ema_halflife_kimg=0.01))
-    validate(config)
-    torch.manual_seed(0)
-    net = UNet(resolution=8, in_channels=1, out_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=1,
-               attn_resolutions=(4,))
-    run = Run(config, torch.device("cpu"), teacher=NaNTeacher(net, resolution=8, channels=1))
-    before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    adopted = run.model.net.state_dict()  # the teacher's backbone, its output layer negated
-    assert all(torch.equal(adopted[k], v) for k, v in net.state_dict().items() if not k.startswith("out_conv"))
-    assert run.optimizer_step(torch.rand(4, 1, 8, 8) * 2 - 1, None) is None
-    assert (run.step, run.nonfinite) == (1, 1)
-    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
-    assert all(torch.equal(v, before[k]) for k, v in run.ema.state_dict().items())
-
-
 def test_a_t_conditioned_student_refuses_an_edm_backbone():
     teacher = edm(unet())
     student = trigflow(UNet(**TINY, logvar_head=True), "t")
     with pytest.raises(CmkitError, match=r"method\.c_noise"):
         student.adopt_backbone(teacher)
-
-
-@pytest.mark.parametrize("method", [SCTConfig(), SCDConfig()])
-def test_compile_is_refused_for_scm(method):
-    config = Config(net=NetConfig(dropout=0.0), method=method, train=TrainConfig(compile=True))
-    with pytest.raises(CmkitError, match=rf"train\.compile=true with method {method.name}\b"):
-        validate(config)
-    validate(replace(config, method=ICTConfig()))  # the same config with a discrete-time method is fine
-    validate(replace(config, train=replace(config.train, compile=False)))
 
 
 # ------------------------------------------------------------------------------- 6. the adaptive weighting
