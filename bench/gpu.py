@@ -5,6 +5,8 @@ On random tensors (no dataset, no network access), for the ``cifar10-ict`` prese
   step at the given batch, medians of repeats after a warm-up call;
 - sampling images/s at batch 512: 1 consistency step, and EDM Heun with 18 steps (35 network evaluations)
   for the ``cifar10-edm`` network of the same size (Heun: at most 2 repeats, to stay under 5 minutes);
+- the training step of EDM, sCT and sCD (their forward-mode JVP) on the same network in bf16, as ratios to EDM's
+  (sCT and sCD start from a randomly initialised EDM teacher of the same network);
 - peak accelerator memory of each variant.
 
 Writes ``bench/results/gpu-<gpu name>.json``. ``--smoke`` runs a tiny net and batch (on the CPU when there is no
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from cmkit.checkpoint import build_model
 from cmkit.config import Config, preset
 from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.train import Run
@@ -51,8 +54,12 @@ def peak_gib(device: torch.device) -> float | None:
 
 
 def train_timer(config: Config, device: torch.device) -> Callable[[], float]:
-    """Seconds of one iCT optimiser step of a fresh run on random images of the config's size."""
-    run = Run(config, device)
+    """Seconds of one optimiser step of a fresh run on random images of the config's size (methods that take a
+    teacher get a randomly initialised EDM teacher of the same network)."""
+    teacher = None
+    if config.method.needs_teacher:
+        teacher = build_model(replace(config, method=preset("cifar10-edm").method)).to(device).eval()
+    run = Run(config, device, teacher=teacher)
     d = config.data
     x0 = torch.rand(config.train.batch, d.channels, d.resolution, d.resolution, device=device) * 2 - 1
 
@@ -118,6 +125,11 @@ def run(args: argparse.Namespace) -> dict:
         seconds, memory[f"train {name}"] = measure(train_timer(replace(ict, train=replace(ict.train, **change)),
                                                                device), device, args.repeats)
         train[name] = args.batch / seconds
+    for name in ("edm", "sct", "scd"):  # the same network and batch, each method's loss
+        print(f"training {name} bf16 ...", flush=True)
+        config = replace(ict, method=preset(f"cifar10-{name}").method, train=replace(ict.train, precision="bf16"))
+        seconds, memory[f"train {name} bf16"] = measure(train_timer(config, device), device, args.repeats)
+        train[f"{name} bf16"] = args.batch / seconds
     sample = {}
     for name, config, steps, precision in (("1 step fp32", ict, 1, "fp32"), ("1 step bf16", ict, 1, "bf16"),
                                            ("heun 35 NFE fp32", edm, 18, "fp32"),
@@ -136,6 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         "train_batch": args.batch, "sample_batch": args.sample_batch, "repeats": args.repeats,
         "train_images_per_s": train,
         "bf16_train_speedup": train["bf16"] / train["fp32"],
+        "step_time_ratio_to_edm_bf16": {m: train["edm bf16"] / train[f"{m} bf16"] for m in ("sct", "scd")},
         "sample_images_per_s": sample,
         "one_step_speedup_over_heun35": sample["1 step bf16"] / sample["heun 35 NFE bf16"],
         "peak_memory_gib": memory,
