@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from cmkit.errors import CmkitError
+from cmkit.sampling import TWO_STEP_SIGMA
 
 
 class Preconditioned(nn.Module):
@@ -32,7 +33,7 @@ class Preconditioned(nn.Module):
 
     kind = ""
     # The intermediate level of 2-step sampling where no tuned schedule exists (consistency models only).
-    two_step_sigma = 0.821  # iCT and ECT on CIFAR-10
+    two_step_sigma = TWO_STEP_SIGMA
 
     def __init__(self, net: nn.Module, *, resolution: int, channels: int, num_classes: int = 0,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> None:
