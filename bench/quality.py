@@ -101,16 +101,18 @@ def table(result: dict) -> str:
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metric: {result['metric']} on "
              f"{result['n']} samples against {result['n']} training images; bf16 autocast for training and "
              "sampling, all models alike. CD, ECT, sCT and sCD start from the teacher: their images seen do not "
-             "count the teacher's. A row marked with a commit comes from that earlier run of this ladder (its "
-             "student was distilled from that run's teacher, trained with the same config and seed).", "",
+             "count the teacher's. A row marked with a commit comes from that earlier run of this ladder: its "
+             "student learnt from that run's teacher (the same config and seed), and its FID / teacher is "
+             "relative to that teacher's FID.", "",
              "| model | steps | NFE | FID | FID / teacher | precision | recall | images seen | train wall time |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, entry in result["models"].items():
         name = f"{label} ({entry['from_commit']})" if "from_commit" in entry else label
+        reference = entry.get("teacher_fid", teacher)
         for row in entry["rows"]:
-            lines.append(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.2f} | {row['fid'] / teacher:.2f} | "
-                         f"{row['precision']:.3f} | {row['recall']:.3f} | {entry['images_seen']:,} | "
-                         f"{entry['train_seconds'] / 60:.1f} min |")
+            lines.append(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.2f} | "
+                         f"{row['fid'] / reference:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | "
+                         f"{entry['images_seen']:,} | {entry['train_seconds'] / 60:.1f} min |")
     sigmas = ", ".join(f"{k}: {v['two_step_sigma']:.3g}" for k, v in result["models"].items() if "two_step_sigma" in v)
     lines += ["", f"Best 2-step intermediate sigma (golden-section search on FID): {sigmas} (papers, CIFAR-10: 0.821).",
               f"FID against network evaluations: `{result['plot']}`. One sample grid per row:", ""]
@@ -133,12 +135,12 @@ def update_docs(result: dict, size: str) -> None:
 
 def kept_rows(path: Path, chosen: set[str]) -> dict[str, dict]:
     """The entries of the results file at ``path`` for the models not in ``chosen``, each marked with the commit
-    of the run it comes from."""
+    of the run it comes from and the FID of that run's teacher."""
     if not path.exists():
         return {}
     result = json.loads(path.read_text())
-    commit = result["machine"]["commit"]
-    return {label: {"from_commit": commit, **entry} for label, entry in result["models"].items()
+    commit, teacher = result["machine"]["commit"], result["models"]["teacher (EDM)"]["rows"][0]["fid"]
+    return {label: {"from_commit": commit, "teacher_fid": teacher, **entry} for label, entry in result["models"].items()
             if label not in chosen}
 
 
