@@ -111,7 +111,7 @@ class TrigFlow(Preconditioned):
 
     ``c_noise`` is ``"t"`` (the paper's time input) or ``"log-sigma"`` (EDM's ``ln(sigma) / 4`` at the matching
     sigma): with it, the network of an EDM denoiser whose last layer changes sign is this model exactly
-    (:func:`edm_backbone_to_trigflow`), which is how a cmkit EDM teacher seeds sCT and sCD students. A
+    (:func:`edm_backbone_to_trigflow`), which is how a cmkit EDM teacher seeds sCT and sCD students.
     The backbone's log-variance head (``net.logvar(c_noise)``, :class:`cmkit.nets.UNet`) is the adaptive weight
     ``w(t)`` of the sCM loss; ``forward(..., trig=True)`` returns ``(F, w)`` at TrigFlow inputs
     ``(x_t / sigma_data, t)``.
