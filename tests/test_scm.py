@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from cmkit.errors import CmkitError
 from cmkit.losses import SCMLoss, TeacherVelocity, data_velocity, make_loss
 from cmkit.methods import SCDConfig, SCTConfig
-from cmkit.nets import UNet, math_attention
+from cmkit.nets import UNet, forward_mode
 from cmkit.precond import C_NOISE, EDMDenoiser, TrigFlow, edm_backbone_to_trigflow, trigflow_velocity
 from cmkit.rng import BatchNoise
 from conftest import GaussianOracle
@@ -411,7 +411,7 @@ def _jvp(forward, primals, tangents, api: str):
 @pytest.mark.parametrize(("option", "api"), [*((name, "func") for name in OPTIONS), ("all", "forward_ad")])
 def test_unet_forward_mode_jvp_matches_finite_differences(option, api):
     """Forward-mode AD (torch.func.jvp, and torch.autograd.forward_ad) through every option, attention included
-    (TINY has it at 4x4 and in the middle), inside math_attention, against finite differences with the same
+    (TINY has it at 4x4 and in the middle), inside forward_mode, against finite differences with the same
     dropout mask: the output and the log-variance head, along x and along the noise label separately. Fourier
     features at scale 0.1 (sCM uses small scales) turn at most 1.4 rad per unit of noise label, like the positional
     embedding's 1 rad; at scale 1 (14 rad) h = 0.02 would be too coarse for the finite differences (2e-2 error)."""
@@ -426,7 +426,7 @@ def test_unet_forward_mode_jvp_matches_finite_differences(option, api):
         return net(x_in, c_in, labels), net.logvar(c_in)
 
     for dx, dc in ((v, torch.zeros_like(c)), (torch.zeros_like(x), u)):
-        with torch.no_grad(), math_attention():
+        with torch.no_grad(), forward_mode():
             jvps = _jvp(forward, (x, c), (dx, dc), api)
             for k, jvp in enumerate(jvps):
                 fd = path_derivative(lambda s, k=k, dx=dx, dc=dc: forward(x + s * dx, c + s * dc)[k])

@@ -30,7 +30,7 @@ from cmkit import schedules
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
 from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
-from cmkit.nets import math_attention
+from cmkit.nets import forward_mode
 from cmkit.precond import trigflow_velocity
 from cmkit.rng import GlobalNoise, RowNoise
 from cmkit.sampling import ode_step
@@ -244,7 +244,7 @@ class SCMLoss:
         def velocity_net(y: Tensor, time: Tensor) -> Tensor:
             return net(y, time, labels, trig=True)[0]
 
-        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), math_attention():
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), forward_mode():
             f_minus, cs_df_dt = torch.func.jvp(velocity_net, (x_t / sd, t), (cs4 * dxdt / sd, cs))
         g = -cos**2 * (sd * f_minus - dxdt) - self.warmup(images_seen) * (cs4 * x_t + sd * cs_df_dt)
         return g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + self.tangent_c)

@@ -1,5 +1,5 @@
 """Network backbones."""
 
-from cmkit.nets.unet import UNet, math_attention
+from cmkit.nets.unet import UNet, forward_mode
 
-__all__ = ["UNet", "math_attention"]
+__all__ = ["UNet", "forward_mode"]

@@ -14,7 +14,8 @@ of Diffusion-Based Generative Models" (EDM) call ``SongUNet``:
 * optionally a log-variance head ``w(c_noise)`` (sCM's adaptive loss weighting, Lu and Song 2024).
 
 Every option supports forward-mode differentiation (``torch.func.jvp``, ``torch.autograd.forward_ad``);
-run it inside :func:`math_attention`, because fused attention kernels on GPUs have no forward-mode rule.
+differentiate inside :func:`forward_mode`: fused attention kernels on GPUs have no forward-mode rule, and
+PyTorch's rule for a convolution spends a second convolution on the weights' (zero) tangent.
 
 The written code is original; only the published architecture is followed.
 """
@@ -22,6 +23,7 @@ The written code is original; only the published architecture is followed.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Iterator
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["UNet", "math_attention"]
+__all__ = ["UNet", "forward_mode"]
 
 EMBEDDINGS = ("positional", "fourier")
 _SKIP_SCALE = 1.0 / math.sqrt(2.0)
@@ -65,7 +67,7 @@ def _init(layer: nn.Conv2d | nn.Linear, *, scale: float = 1.0) -> None:
 
 
 def _conv(in_ch: int, out_ch: int, *, kernel: int, scale: float = 1.0) -> nn.Conv2d:
-    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+    conv = _Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
     _init(conv, scale=scale)
     return conv
 
@@ -76,12 +78,51 @@ def _linear(in_f: int, out_f: int, *, bias: bool = True, scale: float = 1.0) -> 
     return lin
 
 
+_FORWARD_MODE = contextvars.ContextVar("cmkit_unet_forward_mode", default=False)
+
+
 @contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Attention through PyTorch's plain math path, which forward-mode AD can differentiate (the fused
-    flash / memory-efficient kernels cannot); the same numbers up to rounding."""
-    with sdpa_kernel([SDPBackend.MATH]):
-        yield
+def forward_mode() -> Iterator[None]:
+    """Run the network for forward-mode differentiation: attention through PyTorch's plain math path (the fused
+    flash / memory-efficient kernels have no forward-mode rule), and convolutions whose forward-mode rule skips
+    the weights' and bias' tangents when they have none (PyTorch's own rule convolves the input with a zero
+    weight tangent: a third convolution per layer). The same numbers up to rounding; no backward inside."""
+    token = _FORWARD_MODE.set(True)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
+class _ConvJVP(torch.autograd.Function):
+    """``conv2d(x, weight, bias)`` with a forward-mode rule that adds the weight's and bias' terms only when they
+    have tangents (inside :func:`forward_mode` only: it has no backward)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+        return F.conv2d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 -- torch's signature
+        x, weight, _, ctx.padding = inputs
+        ctx.set_materialize_grads(False)  # absent tangents stay None instead of zeros
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _) -> Tensor:  # noqa: ANN001
+        x, weight = ctx.saved_tensors
+        out = F.conv2d(torch.zeros_like(x) if dx is None else dx, weight, dbias, padding=ctx.padding)
+        return out if dweight is None else out + F.conv2d(x, dweight, None, padding=ctx.padding)
+
+
+class _Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (the same parameters and state_dict keys) with :class:`_ConvJVP` inside :func:`forward_mode`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _FORWARD_MODE.get():
+            return _ConvJVP.apply(x, self.weight, self.bias, self.padding[0])
+        return super().forward(x)
 
 
 def _pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
