@@ -23,7 +23,6 @@ The written code is original; only the published architecture is followed.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator
 
@@ -78,7 +77,8 @@ def _linear(in_f: int, out_f: int, *, bias: bool = True, scale: float = 1.0) -> 
     return lin
 
 
-_FORWARD_MODE = contextvars.ContextVar("cmkit_unet_forward_mode", default=False)
+# Set by forward_mode(); a plain global, which torch.compile reads without a graph break (a ContextVar breaks it).
+_FORWARD_MODE = False
 
 
 @contextlib.contextmanager
@@ -87,12 +87,13 @@ def forward_mode() -> Iterator[None]:
     flash / memory-efficient kernels have no forward-mode rule), and convolutions whose forward-mode rule skips
     the weights' and bias' tangents when they have none (PyTorch's own rule convolves the input with a zero
     weight tangent: a third convolution per layer). The same numbers up to rounding; no backward inside."""
-    token = _FORWARD_MODE.set(True)
+    global _FORWARD_MODE
+    previous, _FORWARD_MODE = _FORWARD_MODE, True
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
-        _FORWARD_MODE.reset(token)
+        _FORWARD_MODE = previous
 
 
 class _ConvJVP(torch.autograd.Function):
@@ -120,7 +121,7 @@ class _Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (the same parameters and state_dict keys) with :class:`_ConvJVP` inside :func:`forward_mode`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _FORWARD_MODE.get():
+        if _FORWARD_MODE:
             return _ConvJVP.apply(x, self.weight, self.bias, self.padding[0])
         return super().forward(x)
 
