@@ -4,7 +4,9 @@ Every method shares the noise range of the parameterisation (:class:`MethodConfi
 the fields its loss reads. ``kind`` says what the method trains (``edm``: a diffusion denoiser; ``consistency``:
 a consistency model), ``parameterisation`` which wrapper of :mod:`cmkit.precond` (``edm``, ``consistency``,
 ``trigflow``), ``logvar_head`` whether its loss learns the network's log-variance head, ``needs_teacher``
-whether it takes a trained diffusion model and ``teacher_optional`` whether it can also train without one.
+whether it takes a trained diffusion model, ``teacher_optional`` whether it can also train without one and
+``teacher_seeds_only`` whether the teacher serves only as the student's starting weights (so it must be a
+cmkit model).
 Adding a method means adding a class here (registered in :data:`METHODS`) and a loss builder in
 :mod:`cmkit.losses`.
 """
@@ -38,6 +40,7 @@ class MethodConfig:
     logvar_head: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = False
     teacher_optional: ClassVar[bool] = False
+    teacher_seeds_only: ClassVar[bool] = False
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def problems(self) -> list[str]:
@@ -172,6 +175,7 @@ class ECTConfig(_ConsistencyDistance):
     teacher: str = ""
 
     needs_teacher: ClassVar[bool] = True
+    teacher_seeds_only: ClassVar[bool] = True
 
     def _positive(self) -> tuple[str, ...]:
         return ("p_std", "stage_kimg")
@@ -221,6 +225,7 @@ class SCTConfig(_SCMConfig):
     name: str = field(default="sct", init=False)
 
     teacher_optional: ClassVar[bool] = True
+    teacher_seeds_only: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

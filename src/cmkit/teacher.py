@@ -66,7 +66,7 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
-        if m.name in ("ect", "sct"):
+        if m.teacher_seeds_only:
             raise CmkitError(f"--teacher {path}: {m.name.upper()} starts from the teacher's own weights, which needs "
                              "a cmkit EDM model; a diffusers teacher can be distilled with a cd or scd preset instead")
         teacher = load_diffusers_teacher(path, device=device)
