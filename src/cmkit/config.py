@@ -322,10 +322,10 @@ _ICT = ICTConfig()
 _CD = CDConfig(num_scales=18, mu=0.0, solver="heun", distance="l2")
 # ECT (Geng et al. 2024): ln t ~ N(-1.1, 2^2), q = 2, weight 1 / (t - r), pseudo-Huber with a small c.
 _ECT = ECTConfig(p_mean=-1.1, p_std=2.0, q=2.0, distance="pseudo-huber")
-# sCM (Lu and Song 2024, CIFAR-10): tau ~ N(-1.0, 1.4^2), tangent warm-up over 10k iterations (at batch 512:
-# 5,120 kimg), g / (||g|| + 0.1); log-sigma time input so that a cmkit EDM teacher seeds the student exactly.
-_SCT = SCTConfig(p_mean=-1.0, p_std=1.4, tangent_warmup_kimg=5_120, tangent_c=0.1, c_noise="log-sigma")
-_SCD = SCDConfig(p_mean=-1.0, p_std=1.4, tangent_warmup_kimg=5_120, tangent_c=0.1, c_noise="log-sigma")
+# sCM (Lu and Song 2024, CIFAR-10), the configs' defaults: tau ~ N(-1.0, 1.4^2), tangent warm-up over 10k
+# iterations (at batch 512: 5,120 kimg), g / (||g|| + 0.1); log-sigma time input so that a cmkit EDM teacher seeds
+# the student exactly.
+_SCT, _SCD = SCTConfig(), SCDConfig()
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-edm": (

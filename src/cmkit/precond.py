@@ -135,19 +135,19 @@ class TrigFlow(Preconditioned):
                              "trained from scratch, without --teacher)")
         self._load_backbone(edm_backbone_to_trigflow(teacher.net.state_dict(), "out_conv"))
 
-    def time_input(self, t: Tensor) -> Tensor:
-        """c_noise(t) for t of shape [N] (float32); differentiable in t (forward mode too)."""
+    def time_input(self, t: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """c_noise(t) for t of shape [N] (float32); differentiable in t (forward mode too). ``sigma`` (= sigma_d
+        tan t), when the caller has it, is used as it is: in float32 tan(atan(sigma / sd)) is off by 2e-6 at
+        sigma = 80, enough to move a Fourier embedding's output by 1e-4, and EDM's c_noise takes sigma itself."""
         if self.c_noise == "t":
             return t
-        return (self.sigma_data * t.tan()).clamp(min=1e-20).log() / 4
+        sigma = self.sigma_data * t.tan() if sigma is None else sigma
+        return sigma.clamp(min=1e-20).log() / 4
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sd = self.sigma_data
         t = torch.atan(sigma / sd)
-        # log-sigma from sigma itself: time_input(t) in float32 goes through tan(atan(sigma / sd)), which is off by
-        # 2e-6 at sigma = 80 (enough to move a Fourier embedding's output by 1e-4); this is EDM's c_noise exactly.
-        c_noise = sigma.clamp(min=1e-20).log() / 4 if self.c_noise == "log-sigma" else t
-        return t.cos() ** 2, -sd * t.sin(), t.cos() / sd, c_noise
+        return t.cos() ** 2, -sd * t.sin(), t.cos() / sd, self.time_input(t, sigma)
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, *,
                 trig: bool = False) -> Tensor | tuple[Tensor, Tensor]:
