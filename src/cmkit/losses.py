@@ -286,8 +286,11 @@ def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.
     """The loss a method config describes.
 
     ``dim`` is D, the number of values in one sample; ``total_images`` the run's length in training images
-    (the curricula's K); ``teacher`` the diffusion denoiser CD takes its ODE step with.
+    (the curricula's K); ``teacher`` the diffusion denoiser whose outputs CD and sCD learn from (CmkitError
+    when such a method has none).
     """
+    if method.needs_teacher and not method.teacher_seeds_only and teacher is None:
+        raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")
     return BUILDERS[method.name](method, dim=dim, total_images=total_images, teacher=teacher)
 
 
@@ -333,10 +336,8 @@ def _ict(method: ICTConfig, *, dim: int, total_images: int, **_) -> ConsistencyL
 
 
 @builds("cd")
-def _cd(method: CDConfig, *, dim: int, teacher: nn.Module | None, **_) -> ConsistencyLoss:
+def _cd(method: CDConfig, *, dim: int, teacher: nn.Module, **_) -> ConsistencyLoss:
     """CD (CM paper, Alg. 2): a fixed grid, uniform pairs, the teacher's ODE step, weight 1, target EMA mu."""
-    if teacher is None:
-        raise CmkitError("method cd: a diffusion teacher is required; pass --teacher MODEL")
     return ConsistencyLoss(pairs=_grid(method, lambda images_seen: method.num_scales, index_probs=None),
                            point=TeacherStep(teacher, heun=method.solver == "heun"), weight=uniform_weight,
                            distance=_distance(method, dim),
@@ -367,8 +368,6 @@ def _sct(method: SCTConfig, **_) -> SCMLoss:
 
 
 @builds("scd")
-def _scd(method: SCDConfig, *, teacher: nn.Module | None, **_) -> SCMLoss:
+def _scd(method: SCDConfig, *, teacher: nn.Module, **_) -> SCMLoss:
     """sCD (Lu and Song 2024): the tangent from the teacher's TrigFlow velocity."""
-    if teacher is None:
-        raise CmkitError("method scd: a diffusion teacher is required; pass --teacher MODEL")
     return _scm(method, TeacherVelocity(teacher, sigma_data=method.sigma_data))
