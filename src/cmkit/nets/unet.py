@@ -15,7 +15,7 @@ of Diffusion-Based Generative Models" (EDM) call ``SongUNet``:
 
 Every option supports forward-mode differentiation (``torch.func.jvp``, ``torch.autograd.forward_ad``);
 differentiate inside :func:`forward_mode`: fused attention kernels on GPUs have no forward-mode rule, and
-PyTorch's rule for a convolution spends a second convolution on the weights' (zero) tangent.
+PyTorch's forward-mode rule for a convolution spends an extra convolution on the weights' (zero) tangent.
 
 The written code is original; only the published architecture is followed.
 """
