@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cmkit import checkpoint
-from cmkit.config import preset
+from cmkit.config import Config, preset
 from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features, tune_two_step_sigma
 from cmkit.eval.features import get_extractor
 from cmkit.images import save_images, to_numpy_images
@@ -50,19 +50,29 @@ STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (18,)
 
 
-def train_model(name: str, kimg: float, run_dir: Path, teacher: Path | None) -> float:
-    """Train preset ``name`` (from ``teacher``) for ``kimg`` with bf16 autocast (all models alike); returns
-    wall seconds."""
+def bench_run(config: Config, kimg: float) -> Config:
+    """``config`` trained for ``kimg`` with bf16 autocast (all benchmark models alike), one sample grid at the end
+    and four checkpoints to resume from."""
+    return replace(config, train=replace(config.train, kimg=kimg, precision="bf16", snap_kimg=kimg, ckpt_kimg=kimg / 4))
+
+
+def train_run(config: Config, run_dir: Path) -> float:
+    """Train ``config`` into ``run_dir``, resuming an interrupted run; returns the training's wall seconds (a
+    finished run is not trained again: its seconds are kept in ``ladder-train.json``)."""
     record = run_dir / "ladder-train.json"
     if record.exists():
         return json.loads(record.read_text())["seconds"]
-    base = preset(name) if teacher is None else with_teacher(preset(name), teacher)
-    config = replace(base, train=replace(base.train, kimg=kimg, precision="bf16", snap_kimg=kimg, ckpt_kimg=kimg / 4))
     start = time.perf_counter()
     train(config, run_dir, resume=checkpoint.list_states(run_dir) != [])
     seconds = time.perf_counter() - start
-    record.write_text(json.dumps({"seconds": seconds, "kimg": kimg}) + "\n")
+    record.write_text(json.dumps({"seconds": seconds, "kimg": config.train.kimg}) + "\n")
     return seconds
+
+
+def train_model(name: str, kimg: float, run_dir: Path, teacher: Path | None) -> float:
+    """Train preset ``name`` (from ``teacher``) for ``kimg``; returns wall seconds."""
+    base = preset(name) if teacher is None else with_teacher(preset(name), teacher)
+    return train_run(bench_run(base, kimg), run_dir)
 
 
 def grid(model: torch.nn.Module, steps: int, sampler: str, path: Path) -> str:

@@ -1,0 +1,348 @@
+"""Time to quality (shared/design/benchmarks.md): one-step FID against total training minutes, teacher included.
+
+Every route cmkit has to a one-step model on Fashion-MNIST gets budgets of 5, 10 and 20 minutes of this machine
+(2 CPU cores, bf16 autocast): iCT and CT from scratch; an EDM teacher, then CD, ECT, sCT or sCD from it, with the
+budget split between teacher and student (split = the teacher's share; searched at 10 minutes, where each route
+also tries 0.3 and 0.7; the other budgets use the split that won at 10 minutes, 0.5 until it is known).
+Schedules depend on a run's length, so each budget is its own run.
+
+Budgets count images, not seconds, so that the result does not depend on what else the machine was doing:
+``calibrate`` (run it alone on the machine, all cores) times a short real training run of each route's config
+and stores its images/s in bench/results/time-rates.json; a budget of M minutes then trains
+``M * 60 * images/s`` images. Each run's actual wall time is recorded beside it.
+
+Each model is evaluated with fid-fmnist on N samples at 1 and 2 steps (the 2-step intermediate sigma tuned by
+golden-section search on FID) and with fid-inception on a subset at 1 step (the Inception network runs at about
+8 images/s on 2 cores). Runs and evaluations resume: finished ones are kept in their run directories. Writes
+bench/results/time-to-quality.json, docs/img/time-to-quality.png, sample grids under docs/img/time-to-quality/
+and the table in docs/benchmarks.md from whatever runs are finished.
+
+Usage: python bench/time_to_quality.py calibrate
+       python bench/time_to_quality.py run [--budgets 10] [--routes iCT CD] [--splits 0.5] [--runs runs/time]
+       python bench/time_to_quality.py report
+Several ``run`` processes with disjoint routes may work at once (OMP_NUM_THREADS=1 each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmkit import checkpoint
+from cmkit.config import Config, apply_overrides, preset
+from cmkit.eval.evaluate import evaluate_model, reference_features, tune_two_step_sigma
+from cmkit.eval.features import get_extractor
+from cmkit.files import atomic_write
+from cmkit.teacher import with_teacher
+from cmkit.train import train
+from quality import BATCH, bench_run, grid, train_run
+from throughput import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+RATES = ROOT / "bench" / "results" / "time-rates.json"
+RESULTS = ROOT / "bench" / "results" / "time-to-quality.json"
+PLOT = ROOT / "docs" / "img" / "time-to-quality.png"
+GRIDS = ROOT / "docs" / "img" / "time-to-quality"
+BUDGETS = (5, 10, 20)  # minutes
+SEARCH_BUDGET, SPLITS, DEFAULT_SPLIT = 10, (0.3, 0.5, 0.7), 0.5
+EVAL = {"n": 2_000, "tune_n": 500, "tune_iters": 5, "inception_n": 500}
+CALIBRATE_KIMG = 4.0  # a log line every 1k images
+TEACHER = "fmnist-edm"
+
+
+@dataclass(frozen=True)
+class Route:
+    """A way to a one-step model: ``preset`` with ``overrides``, after a ``teacher`` preset run when given; a
+    route with ``kimg`` trains that many images whatever the budget (a fixed configuration to compare against)."""
+
+    preset: str
+    overrides: tuple[str, ...] = ()
+    teacher: str | None = None
+    kimg: float | None = None
+    speed_of: tuple[str, ...] | None = None  # the overrides that change its speed, when not all of them do
+
+    @property
+    def key(self) -> str:
+        """What its training speed depends on: the preset and the overrides (or ``speed_of``)."""
+        return " ".join((self.preset, *(self.overrides if self.speed_of is None else self.speed_of)))
+
+
+ROUTES = {
+    "iCT": Route("fmnist-ict"),
+    "CT-mu0.9": Route("fmnist-ct", ("method.mu0=0.9", "method.distance=l2"), speed_of=()),  # the paper's values
+    "CD": Route("fmnist-cd", teacher=TEACHER),
+    "ECT": Route("fmnist-ect", teacher=TEACHER),
+    "sCT": Route("fmnist-sct", teacher=TEACHER),
+    "sCD": Route("fmnist-scd", teacher=TEACHER),
+    "iCT-b32-s40": Route("fmnist-ict", ("train.batch=32", "method.s1=40"), speed_of=("train.batch=32",)),
+    "CT-mu0": Route("fmnist-ct", ("method.mu0=0", "method.distance=l2"), speed_of=("method.mu0=0",)),
+    "CT-mu0-huber": Route("fmnist-ct", ("method.mu0=0", "method.distance=pseudo-huber")),
+    "demo-before": Route("fmnist-ict", kimg=48),
+}
+
+
+def config_of(route: Route, teacher: Path | None = None) -> Config:
+    config = apply_overrides(preset(route.preset), list(route.overrides))
+    return config if teacher is None else with_teacher(config, teacher)
+
+
+# ------------------------------------------------------------------------------------------- calibration
+
+def calibrate(keys: dict[str, Route]) -> dict[str, float]:
+    """Images/s of each route's config (and of the teacher's) in a fresh ``CALIBRATE_KIMG`` training run in a
+    scratch directory: the images over the seconds of the training steps after the first log line (the
+    steady state; a run's start-up and saves, a few seconds each, are left out). A teacher route learns from
+    the teacher run just timed."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f}: calibrate alone on the machine, or the rates are too low")
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        teacher = Path(scratch) / "teacher"
+        for key, route in {TEACHER: Route(TEACHER), **keys}.items():
+            config = bench_run(config_of(route, teacher if route.teacher else None), CALIBRATE_KIMG)
+            out = teacher if key == TEACHER else Path(scratch) / "run"
+            train(config, out)
+            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            spans = [((r["step"] - prev["step"]) * config.train.batch, r["images_per_s"])
+                     for prev, r in zip(logged, logged[1:], strict=False)]
+            rates[key] = sum(n for n, _ in spans) / sum(n / speed for n, speed in spans)
+            print(f"{key}: {rates[key]:.1f} images/s")
+            if out != teacher:
+                shutil.rmtree(out)
+    return rates
+
+
+def load_rates() -> dict[str, float]:
+    return json.loads(RATES.read_text())["rates"] if RATES.exists() else {}
+
+
+def rate(key: str, rates: dict[str, float]) -> float:
+    if key not in rates:
+        raise SystemExit(f"no training rate for '{key}' in {RATES}: run `python bench/time_to_quality.py calibrate` "
+                         "alone on the machine first")
+    return rates[key]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass(frozen=True)
+class Plan:
+    """One benchmark run: ``route`` with ``budget`` minutes, ``split`` of them for its teacher."""
+
+    label: str
+    route: Route
+    budget: float
+    split: float
+
+    def name(self) -> str:
+        slug = self.label.lower()
+        if self.route.kimg is not None:
+            return slug
+        return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.teacher else "")
+
+    def kimg(self, rates: dict[str, float]) -> tuple[float, float]:
+        """(teacher kimg, student kimg) of the budget."""
+        if self.route.kimg is not None:
+            return 0.0, self.route.kimg
+        seconds = self.budget * 60
+        if self.route.teacher is None:
+            return 0.0, seconds * rate(self.route.key, rates) / 1000
+        return (seconds * self.split * rate(TEACHER, rates) / 1000,
+                seconds * (1 - self.split) * rate(self.route.key, rates) / 1000)
+
+
+def best_splits(results: dict[str, dict]) -> dict[str, float]:
+    """Per route, the split whose run at ``SEARCH_BUDGET`` minutes has the lowest 1-step fid-fmnist."""
+    best: dict[str, tuple[float, float]] = {}
+    for entry in results.values():
+        if entry["budget"] == SEARCH_BUDGET and entry["teacher_kimg"] > 0:
+            fid = entry["fid_fmnist"][0]["fid"]
+            if entry["route"] not in best or fid < best[entry["route"]][1]:
+                best[entry["route"]] = (entry["split"], fid)
+    return {route: split for route, (split, _) in best.items()}
+
+
+def plans(labels: list[str], budget: float, known: dict[str, float], search: tuple[float, ...]) -> list[Plan]:
+    """The runs of ``budget`` minutes for the routes ``labels``, at the splits ``known`` per route (the splits
+    ``search`` at the search budget); a fixed-size route's one run whatever the budget."""
+    out = []
+    for label in labels:
+        route = ROUTES[label]
+        if route.kimg is not None:
+            out.append(Plan(label, route, 0, 0.0))
+        elif route.teacher is None:
+            out.append(Plan(label, route, budget, 0.0))
+        else:
+            splits = search if budget == SEARCH_BUDGET else (known.get(label, DEFAULT_SPLIT),)
+            out += [Plan(label, route, budget, split) for split in splits]
+    return out
+
+
+def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
+    """Train the plan's teacher (shared by the plans with the same teacher images; a lock keeps concurrent
+    processes from training it twice) and its student; their sizes, minutes and wall seconds."""
+    teacher_kimg, student_kimg = plan.kimg(rates)
+    teacher_dir, teacher_seconds, minutes = None, 0.0, student_kimg * 1000 / rate(plan.route.key, rates) / 60
+    if plan.route.teacher:
+        teacher_kimg = round(teacher_kimg, 1)
+        teacher_dir = runs / f"teacher-{teacher_kimg:g}k"
+        runs.mkdir(parents=True, exist_ok=True)
+        with open(runs / f"{teacher_dir.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            teacher_seconds = train_run(bench_run(preset(plan.route.teacher), teacher_kimg), teacher_dir)
+        minutes += teacher_kimg * 1000 / rate(TEACHER, rates) / 60
+    seconds = train_run(bench_run(config_of(plan.route, teacher_dir), student_kimg), runs / plan.name())
+    return {"route": plan.label, "config": plan.route.key, "budget": plan.budget, "split": plan.split,
+            "teacher_kimg": teacher_kimg, "student_kimg": student_kimg, "minutes": minutes,
+            "wall_seconds": teacher_seconds + seconds}
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> dict:
+    """fid-fmnist at 1 and 2 steps (2-step sigma tuned), fid-inception at 1 step, grids; kept in the run."""
+    record = run_dir / "time-eval.json"
+    if record.exists() and json.loads(record.read_text())["settings"] == EVAL:
+        return json.loads(record.read_text())["entry"]
+    model, config = checkpoint.load_export(run_dir)
+    GRIDS.mkdir(parents=True, exist_ok=True)
+    fmnist, inception = extractors["fid-fmnist"], extractors["fid-inception"]
+    best, _ = tune_two_step_sigma(model, n=EVAL["tune_n"], extractor=fmnist, reference=references["fid-fmnist"],
+                                  batch=BATCH, iters=EVAL["tune_iters"], precision="bf16")
+    model.tuned_sigmas[2] = [model.sigma_max, best]
+    checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
+    common = {"batch": BATCH, "sampler": "consistency", "precision": "bf16"}
+    entry = {"two_step_sigma": best,
+             "fid_fmnist": evaluate_model(model, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
+                                          reference=references["fid-fmnist"], **common),
+             "fid_inception": evaluate_model(model, steps=(1,), n=EVAL["inception_n"], extractor=inception,
+                                             reference=references["fid-inception"], **common),
+             "grids": {k: grid(model, k, "consistency", GRIDS / f"{plan.name()}-{k}step.png") for k in (1, 2)}}
+    record.write_text(json.dumps({"settings": EVAL, "entry": entry}, indent=2) + "\n")
+    return entry
+
+
+def load_references() -> tuple[dict, dict]:
+    extractors = {name: get_extractor(name) for name in ("fid-fmnist", "fid-inception")}
+    sizes = {"fid-fmnist": 10_000, "fid-inception": EVAL["inception_n"]}
+    references = {name: reference_features("fashion-mnist", extractors[name], n=sizes[name], resolution=28,
+                                           channels=1) for name in extractors}
+    return extractors, references
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def collect(runs: Path) -> dict[str, dict]:
+    """Every finished and evaluated run under ``runs``, by run name."""
+    results = {}
+    for record in sorted(runs.glob("*/time-run.json")):
+        evaluation = record.parent / "time-eval.json"
+        if evaluation.exists():
+            results[record.parent.name] = {**json.loads(record.read_text()),
+                                           **json.loads(evaluation.read_text())["entry"]}
+    return results
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Command: `{result['command']}` -- {m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores. "
+             f"Minutes are training minutes of this machine at the calibrated images/s (`bench/results/"
+             f"time-rates.json`), teacher included; wall is the runs' measured time (longer where runs shared the "
+             f"machine). fid-fmnist on {EVAL['n']} samples, fid-inception on {EVAL['inception_n']} (1 step); the "
+             "2-step intermediate sigma is tuned by golden-section search on fid-fmnist. Split: the teacher's share.",
+             "", "| route | config | minutes | split | teacher images | student images | wall | fid-fmnist 1 step | "
+             "2 steps | fid-inception 1 step | precision | recall |", "|---" * 12 + "|"]
+    for entry in sorted(result["runs"].values(), key=lambda e: (e["minutes"], e["route"], e["split"])):
+        one, two = entry["fid_fmnist"]
+        split = f"{entry['split']:g}" if entry["teacher_kimg"] else "-"
+        lines.append(f"| {entry['route']} | {entry['config']} | {entry['minutes']:.1f} | {split} | "
+                     f"{entry['teacher_kimg'] * 1000:,.0f} | "
+                     f"{entry['student_kimg'] * 1000:,.0f} | {entry['wall_seconds'] / 60:.1f} min | {one['fid']:.2f} | "
+                     f"{two['fid']:.2f} | {entry['fid_inception'][0]['fid']:.1f} | {one['precision']:.3f} | "
+                     f"{one['recall']:.3f} |")
+    lines += ["", f"![one-step FID against training minutes]({PLOT.relative_to(ROOT / 'docs')})", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    """One-step fid-fmnist and fid-inception against minutes, one line per route at its best split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = best_splits(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for label in ROUTES:
+        points = sorted((e["minutes"], e["fid_fmnist"][0]["fid"], e["fid_inception"][0]["fid"])
+                        for e in results.values() if e["route"] == label
+                        and (not e["teacher_kimg"] or e["split"] == splits.get(label, DEFAULT_SPLIT)))
+        if points:
+            minutes, fmnist, inception = zip(*points, strict=True)
+            for ax, values in zip(axes, (fmnist, inception), strict=True):
+                ax.plot(minutes, values, marker="o", label=label)
+    for ax, metric in zip(axes, ("fid-fmnist", "fid-inception"), strict=True):
+        ax.set_xlabel("training minutes on 2 CPU cores, teacher included")
+        ax.set_ylabel(f"1-step FID ({metric})")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+
+
+def report(runs: Path) -> None:
+    results = collect(runs)
+    if not results:
+        raise SystemExit(f"no evaluated runs under {runs}")
+    plot(results, PLOT)
+    result = {"command": "python bench/time_to_quality.py run && python bench/time_to_quality.py report",
+              "machine": machine(), "eval": EVAL, "rates": load_rates(), "runs": results}
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    docs = ROOT / "docs" / "benchmarks.md"
+    start, end = "<!-- time-to-quality:start -->", "<!-- time-to-quality:end -->"
+    text = docs.read_text()
+    if start not in text:
+        text += f"\n## Time to quality (`bench/time_to_quality.py`)\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    docs.write_text(f"{head}{start}\n{table(result)}\n{end}{rest.partition(end)[2]}")
+    print(table(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("calibrate", "run", "report"))
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "time", help="where the models are trained")
+    parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="minutes")
+    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), metavar="ROUTE",
+                        help=f"routes to run: {', '.join(ROUTES)}")
+    parser.add_argument("--splits", nargs="+", type=float, default=list(SPLITS),
+                        help=f"the teacher's shares to try at {SEARCH_BUDGET} minutes")
+    args = parser.parse_args()
+    if args.command == "calibrate":
+        rates = {**load_rates(), **calibrate({ROUTES[r].key: ROUTES[r] for r in args.routes})}
+        RATES.write_text(json.dumps({"machine": machine(), "kimg": CALIBRATE_KIMG, "rates": rates}, indent=2) + "\n")
+        return
+    if args.command == "run":
+        rates, (extractors, references) = load_rates(), load_references()
+        for budget in sorted(args.budgets, key=lambda b: b != SEARCH_BUDGET):  # the split search first
+            for plan in plans(args.routes, budget, best_splits(collect(args.runs)), tuple(args.splits)):
+                sizes = train_plan(plan, args.runs, rates)
+                (args.runs / plan.name() / "time-run.json").write_text(json.dumps(sizes) + "\n")
+                evaluate(plan, args.runs / plan.name(), extractors, references)
+    report(args.runs)
+
+
+if __name__ == "__main__":
+    main()
