@@ -36,9 +36,8 @@ from pathlib import Path
 
 from cmkit import checkpoint
 from cmkit.config import Config, apply_overrides, preset
-from cmkit.eval.evaluate import evaluate_model, reference_features, tune_two_step_sigma
+from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure, tune_two_step_sigma
 from cmkit.eval.features import get_extractor
-from cmkit.files import atomic_write
 from cmkit.teacher import with_teacher
 from cmkit.train import train
 from quality import BATCH, bench_run, grid, train_run
@@ -199,9 +198,9 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
             teacher_seconds = train_run(bench_run(preset(plan.route.teacher), teacher_kimg), teacher_dir)
         minutes += teacher_kimg * 1000 / rate(TEACHER, rates) / 60
     seconds = train_run(bench_run(config_of(plan.route, teacher_dir), student_kimg), runs / plan.name())
-    return {"route": plan.label, "config": plan.route.key, "budget": plan.budget, "split": plan.split,
-            "teacher_kimg": teacher_kimg, "student_kimg": student_kimg, "minutes": minutes,
-            "wall_seconds": teacher_seconds + seconds}
+    return {"route": plan.label, "config": " ".join((plan.route.preset, *plan.route.overrides)),
+            "budget": plan.budget, "split": plan.split, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
+            "minutes": minutes, "wall_seconds": teacher_seconds + seconds}
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -267,7 +266,10 @@ def table(result: dict) -> str:
                      f"{entry['student_kimg'] * 1000:,.0f} | {entry['wall_seconds'] / 60:.1f} min | {one['fid']:.2f} | "
                      f"{two['fid']:.2f} | {entry['fid_inception'][0]['fid']:.1f} | {one['precision']:.3f} | "
                      f"{one['recall']:.3f} |")
-    lines += ["", f"![one-step FID against training minutes]({PLOT.relative_to(ROOT / 'docs')})", ""]
+    lines += ["", f"![one-step FID against training minutes]({PLOT.relative_to(ROOT / 'docs')})", "",
+              "Sample grids (1 step, 2 steps): " + ", ".join(
+                  f"{name}: [1]({Path(e['grids']['1']).relative_to('docs')}), "
+                  f"[2]({Path(e['grids']['2']).relative_to('docs')})" for name, e in sorted(result["runs"].items()))]
     return "\n".join(lines)
 
 
@@ -294,12 +296,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(runs: Path) -> None:

@@ -312,6 +312,13 @@ def plot_quality(series: dict[str, list[tuple[int, float]]], path: Path, *, metr
     ax.set_ylabel(f"FID ({metric})")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure to ``path`` as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         with atomic_write(path) as tmp:
