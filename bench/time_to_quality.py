@@ -13,7 +13,8 @@ and stores its images/s in bench/results/time-rates.json; a budget of M minutes 
 
 Each model is evaluated with fid-fmnist on N samples at 1 and 2 steps (the 2-step intermediate sigma tuned by
 golden-section search on FID) and with fid-inception on a subset at 1 step (the Inception network runs at about
-8 images/s on 2 cores). Runs and evaluations resume: finished ones are kept in their run directories. Writes
+8 images/s on 2 cores). Runs and evaluations resume: finished ones are kept in their run directories, and
+the rows of the committed results file are kept (a later session adds its runs to them). Writes
 bench/results/time-to-quality.json, docs/img/time-to-quality.png, sample grids under docs/img/time-to-quality/
 and the table in docs/benchmarks.md from whatever runs are finished.
 
@@ -239,8 +240,9 @@ def load_references() -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------ report
 
 def collect(runs: Path) -> dict[str, dict]:
-    """Every finished and evaluated run under ``runs``, by run name."""
-    results = {}
+    """Every finished and evaluated run: those in the committed results file (runs of earlier sessions, maybe on
+    other machines) updated by those under ``runs``, by run name."""
+    results = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else {}
     for record in sorted(runs.glob("*/time-run.json")):
         evaluation = record.parent / "time-eval.json"
         if evaluation.exists():
@@ -302,7 +304,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
 def report(runs: Path) -> None:
     results = collect(runs)
     if not results:
-        raise SystemExit(f"no evaluated runs under {runs}")
+        raise SystemExit(f"no evaluated runs under {runs} or in {RESULTS}")
     plot(results, PLOT)
     result = {"command": "python bench/time_to_quality.py run && python bench/time_to_quality.py report",
               "machine": machine(), "eval": EVAL, "rates": load_rates(), "runs": results}
