@@ -75,6 +75,17 @@ def train_model(name: str, kimg: float, run_dir: Path, teacher: Path | None) -> 
     return train_run(bench_run(base, kimg), run_dir)
 
 
+def tune_two_step(model: torch.nn.Module, config: Config, run_dir: Path, *, n: int, iters: int, extractor,
+                  reference: np.ndarray) -> tuple[float, list[dict[str, float]]]:
+    """Tune the model's 2-step intermediate sigma on FID (bf16) and store it in the run's export, as
+    ``cmkit tune-steps`` does; returns the search's best sigma and history."""
+    best, history = tune_two_step_sigma(model, n=n, extractor=extractor, reference=reference, batch=BATCH,
+                                        iters=iters, precision="bf16")
+    model.tuned_sigmas[2] = [model.sigma_max, best]
+    checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
+    return best, history
+
+
 def grid(model: torch.nn.Module, steps: int, sampler: str, path: Path) -> str:
     images = np.concatenate([to_numpy_images(b) for b in generate(
         model, range(64), sigmas=default_sigmas(model, steps), sampler=sampler, batch_size=64)])
@@ -90,10 +101,8 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
     model, config = checkpoint.load_export(run_dir)
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
     if model.kind == "consistency":
-        best, history = tune_two_step_sigma(model, n=size["tune_n"], extractor=extractor, reference=reference,
-                                            batch=BATCH, iters=size["tune_iters"], precision="bf16")
-        model.tuned_sigmas[2] = [model.sigma_max, best]
-        checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
+        best, history = tune_two_step(model, config, run_dir, n=size["tune_n"], iters=size["tune_iters"],
+                                      extractor=extractor, reference=reference)
         entry.update(two_step_sigma=best, tune_history=history)
     steps = STUDENT_STEPS if model.kind == "consistency" else TEACHER_STEPS
     sampler = sampling_policy(model).sampler

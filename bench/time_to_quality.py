@@ -37,11 +37,11 @@ from pathlib import Path
 
 from cmkit import checkpoint
 from cmkit.config import Config, apply_overrides, preset
-from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure, tune_two_step_sigma
+from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
 from cmkit.teacher import with_teacher
 from cmkit.train import train
-from quality import BATCH, bench_run, grid, train_run
+from quality import BATCH, bench_run, grid, train_run, tune_two_step
 from throughput import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,12 +212,9 @@ def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> d
     if record.exists() and json.loads(record.read_text())["settings"] == EVAL:
         return json.loads(record.read_text())["entry"]
     model, config = checkpoint.load_export(run_dir)
-    GRIDS.mkdir(parents=True, exist_ok=True)
     fmnist, inception = extractors["fid-fmnist"], extractors["fid-inception"]
-    best, _ = tune_two_step_sigma(model, n=EVAL["tune_n"], extractor=fmnist, reference=references["fid-fmnist"],
-                                  batch=BATCH, iters=EVAL["tune_iters"], precision="bf16")
-    model.tuned_sigmas[2] = [model.sigma_max, best]
-    checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
+    best, _ = tune_two_step(model, config, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"], extractor=fmnist,
+                            reference=references["fid-fmnist"])
     common = {"batch": BATCH, "sampler": "consistency", "precision": "bf16"}
     entry = {"two_step_sigma": best,
              "fid_fmnist": evaluate_model(model, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
@@ -335,6 +332,7 @@ def main() -> None:
         return
     if args.command == "run":
         rates, (extractors, references) = load_rates(), load_references()
+        GRIDS.mkdir(parents=True, exist_ok=True)
         for budget in sorted(args.budgets, key=lambda b: b != SEARCH_BUDGET):  # the split search first
             for plan in plans(args.routes, budget, best_splits(collect(args.runs)), tuple(args.splits)):
                 sizes = train_plan(plan, args.runs, rates)
