@@ -504,7 +504,7 @@ def test_cd_distils_a_diffusers_teacher_and_ect_and_sct_refuse_one(fmnist_subset
               "net.attn_resolutions=14", "train.batch=32", "train.snap_kimg=0.064"]
     assert main(["train", "--preset", "fmnist-cd", *common]) == 0
     err = capsys.readouterr().err
-    assert "cmkit: warning: a diffusers teacher cannot seed a cmkit student" in err
+    assert "cmkit: warning: a diffusers teacher cannot seed the student" in err
     assert f"cmkit: warning: --teacher {teacher.resolve()}: its noise table starts at sigma 0.01" in err
     assert json.loads((tmp_path / "cd" / "config.json").read_text())["method"]["teacher"] == str(teacher.resolve())
     for name in ("ect", "sct"):  # they start from the teacher's own weights

@@ -172,15 +172,17 @@ def gather_in_order(local: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel under torchrun; ``model`` itself in one process."""
+def data_parallel(model: nn.Module, device: torch.device, *, find_unused: bool = False) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torchrun; ``model`` itself in one process.
+    ``find_unused``: some steps leave parameters without gradients (a warm-start does not train sCM's
+    log-variance head), which DDP must then look for."""
     if world_size() == 1:
         return model
     # 1x1-conv gradients [C, C, 1, 1] arrive with other (equivalent) strides for their size-1 dims
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
-                                               gradient_as_bucket_view=True)
+                                               gradient_as_bucket_view=True, find_unused_parameters=find_unused)
 
 
 def check_batch(batch: int, accum: int) -> int:

@@ -29,7 +29,17 @@ from torch import Tensor, nn
 from cmkit import schedules
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
+from cmkit.methods import (
+    CDConfig,
+    CTConfig,
+    ECTConfig,
+    EDMConfig,
+    ICTConfig,
+    MethodConfig,
+    SCDConfig,
+    SCTConfig,
+    TaughtConfig,
+)
 from cmkit.nets import forward_mode
 from cmkit.precond import trigflow_velocity
 from cmkit.rng import GlobalNoise, RowNoise
@@ -53,18 +63,27 @@ def replayed_randomness(device: torch.device) -> Iterator[None]:
 
 
 class EDMLoss:
-    """EDM denoising loss (Karras et al. 2022, eq. 8): ln sigma ~ N(P_mean, P_std^2), weight 1/c_out^2."""
+    """EDM denoising loss (Karras et al. 2022, eq. 8): ln sigma ~ N(P_mean, P_std^2), weight 1/c_out^2.
 
-    def __init__(self, *, p_mean: float, p_std: float, sigma_data: float) -> None:
-        self.p_mean, self.p_std, self.sigma_data = p_mean, p_std, sigma_data
+    With a ``teacher`` (a diffusion denoiser) the regression target is the teacher's output at the same noisy
+    image instead of the clean one: a student's warm-start (:class:`WarmStarted`).
+    """
+
+    def __init__(self, *, p_mean: float, p_std: float, sigma_data: float, teacher: nn.Module | None = None) -> None:
+        self.p_mean, self.p_std, self.sigma_data, self.teacher = p_mean, p_std, sigma_data, teacher
 
     def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
                  target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         noise, n = noise or GlobalNoise(), x0.shape[0]
         sigma = (noise.randn(n, device=x0.device) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        denoised = model(x0 + sigma.view(-1, 1, 1, 1) * noise.randn(*x0.shape, device=x0.device), sigma, labels)
-        return weight * (denoised - x0).pow(2).flatten(1).mean(1)
+        x = x0 + sigma.view(-1, 1, 1, 1) * noise.randn(*x0.shape, device=x0.device)
+        goal = x0 if self.teacher is None else self._teacher(x, sigma, labels)
+        return weight * (model(x, sigma, labels) - goal).pow(2).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def _teacher(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        return self.teacher(x, sigma, labels).float()
 
     def target_decay(self, images_seen: int) -> float | None:
         return None
@@ -269,7 +288,28 @@ class SCMLoss:
         return {"tangent_warmup": self.warmup(images_seen)}
 
 
-Loss = EDMLoss | ConsistencyLoss | SCMLoss
+class WarmStarted:
+    """A student's ``loss`` after a warm-start: for its first ``images`` training images the student regresses
+    the teacher's denoiser (``warm``, an :class:`EDMLoss` with a teacher); then ``loss`` takes over, its
+    schedules (stages, tangent warm-up, target rate) counting the images seen since the warm-start ended."""
+
+    def __init__(self, loss: ConsistencyLoss | SCMLoss, *, warm: EDMLoss, images: int) -> None:
+        self.loss, self.warm, self.images = loss, warm, images
+
+    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+                 target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
+        if images_seen < self.images:
+            return self.warm(model, x0, labels, images_seen=images_seen, noise=noise)
+        return self.loss(model, x0, labels, images_seen=images_seen - self.images, target=target, noise=noise)
+
+    def target_decay(self, images_seen: int) -> float | None:
+        return self.loss.target_decay(max(0, images_seen - self.images))
+
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return {"warm_start": float(images_seen < self.images), **self.loss.stats(max(0, images_seen - self.images))}
+
+
+Loss = EDMLoss | ConsistencyLoss | SCMLoss | WarmStarted
 LossBuilder = Callable[..., Loss]
 BUILDERS: dict[str, LossBuilder] = {}
 
@@ -287,11 +327,23 @@ def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.
 
     ``dim`` is D, the number of values in one sample; ``total_images`` the run's length in training images
     (the curricula's K); ``teacher`` the diffusion denoiser whose outputs CD and sCD learn from (CmkitError
-    when such a method has none).
+    when such a method has none). A method with ``warm_start_kimg > 0`` gets its loss :class:`WarmStarted`, with
+    EDM's published noise levels (:data:`WARM_START_LEVELS`); its own loss then sees the remaining images.
     """
     if method.needs_teacher and not method.teacher_seeds_only and teacher is None:
         raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")
-    return BUILDERS[method.name](method, dim=dim, total_images=total_images, teacher=teacher)
+    warm = round(method.warm_start_kimg * 1000) if isinstance(method, TaughtConfig) else 0
+    loss = BUILDERS[method.name](method, dim=dim, total_images=total_images - warm, teacher=teacher)
+    if warm == 0:
+        return loss
+    if teacher is None:
+        raise CmkitError(f"method.warm_start_kimg={method.warm_start_kimg:g}: a warm-start needs --teacher MODEL")
+    edm = EDMLoss(**WARM_START_LEVELS, sigma_data=method.sigma_data, teacher=teacher)
+    return WarmStarted(loss, warm=edm, images=warm)
+
+
+# The warm-start's noise levels: EDM's (Karras et al. 2022, Table 1), ln sigma ~ N(-1.2, 1.2^2).
+WARM_START_LEVELS = {"p_mean": -1.2, "p_std": 1.2}
 
 
 def _no_target(images_seen: int) -> None:

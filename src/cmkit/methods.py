@@ -6,7 +6,8 @@ a consistency model), ``parameterisation`` which wrapper of :mod:`cmkit.precond`
 ``trigflow``), ``logvar_head`` whether its loss learns the network's log-variance head, ``needs_teacher``
 whether it takes a trained diffusion model, ``teacher_optional`` whether it can also train without one and
 ``teacher_seeds_only`` whether the teacher serves only as the student's starting weights (so it must be a
-cmkit model).
+cmkit model). The methods that take a teacher share its fields (:class:`TaughtConfig`): the teacher, whether
+the student's network is the teacher's or the config's own, and the length of a warm-start.
 Adding a method means adding a class here (registered in :data:`METHODS`) and a loss builder in
 :mod:`cmkit.losses`.
 """
@@ -21,6 +22,7 @@ from cmkit.errors import CmkitError
 from cmkit.precond import C_NOISE
 
 DISTANCES = ("l2", "pseudo-huber")
+STUDENT_NETS = ("teacher", "own")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,32 @@ class _ConsistencyDistance(MethodConfig):
 
 
 @dataclass(frozen=True)
+class TaughtConfig(MethodConfig):
+    """The fields of the methods that take a diffusion ``teacher`` (a path; empty until ``--teacher``).
+
+    ``student_net``: ``teacher`` makes the student's network the teacher's (``--teacher`` copies a cmkit teacher's
+    net section into the config, and ``net.*`` settings that differ are refused); ``own`` keeps the config's net
+    section, which may be smaller or otherwise shaped. A student whose network equals the teacher's starts from
+    the teacher's weights; any other starts from fresh weights, and for the first ``warm_start_kimg`` thousand
+    images regresses the teacher's denoiser outputs at EDM's noise levels (one teacher evaluation per image)
+    before its own loss begins (:class:`cmkit.losses.WarmStarted`).
+    """
+
+    teacher: str = ""
+    student_net: str = "teacher"
+    warm_start_kimg: float = 0.0
+
+    needs_teacher: ClassVar[bool] = True
+
+    def problems(self) -> list[str]:
+        warm = self.warm_start_kimg
+        checks = [(self.student_net in STUDENT_NETS, f"method.student_net: unknown value '{self.student_net}'; "
+                   f"expected one of {', '.join(STUDENT_NETS)}"),
+                  (warm >= 0 and math.isfinite(warm), f"method.warm_start_kimg: expected >= 0, got {warm}")]
+        return super().problems() + [message for ok, message in checks if not ok]
+
+
+@dataclass(frozen=True)
 class EDMConfig(MethodConfig):
     """EDM diffusion training (Karras et al. 2022): ln sigma ~ N(p_mean, p_std^2)."""
 
@@ -139,7 +167,7 @@ class ICTConfig(_ConsistencyDistance):
 
 
 @dataclass(frozen=True)
-class CDConfig(_ConsistencyDistance):
+class CDConfig(_ConsistencyDistance, TaughtConfig):
     """Consistency distillation (CM paper, Alg. 2): a fixed Karras grid of ``num_scales`` levels, a uniformly
     drawn adjacent pair, one Euler or Heun step of the ``teacher``'s ODE, weight 1, EMA target rate ``mu``."""
 
@@ -149,9 +177,7 @@ class CDConfig(_ConsistencyDistance):
     num_scales: int = 18
     mu: float = 0.0
     solver: str = "heun"
-    teacher: str = ""
 
-    needs_teacher: ClassVar[bool] = True
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"distance": DISTANCES, "solver": ("heun", "euler")}
 
     def _positive(self) -> tuple[str, ...]:
@@ -163,7 +189,7 @@ class CDConfig(_ConsistencyDistance):
 
 
 @dataclass(frozen=True)
-class ECTConfig(_ConsistencyDistance):
+class ECTConfig(_ConsistencyDistance, TaughtConfig):
     """Easy consistency tuning (Geng et al. 2024) of a ``teacher``: ln t ~ N(p_mean, p_std^2), r(t) shrinking
     t - r by ``q`` every ``stage_kimg`` thousand images, weight 1 / (t - r)."""
 
@@ -172,9 +198,7 @@ class ECTConfig(_ConsistencyDistance):
     p_std: float = 2.0
     q: float = 2.0
     stage_kimg: float = 3_200.0
-    teacher: str = ""
 
-    needs_teacher: ClassVar[bool] = True
     teacher_seeds_only: ClassVar[bool] = True
 
     def _positive(self) -> tuple[str, ...]:
@@ -185,7 +209,7 @@ class ECTConfig(_ConsistencyDistance):
 
 
 @dataclass(frozen=True)
-class _SCMConfig(MethodConfig):
+class _SCMConfig(TaughtConfig):
     """Continuous-time consistency models in TrigFlow form (sCM, Lu and Song 2024, Alg. 1).
 
     ``tau ~ N(p_mean, p_std^2)``, ``t = arctan(e^tau / sigma_data)`` (kept within the model's
@@ -199,11 +223,9 @@ class _SCMConfig(MethodConfig):
     tangent_warmup_kimg: float = 5_120.0
     tangent_c: float = 0.1
     c_noise: str = "log-sigma"
-    teacher: str = ""
 
     parameterisation: ClassVar[str] = "trigflow"
     logvar_head: ClassVar[bool] = True
-    needs_teacher: ClassVar[bool] = True
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"c_noise": C_NOISE}
 
     def wrapper_options(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Diffusion teachers for consistency distillation (CD) and easy consistency tuning (ECT).
 
 A teacher is a diffusion denoiser ``(x, sigma, labels) -> x0``: a cmkit EDM export (or run directory), or a
-diffusers ``UNet2DModel`` folder through :mod:`cmkit.nets.foreign`. A cmkit teacher also seeds the
-student: the student's backbone starts from the teacher's weights, so it takes the teacher's architecture.
+diffusers ``UNet2DModel`` folder through :mod:`cmkit.nets.foreign`. By default the student takes a cmkit
+teacher's network and starts from its weights; with ``method.student_net=own`` it keeps the config's network,
+which may be smaller: it starts from the teacher's weights only where the two networks are equal, else from
+fresh weights, warm-started on the teacher's denoiser for ``method.warm_start_kimg`` (:mod:`cmkit.losses`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def is_cmkit_model(path: Path) -> bool:
 
 def with_teacher(config: Config, teacher: str | Path) -> Config:
     """``config`` distilling/tuning ``teacher``: the path made absolute (so resuming works from anywhere)
-    and, for a cmkit teacher, the teacher's network (the student's dropout is kept)."""
+    and, for a cmkit teacher and ``method.student_net=teacher``, the teacher's network (the student's dropout is
+    kept)."""
     path = Path(teacher).resolve()
     if not config.method.needs_teacher:
         raise CmkitError(f"--teacher: the {config.method.name} method trains without a teacher; "
@@ -36,7 +39,7 @@ def with_teacher(config: Config, teacher: str | Path) -> Config:
     if not path.exists():
         raise CmkitError(f"--teacher {teacher}: no such file or directory")
     config = replace(config, method=replace(config.method, teacher=str(path)))
-    if is_cmkit_model(path):
+    if is_cmkit_model(path) and config.method.student_net == "teacher":
         net = checkpoint.export_config(path).net
         config = replace(config, net=replace(net, dropout=config.net.dropout))
     return config
@@ -49,6 +52,9 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
     if not m.needs_teacher:
         return None
     if not m.teacher:
+        if m.teacher_optional and m.warm_start_kimg > 0:
+            raise CmkitError(f"method.warm_start_kimg={m.warm_start_kimg:g}: a warm-start regresses a teacher's "
+                             "denoiser; pass --teacher MODEL or set method.warm_start_kimg=0")
         if m.teacher_optional:
             return None
         raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "
@@ -59,7 +65,8 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if stored.is_consistency:
             raise CmkitError(f"--teacher {path}: a consistency model ({stored.method.name}); a teacher must be a "
                              "diffusion model (trained with an *-edm preset)")
-        _check_same_net(stored, config, path)
+        if m.student_net == "teacher":
+            _check_same_net(stored, config, path)
     elif path.is_dir():
         from cmkit.nets.foreign import check_noise_range, is_diffusers_folder, load_diffusers_teacher
 
@@ -93,20 +100,31 @@ def _check_fit(teacher: nn.Module, config: Config, path: Path) -> None:
 
 
 def _check_same_net(stored: Config, config: Config, path: Path) -> None:
-    """The student starts from a cmkit teacher's weights, so its network must be the teacher's (dropout aside)."""
+    """With ``method.student_net=teacher`` the student's network must be the teacher's (dropout aside)."""
     theirs, ours = asdict(replace(stored.net, dropout=config.net.dropout)), asdict(config.net)
     diff = ", ".join(f"net.{k}: {theirs[k]} (teacher) vs {ours[k]}" for k in ours if ours[k] != theirs[k])
     if diff:
-        raise CmkitError(f"--teacher {path}: the student starts from the teacher's weights, so its network must be "
-                         f"the teacher's ({diff}); drop those net.* settings")
+        raise CmkitError(f"--teacher {path}: with method.student_net=teacher the student is the teacher's network "
+                         f"({diff}); drop those net.* settings, or set method.student_net=own for a student of its "
+                         "own shape (fresh weights; see method.warm_start_kimg)")
+
+
+def same_net(config: Config) -> bool:
+    """True when the student's network (``config.net``) is its cmkit teacher's, dropout aside."""
+    theirs = checkpoint.export_config(config.method.teacher).net
+    return replace(theirs, dropout=config.net.dropout) == config.net
 
 
 def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
-    """Start the student from a cmkit teacher's backbone weights (CD, ECT, sCT, sCD). A diffusers teacher cannot seed a
-    cmkit student: CD then starts from fresh weights (ECT refuses such a teacher in :func:`load_teacher`)."""
+    """Start the student from a cmkit teacher's backbone weights (CD, ECT, sCT, sCD) when its network is the
+    teacher's; otherwise it keeps its fresh weights (a warning when no warm-start follows). A diffusers teacher
+    cannot seed a cmkit student (ECT and sCT refuse one in :func:`load_teacher`)."""
     if teacher is None:
         return
-    if not isinstance(teacher, EDMDenoiser):
-        warnings.warn("a diffusers teacher cannot seed a cmkit student: CD starts from fresh weights", stacklevel=2)
+    if isinstance(teacher, EDMDenoiser) and same_net(config):
+        student.adopt_backbone(teacher)
         return
-    student.adopt_backbone(teacher)
+    if config.method.warm_start_kimg == 0:
+        why = "a diffusers teacher" if not isinstance(teacher, EDMDenoiser) else "the student's own network"
+        warnings.warn(f"{why} cannot seed the student: it starts from fresh weights with no warm-start "
+                      "(method.warm_start_kimg=0)", stacklevel=2)

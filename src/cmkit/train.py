@@ -31,7 +31,7 @@ from cmkit import checkpoint, data, dist, rundir, schedules
 from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
 from cmkit.images import to_numpy_images
-from cmkit.losses import make_loss
+from cmkit.losses import WarmStarted, make_loss
 from cmkit.rng import BatchNoise, derive_seed
 from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.teacher import init_student, load_teacher
@@ -107,7 +107,8 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
         if t.compile:  # in place: the state_dict keys stay those of the plain module
             self.model.net.compile()
-        self.ddp = dist.data_parallel(self.model, device)  # what the loss calls
+        unused = config.method.logvar_head and isinstance(self.loss, WarmStarted)  # the head rests while warming up
+        self.ddp = dist.data_parallel(self.model, device, find_unused=unused)  # what the loss calls
         self.optimizer = make_optimizer(config, self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         self.step = 0
