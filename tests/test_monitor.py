@@ -18,24 +18,27 @@ from safetensors.torch import load_file
 from cmkit import monitor
 from cmkit.checkpoint import BEST_NAME, EXPORT_NAME, list_states, load_state
 from cmkit.errors import CmkitError
+from cmkit.methods import EDMConfig
 from cmkit.monitor import consistency_gaps, evaluations_since_best
 from cmkit.train import Run, TrainingStopped, train
 from conftest import GaussianOracle, exit_status, train_tiny
 
 
 class ScriptedFid:
-    """Stands in for ``evaluate_model``: call i (evaluation i) scores ``script[i]`` at 1 step and one less at 2
-    steps; keeps a copy of the weights it was asked to score; ``on_call`` runs first."""
+    """Stands in for ``evaluate_model``: call i (evaluation i) scores ``script[i]`` at the first step count and
+    one less at the second; keeps a copy of the weights it was asked to score and the options; ``on_call`` runs
+    first."""
 
     def __init__(self, script: list[float], on_call=None) -> None:
-        self.script, self.on_call, self.weights = script, on_call, []
+        self.script, self.on_call, self.weights, self.calls = script, on_call, [], []
 
     def __call__(self, model, *, steps, **options):
         if self.on_call is not None:
             self.on_call(len(self.weights))
         self.weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        self.calls.append({"steps": tuple(steps), **options})
         fid = self.script[len(self.weights) - 1]
-        return [{"steps": k, "fid": fid - (k - 1)} for k in steps]
+        return [{"steps": k, "fid": fid - i} for i, k in enumerate(steps)]
 
 
 @pytest.fixture
@@ -65,7 +68,7 @@ def _config(tiny_config, data, **train):
 
 def _evaluations(out):
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return [ln for ln in lines if "fid_1step" in ln]
+    return [ln for ln in lines if "best_fid" in ln]
 
 
 def _without_time(records):
@@ -105,6 +108,18 @@ def test_patience_stops_and_the_best_model_is_the_ema_of_the_best_evaluation(scr
         torch.testing.assert_close(value, stub.weights[1][key], rtol=0, atol=0)
     assert not all(torch.equal(best[k], v) for k, v in stub.weights[-1].items())  # the EMA moved on since
     assert "did not improve on 40.00 (at 64 images) in 3 evaluations (train.eval_patience 3)" in capsys.readouterr().err
+
+
+def test_a_diffusion_model_is_scored_with_heun_and_without_the_consistency_metric(scripted, tiny_config,
+                                                                                 fmnist_subset, tmp_path, capsys):
+    stub = scripted([70.0, 60.0])
+    config = replace(_config(tiny_config, fmnist_subset, eval_kimg=0.064, until_fid=60), method=EDMConfig())
+    train(config, tmp_path / "run")  # stops at step 4, before the run's one Heun sample grid (step 8)
+    assert [(c["steps"], c["sampler"], c["n"]) for c in stub.calls] == [((18,), "heun", 1000)] * 2
+    first, second = _evaluations(tmp_path / "run")
+    assert (first["step"], first["fid_18step"], second["step"], second["best_fid"]) == (2, 70, 4, 60)
+    assert "consistency" not in second and "fid_1step" not in second
+    assert "stopped at 128 images: 18-step heun fid-fmnist 60.00 <= train.until_fid 60" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_history_best_fid_and_patience_count(scripted, tiny_config, fmnist_subset, tmp_path):
