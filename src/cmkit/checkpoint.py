@@ -27,9 +27,10 @@ from cmkit.nets import UNet
 from cmkit.precond import WRAPPERS, Preconditioned
 
 EXPORT_NAME = "model.safetensors"
+BEST_NAME = "model-best.safetensors"  # the EMA export of the best evaluation (cmkit.monitor)
 FORMAT = "cmkit-1"
 _STATE = re.compile(r"state-(\d+)\.pt")
-_PARTIAL = re.compile(r"\.(state-\d+|model)\.\w+\.(pt|safetensors)")  # atomic_path's temporaries of both kinds
+_PARTIAL = re.compile(r"\.(state-\d+|model|model-best)\.\w+\.(pt|safetensors)")  # atomic_path's temporaries
 
 
 def build_model(config: Config) -> Preconditioned:

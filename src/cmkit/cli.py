@@ -22,8 +22,9 @@ from cmkit.errors import CmkitError
 
 def build_config(args: argparse.Namespace) -> Config:
     """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
-    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum, then --set; validated once, at the
-    end, so the order of the options never matters. A data folder is stored as an absolute path."""
+    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum/--until-fid, then --set; validated once,
+    at the end, so the order of the options never matters. A data folder is stored as an absolute path.
+    --until-fid turns evaluation on (:func:`default_eval_kimg`) when train.eval_kimg is still 0, and says so."""
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -34,14 +35,27 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.teacher is not None:
         config = with_teacher(config, args.teacher)
     train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed, "keep_ckpts": args.keep,
-             "precision": args.precision, "accum": args.accum}
+             "precision": args.precision, "accum": args.accum, "until_fid": args.until_fid}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
     config = apply_overrides(config, [kv for group in args.set for kv in group])
+    if args.until_fid is not None and config.train.eval_kimg == 0:
+        config = replace(config, train=replace(config.train, eval_kimg=default_eval_kimg(config)))
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun (the process group does not exist yet)
+            print(f"cmkit: --until-fid evaluates every {config.train.eval_kimg * 1000:,.0f} images (a tenth of "
+                  "the run; set train.eval_kimg to change)", file=sys.stderr)
     if config.data.source not in KNOWN_DATASETS:
         config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
     validate(config)
     return config
+
+
+def default_eval_kimg(config: Config) -> float:
+    """The evaluation interval --until-fid sets when none is configured: a tenth of the run (in whole steps, so
+    the interval printed is the one used), so the stop is found within a tenth of the training length at the
+    cost of about ten evaluations, whatever the length."""
+    t = config.train
+    return max(1, round(t.total_steps / 10)) * t.batch / 1000
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -333,6 +347,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="run seed (default: the preset's, 0)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (train.precision)")
     p.add_argument("--accum", action=_Positive, metavar="K", help="gradient accumulation steps per optimiser step")
+    p.add_argument("--until-fid", action=_Positive, type=float, metavar="X",
+                   help="stop once an evaluation's FID (1-step; diffusion models: Heun) is at most X "
+                        "(train.until_fid; evaluates every tenth of the run unless train.eval_kimg is set)")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. train.lr=2e-4 net.dropout=0.1")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

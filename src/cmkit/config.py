@@ -81,6 +81,11 @@ class TrainConfig:
     the loss stay in float32. ``compile`` compiles the backbone with ``torch.compile``; ``channels_last``
     trains in the NHWC memory format (often faster on GPUs). Neither changes what is saved.
     A step whose loss or gradients are not finite is skipped; ``max_nonfinite`` of them in a row stop the run.
+
+    ``eval_kimg > 0`` evaluates the EMA model at that interval and at the end (:mod:`cmkit.monitor`): FID of
+    ``eval_n`` samples, the consistency metric, ``model-best.safetensors``. Two stop rules act on the primary FID
+    (1-step for consistency models): ``until_fid`` stops once it is at most that value; ``eval_patience = P > 0``
+    stops after P evaluations in a row that did not improve on the best.
     """
 
     kimg: float = 100.0
@@ -102,6 +107,10 @@ class TrainConfig:
     accum: int = 1
     compile: bool = False
     channels_last: bool = False
+    eval_kimg: float = 0.0
+    eval_n: int = 1000
+    until_fid: float | None = None
+    eval_patience: int = 0
 
     @property
     def total_steps(self) -> int:
@@ -308,7 +317,27 @@ def _problems(config: Config) -> list[str]:
          f"train.compile=true with method {config.method.name}: its loss differentiates the network in forward "
          "mode, which torch.compile does not support reliably; set train.compile=false"),
     ]
-    return out + [message for ok, message in checks if not ok]
+    return out + [message for ok, message in checks if not ok] + _eval_problems(t)
+
+
+def _eval_problems(t: TrainConfig) -> list[str]:
+    """Evaluation during training and its stop rules (see :class:`TrainConfig`)."""
+    checks = [
+        (t.eval_kimg >= 0 and math.isfinite(t.eval_kimg),
+         f"train.eval_kimg: expected a number of kimg >= 0 (0: no evaluation), got {t.eval_kimg}"),
+        (t.eval_n > 0, f"train.eval_n: expected a positive number of samples, got {t.eval_n}"),
+        (t.until_fid is None or (t.until_fid > 0 and math.isfinite(t.until_fid)),
+         f"train.until_fid: expected a positive FID, got {t.until_fid}"),
+        (t.eval_patience >= 0, f"train.eval_patience: expected a number of evaluations >= 0 (0: off), got "
+         f"{t.eval_patience}"),
+    ]
+    out = [message for ok, message in checks if not ok]
+    rules = [f"train.{name}={value}" for name, value in (("until_fid", t.until_fid),
+                                                          ("eval_patience", t.eval_patience)) if value]
+    if rules and t.eval_kimg == 0:
+        out.append(f"{' and '.join(rules)} stops on evaluations, but train.eval_kimg=0 turns them off; set "
+                   "train.eval_kimg to the interval between evaluations (thousands of images)")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -1,5 +1,6 @@
 """The files of a run directory, written by rank 0 alone: ``config.json``, training checkpoints, the
-``model.safetensors`` export, sample grids and ``metrics.jsonl`` (plus TensorBoard scalars).
+``model.safetensors`` export (and ``model-best.safetensors`` when the run evaluates itself), sample grids and
+``metrics.jsonl`` (plus TensorBoard scalars).
 
 The training state itself (:class:`cmkit.train.Run`) writes nothing; the loop hands it to :func:`save`.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -66,12 +67,13 @@ class MetricsLog:
 
         self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
 
-    def write(self, record: dict[str, float | None]) -> None:
-        """Append one line; None (a loss when every step since the last line was skipped) is JSON null."""
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one line; None (a loss when every step since the last line was skipped) is JSON null. Numbers
+        other than the step also go to TensorBoard; other values (None, lists) to metrics.jsonl alone."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
-            if key != "step" and value is not None:
+            if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                 self.tb.add_scalar(key, value, record["step"])
         self.tb.flush()
 
@@ -98,6 +100,11 @@ def save(run: Run, out: Path) -> None:
         checkpoint.save_export(run.ema, run.config, export)
 
     dist.on_main(write)
+
+
+def save_best(run: Run, out: Path) -> None:
+    """Write the EMA model's export as ``model-best.safetensors`` on rank 0 (the caller decides it is the best)."""
+    dist.on_main(lambda: checkpoint.save_export(run.ema, run.config, out / checkpoint.BEST_NAME))
 
 
 def save_grid(images: np.ndarray, out: Path, *, images_seen: int) -> Path:

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
 from cmkit.images import to_numpy_images
 from cmkit.losses import WarmStarted, make_loss
+from cmkit.monitor import Monitor
 from cmkit.rng import BatchNoise, derive_seed
 from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.teacher import init_student, load_teacher
@@ -41,19 +43,21 @@ SNAPSHOT_SEEDS = range(64)
 
 @dataclass
 class Intervals:
-    """How many optimiser steps lie between logs, snapshots and checkpoints, and in the whole run."""
+    """How many optimiser steps lie between logs, snapshots, checkpoints and evaluations (0: none), and in the
+    whole run."""
 
     total: int
     log: int
     snap: int
     ckpt: int
+    eval: int
 
     @classmethod
     def of(cls, config: Config) -> Intervals:
         t = config.train
         every = lambda kimg: max(1, round(kimg * 1000 / t.batch))  # noqa: E731
         return cls(total=t.total_steps, log=every(t.log_kimg), snap=every(t.snap_kimg),
-                   ckpt=every(t.ckpt_kimg))
+                   ckpt=every(t.ckpt_kimg), eval=every(t.eval_kimg) if t.eval_kimg else 0)
 
 
 def load_training_data(config: Config) -> data.ImageData:
@@ -113,6 +117,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         self.step = 0
         self.nonfinite = 0  # non-finite steps in a row
+        self.evaluations: list[dict[str, Any]] = []  # the records of cmkit.monitor's evaluations, oldest first
 
     @property
     def images_seen(self) -> int:
@@ -185,7 +190,7 @@ class Run:
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "target": None if self.target is None else self.target.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "evaluations": self.evaluations}
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         """Load ``state`` read from ``path`` (every process loads the same one); CmkitError when it was
@@ -203,6 +208,7 @@ class Run:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.nonfinite = state["step"], state.get("nonfinite", 0)
+        self.evaluations = state.get("evaluations", [])  # none in a checkpoint written before they existed
 
     def snapshot_images(self) -> np.ndarray:
         """The EMA model's samples for seeds 0-63 with the default sampler of its kind, uint8 [64, H, W, C] on
@@ -299,7 +305,9 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
     ``config`` is validated first (CmkitError naming the first bad field). Under ``torchrun`` every process
     calls this; rank 0 alone writes files. SIGINT/SIGTERM finish the current step on every process, write a
     checkpoint and raise :class:`TrainingStopped`; resume with ``resume=True``. Steps with a non-finite loss or
-    gradients are skipped and logged (``skipped_steps``).
+    gradients are skipped and logged (``skipped_steps``). With ``train.eval_kimg`` the EMA model is evaluated
+    (:mod:`cmkit.monitor`); when a stop rule (``train.until_fid``, ``train.eval_patience``) holds, a checkpoint
+    and the export are written, rank 0 prints one line saying why, and this returns as at the end.
     """
     # 1. Process group, checks, data, teacher and the run's modules (all before anything is written).
     validate(config)
@@ -309,6 +317,7 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
     device = torch.device(device) if device else own_device
     teacher = load_teacher(config, device=device)
     run = Run(config, device, teacher=teacher)  # may refuse the teacher's weights (TrigFlow's c_noise)
+    monitor = Monitor(config, dataset, device) if config.train.eval_kimg else None  # features of the reference
     resume_from = rundir.prepare_run_dir(config, out, resume=resume)
     if resume_from is not None:
         run.load_state_dict(checkpoint.load_state(resume_from), resume_from)
@@ -316,6 +325,7 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
     log = rundir.MetricsLog(out, resume_step=run.step) if main else None
     losses: list[float | None] = []
     busy = 0.0  # seconds spent in training steps since the last log line
+    reason = None  # why a stop rule ended the run
     bar = tqdm(total=every.total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                disable=not main)
     with bar, stop_requests() as stop:  # the bar ends its line before any message
@@ -329,7 +339,7 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
             bar.update(1)
             check_nonfinite(run, out)
             stopping = dist.any_rank(bool(stop))  # a stop request on any process stops all at this step
-            # 4. Logs, sample grids and checkpoints at their intervals, and always at the end or on a stop request.
+            # 4. Logs and sample grids at their intervals, and always at the end.
             last = run.step == every.total
             if (run.step % every.log == 0 or last) and log is not None:
                 record = log_record(run, losses, busy)
@@ -340,9 +350,16 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
                 losses, busy = [], 0.0
             if run.step % every.snap == 0 or last:
                 rundir.save_grid(run.snapshot_images(), out, images_seen=run.images_seen)
-            if run.step % every.ckpt == 0 or last or stopping:
+            # 5. Evaluations and their stop rules likewise; checkpoints too, and on a stop request or rule.
+            if monitor is not None and (run.step % every.eval == 0 or last):
+                reason = monitor.evaluate(run, out, log)
+            if run.step % every.ckpt == 0 or last or stopping or reason:
                 rundir.save(run, out)
+            if reason:
+                break
             if stopping and not last:
                 signum = stop[0] if stop else signal.SIGTERM  # the request came from another process
                 raise TrainingStopped(signum, run.images_seen, checkpoint.list_states(out)[-1])
+    if reason and main:
+        print(f"cmkit: {reason}", file=sys.stderr)
     return out / checkpoint.EXPORT_NAME

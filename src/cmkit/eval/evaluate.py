@@ -216,14 +216,15 @@ def _npz_images(path: Path) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ evaluation
 
 def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor: FeatureExtractor,
-                   reference: np.ndarray, batch: int, sampler: str,
-                   precision: str = "fp32") -> list[dict[str, Any]]:
-    """Metrics of ``n`` samples for each step count (schedules from :func:`default_sigmas`)."""
+                   reference: np.ndarray, batch: int, sampler: str, precision: str = "fp32",
+                   leave: bool = True) -> list[dict[str, Any]]:
+    """Metrics of ``n`` samples for each step count (schedules from :func:`default_sigmas`); ``leave=False``
+    erases each progress bar when done (evaluations during training)."""
     rows = []
     for k in steps:
         sigmas = default_sigmas(model, k)
         feats = sample_features(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch, extractor=extractor,
-                                desc=f"{k} step{'s' * (k > 1)}", precision=precision)
+                                desc=f"{k} step{'s' * (k > 1)}", precision=precision, leave=leave)
         rows.append({"steps": k, "nfe": network_evaluations(sampler, len(sigmas)), "sigmas": sigmas.tolist(),
                      **compute_metrics(reference, feats)})
     return rows
