@@ -255,8 +255,9 @@ def test_until_fid_through_the_cli_with_the_real_metric(fmnist_subset, classifie
     assert train_tiny(out, fmnist_subset, "train.eval_n=64", "--until-fid", "1e6") == 0
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cmkit:")]
     assert err[0] == "cmkit: --until-fid evaluates every 32 images (a tenth of the run; set train.eval_kimg to change)"
-    assert err[1].startswith("cmkit: stopped at 32 images: 1-step fid-fmnist ")
-    assert err[1].endswith(f"<= train.until_fid 1e+06; best model: {out / BEST_NAME}")
+    assert "the consistency metric uses the first training images: no test split" in err[1]  # train files only
+    assert err[2].startswith("cmkit: stopped at 32 images: 1-step fid-fmnist ")
+    assert err[2].endswith(f"<= train.until_fid 1e+06; best model: {out / BEST_NAME}")
     (record,) = _evaluations(out)
     assert record["step"] == 1 and 0 < record["fid_1step"] == record["best_fid"] and record["fid_2step"] > 0
     assert record["consistency"] > 0 and len(record["consistency_pairs"]) == 17

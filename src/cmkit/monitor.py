@@ -25,6 +25,7 @@ the same FID and they all stop at the same evaluation; rank 0 alone writes.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,7 +131,8 @@ def held_out_batch(config: Config, dataset: data.ImageData,
     d = config.data
     try:
         held_out = data.load_dataset(d.source, resolution=d.resolution, channels=d.channels, split="test")
-    except CmkitError:  # a folder with training files only; image folders have no splits and give all images
+    except CmkitError as e:  # a folder with training files only (image folders have no splits: all images)
+        warnings.warn(f"the consistency metric uses the first training images: no test split ({e})", stacklevel=2)
         held_out = dataset
     x0 = data.to_model_range(held_out.images[:HELD_OUT])
     labels = held_out.labels[:HELD_OUT].to(device) if config.net.num_classes else None

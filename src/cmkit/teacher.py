@@ -117,11 +117,12 @@ def same_net(config: Config) -> bool:
 
 def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
     """Start the student from a cmkit teacher's backbone weights (CD, ECT, sCT, sCD) when its network is the
-    teacher's; otherwise it keeps its fresh weights (a warning when no warm-start follows). A diffusers teacher
-    cannot seed a cmkit student (ECT and sCT refuse one in :func:`load_teacher`)."""
+    teacher's (``student_net=teacher``, or an ``own`` network equal to it); otherwise it keeps its fresh weights
+    (a warning when no warm-start follows). A diffusers teacher cannot seed a cmkit student (ECT and sCT refuse
+    one in :func:`load_teacher`)."""
     if teacher is None:
         return
-    if isinstance(teacher, EDMDenoiser) and same_net(config):
+    if isinstance(teacher, EDMDenoiser) and (config.method.student_net == "teacher" or same_net(config)):
         student.adopt_backbone(teacher)
         return
     if config.method.warm_start_kimg == 0:
