@@ -43,13 +43,11 @@ SIZES = {
     "full": {"kimg": 200, "n": 10_000, "tune_n": 5_000, "tune_iters": 12},
 }
 # label: (preset, the preset of its teacher or None, --set overrides); the small rows: a quarter of the teacher's
-# parameters, distilled (fmnist-cd-small, with and without its warm-start) and trained from scratch (iCT on the same
-# network)
+# parameters, distilled (fmnist-cd-small) and trained from scratch (iCT on the same network)
 MODELS = {"teacher (EDM)": ("fmnist-edm", None, ()), "CD": ("fmnist-cd", "fmnist-edm", ()),
           "ECT": ("fmnist-ect", "fmnist-edm", ()), "iCT": ("fmnist-ict", None, ()), "CT": ("fmnist-ct", None, ()),
           "sCT": ("fmnist-sct", "fmnist-edm", ()), "sCD": ("fmnist-scd", "fmnist-edm", ()),
           "CD small": ("fmnist-cd-small", "fmnist-edm", ()),
-          "CD small, no warm-start": ("fmnist-cd-small", "fmnist-edm", ("method.warm_start_kimg=0",)),
           "iCT small": ("fmnist-ict", None, ("net.model_channels=16",))}
 BATCH = 128  # fastest sampling batch for this net on 2 CPU cores
 STUDENT_STEPS = (1, 2, 4)
@@ -133,8 +131,8 @@ def table(result: dict) -> str:
     lines = [f"Command: `{result['command']}` -- {result['machine']['date']}, commit {result['machine']['commit']}, "
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metric: {result['metric']} on "
              f"{result['n']} samples against {result['n']} training images; bf16 autocast for training and "
-             "sampling, all models alike. CD, ECT, sCT and sCD start from the teacher, and the small CD students "
-             "learn from it (with the preset's warm-start among their images): their images seen do not count the "
+             "sampling, all models alike. CD, ECT, sCT and sCD start from the teacher, and the small CD student "
+             "learns from it (its warm-start counted among its images): their images seen do not count the "
              "teacher's. The small rows' network has a quarter of the parameters (0.44M against 1.75M). "
              "A row marked with a commit comes from that earlier run of this ladder: its "
              "student learnt from that run's teacher (the same config and seed), and its FID / teacher is "

@@ -1,14 +1,15 @@
 """Time to quality (shared/design/benchmarks.md): one-step FID against total training minutes, teacher included.
 
 Every route cmkit has to a one-step model on Fashion-MNIST gets budgets of 5, 10 and 20 minutes of this machine
-(2 CPU cores, bf16 autocast): iCT and CT from scratch; an EDM teacher, then CD, ECT, sCT or sCD from it, with the
-budget split between teacher and student (split = the teacher's share; searched at 10 minutes, where each route
-also tries 0.3 and 0.7; the other budgets use the split that won at 10 minutes, 0.5 until it is known).
+(2 CPU cores, bf16 autocast): iCT (also on a quarter-size network) and CT from scratch; an EDM teacher, then CD,
+ECT, sCT or sCD from it, with the budget split between teacher and student (split = the teacher's share; searched
+at 10 minutes, where each route also tries 0.3 and 0.7; the other budgets use the split that won at 10 minutes,
+0.5 until it is known).
 Schedules depend on a run's length, so each budget is its own run.
 
 Budgets count images, not seconds, so that the result does not depend on what else the machine was doing:
-``calibrate`` (run it alone on the machine, all cores) times a short real training run of each route's config
-and stores its images/s in bench/results/time-rates.json; a budget of M minutes then trains
+``calibrate [--routes ...]`` (run it alone on the machine, all cores) times a short real training run of each
+route's config and stores its images/s in bench/results/time-rates.json; a budget of M minutes then trains
 ``M * 60 * images/s`` images. Each run's actual wall time is recorded beside it.
 
 Each model is evaluated with fid-fmnist on N samples at 1 and 2 steps (the 2-step intermediate sigma tuned by
@@ -84,6 +85,7 @@ ROUTES = {
     "CT-mu0": Route("fmnist-ct", ("method.mu0=0", "method.distance=l2"), speed_of=("method.mu0=0",)),
     "CT-mu0-huber": Route("fmnist-ct", ("method.mu0=0", "method.distance=pseudo-huber")),
     "demo-before": Route("fmnist-ict", kimg=48),
+    "iCT-small": Route("fmnist-ict", ("net.model_channels=16",)),  # fmnist-cd-small's network, a quarter the size
 }
 
 
@@ -95,17 +97,18 @@ def config_of(route: Route, teacher: Path | None = None) -> Config:
 # ------------------------------------------------------------------------------------------- calibration
 
 def calibrate(keys: dict[str, Route]) -> dict[str, float]:
-    """Images/s of each route's config (and of the teacher's) in a fresh ``CALIBRATE_KIMG`` training run in a
-    scratch directory: the images over the seconds of the training steps after the first log line (the
-    steady state; a run's start-up and saves, a few seconds each, are left out). A teacher route learns from
-    the teacher run just timed."""
+    """Images/s of each route's config (and of the teacher's, when a route has one) in a fresh ``CALIBRATE_KIMG``
+    training run in a scratch directory: the images over the seconds of the training steps after the first log
+    line (the steady state; a run's start-up and saves, a few seconds each, are left out). A teacher route learns
+    from the teacher run just timed. Other rates in the rates file are kept, so routes can be added later."""
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f}: calibrate alone on the machine, or the rates are too low")
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
         teacher = Path(scratch) / "teacher"
-        for key, route in {TEACHER: Route(TEACHER), **keys}.items():
+        teachers = {TEACHER: Route(TEACHER)} if any(route.teacher for route in keys.values()) else {}
+        for key, route in {**teachers, **keys}.items():
             config = bench_run(config_of(route, teacher if route.teacher else None), CALIBRATE_KIMG)
             out = teacher if key == TEACHER else Path(scratch) / "run"
             train(config, out)
