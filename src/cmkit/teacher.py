@@ -110,7 +110,10 @@ def _check_same_net(stored: Config, config: Config, path: Path) -> None:
 
 
 def same_net(config: Config) -> bool:
-    """True when the student's network (``config.net``) is its cmkit teacher's, dropout aside."""
+    """True when the student's network (``config.net``) is its cmkit teacher's, dropout aside (False for a teacher
+    passed in memory, with no file to compare with)."""
+    if not config.method.teacher:
+        return False
     theirs = checkpoint.export_config(config.method.teacher).net
     return replace(theirs, dropout=config.net.dropout) == config.net
 
