@@ -284,14 +284,15 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
     splits = best_splits(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for label in ROUTES:
+    colors = plt.cm.tab20.colors  # more routes than the default cycle's 10 colours
+    for label, color in zip(ROUTES, colors[::2] + colors[1::2], strict=False):
         points = sorted((e["minutes"], e["fid_fmnist"][0]["fid"], e["fid_inception"][0]["fid"])
                         for e in results.values() if e["route"] == label
                         and (not e["teacher_kimg"] or e["split"] == splits.get(label, DEFAULT_SPLIT)))
         if points:
             minutes, fmnist, inception = zip(*points, strict=True)
             for ax, values in zip(axes, (fmnist, inception), strict=True):
-                ax.plot(minutes, values, marker="o", label=label)
+                ax.plot(minutes, values, marker="o", label=label, color=color)
     for ax, metric in zip(axes, ("fid-fmnist", "fid-inception"), strict=True):
         ax.set_xlabel("training minutes on 2 CPU cores, teacher included")
         ax.set_ylabel(f"1-step FID ({metric})")
