@@ -44,10 +44,11 @@ def measure(data: str, repeats: int) -> dict:
         timers[f"{teacher} | heun 35 NFE | {batch} | fp32"] = sample_timer(sampling_config(large, "fmnist-edm"), 18,
                                                                            batch)
     seconds = interleaved(timers, repeats)
+    parameters = {name: sum(p.numel() for p in build_model(preset(name)).parameters()) for name in PAIRS[data]}
     rows = []
     for key, value in seconds.items():
         name, sampler, batch, precision = key.split(" | ")
-        rows.append({"network": name, "parameters": sum(p.numel() for p in build_model(preset(name)).parameters()),
+        rows.append({"network": name, "parameters": parameters[name],
                      "sampler": sampler, "batch": int(batch), "precision": precision, "ms": value * 1000,
                      "images_per_s": int(batch) / value})
     return {"data": data, "rows": rows}

@@ -79,12 +79,17 @@ def run_name(label: str) -> str:
     return "-".join((name, *overrides))
 
 
+def model_config(name: str, overrides: tuple[str, ...], teacher: Path | None) -> Config:
+    """Preset ``name`` with ``--set`` ``overrides``, learning from the ``teacher`` run when given."""
+    config = apply_overrides(preset(name), list(overrides))
+    return config if teacher is None else with_teacher(config, teacher)
+
+
 def train_model(label: str, kimg: float, runs: Path) -> float:
     """Train the model ``label`` (from its teacher's run in ``runs``) for ``kimg``; returns wall seconds."""
     name, teacher, overrides = MODELS[label]
-    base = apply_overrides(preset(name), list(overrides))
-    base = base if teacher is None else with_teacher(base, runs / teacher)
-    return train_run(bench_run(base, kimg), runs / run_name(label))
+    config = model_config(name, overrides, teacher and runs / teacher)
+    return train_run(bench_run(config, kimg), runs / run_name(label))
 
 
 def tune_two_step(model: torch.nn.Module, config: Config, run_dir: Path, *, n: int, iters: int, extractor,

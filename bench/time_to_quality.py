@@ -37,12 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmkit import checkpoint
-from cmkit.config import Config, apply_overrides, preset
+from cmkit.config import preset
 from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
-from cmkit.teacher import with_teacher
 from cmkit.train import train
-from quality import BATCH, bench_run, grid, train_run, tune_two_step
+from quality import BATCH, bench_run, grid, model_config, train_run, tune_two_step
 from throughput import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,11 +88,6 @@ ROUTES = {
 }
 
 
-def config_of(route: Route, teacher: Path | None = None) -> Config:
-    config = apply_overrides(preset(route.preset), list(route.overrides))
-    return config if teacher is None else with_teacher(config, teacher)
-
-
 # ------------------------------------------------------------------------------------------- calibration
 
 def calibrate(keys: dict[str, Route]) -> dict[str, float]:
@@ -109,7 +103,8 @@ def calibrate(keys: dict[str, Route]) -> dict[str, float]:
         teacher = Path(scratch) / "teacher"
         teachers = {TEACHER: Route(TEACHER)} if any(route.teacher for route in keys.values()) else {}
         for key, route in {**teachers, **keys}.items():
-            config = bench_run(config_of(route, teacher if route.teacher else None), CALIBRATE_KIMG)
+            config = model_config(route.preset, route.overrides, teacher if route.teacher else None)
+            config = bench_run(config, CALIBRATE_KIMG)
             out = teacher if key == TEACHER else Path(scratch) / "run"
             train(config, out)
             logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -201,7 +196,8 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
             fcntl.flock(lock, fcntl.LOCK_EX)
             teacher_seconds = train_run(bench_run(preset(plan.route.teacher), teacher_kimg), teacher_dir)
         minutes += teacher_kimg * 1000 / rate(TEACHER, rates) / 60
-    seconds = train_run(bench_run(config_of(plan.route, teacher_dir), student_kimg), runs / plan.name())
+    student = model_config(plan.route.preset, plan.route.overrides, teacher_dir)
+    seconds = train_run(bench_run(student, student_kimg), runs / plan.name())
     return {"route": plan.label, "config": " ".join((plan.route.preset, *plan.route.overrides)),
             "budget": plan.budget, "split": plan.split, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
             "minutes": minutes, "wall_seconds": teacher_seconds + seconds}

@@ -177,5 +177,6 @@ def test_bad_student_settings_are_refused_before_anything_is_written(tiny_config
 
 def test_a_warm_start_without_a_teacher_is_refused(tiny_config):
     config = replace(tiny_config, method=SCTConfig(warm_start_kimg=0.1))
+    assert load_teacher(config, device=torch.device("cpu")) is None  # sCT trains without one
     with pytest.raises(CmkitError, match="a warm-start regresses a teacher's denoiser; pass --teacher MODEL"):
-        load_teacher(config, device=torch.device("cpu"))
+        Run(config, torch.device("cpu"))

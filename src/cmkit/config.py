@@ -24,7 +24,6 @@ from cmkit.methods import (
     MethodConfig,
     SCDConfig,
     SCTConfig,
-    TaughtConfig,
     convert_flat,
     init_fields,
     is_flat,
@@ -288,7 +287,7 @@ def _problems(config: Config) -> list[str]:
         if value not in choices:
             out.append(f"{key}: unknown value '{value}'; expected one of {', '.join(choices)}")
     t, d = config.train, config.data
-    warm = config.method.warm_start_kimg if isinstance(config.method, TaughtConfig) else 0.0
+    warm = config.method.warm_start_images / 1000
     positive = {
         "train.kimg": t.kimg, "train.batch": t.batch, "train.lr": t.lr, "data.resolution": d.resolution,
         "net.model_channels": config.net.model_channels, "train.keep_ckpts": t.keep_ckpts,

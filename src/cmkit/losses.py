@@ -29,17 +29,7 @@ from torch import Tensor, nn
 from cmkit import schedules
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
-from cmkit.methods import (
-    CDConfig,
-    CTConfig,
-    ECTConfig,
-    EDMConfig,
-    ICTConfig,
-    MethodConfig,
-    SCDConfig,
-    SCTConfig,
-    TaughtConfig,
-)
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
 from cmkit.nets import forward_mode
 from cmkit.precond import trigflow_velocity
 from cmkit.rng import GlobalNoise, RowNoise
@@ -303,10 +293,14 @@ class WarmStarted:
         return self.loss(model, x0, labels, images_seen=images_seen - self.images, target=target, noise=noise)
 
     def target_decay(self, images_seen: int) -> float | None:
-        return self.loss.target_decay(max(0, images_seen - self.images))
+        return self.loss.target_decay(self._after(images_seen))
 
     def stats(self, images_seen: int) -> dict[str, float]:
-        return {"warm_start": float(images_seen < self.images), **self.loss.stats(max(0, images_seen - self.images))}
+        return {"warm_start": float(images_seen < self.images), **self.loss.stats(self._after(images_seen))}
+
+    def _after(self, images_seen: int) -> int:
+        """Images seen by the method's own loss: those after the warm-start."""
+        return max(0, images_seen - self.images)
 
 
 Loss = EDMLoss | ConsistencyLoss | SCMLoss | WarmStarted
@@ -332,12 +326,13 @@ def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.
     """
     if method.needs_teacher and not method.teacher_seeds_only and teacher is None:
         raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")
-    warm = round(method.warm_start_kimg * 1000) if isinstance(method, TaughtConfig) else 0
+    warm = method.warm_start_images
     loss = BUILDERS[method.name](method, dim=dim, total_images=total_images - warm, teacher=teacher)
     if warm == 0:
         return loss
     if teacher is None:
-        raise CmkitError(f"method.warm_start_kimg={method.warm_start_kimg:g}: a warm-start needs --teacher MODEL")
+        raise CmkitError(f"method.warm_start_kimg={method.warm_start_kimg:g}: a warm-start regresses a teacher's "
+                         "denoiser; pass --teacher MODEL or set method.warm_start_kimg=0")
     edm = EDMLoss(**WARM_START_LEVELS, sigma_data=method.sigma_data, teacher=teacher)
     return WarmStarted(loss, warm=edm, images=warm)
 

@@ -62,6 +62,12 @@ class MethodConfig:
         """Keyword arguments of the method's wrapper (:data:`cmkit.precond.WRAPPERS`) beyond the noise range."""
         return {}
 
+    @property
+    def warm_start_images(self) -> int:
+        """Training images spent regressing a teacher's denoiser before the method's own loss (:class:`TaughtConfig`);
+        none for a method without a teacher."""
+        return 0
+
     def _positive(self) -> tuple[str, ...]:
         """The fields that must be positive and finite."""
         return ()
@@ -103,6 +109,10 @@ class TaughtConfig(MethodConfig):
     warm_start_kimg: float = 0.0
 
     needs_teacher: ClassVar[bool] = True
+
+    @property
+    def warm_start_images(self) -> int:
+        return round(self.warm_start_kimg * 1000)
 
     def problems(self) -> list[str]:
         warm = self.warm_start_kimg

@@ -52,9 +52,6 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
     if not m.needs_teacher:
         return None
     if not m.teacher:
-        if m.teacher_optional and m.warm_start_kimg > 0:
-            raise CmkitError(f"method.warm_start_kimg={m.warm_start_kimg:g}: a warm-start regresses a teacher's "
-                             "denoiser; pass --teacher MODEL or set method.warm_start_kimg=0")
         if m.teacher_optional:
             return None
         raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "
@@ -101,21 +98,23 @@ def _check_fit(teacher: nn.Module, config: Config, path: Path) -> None:
 
 def _check_same_net(stored: Config, config: Config, path: Path) -> None:
     """With ``method.student_net=teacher`` the student's network must be the teacher's (dropout aside)."""
-    theirs, ours = asdict(replace(stored.net, dropout=config.net.dropout)), asdict(config.net)
-    diff = ", ".join(f"net.{k}: {theirs[k]} (teacher) vs {ours[k]}" for k in ours if ours[k] != theirs[k])
+    diff = _net_diff(stored, config)
     if diff:
         raise CmkitError(f"--teacher {path}: with method.student_net=teacher the student is the teacher's network "
                          f"({diff}); drop those net.* settings, or set method.student_net=own for a student of its "
                          "own shape (fresh weights; see method.warm_start_kimg)")
 
 
+def _net_diff(stored: Config, config: Config) -> str:
+    """``net.key: teacher's (teacher) vs student's`` for each field where the networks differ, dropout aside."""
+    theirs, ours = asdict(replace(stored.net, dropout=config.net.dropout)), asdict(config.net)
+    return ", ".join(f"net.{k}: {theirs[k]} (teacher) vs {ours[k]}" for k in ours if ours[k] != theirs[k])
+
+
 def same_net(config: Config) -> bool:
     """True when the student's network (``config.net``) is its cmkit teacher's, dropout aside (False for a teacher
     passed in memory, with no file to compare with)."""
-    if not config.method.teacher:
-        return False
-    theirs = checkpoint.export_config(config.method.teacher).net
-    return replace(theirs, dropout=config.net.dropout) == config.net
+    return bool(config.method.teacher) and not _net_diff(checkpoint.export_config(config.method.teacher), config)
 
 
 def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
