@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cmkit.checkpoint import build_model
 from cmkit.config import preset
-from throughput import interleaved, machine, sample_timer
+from throughput import interleaved, machine, sample_timer, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latency.json"
@@ -72,19 +72,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_docs(result: dict) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    start, end = "<!-- latency:start -->", "<!-- latency:end -->"
-    text = docs.read_text()
-    if start not in text:
-        text += ("\n## Latency of a smaller student (`bench/latency.py`)\n\nOne-step sampling time of a consistency "
-                 "model at the teacher's network size and at the small student's (a quarter of the parameters).\n\n"
-                 f"{start}\n{end}\n")
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    docs.write_text(f"{head}{start}\n{table(result)}\n{end}{tail}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=21)
@@ -94,7 +81,9 @@ def main() -> None:
     result = {"command": f"python bench/latency.py --repeats {args.repeats}" + " --cifar" * args.cifar,
               "machine": machine(), "repeats": args.repeats, "parts": [measure(d, args.repeats) for d in datasets]}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    update_docs(result)
+    write_docs_section("latency", table(result), heading=(
+        "## Latency of a smaller student (`bench/latency.py`)\n\nOne-step sampling time of a consistency model at "
+        "the teacher's network size and at the small student's (a quarter of the parameters)."))
     print(table(result))
 
 

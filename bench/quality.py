@@ -35,7 +35,7 @@ from cmkit.images import save_images, to_numpy_images
 from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.teacher import with_teacher
 from cmkit.train import train
-from throughput import machine
+from throughput import machine, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -160,17 +160,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def update_docs(result: dict, size: str) -> None:
-    docs = ROOT / "docs" / "benchmarks.md"
-    start, end = f"<!-- quality-{size}:start -->", f"<!-- quality-{size}:end -->"
-    text = docs.read_text()
-    if start not in text:
-        text += f"\n## Quality ladder, {size} (`bench/quality.py {size}`)\n\n{start}\n{end}\n"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    docs.write_text(f"{head}{start}\n{table(result)}\n{end}{tail}")
-
-
 def kept_rows(path: Path, chosen: set[str]) -> dict[str, dict]:
     """The entries of the results file at ``path`` for the models not in ``chosen``, each marked with the commit
     of the run it comes from and the FID of that run's teacher."""
@@ -212,7 +201,8 @@ def main() -> None:
     result = {"command": f"python bench/quality.py {args.size}", "machine": machine(), "metric": extractor.name,
               "n": size["n"], "plot": str(plot.relative_to(ROOT)), "models": models}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    update_docs(result, args.size)
+    write_docs_section(f"quality-{args.size}", table(result),
+                       heading=f"## Quality ladder, {args.size} (`bench/quality.py {args.size}`)")
     print(table(result))
 
 

@@ -172,13 +172,16 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def update_docs(result: dict) -> None:
+def write_docs_section(key: str, body: str, *, heading: str) -> None:
+    """Put ``body`` between ``<!-- key:start -->`` and ``<!-- key:end -->`` in docs/benchmarks.md; where the
+    markers are missing, append ``heading`` (a section title and any text under it) and the markers first."""
     docs = ROOT / "docs" / "benchmarks.md"
-    start, end = "<!-- throughput:start -->", "<!-- throughput:end -->"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     text = docs.read_text()
+    if start not in text:
+        text += f"\n{heading}\n\n{start}\n{end}\n"
     head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    docs.write_text(f"{head}{start}\n{table(result)}\n{end}{tail}")
+    docs.write_text(f"{head}{start}\n{body}\n{end}{rest.partition(end)[2]}")
 
 
 def main() -> None:
@@ -195,7 +198,7 @@ def main() -> None:
               "machine": machine(), "batch": args.batch, "repeats": args.repeats, "net_parameters": params,
               "results": measure(base, args.batch, args.repeats)}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    update_docs(result)
+    write_docs_section("throughput", table(result), heading="## Throughput (`bench/throughput.py`)")
     print(table(result))
 
 

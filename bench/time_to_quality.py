@@ -42,7 +42,7 @@ from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
 from cmkit.train import train
 from quality import BATCH, bench_run, grid, model_config, train_run, tune_two_step
-from throughput import machine
+from throughput import machine, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RATES = ROOT / "bench" / "results" / "time-rates.json"
@@ -306,13 +306,7 @@ def report(runs: Path) -> None:
     result = {"command": "python bench/time_to_quality.py run && python bench/time_to_quality.py report",
               "machine": machine(), "eval": EVAL, "rates": load_rates(), "runs": results}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    docs = ROOT / "docs" / "benchmarks.md"
-    start, end = "<!-- time-to-quality:start -->", "<!-- time-to-quality:end -->"
-    text = docs.read_text()
-    if start not in text:
-        text += f"\n## Time to quality (`bench/time_to_quality.py`)\n\n{start}\n{end}\n"
-    head, _, rest = text.partition(start)
-    docs.write_text(f"{head}{start}\n{table(result)}\n{end}{rest.partition(end)[2]}")
+    write_docs_section("time-to-quality", table(result), heading="## Time to quality (`bench/time_to_quality.py`)")
     print(table(result))
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib
 import math
 import os
+import signal
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import NoReturn
@@ -14,12 +19,14 @@ from typing import NoReturn
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from cmkit.checkpoint import build_model, save_export
 from cmkit.cli import main
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.eval.features import train_fmnist_classifier
-from cmkit.methods import ICTConfig
+from cmkit.methods import EDMConfig, ICTConfig
 
 pytest_plugins = ["pytester"]  # test_conftest.py runs pytest in-process
 
@@ -191,3 +198,67 @@ def classifier(tmp_path_factory) -> Path:
     """A fid-fmnist classifier trained on 512 images for one epoch (the contract, not the accuracy)."""
     return train_fmnist_classifier(out=tmp_path_factory.mktemp("clf") / "fid.safetensors", epochs=1, limit=512,
                                    progress=False)
+
+
+# ------------------------------------------------------------------- the studio: tiny models and a server
+
+def _tiny_net(channels: int = 8, **kw) -> NetConfig:
+    return NetConfig(model_channels=channels, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), **kw)
+
+
+def _export(config: Config, path: Path) -> Path:
+    """An untrained export of ``config``, every weight perturbed (zero-initialised layers too), so that its
+    images depend on the noise, the class and the inputs: the studio's behaviour is under test, not quality."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    save_export(model, config, path)
+    return path
+
+
+def _image_folder(folder: Path, *, size: int, mode: str, count: int = 4) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def studio_files(tmp_path_factory) -> dict[str, Path]:
+    """Untrained tiny exports: ``gray`` (iCT, 28x28x1), ``rgb`` (iCT, 32x32x3, 10 classes) and its ``teacher``
+    (EDM), with image folders ``gray_data`` and ``rgb_data`` of four random images each."""
+    root = tmp_path_factory.mktemp("studio")
+    gray = Config(preset="tiny-gray", net=_tiny_net(), data=DataConfig(resolution=28, channels=1),
+                  method=ICTConfig())
+    rgb_data = DataConfig(source="cifar10", resolution=32, channels=3)
+    rgb = Config(preset="tiny-rgb", net=_tiny_net(num_classes=10), data=rgb_data, method=ICTConfig())
+    teacher = Config(preset="tiny-edm", net=_tiny_net(num_classes=10), data=rgb_data, method=EDMConfig())
+    return {"gray": _export(gray, root / "gray.safetensors"), "rgb": _export(rgb, root / "rgb.safetensors"),
+            "teacher": _export(teacher, root / "teacher.safetensors"),
+            "gray_data": _image_folder(root / "gray-data", size=28, mode="L"),
+            "rgb_data": _image_folder(root / "rgb-data", size=32, mode="RGB")}
+
+
+@contextlib.contextmanager
+def studio_server(model: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``cmkit serve MODEL --port 0 ARGS`` in a subprocess: yields (its URL, the process); stopped with
+    SIGINT (Ctrl-C) at the end."""
+    command = [sys.executable, "-m", "cmkit", "serve", str(model), "--port", "0", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("cmkit studio: http://"):
+            proc.kill()
+            raise AssertionError(f"cmkit serve did not start: {line!r} {proc.stderr.read()}")
+        yield line.split()[2], proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

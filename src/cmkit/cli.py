@@ -6,6 +6,7 @@ User errors (:class:`cmkit.errors.CmkitError`) print one line and exit with stat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -286,6 +287,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cmkit.checkpoint import load_export
+    from cmkit.studio.engine import Models, Studio, check_models
+
+    model, config = load_export(args.model)
+    check_models(Models(model, config))  # before the teacher is read: the served model is the usual mistake
+    teacher, teacher_config = load_export(args.teacher) if args.teacher else (None, None)
+    studio = Studio(Models(model, config, teacher, teacher_config), data=args.data, precision=args.precision,
+                    threads=args.threads)
+    from cmkit.studio.server import serve  # imports the studio extra (Starlette, uvicorn)
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has closed the connections
+        serve(studio, host=args.host, port=args.port, max_clients=args.max_clients)
+    print("cmkit studio: stopped", file=sys.stderr)
+    return 0
+
+
 def _print_report(report: dict) -> None:
     print(f"{report['metric']} against {report['reference'] or 'the training data'}, {report['n']} images")
     for row in report["results"]:
@@ -411,6 +429,22 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory or a .safetensors export of a consistency model")
     p.add_argument("--diffusers", required=True, metavar="DIR", help="the folder to write (new or empty)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="the studio: generate and edit in the browser, live (a local web page)")
+    p.add_argument("model", help="a run directory or a .safetensors export of a consistency model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--teacher", metavar="MODEL",
+                   help="a diffusion model (an *-edm run) whose samples of the same seeds are shown beside")
+    p.add_argument("--data", help="dataset whose images the page offers for editing (default: the model's)")
+    p.add_argument("--max-clients", action=_Positive, default=16, help="browser tabs served at once (default 16)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bfloat16 autocast, faster on CPUs with bf16 arithmetic (default fp32: the images "
+                        "'cmkit sample' writes)")
+    p.add_argument("--threads", action=_Positive,
+                   help="torch threads for a grid (default: torch's); one image is computed on one fewer, leaving "
+                        "a core to the browser")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)

@@ -9,6 +9,7 @@ the item stream), so a run resumed at any images-seen count draws exactly the ba
 from __future__ import annotations
 
 import functools
+import io
 import os
 import struct
 import zlib
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from cmkit.errors import CmkitError
@@ -266,6 +267,9 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[torch.Tensor | None, 
     return torch.tensor([index[parts[0]] for parts in rel], dtype=torch.int64), len(classes)
 
 
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+
 def read_image(path: Path, *, channels: int, resolution: int | None = None) -> np.ndarray:
     """Open and fully decode one image file -> uint8 [channels, H, W] (Pillow's L or RGB conversion).
 
@@ -274,14 +278,36 @@ def read_image(path: Path, *, channels: int, resolution: int | None = None) -> n
     """
     try:
         with Image.open(path) as img:
-            img.load()
-            oriented = _to_mode(ImageOps.exif_transpose(img), channels=channels)
-            return _image_to_chw(oriented if resolution is None else _resize_crop(oriented, resolution=resolution))
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-            Image.DecompressionBombError) as err:
-        kinds = "/".join(e.lstrip(".").upper() for e in IMAGE_EXTENSIONS)
-        raise CmkitError(f"cannot read image {path}: {one_line(err)}; "
-                         f"expected a readable {kinds} image") from err
+            return _decode(img, channels=channels, resolution=resolution)
+    except _DECODE_ERRORS as err:
+        raise CmkitError(f"cannot read image {path}: {one_line(err)}; expected a readable {_kinds()} image") from err
+
+
+def conform_image_bytes(data: bytes, *, channels: int, resolution: int, max_pixels: int, name: str) -> np.ndarray:
+    """An image file's bytes (an upload) -> uint8 [channels, resolution, resolution], as :func:`read_image`.
+
+    An image of more than ``max_pixels`` pixels is refused before it is decoded; errors name it ``name``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise CmkitError(f"{name}: an image of {img.width} x {img.height} pixels is too large; expected "
+                                 f"at most {max_pixels:,} pixels")
+            return _decode(img, channels=channels, resolution=resolution)
+    except UnidentifiedImageError:
+        raise CmkitError(f"{name} is not an image (unrecognised format); expected a {_kinds()} image") from None
+    except _DECODE_ERRORS as err:
+        raise CmkitError(f"cannot read {name}: {one_line(err)}; expected a readable {_kinds()} image") from err
+
+
+def _decode(img: Image.Image, *, channels: int, resolution: int | None) -> np.ndarray:
+    img.load()
+    oriented = _to_mode(ImageOps.exif_transpose(img), channels=channels)
+    return _image_to_chw(oriented if resolution is None else _resize_crop(oriented, resolution=resolution))
+
+
+def _kinds() -> str:
+    return "/".join(e.lstrip(".").upper() for e in IMAGE_EXTENSIONS)
 
 
 def _load_image_folder(root: Path, *, resolution: int, channels: int) -> ImageData:
