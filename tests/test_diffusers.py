@@ -32,7 +32,7 @@ from diffusers import (  # noqa: E402
 
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
-from cmkit.config import Config, apply_overrides, preset  # noqa: E402
+from cmkit.config import FAMILY_FIELDS, Config, apply_overrides, preset  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
 from cmkit.methods import SCTConfig, switch_method  # noqa: E402
@@ -222,10 +222,14 @@ def test_missing_diffusers_is_a_user_error(tmp_path, tiny_config):
 # ------------------------------------------------------------------------------------------- the export
 
 # The parameterisations an export carries: the CM paper's (ict), and TrigFlow (sct) with each time input, with
-# double normalisation and Fourier features between them; TrigFlow models have a log-variance head.
+# double normalisation and Fourier features between them; TrigFlow models have a log-variance head. sct-log-sigma
+# also has NCSN++'s options (its input path, FIR resampling, a wider noise embedding) with the progressive output
+# path, two heads and augmentation labels (none when sampling).
+NCSNPP = {"encoder_type": "residual", "decoder_type": "skip", "resample_filter": (1, 3, 3, 1), "channel_mult_noise": 2,
+          "attn_heads": 2, "augment_dim": 3}
 VARIANTS = {
     "ict": lambda c: c,
-    "sct-log-sigma": lambda c: replace(c, net=replace(c.net, double_norm=True), method=SCTConfig()),
+    "sct-log-sigma": lambda c: replace(c, net=replace(c.net, double_norm=True, **NCSNPP), method=SCTConfig()),
     "sct-t": lambda c: replace(c, net=replace(c.net, embedding="fourier"), method=SCTConfig(c_noise="t")),
 }
 
@@ -302,7 +306,8 @@ def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, 
         folders[channels] = export_diffusers(models[channels], config, tmp_path / f"cm{channels}")
         index = json.loads((folders[channels] / "model_index.json").read_text())
         assert index["unet"] == ["cmkit_unet2d", "CmkitUNet2DModel"]
-        assert sorted(p.name for p in (folders[channels] / "unet").glob("*.py")) == ["cmkit_unet2d.py", "unet.py"]
+        assert sorted(p.name for p in (folders[channels] / "unet").glob("*.py")) == ["cmkit_unet2d.py", "layers.py",
+                                                                                     "unet.py"]
     # 1 channel: noise from the generator; 3 channels: latents (the pipeline checks them only for 3 channels);
     # 2 steps: the scheduler draws the second noise from the same generator, after the latents
     runs = [{"seed": 1, "num_inference_steps": 1}, {"seed": 2, "timesteps": [600, 0]}]
@@ -380,7 +385,8 @@ def test_folders_naming_cmkit_export_still_load_after_importing_it(tmp_path, tin
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["cmkit.export", "CmkitUNet2DModel"]}))
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    new_fields = ("double_norm", "logvar_head", "parameterisation", "c_noise", "sigma_min", "sigma_data")
+    new_fields = ("double_norm", "logvar_head", "parameterisation", "c_noise", "sigma_min", "sigma_data",
+                  *FAMILY_FIELDS)
     (folder / "unet" / "config.json").write_text(json.dumps({k: v for k, v in unet_config.items()
                                                             if k not in new_fields}))
     for path in (folder / "unet").glob("*.py"):

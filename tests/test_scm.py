@@ -38,7 +38,7 @@ WARMUP = 1000  # warm-up images of the losses built here
 FD_STEP, FD_RTOL = 0.02, 3e-4  # see the module docstring
 TINY = {"resolution": 8, "in_channels": 2, "out_channels": 2, "model_channels": 8, "channel_mult": (1, 2),
         "num_blocks": 1, "attn_resolutions": (4,)}
-_ZERO_INIT = ("conv1.weight", "proj.weight", "out_conv.weight", "map_logvar.weight")
+_ZERO_INIT = ("conv1.weight", "proj.weight", "map_logvar.weight", "conv.weight")  # conv: out_conv and the heads
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -242,16 +242,22 @@ def test_tangent_is_cos_t_times_the_total_derivative_of_f(c_noise, method, r):
 
 # ---------------------------------------------------------------------------- 3. EDM <-> TrigFlow conversion
 
-def _converted_pair() -> tuple[EDMDenoiser, TrigFlow]:
-    teacher = edm(unet(num_classes=3)).eval()
+# NCSN++'s input path and the progressive output path, whose every output head the conversion negates.
+PROGRESSIVE = {"embedding": "fourier", "fourier_scale": 0.1, "channel_mult_noise": 2, "encoder_type": "residual",
+               "decoder_type": "skip", "resample_filter": (1, 3, 3, 1)}
+
+
+def _converted_pair(**options) -> tuple[EDMDenoiser, TrigFlow]:
+    teacher = edm(unet(num_classes=3, **options)).eval()
     torch.manual_seed(5)  # the student's own initial weights, which adopt_backbone replaces
-    student = trigflow(UNet(**TINY, num_classes=3, logvar_head=True), "log-sigma").eval()
+    student = trigflow(UNet(**TINY, num_classes=3, logvar_head=True, **options), "log-sigma").eval()
     student.adopt_backbone(teacher)
     return teacher, student
 
 
-def test_edm_denoiser_and_its_trigflow_conversion_give_the_same_x0():
-    teacher, student = _converted_pair()
+@pytest.mark.parametrize("options", [{}, PROGRESSIVE], ids=["ddpmpp", "progressive"])
+def test_edm_denoiser_and_its_trigflow_conversion_give_the_same_x0(options):
+    teacher, student = _converted_pair(**options)
     gen = torch.Generator().manual_seed(2)
     x0 = torch.rand(3, 2, 8, 8, generator=gen) * 2 - 1
     eps, labels = torch.randn(x0.shape, generator=gen), torch.tensor([0, 1, 2])
@@ -396,6 +402,10 @@ OPTIONS = {
     "double-norm": {"double_norm": True},
     "adaptive-scale": {"adaptive_scale": True},
     "all": {"embedding": "fourier", "fourier_scale": 0.1, "num_classes": 3, "dropout": 0.3, "double_norm": True},
+    # NCSN++ as EDM configures it (Fourier features at sCM's small scale), and the skip paths with two heads
+    "ncsnpp": {"embedding": "fourier", "fourier_scale": 0.1, "channel_mult_noise": 2, "encoder_type": "residual",
+               "resample_filter": (1, 3, 3, 1)},
+    "skip-paths": {"encoder_type": "skip", "decoder_type": "skip", "resample_filter": (1, 3, 3, 1), "attn_heads": 2},
 }
 
 
@@ -408,7 +418,8 @@ def _jvp(forward, primals, tangents, api: str):
         return tuple(fwad.unpack_dual(o).tangent for o in out)
 
 
-@pytest.mark.parametrize(("option", "api"), [*((name, "func") for name in OPTIONS), ("all", "forward_ad")])
+@pytest.mark.parametrize(("option", "api"), [*((name, "func") for name in OPTIONS), ("all", "forward_ad"),
+                                             ("ncsnpp", "forward_ad")])
 def test_unet_forward_mode_jvp_matches_finite_differences(option, api):
     """Forward-mode AD (torch.func.jvp, and torch.autograd.forward_ad) through every option, attention included
     (TINY has it at 4x4 and in the middle), inside forward_mode, against finite differences with the same

@@ -34,7 +34,7 @@ def _bump_last_convs(model: UNet) -> None:
     """Replace the near-zero initialisation so that every path affects the output noticeably."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("conv1.weight", "proj.weight", "out_conv.weight")):
+            if name.endswith(("conv1.weight", "proj.weight", "conv.weight")):  # conv: out_conv and the heads
                 p.normal_(0.0, 0.05)
 
 
@@ -177,9 +177,15 @@ def test_cpu_config_parameter_count() -> None:
     assert 1_000_000 <= count <= 2_000_000, count
 
 
-def test_multi_head_attention_level() -> None:
-    model = _tiny(model_channels=64, attn_resolutions=(8, 4))
-    heads = {m.heads for m in model.modules() if hasattr(m, "heads")}
-    assert heads == {1, 2}
+@pytest.mark.parametrize(("attn_heads", "heads"), [(1, {1}), (4, {4}), (0, {1, 2})])
+def test_attention_heads(attn_heads: int, heads: set[int]) -> None:
+    """One head by default (EDM's SongUNet), attn_heads heads, or (0) cmkit's former 64-channel heads."""
+    model = _tiny(model_channels=64, attn_resolutions=(8, 4), attn_heads=attn_heads)
+    assert {m.heads for m in model.modules() if hasattr(m, "heads")} == heads
     x, sigma = _inputs(model, n=2)
     assert model(x, sigma).shape == (2, 2, 8, 8)
+
+
+def test_attention_heads_must_divide_the_channels() -> None:
+    with pytest.raises(ValueError, match="attn_heads=3"):
+        _tiny(attn_heads=3)

@@ -33,17 +33,28 @@ from cmkit.methods import (
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "net.embedding": ("positional", "fourier"),
+    "net.encoder_type": ("standard", "skip", "residual"),
+    "net.decoder_type": ("standard", "skip"),
     "train.optimizer": ("adam", "radam"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
 
 
+# The NetConfig fields that choose a member of the DDPM++ / NCSN++ family, named as UNet's options.
+FAMILY_FIELDS = ("encoder_type", "decoder_type", "resample_filter", "channel_mult_noise", "attn_heads", "augment_dim")
+
+
 @dataclass(frozen=True)
 class NetConfig:
-    """The U-Net backbone (EDM DDPM++ family); see :class:`cmkit.nets.UNet`.
+    """The U-Net backbone (EDM's DDPM++ / NCSN++ family, ``SongUNet``); see :class:`cmkit.nets.UNet` for every field.
 
     ``num_classes > 0`` makes the model class-conditional on the dataset's labels; ``double_norm`` turns on
-    sCM's adaptive double normalisation in the residual blocks.
+    sCM's adaptive double normalisation in the residual blocks. The defaults of ``encoder_type``,
+    ``decoder_type``, ``resample_filter`` and ``channel_mult_noise`` are DDPM++'s; NCSN++ (EDM's settings):
+    ``embedding="fourier"``, ``channel_mult_noise=2``, ``encoder_type="residual"``, ``resample_filter=(1, 3, 3,
+    1)`` (:data:`_CIFAR_NCSNPP`). ``attn_heads`` splits attention into heads (EDM: 1; 0, which configs written
+    before the field read as: 64-channel heads, cmkit's old rule); ``augment_dim > 0`` makes the network take EDM's
+    augmentation labels of that width.
     """
 
     model_channels: int = 32
@@ -55,6 +66,17 @@ class NetConfig:
     fourier_scale: float = 16.0
     num_classes: int = 0
     double_norm: bool = False
+    encoder_type: str = "standard"
+    decoder_type: str = "standard"
+    resample_filter: tuple[int, ...] = (1, 1)
+    channel_mult_noise: int = 1
+    attn_heads: int = 1
+    augment_dim: int = 0
+
+    def family_options(self) -> dict[str, Any]:
+        """The :data:`FAMILY_FIELDS` as keyword arguments of :class:`cmkit.nets.UNet` (and of the diffusers export's
+        ``CmkitUNet2DModel``)."""
+        return {name: getattr(self, name) for name in FAMILY_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise CmkitError(f"{where}: expected a JSON object, got {type(data).__name__}")
     if cls is MethodConfig:
         return _build_method(data, where)
+    if cls is NetConfig and "attn_heads" not in data:
+        data = {**data, "attn_heads": 0}  # written before attn_heads: its networks have cmkit's old 64-channel heads
     known = {f.name: f for f in fields(cls) if f.init}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -299,6 +323,7 @@ def _problems(config: Config) -> list[str]:
     checks = [
         (d.channels in (1, 3), f"data.channels: expected 1 or 3, got {d.channels}"),
         (config.net.num_classes >= 0, f"net.num_classes: expected >= 0, got {config.net.num_classes}"),
+        *_family_checks(config.net),
         (0 <= config.net.dropout < 1, f"net.dropout: expected a value in [0, 1), got {config.net.dropout}"),
         (t.grad_clip >= 0 and t.warmup_kimg >= 0, "train.grad_clip and train.warmup_kimg: expected >= 0"),
         (t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_halflife_kimg/ema_rampup: expected >= 0"),
@@ -317,6 +342,20 @@ def _problems(config: Config) -> list[str]:
          "mode, which torch.compile does not support reliably; set train.compile=false"),
     ]
     return out + [message for ok, message in checks if not ok] + _eval_problems(t)
+
+
+def _family_checks(n: NetConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for the DDPM++ / NCSN++ options (the choices are in :data:`CHOICES`)."""
+    taps = n.resample_filter
+    return [
+        (n.channel_mult_noise >= 1, f"net.channel_mult_noise: expected a positive integer, got {n.channel_mult_noise}"),
+        (n.attn_heads >= 0, f"net.attn_heads: expected a positive integer (0: 64-channel heads, the networks of "
+                            f"configs written before attn_heads), got {n.attn_heads}"),
+        (n.augment_dim >= 0, f"net.augment_dim: expected >= 0 (0: no augmentation labels), got {n.augment_dim}"),
+        (len(taps) >= 2 and len(taps) % 2 == 0 and min(taps) >= 0 and sum(taps) > 0,
+         f"net.resample_filter: expected an even number of integers >= 0 with a positive sum, such as 1,1 or "
+         f"1,3,3,1; got {','.join(map(str, taps))}"),
+    ]
 
 
 def _eval_problems(t: TrainConfig) -> list[str]:
@@ -345,6 +384,12 @@ _FMNIST_NET = NetConfig(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2,
 # DDPM++ as in EDM's CIFAR-10 setup (55.7M parameters); iCT uses Fourier features with scale 0.02.
 _CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
                        dropout=0.13)
+# NCSN++ at the same size, with EDM's settings (EDM's train.py, --arch=ncsnpp; 56.4M parameters): Fourier noise
+# embedding (scale 16 in EDM; iCT and the CM paper use 0.02), a noise embedding twice as wide, the residual
+# (progressive-growing) encoder input path, the standard decoder, FIR resampling (1, 3, 3, 1). EDM's CIFAR-10 runs
+# also feed augmentation labels (augment_dim=9); no preset uses this network yet.
+_CIFAR_NCSNPP = replace(_CIFAR_NET, embedding="fourier", channel_mult_noise=2, encoder_type="residual",
+                        resample_filter=(1, 3, 3, 1))
 _CIFAR_DATA = DataConfig(source="cifar10", resolution=32, channels=3, xflip=True)
 # The small students: half the channels, a quarter of the parameters (Fashion-MNIST 0.44M against 1.75M,
 # CIFAR-10 14.0M against 55.7M), the same layout otherwise.

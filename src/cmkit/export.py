@@ -4,9 +4,9 @@ cmkit's DDPM++ network is not exactly representable as diffusers' ``UNet2DModel`
 every residual and attention block, 1x1 projections in the resample blocks, decoder attention only on a
 level's last block, GroupNorm groups ``min(32, channels // 4)``), so the folder carries cmkit's own network
 as a diffusers *custom component*, by the convention diffusers documents for one: its module files ship in
-the component's folder (``unet/cmkit_unet2d.py``, :mod:`cmkit.nets.cmkit_unet2d`, and ``unet/unet.py``,
-:mod:`cmkit.nets.unet`, both copied verbatim), ``model_index.json`` names the unet
-``["cmkit_unet2d", "CmkitUNet2DModel"]``, and diffusers imports them when asked to::
+the component's folder (``unet/cmkit_unet2d.py``, :mod:`cmkit.nets.cmkit_unet2d`, ``unet/unet.py``,
+:mod:`cmkit.nets.unet`, and ``unet/layers.py``, :mod:`cmkit.nets.layers`, copied verbatim), ``model_index.json``
+names the unet ``["cmkit_unet2d", "CmkitUNet2DModel"]``, and diffusers imports them when asked to::
 
     from diffusers import ConsistencyModelPipeline
     pipe = ConsistencyModelPipeline.from_pretrained("out_dir", trust_remote_code=True)
@@ -52,6 +52,7 @@ from typing import NamedTuple
 
 from cmkit.config import Config
 from cmkit.errors import CmkitError
+from cmkit.nets import layers as layers_module
 from cmkit.nets import unet as unet_module
 from cmkit.nets.foreign import import_diffusers
 from cmkit.precond import Preconditioned, TrigFlow
@@ -77,8 +78,8 @@ TUNED_SIGMAS_KEY, TUNED_TIMESTEPS_KEY = "_cmkit_tuned_sigmas", "_cmkit_tuned_tim
 
 def module_files() -> list[Path]:
     """The custom component's module files, shipped verbatim in ``unet/``: the diffusers model (named first, as
-    ``model_index.json`` names it) and the network it imports relatively. Neither imports cmkit."""
-    return [Path(cmkit_unet2d.__file__), Path(unet_module.__file__)]
+    ``model_index.json`` names it) and the network's modules it imports relatively. None imports cmkit."""
+    return [Path(cmkit_unet2d.__file__), Path(unet_module.__file__), Path(layers_module.__file__)]
 
 
 def _unet(model: Preconditioned, config: Config) -> CmkitUNet2DModel:
@@ -93,7 +94,8 @@ def _unet(model: Preconditioned, config: Config) -> CmkitUNet2DModel:
                             logvar_head=getattr(model.net, "map_logvar", None) is not None,
                             parameterisation="trigflow" if trig else "consistency",
                             c_noise=model.c_noise if trig else "log-sigma", sigma_min=model.sigma_min,
-                            sigma_data=model.sigma_data)
+                            sigma_data=model.sigma_data, **{**n.family_options(),
+                                                            "resample_filter": list(n.resample_filter)})
     unet.net.load_state_dict(model.net.state_dict())
     return unet.eval()
 

@@ -23,7 +23,8 @@ class Preconditioned(nn.Module):
     """Base wrapper: subclasses define :meth:`coefficients`.
 
     Args:
-        net: backbone called as ``net(x_in, c_noise, class_labels)`` returning a tensor shaped like x_in.
+        net: backbone called as ``net(x_in, c_noise, class_labels)`` returning a tensor shaped like x_in (with
+            ``augment_labels=`` too when the caller passes augmentation labels: :class:`cmkit.nets.UNet`).
         resolution, channels, num_classes: what the backbone accepts (num_classes 0 = unconditional).
         sigma_min, sigma_max, sigma_data: the noise range and data standard deviation (x0 in [-1, 1]).
 
@@ -58,8 +59,11 @@ class Preconditioned(nn.Module):
             raise CmkitError(f"the teacher's network does not match the student's (missing {missing}, "
                              f"unexpected {unexpected})")
 
-    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; labels: [N] int64 or None.
+    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, *,
+                augment_labels: Tensor | None = None) -> Tensor:
+        """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; labels: [N] int64 or None; augment_labels:
+        [N, augment_dim] float (EDM's non-leaking augmentation labels, for a backbone built with augment_dim > 0)
+        or None (no augmentation: sampling).
 
         Returns the estimate of x0, [N, C, H, W] float32. The coefficients are computed in float32 even
         under autocast.
@@ -67,8 +71,15 @@ class Preconditioned(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
         x = x.to(torch.float32)
-        out = self.net(x * c_in, c_noise.flatten(), labels)
+        out = self._net(x * c_in, c_noise.flatten(), labels, augment_labels)
         return c_skip * x + c_out * out.to(torch.float32)
+
+    def _net(self, x: Tensor, c_noise: Tensor, labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
+        """The backbone; ``augment_labels`` reach it as a keyword only when given, so a backbone without
+        augmentation labels keeps the plain ``net(x, c_noise, labels)`` signature."""
+        if augment_labels is None:
+            return self.net(x, c_noise, labels)
+        return self.net(x, c_noise, labels, augment_labels=augment_labels)
 
 
 class EDMDenoiser(Preconditioned):
@@ -133,7 +144,7 @@ class TrigFlow(Preconditioned):
             raise CmkitError(f"method.c_noise={self.c_noise}: a student that starts from an EDM teacher's weights "
                              "must see the teacher's time input; set method.c_noise=log-sigma (c_noise=t suits sct "
                              "trained from scratch, without --teacher)")
-        self._load_backbone(edm_backbone_to_trigflow(teacher.net.state_dict(), "out_conv"))
+        self._load_backbone(edm_backbone_to_trigflow(teacher.net.state_dict(), *teacher.net.output_layers))
 
     def time_input(self, t: Tensor, sigma: Tensor | None = None) -> Tensor:
         """c_noise(t) for t of shape [N] (float32); differentiable in t (forward mode too). ``sigma`` (= sigma_d
@@ -150,25 +161,28 @@ class TrigFlow(Preconditioned):
         return t.cos() ** 2, -sd * t.sin(), t.cos() / sd, self.time_input(t, sigma)
 
     def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, *,
-                trig: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                augment_labels: Tensor | None = None, trig: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The denoiser contract (sigma >= 0), or with ``trig=True``: ``x`` is ``x_t / sigma_data`` and ``sigma``
-        is t [N]; returns ``(F [N, C, H, W] float32, w [N] float32)`` (w = 0 without a log-variance head)."""
+        is t [N]; returns ``(F [N, C, H, W] float32, w [N] float32)`` (w = 0 without a log-variance head).
+        ``augment_labels`` as in :meth:`Preconditioned.forward`."""
         if not trig:
-            return super().forward(x, sigma, labels)
+            return super().forward(x, sigma, labels, augment_labels=augment_labels)
         c_noise = self.time_input(sigma)
-        return self.net(x, c_noise, labels).to(torch.float32), self.net.logvar(c_noise)
+        return self._net(x, c_noise, labels, augment_labels).to(torch.float32), self.net.logvar(c_noise)
 
 
-def edm_backbone_to_trigflow(state: dict[str, Tensor], output_layer: str) -> dict[str, Tensor]:
+def edm_backbone_to_trigflow(state: dict[str, Tensor], *output_layers: str) -> dict[str, Tensor]:
     """The backbone weights of an EDM denoiser as those of a TrigFlow model with ``c_noise="log-sigma"``.
 
     EDM's ``c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2) = sigma_data sin t`` and TrigFlow's
-    ``-sigma_data sin t`` differ in sign only (c_skip and c_in agree), so negating the last layer
-    (``output_layer``'s weight and bias) makes the two models give the same x0 at every noise level.
+    ``-sigma_data sin t`` differ in sign only (c_skip and c_in agree), so negating the last layers
+    (every ``output_layers``' weight and bias: the layers whose outputs sum to the network's output,
+    :attr:`cmkit.nets.UNet.output_layers`) makes the two models give the same x0 at every noise level.
     """
     out = dict(state)
-    for key in (f"{output_layer}.weight", f"{output_layer}.bias"):
-        out[key] = -state[key]
+    for layer in output_layers:
+        for key in (f"{layer}.weight", f"{layer}.bias"):
+            out[key] = -state[key]
     return out
 
 

@@ -1,9 +1,11 @@
 """cmkit's DDPM++ U-Net as a diffusers model: the custom component of an exported ConsistencyModelPipeline.
 
-This file is shipped verbatim, with its sibling ``unet.py``, inside every folder ``cmkit export --diffusers``
-writes (``unet/cmkit_unet2d.py`` and ``unet/unet.py``), and diffusers loads it from there with
-``trust_remote_code=True``. So it must stay self-contained: it imports torch, diffusers and ``.unet`` only,
-never cmkit (tests/test_diffusers.py checks both files and loads a folder where cmkit is not importable).
+This file is shipped verbatim, with its siblings ``unet.py`` and ``layers.py``, inside every folder ``cmkit export
+--diffusers`` writes (``unet/cmkit_unet2d.py``, ``unet/unet.py``, ``unet/layers.py``), and diffusers loads it from
+there with ``trust_remote_code=True``. So it must stay self-contained: it imports torch, diffusers, ``.unet`` and
+``.layers`` only, never cmkit (tests/test_diffusers.py checks the files and loads a folder where cmkit is not
+importable). It imports ``.layers`` itself, although only ``unet.py`` uses it, because diffusers copies a local
+folder's module files only as the model file's own relative imports name them (not recursively).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import Tensor
 
+from .layers import forward_mode  # noqa: F401 -- names layers.py so that diffusers copies it (see above)
 from .unet import UNet
 
 __all__ = ["CmkitUNet2DModel"]
@@ -28,7 +31,10 @@ class CmkitUNet2DModel(UNet2DModel):
     """The network of a cmkit consistency model, called the way ConsistencyModelPipeline calls a unet.
 
     Config: ``sample_size`` (resolution), ``in_channels``, ``num_class_embeds`` (None: unconditional) -- the
-    names the pipeline reads -- the DDPM++ options of cmkit's ``NetConfig`` (``double_norm``) and
+    names the pipeline reads -- the DDPM++ / NCSN++ options of cmkit's ``NetConfig`` (``double_norm``,
+    ``encoder_type``, ``decoder_type``, ``resample_filter``, ``channel_mult_noise``, ``attn_heads``, ``augment_dim``:
+    sampling passes no augmentation labels, which means none; ``attn_heads`` 0, the default for folders written
+    before it, is the head rule of those folders' networks) and
     ``logvar_head`` (sCM's log-variance head: unused when sampling, built so the weights load), and the
     parameterisation:
 
@@ -54,7 +60,9 @@ class CmkitUNet2DModel(UNet2DModel):
                  channel_mult: list[int], num_blocks: int, attn_resolutions: list[int], dropout: float,
                  embedding: str, fourier_scale: float, double_norm: bool = False, logvar_head: bool = False,
                  parameterisation: str = "consistency", c_noise: str = "log-sigma", sigma_min: float = 0.002,
-                 sigma_data: float = 0.5) -> None:
+                 sigma_data: float = 0.5, encoder_type: str = "standard", decoder_type: str = "standard",
+                 resample_filter: list[int] | None = None, channel_mult_noise: int = 1, attn_heads: int = 0,
+                 augment_dim: int = 0) -> None:
         super(UNet2DModel, self).__init__()  # ModelMixin's, not UNet2DModel's: no diffusers layers
         if parameterisation not in PARAMETERISATIONS or c_noise not in C_NOISE:
             raise ValueError(f"CmkitUNet2DModel: parameterisation must be one of {PARAMETERISATIONS} and c_noise "
@@ -65,7 +73,9 @@ class CmkitUNet2DModel(UNet2DModel):
                         model_channels=model_channels, channel_mult=tuple(channel_mult), num_blocks=num_blocks,
                         attn_resolutions=tuple(attn_resolutions), dropout=dropout, embedding=embedding,
                         fourier_scale=fourier_scale, num_classes=num_class_embeds or 0, double_norm=double_norm,
-                        logvar_head=logvar_head)
+                        logvar_head=logvar_head, encoder_type=encoder_type, decoder_type=decoder_type,
+                        resample_filter=tuple(resample_filter or (1, 1)), channel_mult_noise=channel_mult_noise,
+                        attn_heads=attn_heads, augment_dim=augment_dim)
 
     def forward(self, sample: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
                 return_dict: bool = True) -> UNet2DOutput | tuple[Tensor]:

@@ -1,292 +1,64 @@
-"""A U-Net backbone of the DDPM++ family, as used by EDM and consistency models.
+"""The U-Net of the DDPM++ / NCSN++ family, as used by EDM and consistency models.
 
-Architecture after Song et al. 2021, "Score-Based Generative Modeling through Stochastic
-Differential Equations" (DDPM++), in the form Karras et al. 2022, "Elucidating the Design Space
-of Diffusion-Based Generative Models" (EDM) call ``SongUNet``:
+Architectures after Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential Equations"
+(DDPM++ and NCSN++), in the form Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+Models" (EDM) give them in one module with options, ``SongUNet`` (EDM's ``training/networks.py``):
 
-* noise embedding: sinusoidal positional (Vaswani et al. 2017, EDM's ``endpoint=True`` variant)
-  or random Fourier features (Tancik et al. 2020), then a two-layer SiLU MLP;
-* residual blocks with GroupNorm, adaptive scale/shift from the embedding (optionally with sCM's adaptive
-  double normalisation), dropout, a near-zero-initialised last convolution and ``(h + skip) / sqrt(2)`` merging;
-* multi-head self-attention blocks at chosen resolutions;
-* an encoder that keeps every intermediate output as a skip connection, a middle pair at the
-  lowest resolution, and a decoder that pops one skip per residual block;
+* noise embedding (:mod:`.layers`) of width ``channel_mult_noise * model_channels``, plus EDM's augmentation
+  labels through a bias-free linear layer, then a two-layer SiLU MLP; class labels are added after it;
+* an encoder that keeps every intermediate output as a skip connection, optionally with NCSN++'s progressive
+  input path (``encoder_type``), a middle pair at the lowest resolution, and a decoder that pops one skip per
+  residual block, optionally with NCSN++'s progressive output path (``decoder_type``);
+* residual blocks and self-attention (``attn_heads`` heads) from :mod:`.layers`, resampling with the FIR filter
+  ``resample_filter``;
 * optionally a log-variance head ``w(c_noise)`` (sCM's adaptive loss weighting, Lu and Song 2024).
 
-Every option supports forward-mode differentiation (``torch.func.jvp``, ``torch.autograd.forward_ad``);
-differentiate inside :func:`forward_mode`: fused attention kernels on GPUs have no forward-mode rule, and
-PyTorch's forward-mode rule for a convolution spends an extra convolution on the weights' (zero) tangent.
+Settings of the papers' CIFAR-10 networks (EDM's ``train.py``; parameter counts in tests/test_ncsnpp.py):
+DDPM++ is the defaults; NCSN++ is ``embedding="fourier", channel_mult_noise=2, encoder_type="residual",
+decoder_type="standard", resample_filter=(1, 3, 3, 1)``.
 
+Every option supports forward-mode differentiation; differentiate inside :func:`forward_mode`.
+This file ships verbatim inside diffusers exports: it imports torch and ``.layers`` only.
 The written code is original; only the published architecture is followed.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["UNet", "forward_mode"]
+from .layers import (
+    SMALL_INIT,
+    BlockOptions,
+    EncoderResidual,
+    EncoderSkip,
+    FourierEmbedding,
+    OutputHead,
+    PositionalEmbedding,
+    Resample,
+    Stage,
+    check_taps,
+    forward_mode,
+    make_conv,
+    make_linear,
+    make_norm,
+)
+
+__all__ = ["DECODER_TYPES", "EMBEDDINGS", "ENCODER_TYPES", "UNet", "forward_mode"]
 
 EMBEDDINGS = ("positional", "fourier")
-_SKIP_SCALE = 1.0 / math.sqrt(2.0)
-_SMALL_INIT = 1e-5  # DDPM++ / EDM scale for "near zero" initialised layers
-_HEAD_CHANNELS = 64
+ENCODER_TYPES = ("standard", "skip", "residual")
+DECODER_TYPES = ("standard", "skip")
+_ENCODER_PATHS = {"skip": EncoderSkip, "residual": EncoderResidual}
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _groups(channels: int) -> int:
-    """GroupNorm group count ``min(32, channels // 4)``; raises ValueError if it does not divide."""
-    groups = min(32, channels // 4)
-    if groups < 1 or channels % groups != 0:
-        raise ValueError(
-            f"UNet: {channels} channels cannot be split into GroupNorm groups "
-            f"(groups = min(32, channels // 4) = {groups}); choose model_channels/channel_mult "
-            "so that every channel count is a multiple of its group count (e.g. multiples of 32)"
-        )
-    return groups
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_groups(channels), channels, eps=1e-6)
-
-
-def _init(layer: nn.Conv2d | nn.Linear, *, scale: float = 1.0) -> None:
-    """Xavier-uniform weights scaled by ``scale`` and zero bias (the DDPM++ / EDM convention)."""
-    nn.init.xavier_uniform_(layer.weight, gain=scale)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
-
-
-def _conv(in_ch: int, out_ch: int, *, kernel: int, scale: float = 1.0) -> nn.Conv2d:
-    conv = _Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
-    _init(conv, scale=scale)
-    return conv
-
-
-def _linear(in_f: int, out_f: int, *, bias: bool = True, scale: float = 1.0) -> nn.Linear:
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    _init(lin, scale=scale)
-    return lin
-
-
-# Set by forward_mode(); a plain global, which torch.compile reads without a graph break (a ContextVar breaks it).
-_FORWARD_MODE = False
-
-
-@contextlib.contextmanager
-def forward_mode() -> Iterator[None]:
-    """Run the network for forward-mode differentiation: attention through PyTorch's plain math path (the fused
-    flash / memory-efficient kernels have no forward-mode rule), and convolutions whose forward-mode rule skips
-    the weights' and bias' tangents when they have none (PyTorch's own rule convolves the input with a zero
-    weight tangent: a third convolution per layer). The same numbers up to rounding; no backward inside."""
-    global _FORWARD_MODE
-    previous, _FORWARD_MODE = _FORWARD_MODE, True
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        _FORWARD_MODE = previous
-
-
-class _ConvJVP(torch.autograd.Function):
-    """``conv2d(x, weight, bias)`` with a forward-mode rule that adds the weight's and bias' terms only when they
-    have tangents (inside :func:`forward_mode` only: it has no backward)."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
-        return F.conv2d(x, weight, bias, padding=padding)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 -- torch's signature
-        x, weight, _, ctx.padding = inputs
-        ctx.set_materialize_grads(False)  # absent tangents stay None instead of zeros
-        ctx.save_for_forward(x, weight)
-
-    @staticmethod
-    def jvp(ctx, dx: Tensor | None, dweight: Tensor | None, dbias: Tensor | None, _) -> Tensor:  # noqa: ANN001
-        x, weight = ctx.saved_tensors
-        out = F.conv2d(torch.zeros_like(x) if dx is None else dx, weight, dbias, padding=ctx.padding)
-        return out if dweight is None else out + F.conv2d(x, dweight, None, padding=ctx.padding)
-
-
-class _Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (the same parameters and state_dict keys) with :class:`_ConvJVP` inside :func:`forward_mode`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if _FORWARD_MODE:
-            return _ConvJVP.apply(x, self.weight, self.bias, self.padding[0])
-        return super().forward(x)
-
-
-def _pixel_norm(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """``x / rms(x)`` over dim 1 (channels)."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
-
-
-def _resample(x: Tensor, mode: str) -> Tensor:
-    """``"down"``: 2x2 average pool (needs even H, W); ``"up"``: nearest x2; ``"none"``: identity."""
-    if mode == "down":
-        return F.avg_pool2d(x, 2)
-    if mode == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return x
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-
-class PositionalEmbedding(nn.Module):
-    """Transformer sinusoidal embedding (Vaswani et al. 2017) in EDM's form (``endpoint=True``).
-
-    Frequencies ``f_k = (1 / max_positions) ** (k / (half - 1))`` for ``k = 0..half-1`` and
-    output ``[cos(x f), sin(x f)]``. Maps ``[N]`` floats to ``[N, channels]`` float32.
-    """
-
-    def __init__(self, channels: int, *, max_positions: int = 10000) -> None:
-        super().__init__()
-        half = channels // 2
-        if channels % 2 != 0 or half < 2:
-            raise ValueError(f"UNet: positional embedding needs an even width >= 4, got {channels}")
-        exponent = torch.arange(half, dtype=torch.float32) / (half - 1)
-        self.register_buffer("freqs", (1.0 / max_positions) ** exponent, persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        angles = x.float()[:, None] * self.freqs.float()[None, :]
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-class FourierEmbedding(nn.Module):
-    """Random Fourier features (Tancik et al. 2020; Song et al. 2021 for NCSN++/DDPM++).
-
-    Fixed frequencies ``f ~ N(0, scale^2)`` (a saved, non-trainable buffer); output
-    ``[cos(2 pi x f), sin(2 pi x f)]``. Maps ``[N]`` floats to ``[N, channels]`` float32.
-    """
-
-    def __init__(self, channels: int, *, scale: float) -> None:
-        super().__init__()
-        if channels % 2 != 0:
-            raise ValueError(f"UNet: Fourier embedding needs an even width, got {channels}")
-        self.register_buffer("freqs", torch.randn(channels // 2) * scale)
-
-    def forward(self, x: Tensor) -> Tensor:
-        angles = x.float()[:, None] * (2.0 * math.pi * self.freqs.float()[None, :])
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-# ----------------------------------------------------------------------------- blocks
-
-
-class ResBlock(nn.Module):
-    """DDPM++ residual block conditioned on the noise (and class) embedding.
-
-    With ``g = conv0(resample(silu(norm0(x))))``:
-    ``adaptive_scale=False`` (DDPM++ / EDM ``SongUNet``): ``h = silu(norm1(g + affine(emb)))``;
-    ``adaptive_scale=True`` (ADM / EDM ``DhariwalUNet``): ``h = silu(norm1(g) * (1 + scale) + shift)``
-    with ``(scale, shift) = affine(emb)``; ``double_norm=True`` (sCM's adaptive double normalisation, which
-    the paper found stable where plain AdaGN diverged): ``h = silu(norm1(g) * pixelnorm(scale) +
-    pixelnorm(shift))``. Then ``h = conv1(dropout(h))`` and
-    ``out = (h + skip(resample(x))) / sqrt(2)``.
-    Shapes: ``x`` ``[N, in_ch, H, W]``, ``emb`` ``[N, emb_ch]`` -> ``[N, out_ch, H', W']`` with
-    ``H' = H/2`` (``resample="down"``), ``2H`` (``"up"``) or ``H`` (``"none"``).
-    """
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        *,
-        emb_ch: int,
-        dropout: float,
-        adaptive_scale: bool,
-        double_norm: bool = False,
-        resample: str = "none",
-    ) -> None:
-        super().__init__()
-        self.resample = resample
-        self.adaptive_scale, self.double_norm = adaptive_scale or double_norm, double_norm
-        self.norm0 = _norm(in_ch)
-        self.conv0 = _conv(in_ch, out_ch, kernel=3)
-        self.affine = _linear(emb_ch, 2 * out_ch if self.adaptive_scale else out_ch)
-        self.norm1 = _norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv1 = _conv(out_ch, out_ch, kernel=3, scale=_SMALL_INIT)
-        needs_proj = in_ch != out_ch or resample != "none"
-        self.skip = _conv(in_ch, out_ch, kernel=1) if needs_proj else None
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = _resample(F.silu(self.norm0(x)), self.resample)
-        h = self.conv0(h)
-        params = self.affine(emb)[:, :, None, None]
-        if self.double_norm:
-            scale, shift = params.chunk(2, dim=1)
-            h = torch.addcmul(_pixel_norm(shift), self.norm1(h), _pixel_norm(scale))
-        elif self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.norm1(h), scale + 1)
-        else:
-            h = self.norm1(h + params)
-        h = self.conv1(self.dropout(F.silu(h)))
-        skip = x if self.skip is None else self.skip(_resample(x, self.resample))
-        return (h + skip) * _SKIP_SCALE
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the ``H*W`` positions, residual ``(x + attn) / sqrt(2)``.
-
-    Heads have 64 channels when ``channels`` is a multiple of 64, else one head.
-    Shape-preserving: ``[N, C, H, W]`` -> ``[N, C, H, W]``.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.heads = channels // _HEAD_CHANNELS if channels % _HEAD_CHANNELS == 0 else 1
-        self.norm = _norm(channels)
-        self.qkv = _conv(channels, 3 * channels, kernel=1, scale=math.sqrt(0.2))
-        self.proj = _conv(channels, channels, kernel=1, scale=_SMALL_INIT)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [N, heads, HW, head_ch]
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(n, c, h, w)
-        return (x + self.proj(out)) * _SKIP_SCALE
-
-
-class Stage(nn.Module):
-    """A residual block optionally followed by self-attention; the unit of encoder and decoder."""
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        *,
-        emb_ch: int,
-        dropout: float,
-        adaptive_scale: bool,
-        double_norm: bool,
-        attention: bool,
-        resample: str = "none",
-    ) -> None:
-        super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_ch=emb_ch, dropout=dropout, adaptive_scale=adaptive_scale,
-                            double_norm=double_norm, resample=resample)
-        self.attn = AttentionBlock(out_ch) if attention else None
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        x = self.res(x, emb)
-        return x if self.attn is None else self.attn(x)
-
-
-# ----------------------------------------------------------------------------- U-Net
+def _check_choices(*, embedding: str, encoder_type: str, decoder_type: str) -> None:
+    """Raise ValueError naming the first option whose value is not one of its choices."""
+    for name, value, choices in (("embedding", embedding, EMBEDDINGS), ("encoder_type", encoder_type, ENCODER_TYPES),
+                                 ("decoder_type", decoder_type, DECODER_TYPES)):
+        if value not in choices:
+            raise ValueError(f"UNet: unknown {name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _validate(
@@ -301,16 +73,17 @@ def _validate(
     embedding: str,
     fourier_scale: float,
     num_classes: int,
+    channel_mult_noise: int,
+    augment_dim: int,
 ) -> None:
-    """Raise ValueError naming the first bad constructor argument."""
-    if embedding not in EMBEDDINGS:
-        raise ValueError(f"UNet: unknown embedding {embedding!r}; choose one of {', '.join(EMBEDDINGS)}")
+    """Raise ValueError naming the first bad constructor argument (the choices: :func:`_check_choices`)."""
     positives = {
         "resolution": resolution,
         "in_channels": in_channels,
         "out_channels": out_channels,
         "model_channels": model_channels,
         "num_blocks": num_blocks,
+        "channel_mult_noise": channel_mult_noise,
     }
     for name, value in positives.items():
         if value < 1:
@@ -333,37 +106,56 @@ def _validate(
         raise ValueError(f"UNet: fourier_scale must be > 0, got {fourier_scale}")
     if num_classes < 0:
         raise ValueError(f"UNet: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
+    if augment_dim < 0:
+        raise ValueError(f"UNet: augment_dim must be >= 0 (0 = no augmentation labels), got {augment_dim}")
 
 
 class UNet(nn.Module):
-    """DDPM++ U-Net (Song et al. 2021; EDM's ``SongUNet``, Karras et al. 2022).
+    """DDPM++ / NCSN++ U-Net (Song et al. 2021; EDM's ``SongUNet``, Karras et al. 2022).
 
     Args (keyword-only):
         resolution: input height = width; must be divisible by ``2 ** (len(channel_mult) - 1)``.
         in_channels, out_channels: image channels in and out.
-        model_channels: base width; level ``i`` has ``model_channels * channel_mult[i]`` channels,
-            the noise embedding has width ``model_channels`` and the MLP ``4 * model_channels``.
+        model_channels: base width; level ``i`` has ``model_channels * channel_mult[i]`` channels and the MLP
+            of the noise embedding ``4 * model_channels``.
         channel_mult: per-level width multipliers; each level after the first halves the resolution.
         num_blocks: residual blocks per level in the encoder (the decoder has ``num_blocks + 1``).
         attn_resolutions: resolutions that get self-attention (after every encoder block and after
             the last block of the decoder level, as in EDM); values matching no level are ignored.
         dropout: dropout probability inside residual blocks.
-        embedding: ``"positional"`` or ``"fourier"`` noise embedding.
+        embedding: ``"positional"`` (DDPM++) or ``"fourier"`` (NCSN++) noise embedding.
         fourier_scale: std of the Fourier frequencies (``embedding="fourier"`` only).
         num_classes: number of classes for class conditioning; 0 for unconditional.
-        adaptive_scale: False (default, DDPM++ / EDM ``SongUNet``): the embedding is added to the
-            features before the second GroupNorm. True: ``norm(h) * (1 + scale) + shift`` (ADM style,
-            about 4.3M more parameters at the CIFAR-10 size).
+        adaptive_scale: False (DDPM++ / EDM ``SongUNet``): the embedding is added to the features before the
+            second GroupNorm. True: ``norm(h) * (1 + scale) + shift`` (ADM style, about 4.3M more parameters at
+            the CIFAR-10 size).
         double_norm: sCM's adaptive double normalisation ``norm(h) * pixelnorm(scale) + pixelnorm(shift)``
             (the parameters of ``adaptive_scale=True``).
         logvar_head: add the log-variance head ``logvar(noise_labels)``: a linear layer on the noise
             embedding's features, zero at initialisation (sCM's adaptive weighting ``w(t)``).
+        encoder_type: ``"standard"`` (DDPM++); ``"skip"``: the image, FIR-downsampled to each level, added through
+            a 1x1 convolution (:class:`.layers.EncoderSkip`); ``"residual"`` (NCSN++): the progressive-growing input
+            path (:class:`.layers.EncoderResidual`).
+        decoder_type: ``"standard"`` (DDPM++ and EDM's NCSN++): one output head at the top level; ``"skip"``: an
+            output head at every level, the sum upsampled level by level with the FIR filter (the progressive
+            output path of Song et al. 2021's NCSN++).
+        resample_filter: FIR taps of every 2x resampling (:class:`.layers.Resample`): ``(1, 1)`` box (DDPM++),
+            ``(1, 3, 3, 1)`` (NCSN++); an even number of integers >= 0 with a positive sum.
+        channel_mult_noise: the noise embedding has ``channel_mult_noise * model_channels`` features (DDPM++ 1,
+            NCSN++ 2).
+        attn_heads: attention heads; must divide the channel count of every attention level (EDM: 1). 0: the
+            rule of networks saved before this option, 64-channel heads where 64 divides the channels, else one
+            (:class:`.layers.AttentionBlock`).
+        augment_dim: width of EDM's augmentation labels (0: none), mapped by a bias-free linear layer
+            (``map_augment``) and added to the noise embedding's features, as in EDM's ``SongUNet``.
 
-    ``forward(x, noise_labels, class_labels=None)``: ``x`` ``[N, in_channels, R, R]`` float,
-    ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``), ``class_labels`` ``[N]``
-    int64 in ``[0, num_classes)`` (required iff ``num_classes > 0``). Returns
+    ``forward(x, noise_labels, class_labels=None, augment_labels=None)``: ``x`` ``[N, in_channels, R, R]`` float,
+    ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``), ``class_labels`` ``[N]`` int64 in
+    ``[0, num_classes)`` (required iff ``num_classes > 0``), ``augment_labels`` ``[N, augment_dim]`` float or None
+    (only with ``augment_dim > 0``; None means zeros: no augmentation, as when sampling). Returns
     ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
     ``logvar(noise_labels)``: ``[N]`` float32, zeros without the head.
+    ``output_layers``: the names of the last convolutions, whose outputs sum to the network's output.
     """
 
     def __init__(
@@ -383,111 +175,122 @@ class UNet(nn.Module):
         adaptive_scale: bool = False,
         double_norm: bool = False,
         logvar_head: bool = False,
+        encoder_type: str = "standard",
+        decoder_type: str = "standard",
+        resample_filter: tuple[int, ...] = (1, 1),
+        channel_mult_noise: int = 1,
+        attn_heads: int = 1,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
-        channel_mult = tuple(channel_mult)
-        _validate(
-            resolution=resolution,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            model_channels=model_channels,
-            channel_mult=channel_mult,
-            num_blocks=num_blocks,
-            dropout=dropout,
-            embedding=embedding,
-            fourier_scale=fourier_scale,
-            num_classes=num_classes,
-        )
+        channel_mult, resample_filter = tuple(channel_mult), tuple(resample_filter)
+        _check_choices(embedding=embedding, encoder_type=encoder_type, decoder_type=decoder_type)
+        _validate(resolution=resolution, in_channels=in_channels, out_channels=out_channels,
+                  model_channels=model_channels, channel_mult=channel_mult, num_blocks=num_blocks, dropout=dropout,
+                  embedding=embedding, fourier_scale=fourier_scale, num_classes=num_classes,
+                  channel_mult_noise=channel_mult_noise, augment_dim=augment_dim)
+        check_taps(resample_filter)
         self.resolution = resolution
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
-        self._emb_ch = 4 * model_channels
-        self._dropout = dropout
-        self._adaptive_scale, self._double_norm = adaptive_scale, double_norm
-        self._build_embedding(model_channels, embedding=embedding, fourier_scale=fourier_scale)
-        self.map_logvar = _linear(model_channels, 1, scale=0.0) if logvar_head else None
+        self.augment_dim = augment_dim
+        self._opts = BlockOptions(emb_ch=4 * model_channels, dropout=dropout, adaptive_scale=adaptive_scale,
+                                  double_norm=double_norm, taps=resample_filter, heads=attn_heads)
+        noise_ch = channel_mult_noise * model_channels
+        self._build_embedding(noise_ch, embedding=embedding, fourier_scale=fourier_scale)
+        self.map_logvar = make_linear(noise_ch, 1, scale=0.0) if logvar_head else None
         attn = set(attn_resolutions)
-        skips = self._build_encoder(
-            model_channels, channel_mult=channel_mult, num_blocks=num_blocks, attn=attn
-        )
-        self._build_decoder(
-            model_channels, skips, channel_mult=channel_mult, num_blocks=num_blocks, attn=attn
-        )
+        skips = self._build_encoder(model_channels, channel_mult=channel_mult, num_blocks=num_blocks, attn=attn,
+                                    encoder_type=encoder_type)
+        self._build_decoder(model_channels, skips, channel_mult=channel_mult, num_blocks=num_blocks, attn=attn,
+                            decoder_type=decoder_type)
 
     # -- construction
 
-    def _stage(self, in_ch: int, out_ch: int, *, attention: bool, resample: str = "none") -> Stage:
-        return Stage(
-            in_ch,
-            out_ch,
-            emb_ch=self._emb_ch,
-            dropout=self._dropout,
-            adaptive_scale=self._adaptive_scale,
-            double_norm=self._double_norm,
-            attention=attention,
-            resample=resample,
-        )
-
     def _build_embedding(self, width: int, *, embedding: str, fourier_scale: float) -> None:
-        emb_ch = self._emb_ch
+        emb_ch = self._opts.emb_ch
         if embedding == "positional":
             self.map_noise: nn.Module = PositionalEmbedding(width)
         else:
             self.map_noise = FourierEmbedding(width, scale=fourier_scale)
-        self.map_layer0 = _linear(width, emb_ch)
-        self.map_layer1 = _linear(emb_ch, emb_ch)
-        self.map_label = _linear(self.num_classes, emb_ch, bias=False) if self.num_classes else None
+        self.map_augment = make_linear(self.augment_dim, width, bias=False) if self.augment_dim else None
+        self.map_layer0 = make_linear(width, emb_ch)
+        self.map_layer1 = make_linear(emb_ch, emb_ch)
+        self.map_label = make_linear(self.num_classes, emb_ch, bias=False) if self.num_classes else None
 
     def _build_encoder(
-        self, base: int, *, channel_mult: tuple[int, ...], num_blocks: int, attn: set[int]
+        self, base: int, *, channel_mult: tuple[int, ...], num_blocks: int, attn: set[int], encoder_type: str
     ) -> list[int]:
-        """Build the encoder; return the channel count of every skip it pushes, in push order."""
-        self.enc_in = _conv(self.in_channels, base, kernel=3)
+        """Build the encoder (and its input path, ``enc_aux``: one module per level after the first); return the
+        channel count of every skip it pushes, in push order."""
+        self.enc_in = make_conv(self.in_channels, base, kernel=3)
         self.enc = nn.ModuleList()
-        skips, ch = [base], base
+        self.enc_aux = nn.ModuleList()
+        path = _ENCODER_PATHS.get(encoder_type)
+        skips, ch, aux_ch = [base], base, self.in_channels
         for level, mult in enumerate(channel_mult):
             res = self.resolution >> level
             if level > 0:
-                self.enc.append(self._stage(ch, ch, attention=False, resample="down"))
+                self.enc.append(Stage(ch, ch, self._opts, attention=False, resample="down"))
                 skips.append(ch)
+                if path is not None:
+                    self.enc_aux.append(path(aux_ch, ch, self._opts.taps))
+                    aux_ch = ch if encoder_type == "residual" else aux_ch
             for _ in range(num_blocks):
-                self.enc.append(self._stage(ch, base * mult, attention=res in attn))
+                self.enc.append(Stage(ch, base * mult, self._opts, attention=res in attn))
                 ch = base * mult
                 skips.append(ch)
         return skips
 
-    def _build_decoder(
-        self, base: int, skips: list[int], *, channel_mult: tuple[int, ...], num_blocks: int, attn: set[int]
-    ) -> None:
-        """Build the middle pair and the decoder, consuming ``skips`` (channel counts) from the end.
+    def _build_decoder(self, base: int, skips: list[int], *, channel_mult: tuple[int, ...], num_blocks: int,
+                       attn: set[int], decoder_type: str) -> None:
+        """Build the middle pair and the decoder, consuming ``skips`` (channel counts) from the end, and the output
+        heads: ``out_norm``/``out_conv`` at the top level, and with ``decoder_type="skip"`` ``dec_heads`` after every
+        other level (lowest resolution first).
 
         As in EDM's ``SongUNet``, only the last block of a decoder level gets self-attention.
         """
         ch = skips[-1]
-        self.mid = nn.ModuleList([self._stage(ch, ch, attention=True), self._stage(ch, ch, attention=False)])
+        self.mid = nn.ModuleList([Stage(ch, ch, self._opts, attention=True),
+                                  Stage(ch, ch, self._opts, attention=False)])
         self.dec = nn.ModuleList()
+        self.dec_heads = nn.ModuleList()
         self._dec_pops: list[bool] = []  # whether each decoder stage consumes a skip
+        self._head_after: list[int] = []  # indices of the decoder stages that dec_heads follow, in order
         for level in reversed(range(len(channel_mult))):
             res = self.resolution >> level
             if level < len(channel_mult) - 1:
-                self.dec.append(self._stage(ch, ch, attention=False, resample="up"))
+                self.dec.append(Stage(ch, ch, self._opts, attention=False, resample="up"))
                 self._dec_pops.append(False)
             for idx in range(num_blocks + 1):
                 out = base * channel_mult[level]
                 attention = idx == num_blocks and res in attn
-                self.dec.append(self._stage(ch + skips.pop(), out, attention=attention))
+                self.dec.append(Stage(ch + skips.pop(), out, self._opts, attention=attention))
                 self._dec_pops.append(True)
                 ch = out
-        self.out_norm = _norm(ch)
-        self.out_conv = _conv(ch, self.out_channels, kernel=3, scale=_SMALL_INIT)
+            if decoder_type == "skip" and level > 0:
+                self.dec_heads.append(OutputHead(ch, self.out_channels))
+                self._head_after.append(len(self.dec) - 1)
+        self.out_up = Resample("up", self._opts.taps) if decoder_type == "skip" else None
+        self.out_norm = make_norm(ch)
+        self.out_conv = make_conv(ch, self.out_channels, kernel=3, scale=SMALL_INIT)
+
+    @property
+    def output_layers(self) -> tuple[str, ...]:
+        """The names of the convolutions whose outputs (upsampled) sum to the network's output: negating their
+        weights and biases negates the output (:func:`cmkit.precond.edm_backbone_to_trigflow`)."""
+        return ("out_conv", *(f"dec_heads.{i}.conv" for i in range(len(self.dec_heads))))
 
     # -- forward
 
-    def _embed(self, noise_labels: Tensor, class_labels: Tensor | None) -> Tensor:
-        """``[N]`` noise labels (+ ``[N]`` class ids) -> ``[N, 4 * model_channels]`` embedding."""
-        emb = F.silu(self.map_layer0(self.map_noise(noise_labels)))
-        emb = self.map_layer1(emb)
+    def _embed(self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
+        """``[N]`` noise labels (+ ``[N]`` class ids, ``[N, augment_dim]`` augmentation labels) ->
+        ``[N, 4 * model_channels]`` embedding."""
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels.to(emb.dtype))
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
             assert class_labels is not None
             onehot = F.one_hot(class_labels, self.num_classes).to(emb.dtype)
@@ -502,39 +305,53 @@ class UNet(nn.Module):
         with torch.autocast(noise_labels.device.type, enabled=False):
             return self.map_logvar(self.map_noise(noise_labels.float())).squeeze(1)
 
-    def _check_inputs(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None) -> None:
-        expected = (self.in_channels, self.resolution, self.resolution)
+    def _check_inputs(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None,
+                      augment_labels: Tensor | None) -> None:
+        n, expected = x.shape[0], (self.in_channels, self.resolution, self.resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             shape = ", ".join(map(str, expected))
             raise ValueError(f"UNet: x must have shape [N, {shape}], got {list(x.shape)}")
-        if noise_labels.shape != (x.shape[0],):
-            got = list(noise_labels.shape)
-            raise ValueError(f"UNet: noise_labels must have shape [{x.shape[0]}], got {got}")
+        if noise_labels.shape != (n,):
+            raise ValueError(f"UNet: noise_labels must have shape [{n}], got {list(noise_labels.shape)}")
         if self.num_classes > 0:
             if class_labels is None:
                 raise ValueError(f"UNet: class_labels are required (num_classes={self.num_classes})")
-            if class_labels.shape != (x.shape[0],) or class_labels.dtype.is_floating_point:
-                raise ValueError(
-                    f"UNet: class_labels must be an integer tensor of shape [{x.shape[0]}], "
-                    f"got {class_labels.dtype} {list(class_labels.shape)}"
-                )
+            if class_labels.shape != (n,) or class_labels.dtype.is_floating_point:
+                raise ValueError(f"UNet: class_labels must be an integer tensor of shape [{n}], "
+                                 f"got {class_labels.dtype} {list(class_labels.shape)}")
         elif class_labels is not None:
             raise ValueError("UNet: class_labels given but the model is unconditional (num_classes=0)")
+        if augment_labels is not None and (self.augment_dim == 0 or augment_labels.shape != (n, self.augment_dim)):
+            raise ValueError(f"UNet: augment_labels must have shape [{n}, augment_dim={self.augment_dim}] (and "
+                             f"augment_dim > 0), got {list(augment_labels.shape)}")
 
-    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        """See the class docstring for the shape and dtype contract."""
-        self._check_inputs(x, noise_labels, class_labels)
-        emb = self._embed(noise_labels, class_labels)
+    def _encode(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The encoder with its input path: the lowest-resolution features and every skip, in push order."""
         h = self.enc_in(x)
-        skips = [h]
+        skips, aux, paths = [h], x, iter(self.enc_aux)
         for stage in self.enc:
             h = stage(h, emb)
+            if stage.res.resample.mode == "down" and len(self.enc_aux):
+                h, aux = next(paths)(h, aux)
             skips.append(h)
+        return h, skips
+
+    def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
+        """See the class docstring for the shape and dtype contract."""
+        self._check_inputs(x, noise_labels, class_labels, augment_labels)
+        emb = self._embed(noise_labels, class_labels, augment_labels)
+        h, skips = self._encode(x, emb)
         for stage in self.mid:
             h = stage(h, emb)
-        for stage, pops in zip(self.dec, self._dec_pops, strict=True):
-            if pops:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = stage(h, emb)
-        out = self.out_conv(F.silu(self.out_norm(h)))
+        out, heads = None, iter(self.dec_heads)
+        for i, (stage, pops) in enumerate(zip(self.dec, self._dec_pops, strict=True)):
+            h = stage(torch.cat([h, skips.pop()], dim=1) if pops else h, emb)
+            if i in self._head_after:
+                out = self._add_output(out, next(heads)(h))
+        out = self._add_output(out, self.out_conv(F.silu(self.out_norm(h))))
         return out.to(x.dtype)
+
+    def _add_output(self, out: Tensor | None, head: Tensor) -> Tensor:
+        """The progressive output path: the running output upsampled to ``head``'s level, plus ``head``."""
+        return head if out is None or self.out_up is None else self.out_up(out) + head
