@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# GPU benchmark (shared/design/benchmarks.md, section 3): cifar10-ict (~56M parameters) training images/s in
-# fp32/bf16/fp16, EDM / sCT / sCD step times (bf16), sampling images/s at batch 512 (1 step, Heun-35), peak
-# memory; random tensors, no data or network needed; under 5 minutes on one H100-class GPU.
-# Result: bench/results/gpu-<gpu name>.json.
-# Usage: bench/gpu.sh [--batch 128] [--repeats 5] [--smoke]   (--smoke: a tiny net, checks the script on a CPU)
+# GPU readiness (shared/design/benchmarks.md, section 3): for every CIFAR-10 preset at its paper's batch, training
+# images/s in fp32 and bf16 (gradient accumulation where the batch does not fit), the projected GPU-hours of its
+# whole run, sampling images/s (1 step; Heun-35 for cifar10-edm), sCT/sCD step time against EDM's; random tensors,
+# no data or network needed; under 10 minutes on one H100/H200-class GPU. Result: bench/results/gpu-<gpu name>.json.
+# Usage: bench/gpu.sh [--presets a,b] [--repeats 3] [--sample-batch 512] [--batch-gpu N] [--out FILE] [--smoke]
+#   --smoke: tiny nets and batches, every code path (accumulation after a simulated out-of-memory) on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-exec timeout 290 python bench/gpu.py "$@"
+exec timeout 590 python bench/gpu.py "$@"

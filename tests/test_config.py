@@ -151,3 +151,47 @@ def test_from_dict_refuses_unknown_and_ill_typed_fields():
 def test_unknown_preset():
     with pytest.raises(CmkitError, match="known presets: fmnist-edm"):
         preset("nope")
+
+
+# The loss reduction of each CIFAR-10 preset: what its paper's official code does (docs/methods.md, CIFAR-10 presets).
+CIFAR_REDUCTION = {"cifar10-edm": "sum", "cifar10-ct": "mean", "cifar10-ict": "mean", "cifar10-cd": "mean",
+                   "cifar10-cd-small": "mean", "cifar10-ect": "mean", "cifar10-sct": "mean", "cifar10-scd": "mean"}
+
+
+def test_every_cifar_preset_has_its_papers_loss_reduction():
+    assert {name for name in PRESETS if name.startswith("cifar10-")} == set(CIFAR_REDUCTION)
+    assert {name: preset(name).train.loss_reduction for name in CIFAR_REDUCTION} == CIFAR_REDUCTION
+
+
+def test_the_default_reduction_leaves_the_fmnist_presets_and_old_configs_unchanged():
+    assert all(preset(name).train.loss_reduction == "mean" for name in PRESETS if name.startswith("fmnist-"))
+    data = preset("fmnist-ict").to_dict()
+    del data["train"]["loss_reduction"]  # a config.json written before the field existed
+    assert Config.from_dict(data) == preset("fmnist-ict")
+
+
+def test_sum_is_refused_for_the_pseudo_huber_distance():
+    validate(apply_overrides(preset("fmnist-edm"), ["train.loss_reduction=sum"]))
+    validate(apply_overrides(preset("fmnist-ct"), ["train.loss_reduction=sum"]))  # l2: a mean over values
+    with pytest.raises(CmkitError, match="train.loss_reduction=sum .* method.distance=pseudo-huber"):
+        validate(apply_overrides(preset("fmnist-ict"), ["train.loss_reduction=sum"]))
+    with pytest.raises(CmkitError, match="train.loss_reduction: unknown value 'max'"):
+        validate(apply_overrides(preset("fmnist-edm"), ["train.loss_reduction=max"]))
+
+
+def test_cifar10_ct_is_the_cm_papers_ct():
+    config = preset("cifar10-ct")
+    m, t = config.method, config.train
+    assert (m.name, m.s0, m.s1, m.mu0, m.distance) == ("ct", 2, 150, 0.9, "l2")
+    assert (t.batch, t.optimizer, t.lr, t.warmup_kimg) == (512, "radam", 4e-4, 10_000)
+    assert t.kimg * 1000 / t.batch == 800_000 and config.net.dropout == 0
+    assert (config.net.embedding, config.net.fourier_scale, config.data.xflip) == ("fourier", 16.0, True)
+    assert "LPIPS" in PRESETS["cifar10-ct"][0]
+
+
+def test_cifar10_ect_and_edm_follow_their_reference_code():
+    ect, edm = preset("cifar10-ect"), preset("cifar10-edm")
+    assert (ect.method.distance, ect.method.huber_c, ect.data.xflip) == ("pseudo-huber", 0.0, False)
+    assert ect.method.stage_kimg * 1000 / ect.train.batch == 25_000
+    assert (edm.data.xflip, edm.train.warmup_kimg, edm.train.ema_halflife_kimg) == (False, 10_000, 500)
+    assert preset("cifar10-cd").train.warmup_kimg == preset("cifar10-cd-small").train.warmup_kimg == 10_000

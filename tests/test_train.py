@@ -328,3 +328,18 @@ def test_compiled_forward_equals_eager(tiny_config, backend, monkeypatch):
     assert run.model.net._compiled_call_impl is not None  # compiled in place (the state_dict keys stay plain)
     assert list(run.state_dict()["model"]) == list(eager.state_dict()["model"])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sum_reduction_is_the_mean_times_the_values_of_a_sample(tiny_config):
+    """train.loss_reduction=sum multiplies the loss (and so the gradients) by D = C * H * W, nothing else."""
+    config = _with(tiny_config, method=METHODS["edm"], batch=8)
+    grads = {}
+    for reduction in ("mean", "sum"):
+        run = _run(_with(config, loss_reduction=reduction))
+        torch.manual_seed(0)
+        loss = run._forward_backward(_batch(run.config)[:8], None)
+        grads[reduction] = (loss, [p.grad.clone() for p in run.model.parameters()])
+    dim = 1 * 28 * 28
+    torch.testing.assert_close(grads["sum"][0], grads["mean"][0] * dim)
+    for a, b in zip(grads["sum"][1], grads["mean"][1], strict=True):
+        torch.testing.assert_close(a, b * dim, rtol=1e-4, atol=1e-6)

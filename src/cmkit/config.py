@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "net.decoder_type": ("standard", "skip"),
     "train.optimizer": ("adam", "radam"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.loss_reduction": ("mean", "sum"),
 }
 
 
@@ -103,6 +104,12 @@ class TrainConfig:
     trains in the NHWC memory format (often faster on GPUs). Neither changes what is saved.
     A step whose loss or gradients are not finite is skipped; ``max_nonfinite`` of them in a row stop the run.
 
+    ``loss_reduction`` reduces a loss that is a mean over each sample's D values (EDM, l2, sCM): ``mean`` keeps
+    it, ``sum`` multiplies it by D, as EDM's training loop sums its loss over pixels (NVlabs/edm
+    ``training/training_loop.py``: ``loss.sum().mul(loss_scaling / batch_gpu_total)``); the gradients grow D-fold,
+    which matters to Adam only through its epsilon, and to ``grad_clip``. Either way the batch is averaged, and
+    the logged loss is the reduced one. A pseudo-Huber distance (a function of the sample's norm) takes ``mean``.
+
     ``eval_kimg > 0`` evaluates the EMA model at that interval and at the end (:mod:`cmkit.monitor`): FID of
     ``eval_n`` samples, the consistency metric, ``model-best.safetensors``. Two stop rules act on the primary FID
     (1-step for consistency models): ``until_fid`` stops once it is at most that value; ``eval_patience = P > 0``
@@ -128,6 +135,7 @@ class TrainConfig:
     accum: int = 1
     compile: bool = False
     channels_last: bool = False
+    loss_reduction: str = "mean"
     eval_kimg: float = 0.0
     eval_n: int = 1000
     until_fid: float | None = None
@@ -337,6 +345,9 @@ def _problems(config: Config) -> list[str]:
          f"train.compile=true with net.dropout={config.net.dropout}: a compiled network does not replay the "
          "dropout mask that a consistency loss's student and target must share; set train.compile=false or "
          "net.dropout=0"),
+        (t.loss_reduction == "mean" or config.method.loss_averages_values,
+         "train.loss_reduction=sum sums a loss's per-value terms over the sample, but method.distance=pseudo-huber "
+         "is a function of the whole sample's norm; set train.loss_reduction=mean"),
         (not (t.compile and config.method.parameterisation == "trigflow"),
          f"train.compile=true with method {config.method.name}: its loss differentiates the network in forward "
          "mode, which torch.compile does not support reliably; set train.compile=false"),
@@ -390,6 +401,8 @@ _CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
 # also feed augmentation labels (augment_dim=9); no preset uses this network yet.
 _CIFAR_NCSNPP = replace(_CIFAR_NET, embedding="fourier", channel_mult_noise=2, encoder_type="residual",
                         resample_filter=(1, 3, 3, 1))
+# Random x-flips: the CM reference (openai/consistency_models_cifar10 configs/default_cifar10_configs.py,
+# data.random_flip). EDM and ECT flip only inside EDM's augmentation pipeline (their --xflip defaults to False).
 _CIFAR_DATA = DataConfig(source="cifar10", resolution=32, channels=3, xflip=True)
 # The small students: half the channels, a quarter of the parameters (Fashion-MNIST 0.44M against 1.75M,
 # CIFAR-10 14.0M against 55.7M), the same layout otherwise.
@@ -466,11 +479,27 @@ PRESETS: dict[str, tuple[str, Config]] = {
                train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, betas=(0.9, 0.99),
                                  ema_halflife_kimg=10, ckpt_kimg=25, snap_kimg=25)),
     ),
+    # EDM (Karras et al. 2022, Table 7; NVlabs/edm train.py): no dataset x-flips (EDM's flips come with its
+    # augmentation pipeline), the loss summed over pixels (training/training_loop.py).
     "cifar10-edm": (
-        "EDM teacher as published: DDPM++ 56M, CIFAR-10 32x32, 200 Mimg, batch 512, Adam 1e-3",
-        Config(preset="cifar10-edm", net=_CIFAR_NET, data=_CIFAR_DATA, method=_EDM,
+        "EDM teacher as published: DDPM++ 56M, CIFAR-10 32x32, 200 Mimg, batch 512, Adam 1e-3, loss summed over pixels",
+        Config(preset="cifar10-edm", net=_CIFAR_NET, data=replace(_CIFAR_DATA, xflip=False), method=_EDM,
                train=TrainConfig(kimg=200_000, batch=512, optimizer="adam", lr=1e-3, warmup_kimg=10_000,
-                                 ema_halflife_kimg=500, ckpt_kimg=2_500, snap_kimg=2_500, log_kimg=50)),
+                                 ema_halflife_kimg=500, ckpt_kimg=2_500, snap_kimg=2_500, log_kimg=50,
+                                 loss_reduction="sum")),
+    ),
+    # CT (CM paper, Alg. 3 and Table 3; openai/consistency_models_cifar10 configs/cifar10_ve_ct_adaptive.py): s0 = 2,
+    # s1 = 150, mu0 = 0.9, 800k iterations at batch 512, RAdam, lr 4e-4 (the paper's Table 3; that config has 2e-4),
+    # a linear warm-up over 10M images and EMA 0.9999 (both from the config), no dropout, Fourier features of scale
+    # 16 (NCSN++'s embedding; the rest of NCSN++ is not in cmkit yet). LPIPS has no offline weights: l2 (the mean
+    # squared difference, jcm/losses.py's l2), the closest distance cmkit has.
+    "cifar10-ct": (
+        "CT as published (l2: LPIPS has no offline weights): sqrt curriculum N 3->151, EMA target mu0=0.9, RAdam 4e-4",
+        Config(preset="cifar10-ct", net=replace(_CIFAR_NET, dropout=0.0, embedding="fourier", fourier_scale=16.0),
+               data=_CIFAR_DATA, method=_CT,
+               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
+                                 ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
+                                 log_kimg=100)),
     ),
     "cifar10-ict": (
         "iCT as published: 400k iterations at batch 1024, RAdam 1e-4, dropout 0.3, Fourier scale 0.02",
@@ -482,12 +511,14 @@ PRESETS: dict[str, tuple[str, Config]] = {
                                  ema_halflife_kimg=10_140, ema_rampup=0.0, ckpt_kimg=5_000,
                                  snap_kimg=5_000, log_kimg=100)),
     ),
+    # CD (openai/consistency_models_cifar10 configs/cifar10_ve_cd.py): the learning rate warms up over 10M images.
     "cifar10-cd": (
         "CD as published (l2; LPIPS has no offline weights): N=18, Heun, mu=0, RAdam 4e-4, batch 512, 800k it",
         Config(preset="cifar10-cd", net=replace(_CIFAR_NET, dropout=0.0), data=_CIFAR_DATA, method=_CD,
                # EMA 0.9999 per iteration at batch 512: a half-life of 6,931 iterations (3,549 kimg).
-               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, ema_halflife_kimg=3_549,
-                                 ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)),
+               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
+                                 ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
+                                 log_kimg=100)),
     ),
     # cifar10-cd on the half-width DDPM++ (14.0M parameters against 55.7M). The warm-start (20,480 kimg, 40k iterations
     # at batch 512, 5% of the run) is cmkit's choice: the CM paper distils into the teacher's own network only.
@@ -495,13 +526,17 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "CD into a 4x smaller student (DDPM++ 14.0M) of a cifar10-edm teacher (--teacher), l2, 40k-it warm-start",
         Config(preset="cifar10-cd-small", net=_CIFAR_SMALL, data=_CIFAR_DATA,
                method=replace(_CD, student_net="own", warm_start_kimg=20_480),
-               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, ema_halflife_kimg=3_549,
-                                 ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)),
+               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
+                                 ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
+                                 log_kimg=100)),
     ),
+    # ECT (locuslab/ect ct_train.py, run_ecm.sh): the l2 norm (-c 0.0: pseudo-Huber with c = 0), no x-flips
+    # (--xflip false, --augment 0), a stage every 250 ticks of 12.8 kimg; 400k iterations is the paper's longest run
+    # (run_ecm.sh runs 25.6 Mimg, 200k).
     "cifar10-ect": (
-        "ECT as published: batch 128, RAdam 1e-4, dropout 0.2, q=2, a stage every 25k iterations, 400k it",
-        Config(preset="cifar10-ect", net=replace(_CIFAR_NET, dropout=0.2), data=_CIFAR_DATA,
-               method=replace(_ECT, stage_kimg=3_200),
+        "ECT as published: batch 128, RAdam 1e-4, dropout 0.2, l2 norm, no flips, q=2, a stage every 25k it, 400k it",
+        Config(preset="cifar10-ect", net=replace(_CIFAR_NET, dropout=0.2), data=replace(_CIFAR_DATA, xflip=False),
+               method=replace(_ECT, stage_kimg=3_200, huber_c=0.0),
                # EMA 0.9999 per iteration at batch 128: a half-life of 6,931 iterations (887 kimg).
                train=TrainConfig(kimg=51_200, batch=128, optimizer="radam", lr=1e-4, ema_halflife_kimg=887,
                                  ema_rampup=0.0, ckpt_kimg=1_000, snap_kimg=1_000, log_kimg=25)),

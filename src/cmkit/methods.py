@@ -68,6 +68,12 @@ class MethodConfig:
         none for a method without a teacher."""
         return 0
 
+    @property
+    def loss_averages_values(self) -> bool:
+        """True when the loss of one sample is a mean over its D values (EDM's weighted squared error, the l2
+        distance, sCM's ``||.||^2 / D``), so that ``train.loss_reduction=sum`` can sum them instead."""
+        return True
+
     def _positive(self) -> tuple[str, ...]:
         """The fields that must be positive and finite."""
         return ()
@@ -86,6 +92,11 @@ class _ConsistencyDistance(MethodConfig):
     huber_c: float | None = None
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"distance": DISTANCES}
+
+    @property
+    def loss_averages_values(self) -> bool:
+        """The pseudo-Huber distance is a function of the whole sample's norm, not a mean over its values."""
+        return self.distance != "pseudo-huber"
 
     def _checks(self) -> list[tuple[bool, str]]:
         ok = self.huber_c is None or (self.huber_c >= 0 and math.isfinite(self.huber_c))

@@ -101,8 +101,9 @@ class Run:
             self.model = checkpoint.build_model(config).to(device).train()
         init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2,
-                              total_images=t.total_steps * t.batch, teacher=teacher)
+        dim = config.data.channels * config.data.resolution**2  # D, the values in one sample
+        self.loss = make_loss(config.method, dim=dim, total_images=t.total_steps * t.batch, teacher=teacher)
+        self.loss_scale = dim if t.loss_reduction == "sum" else 1  # from a mean over the D values to their sum
         self.target = None
         if self.loss.target_decay(0) is not None:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
@@ -167,7 +168,8 @@ class Run:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss = self.loss(self.ddp, x0[rows], None if labels is None else labels[rows],
-                                     images_seen=self.images_seen, target=self.target, noise=noise).mean()
+                                     images_seen=self.images_seen, target=self.target, noise=noise)
+                loss = loss.mean() * self.loss_scale  # the batch mean of train.loss_reduction's per-sample loss
                 self.scaler.scale(loss / t.accum).backward()
             total += loss.detach().float()
         return dist.all_reduce_mean(total / t.accum)
