@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from cmkit.augment import AUGMENT_DIM
 from cmkit.errors import CmkitError
 from cmkit.methods import (
     METHODS,
@@ -59,12 +60,20 @@ class NetConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data: a dataset name or path, conformed to ``resolution`` and ``channels``."""
+    """Training data: a dataset name or path, conformed to ``resolution`` and ``channels``.
+
+    ``xflip`` mirrors each training image left-right with probability 1/2, unlabelled. ``augment = p > 0`` turns
+    on EDM's non-leaking augmentation pipeline with probability p (:mod:`cmkit.augment`, EDM's CIFAR-10 setting;
+    EDM trains CIFAR-10 with p = 0.12): the EDM method only, and the network needs the augment-label input
+    (``net.augment_dim`` = 9). The pipeline does its own x-flips (a fair coin for every image, labelled, EDM's
+    replacement of dataset flips), so ``augment > 0`` requires ``xflip = false``.
+    """
 
     source: str = "fashion-mnist"
     resolution: int = 28
     channels: int = 1
     xflip: bool = False
+    augment: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -316,7 +325,28 @@ def _problems(config: Config) -> list[str]:
          f"train.compile=true with method {config.method.name}: its loss differentiates the network in forward "
          "mode, which torch.compile does not support reliably; set train.compile=false"),
     ]
-    return out + [message for ok, message in checks if not ok] + _eval_problems(t)
+    return out + [message for ok, message in checks if not ok] + _eval_problems(t) + _augment_problems(config)
+
+
+def _augment_problems(config: Config) -> list[str]:
+    """EDM's augmentation pipeline (``data.augment``, see :class:`DataConfig`)."""
+    p = config.data.augment
+    if not 0 <= p <= 1:  # NaN fails too
+        return [f"data.augment: expected a probability in [0, 1] (0: off), got {p}"]
+    if p == 0:
+        return []
+    checks = [
+        (config.method.name == "edm", f"data.augment={p:g} with method {config.method.name}: EDM's augmentation "
+         "pipeline trains the EDM diffusion denoiser only (the consistency papers do not use it); set "
+         "data.augment=0"),
+        (not config.data.xflip, f"data.augment={p:g} with data.xflip=true: the pipeline flips images itself (a "
+         "labelled fair coin per image, as EDM's CIFAR-10 run); set data.xflip=false"),
+        # The network's augment-label input; checked where the network has the field.
+        (getattr(config.net, "augment_dim", AUGMENT_DIM) == AUGMENT_DIM,
+         f"data.augment={p:g}: the network needs net.augment_dim={AUGMENT_DIM} (EDM's augment labels), got "
+         f"net.augment_dim={getattr(config.net, 'augment_dim', None)}"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 def _eval_problems(t: TrainConfig) -> list[str]:

@@ -102,7 +102,7 @@ class Run:
         init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss = make_loss(config.method, dim=config.data.channels * config.data.resolution**2,
-                              total_images=t.total_steps * t.batch, teacher=teacher)
+                              total_images=t.total_steps * t.batch, teacher=teacher, augment=config.data.augment)
         self.target = None
         if self.loss.target_decay(0) is not None:
             self.target = copy.deepcopy(self.model).requires_grad_(False)
