@@ -116,6 +116,11 @@ def draw(noise: RowNoise, shape: tuple[int, ...] | torch.Size, *, p: float, pipe
     Each enabled transform draws its values and then a uniform gate (``gate < multiplier * p``) for every
     image, applied or not, so an image's numbers do not depend on the others'.
     """
+    with torch.autocast("cpu", enabled=False):  # the matrices in float32 even inside a CPU autocast region
+        return _draw(noise, shape, p=p, pipe=pipe)
+
+
+def _draw(noise: RowNoise, shape: tuple[int, ...] | torch.Size, *, p: float, pipe: Pipeline) -> Augmentation:
     n, _, h, w = shape
     labels: list[Tensor] = []
     xflip = _coin(noise, n, 2, pipe.xflip * p, labels) if pipe.xflip > 0 else torch.zeros(n, dtype=torch.int64)
@@ -154,7 +159,7 @@ def _coin(noise: RowNoise, n: int, high: int, prob: float, labels: list[Tensor])
 def _integer_shift(noise: RowNoise, n: int, size: tuple[int, int], prob: float, most: float,
                    labels: list[Tensor]) -> Tensor:
     """int64 [n, 2] shifts (right, up) of up to ``most`` of the (width, height), rounded; labels shift / range."""
-    u = noise.rand(2 * n).view(2, n).t() * 2 - 1  # EDM draws x for all images, then y
+    u = torch.stack([noise.rand(n), noise.rand(n)], dim=1) * 2 - 1  # each image's own x, then y
     u = torch.where(_gate(noise, n, prob).view(n, 1), u, torch.zeros_like(u))
     span = torch.tensor(size, dtype=torch.float32) * most
     shift = (u * span).round()
@@ -193,7 +198,7 @@ def _aniso(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipel
     r = torch.where(_gate(noise, n, pipe.aniso_rotate_prob), r, torch.zeros_like(r))
     labels += [w * r.cos(), w * r.sin()]
     s = torch.exp2(w * pipe.aniso_std)
-    return _rotation(r) @ _diag(1 / s, s) @ _rotation(-r)
+    return _stretch(1 / s, s, torch.stack([r.cos(), -r.sin()], 1))  # EDM's R(-r) diag(1 / s, s) R(r)
 
 
 def _translate(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipeline,
@@ -215,6 +220,14 @@ def _diag(sx: Tensor, sy: Tensor) -> Tensor:
     """[n, 3, 3] scaling matrices."""
     out = torch.eye(3).repeat(len(sx), 1, 1)
     out[:, 0, 0], out[:, 1, 1] = sx, sy
+    return out
+
+
+def _stretch(along: Tensor, across: Tensor, u: Tensor) -> Tensor:
+    """[n, 3, 3] scalings by ``along`` in the unit direction ``u`` [n, 2] and ``across`` perpendicular to it,
+    written ``across I + (along - across) u u^T`` so that equal factors give exactly ``across I``."""
+    out = _diag(across, across)
+    out[:, :2, :2] += (along - across).view(-1, 1, 1) * u[:, :, None] * u[:, None, :]
     return out
 
 
@@ -317,7 +330,8 @@ def _normalised(matrix: Tensor, up_size: tuple[int, int], out_size: tuple[int, i
     to_input = _const([[2 / up_w, 0, 0], [0, 2 / up_h, 0], [0, 0, 1]], matrix)
     from_output = _const([[out_w / 2, 0, 0], [0, out_h / 2, 0], [0, 0, 1]], matrix)
     to_fine = _const([[2, 0, -0.5], [0, 2, -0.5], [0, 0, 1]], matrix)
-    return to_input @ to_fine @ matrix @ torch.linalg.inv(to_fine) @ from_output
+    to_coarse = _const([[0.5, 0, 0.25], [0, 0.5, 0.25], [0, 0, 1]], matrix)  # the inverse of to_fine
+    return to_input @ to_fine @ matrix @ to_coarse @ from_output
 
 
 def _const(rows: list[list[float]], like: Tensor) -> Tensor:
