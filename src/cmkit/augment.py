@@ -212,6 +212,7 @@ def _translate(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: P
 
 
 def _gated_normal(noise: RowNoise, n: int, prob: float) -> Tensor:
+    """float32 [n]: N(0, 1) where the gate opens, else 0."""
     w = noise.randn(n)
     return torch.where(_gate(noise, n, prob), w, torch.zeros_like(w))
 
@@ -251,7 +252,8 @@ def apply(images: Tensor, aug: Augmentation) -> Tensor:
     """The images [N, C, H, W] transformed as ``aug`` says, float32 (computed in float32, outside autocast).
 
     Flips, quarter turns and integer shifts move pixels, so values stay in the input's range. Fractional
-    transforms resample (:func:`resample`) only the images that drew one; the others come back exactly.
+    transforms resample (:func:`resample`) only the images that drew one; the others come back exactly (EDM
+    resamples the whole batch, which leaves those images unchanged up to rounding).
     """
     with torch.autocast(images.device.type, enabled=False):
         x = images.to(torch.float32)
@@ -262,13 +264,13 @@ def apply(images: Tensor, aug: Augmentation) -> Tensor:
             x = _reflect_shift(x, aug.shift.to(x.device))
         moved = (aug.matrix != torch.eye(3)).flatten(1).any(1)
         if bool(moved.any()):
-            x = x.clone()
             index = moved.nonzero().flatten().to(x.device)
-            x[index] = resample(x[index], aug.matrix[moved].to(x.device))
+            x = x.index_copy(0, index, resample(x[index], aug.matrix[moved].to(x.device)))
         return x
 
 
 def _rows(mask: Tensor, x: Tensor) -> Tensor:
+    """A per-image mask [N] on x's device, shaped [N, 1, 1, 1] to select whole images."""
     return mask.to(x.device).view(-1, 1, 1, 1)
 
 
