@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from cmkit.checkpoint import build_model
-from cmkit.config import _CIFAR_DATA, _CIFAR_NCSNPP, Config, NetConfig, validate
+from cmkit.config import Config, NetConfig, validate
 from cmkit.errors import CmkitError
 from cmkit.nets import UNet
 from cmkit.nets.layers import Resample
+from cmkit.presets import _CIFAR_DATA, _CIFAR_NCSNPP
 
 TINY = {"resolution": 8, "in_channels": 3, "out_channels": 2, "model_channels": 16, "channel_mult": (1, 2),
         "num_blocks": 1, "attn_resolutions": (4,), "dropout": 0.0, "resample_filter": (1, 3, 3, 1)}

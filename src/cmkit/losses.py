@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cmkit import schedules
+from cmkit.augment import augment as augment_images
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
 from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
@@ -56,20 +57,28 @@ class EDMLoss:
     """EDM denoising loss (Karras et al. 2022, eq. 8): ln sigma ~ N(P_mean, P_std^2), weight 1/c_out^2.
 
     With a ``teacher`` (a diffusion denoiser) the regression target is the teacher's output at the same noisy
-    image instead of the clean one: a student's warm-start (:class:`WarmStarted`).
+    image instead of the clean one: a student's warm-start (:class:`WarmStarted`). With ``augment = p > 0`` the
+    clean images first go through EDM's augmentation pipeline (:func:`cmkit.augment.augment`, EDM's CIFAR-10
+    setting, numbers from ``noise`` before sigma's): the augmented image is the target and the model gets its
+    labels, ``model(x, sigma, labels, augment_labels=[N, 9] float32)`` (EDM training/loss.py, App. F.2).
     """
 
-    def __init__(self, *, p_mean: float, p_std: float, sigma_data: float, teacher: nn.Module | None = None) -> None:
+    def __init__(self, *, p_mean: float, p_std: float, sigma_data: float, teacher: nn.Module | None = None,
+                 augment: float = 0.0) -> None:
         self.p_mean, self.p_std, self.sigma_data, self.teacher = p_mean, p_std, sigma_data, teacher
+        self.augment = augment
 
     def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
                  target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         noise, n = noise or GlobalNoise(), x0.shape[0]
+        cond = {}
+        if self.augment > 0:
+            x0, cond["augment_labels"] = augment_images(x0, noise, p=self.augment)
         sigma = (noise.randn(n, device=x0.device) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         x = x0 + sigma.view(-1, 1, 1, 1) * noise.randn(*x0.shape, device=x0.device)
         goal = x0 if self.teacher is None else self._teacher(x, sigma, labels)
-        return weight * (model(x, sigma, labels) - goal).pow(2).flatten(1).mean(1)
+        return weight * (model(x, sigma, labels, **cond) - goal).pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
     def _teacher(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
@@ -309,25 +318,28 @@ BUILDERS: dict[str, LossBuilder] = {}
 
 
 def builds(name: str) -> Callable[[LossBuilder], LossBuilder]:
-    """Register a loss builder ``fn(method, *, dim, total_images, teacher) -> Loss`` for method ``name``."""
+    """Register a loss builder ``fn(method, *, dim, total_images, teacher, augment) -> Loss`` for method ``name``."""
     def register(fn: LossBuilder) -> LossBuilder:
         BUILDERS[name] = fn
         return fn
     return register
 
 
-def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.Module | None = None) -> Loss:
+def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.Module | None = None,
+              augment: float = 0.0) -> Loss:
     """The loss a method config describes.
 
     ``dim`` is D, the number of values in one sample; ``total_images`` the run's length in training images
     (the curricula's K); ``teacher`` the diffusion denoiser whose outputs CD and sCD learn from (CmkitError
-    when such a method has none). A method with ``warm_start_kimg > 0`` gets its loss :class:`WarmStarted`, with
+    when such a method has none); ``augment`` the probability p of EDM's augmentation pipeline
+    (``data.augment``), which only the EDM loss uses (validation refuses it for the others), never a warm-start.
+    A method with ``warm_start_kimg > 0`` gets its loss :class:`WarmStarted`, with
     EDM's published noise levels (:data:`WARM_START_LEVELS`); its own loss then sees the remaining images.
     """
     if method.needs_teacher and not method.teacher_seeds_only and teacher is None:
         raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")
     warm = method.warm_start_images
-    loss = BUILDERS[method.name](method, dim=dim, total_images=total_images - warm, teacher=teacher)
+    loss = BUILDERS[method.name](method, dim=dim, total_images=total_images - warm, teacher=teacher, augment=augment)
     if warm == 0:
         return loss
     if teacher is None:
@@ -354,8 +366,8 @@ def _distance(method: CTConfig | ICTConfig | CDConfig | ECTConfig, dim: int) -> 
 
 
 @builds("edm")
-def _edm(method: EDMConfig, **_) -> EDMLoss:
-    return EDMLoss(p_mean=method.p_mean, p_std=method.p_std, sigma_data=method.sigma_data)
+def _edm(method: EDMConfig, *, augment: float, **_) -> EDMLoss:
+    return EDMLoss(p_mean=method.p_mean, p_std=method.p_std, sigma_data=method.sigma_data, augment=augment)
 
 
 @builds("ct")

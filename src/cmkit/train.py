@@ -102,7 +102,8 @@ class Run:
         init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         dim = config.data.channels * config.data.resolution**2  # D, the values in one sample
-        self.loss = make_loss(config.method, dim=dim, total_images=t.total_steps * t.batch, teacher=teacher)
+        self.loss = make_loss(config.method, dim=dim, total_images=t.total_steps * t.batch, teacher=teacher,
+                              augment=config.data.augment)
         self.loss_scale = dim if t.loss_reduction == "sum" else 1  # from a mean over the D values to their sum
         self.target = None
         if self.loss.target_decay(0) is not None:
