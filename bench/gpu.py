@@ -8,7 +8,7 @@ On random tensors (no dataset, no network access), for every ``cifar10-*`` prese
   full-size network);
 - the projected GPU-hours of the preset's whole run (``train.kimg`` at the measured images/s);
 - sampling images/s at ``--sample-batch``: 1 step for consistency models, EDM Heun with 18 steps (35 network
-  evaluations) for ``cifar10-edm``, in fp32 and bf16;
+  evaluations) for the EDM presets (``cifar10-edm``, ``cifar10-edm-ncsnpp``), in fp32 and bf16;
 - sCT's and sCD's step time (their forward-mode JVP) as a ratio to EDM's at the same batch (all 512);
 - peak accelerator memory of each measurement.
 
