@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 from cmkit.checkpoint import build_model
-from cmkit.config import PRESETS, Config, preset
+from cmkit.config import Config
 from cmkit.methods import EDMConfig
+from cmkit.presets import PRESETS, preset
 from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.train import Run
 

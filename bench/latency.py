@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cmkit.checkpoint import build_model
-from cmkit.config import preset
+from cmkit.presets import preset
 from throughput import interleaved, machine, sample_timer, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ def measure(repeats: int) -> dict:
     import torch
 
     from cmkit.checkpoint import build_model
-    from cmkit.config import preset
+    from cmkit.presets import preset
     from cmkit.sampling import generate, ode_step
 
     torch.manual_seed(0)

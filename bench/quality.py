@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from cmkit import checkpoint
-from cmkit.config import Config, apply_overrides, preset
+from cmkit.config import Config, apply_overrides
 from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features, tune_two_step_sigma
 from cmkit.eval.features import get_extractor
 from cmkit.images import save_images, to_numpy_images
+from cmkit.presets import preset
 from cmkit.sampling import default_sigmas, generate, sampling_policy
 from cmkit.teacher import with_teacher
 from cmkit.train import train

@@ -35,7 +35,7 @@ from playwright.sync_api import sync_playwright
 from websockets.asyncio.client import connect
 
 from cmkit.checkpoint import build_model, save_export
-from cmkit.config import preset
+from cmkit.presets import preset
 from cmkit.studio import browser as chromium
 from throughput import machine, write_docs_section
 

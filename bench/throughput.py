@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from cmkit.checkpoint import build_model
-from cmkit.config import PRESETS, Config, preset
+from cmkit.config import Config
+from cmkit.presets import PRESETS, preset
 from cmkit.sampling import SeededNoise, default_sigmas, generate, sampling_policy
 from cmkit.train import Run
 

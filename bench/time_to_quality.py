@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmkit import checkpoint
-from cmkit.config import preset
 from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
+from cmkit.presets import preset
 from cmkit.train import train
 from quality import BATCH, bench_run, grid, model_config, train_run, tune_two_step
 from throughput import machine, write_docs_section

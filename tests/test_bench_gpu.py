@@ -4,7 +4,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from cmkit.config import PRESETS
+from cmkit.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main, make_parser
-from cmkit.config import PRESETS
+from cmkit.presets import PRESETS
 from conftest import exit_status, train_tiny
 
 

@@ -4,9 +4,10 @@ from dataclasses import replace
 import pytest
 
 from cmkit.checkpoint import build_model
-from cmkit.config import PRESETS, Config, apply_overrides, preset, validate
+from cmkit.config import Config, apply_overrides, validate
 from cmkit.errors import CmkitError
 from cmkit.methods import CDConfig, ECTConfig, SCTConfig
+from cmkit.presets import PRESETS, preset
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -32,11 +32,12 @@ from diffusers import (  # noqa: E402
 
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
-from cmkit.config import FAMILY_FIELDS, Config, apply_overrides, preset  # noqa: E402
+from cmkit.config import FAMILY_FIELDS, Config, apply_overrides  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
 from cmkit.methods import SCTConfig, switch_method  # noqa: E402
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
+from cmkit.presets import preset  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
 from cmkit.teacher import load_teacher  # noqa: E402
 

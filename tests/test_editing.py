@@ -432,7 +432,8 @@ def test_cli_bad_input_gets_one_clear_line(args, message, run_dir, tmp_path, cap
 def rgb_model(tmp_path_factory):
     """An untrained tiny RGB consistency model, exported: colorization needs 3 channels."""
     from cmkit.checkpoint import build_model, save_export
-    from cmkit.config import apply_overrides, preset
+    from cmkit.config import apply_overrides
+    from cmkit.presets import preset
     from conftest import TINY
 
     config = apply_overrides(preset("fmnist-ict"), [*TINY, "data.channels=3"])

@@ -17,9 +17,10 @@ import torch
 
 from cmkit import editing
 from cmkit.checkpoint import build_model, list_states, load_export, load_state, save_export
-from cmkit.config import apply_overrides, preset
+from cmkit.config import apply_overrides
 from cmkit.images import to_numpy_images
 from cmkit.precond import TrigFlow
+from cmkit.presets import preset
 from cmkit.sampling import SeededNoise, default_sigmas, generate
 from conftest import TINY, TINY_SCT, exit_status, train_tiny_sct
 

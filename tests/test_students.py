@@ -11,10 +11,10 @@ import torch
 
 from cmkit.checkpoint import build_model, load_export, save_export
 from cmkit.cli import main
-from cmkit.config import preset
 from cmkit.errors import CmkitError
 from cmkit.losses import EDMLoss, WarmStarted, make_loss
 from cmkit.methods import CDConfig, SCTConfig, switch_method
+from cmkit.presets import preset
 from cmkit.rng import BatchNoise
 from cmkit.teacher import load_teacher
 from cmkit.train import Run, load_training_data

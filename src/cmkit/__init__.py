@@ -16,10 +16,11 @@ The public API:
 """
 
 from cmkit.checkpoint import build_model, load_export
-from cmkit.config import Config, apply_overrides, preset, validate
+from cmkit.config import Config, apply_overrides, validate
 from cmkit.data import load_dataset
 from cmkit.errors import CmkitError
 from cmkit.precond import ConsistencyFunction, EDMDenoiser
+from cmkit.presets import preset
 from cmkit.rng import SeededNoise
 from cmkit.sampling import (
     consistency_sample,

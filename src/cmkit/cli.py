@@ -17,8 +17,9 @@ from typing import NoReturn
 
 import numpy as np
 
-from cmkit.config import PRESETS, Config, apply_overrides, preset, validate
+from cmkit.config import Config, apply_overrides, validate
 from cmkit.errors import CmkitError
+from cmkit.presets import PRESETS, preset
 
 
 def build_config(args: argparse.Namespace) -> Config:

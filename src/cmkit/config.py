@@ -1,4 +1,5 @@
-"""Run configuration: frozen dataclasses, named presets, JSON round trip and ``--set key=value`` overrides.
+"""Run configuration: frozen dataclasses, JSON round trip and ``--set key=value`` overrides (the named presets:
+:mod:`cmkit.presets`).
 
 A :class:`Config` is everything needed to rebuild a run or a model. The resolved config is written to
 ``config.json`` in every run directory, inside every checkpoint and into the metadata of every export.
@@ -412,8 +413,3 @@ def _eval_problems(t: TrainConfig) -> list[str]:
                    "train.eval_kimg to the interval between evaluations (thousands of images)")
     return out
 
-
-# The presets live in cmkit.presets (they need every class above); imported here so that cmkit.config.preset and
-# cmkit.config.PRESETS stay where callers look for them.
-from cmkit.presets import PRESETS as PRESETS  # noqa: E402
-from cmkit.presets import preset as preset  # noqa: E402
