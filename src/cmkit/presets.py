@@ -45,6 +45,17 @@ _ECT = ECTConfig(p_mean=-1.1, p_std=2.0, q=2.0, distance="pseudo-huber")
 # the student exactly.
 _SCT, _SCD = SCTConfig(), SCDConfig()
 
+# The training loop of the Fashion-MNIST presets (batch 64, 150k images; RAdam 4e-4 unless a preset says otherwise).
+_FMNIST_TRAIN = TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10, ckpt_kimg=25,
+                            snap_kimg=25)
+# CT and CD on CIFAR-10 (CM paper, Table 3; openai/consistency_models_cifar10 configs): 800k iterations at batch 512,
+# RAdam 4e-4 warmed up over 10M images, EMA 0.9999 per iteration (a half-life of 6,931 iterations, 3,549 kimg).
+_CM_CIFAR_TRAIN = TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
+                              ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)
+# sCT and sCD on CIFAR-10 (Lu and Song 2024, App. G.2; the comment above cifar10-sct gives the sources).
+_SCM_CIFAR_TRAIN = TrainConfig(kimg=204_800, batch=512, optimizer="radam", lr=1e-4, betas=(0.9, 0.99),
+                               ema_halflife_kimg=500, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)
+
 # EDM on CIFAR-10 (Karras et al. 2022, Table 7; NVlabs/edm train.py): DDPM++, the non-leaking augmentation
 # pipeline with p = 0.12 and its 9 labels fed to the network, no dataset x-flips (the pipeline flips), the loss summed
 # over pixels (training/training_loop.py).
@@ -58,30 +69,26 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-edm": (
         "EDM diffusion teacher, 1.7M-parameter U-Net, Fashion-MNIST 28x28 (CPU size)",
         Config(preset="fmnist-edm", net=_FMNIST_NET, method=_EDM,
-               train=TrainConfig(kimg=150, batch=64, optimizer="adam", lr=1e-3, ema_halflife_kimg=10,
-                                 ckpt_kimg=25, snap_kimg=25)),
+               train=replace(_FMNIST_TRAIN, optimizer="adam", lr=1e-3)),
     ),
     # mu0 = 0 (the target is the student under stop-gradient, still Alg. 3): the paper's EMA target (mu0 = 0.9) lags
     # a fifth of a 10-minute run behind and its one-step samples stay flat grey (docs/methods.md, CT).
     "fmnist-ct": (
         "Consistency training (CT, Song et al. 2023), sqrt curriculum to N=41, stop-gradient target, Fashion-MNIST",
         Config(preset="fmnist-ct", net=_FMNIST_NET, method=replace(_CT, s1=40, mu0=0.0),
-               train=TrainConfig(kimg=150, batch=64, optimizer="adam", lr=4e-4, ema_halflife_kimg=10,
-                                 ckpt_kimg=25, snap_kimg=25)),
+               train=replace(_FMNIST_TRAIN, optimizer="adam")),
     ),
     "fmnist-ict": (
         "Improved consistency training (iCT), N 11->81, pseudo-Huber, Fashion-MNIST (CPU size)",
         Config(preset="fmnist-ict", net=_FMNIST_NET, method=replace(_ICT, s1=80),
-               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=1e-3, ema_halflife_kimg=10,
-                                 ckpt_kimg=25, snap_kimg=25)),
+               train=replace(_FMNIST_TRAIN, lr=1e-3)),
     ),
     # The EMA target (mu = 0.95, the paper's ImageNet-64/LSUN rate): with mu = 0 at batch 64, 1-step samples
     # turned into noise textures within 6k images (4e-4) or 12k (1e-4); mu = 0.95 or 0.9 stayed stable.
     "fmnist-cd": (
         "Consistency distillation (CD) from an fmnist-edm teacher (--teacher): N=18, Heun, mu=0.95, pseudo-Huber",
         Config(preset="fmnist-cd", net=_FMNIST_NET, method=replace(_CD, distance="pseudo-huber", mu=0.95),
-               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
-                                 ckpt_kimg=25, snap_kimg=25)),
+               train=_FMNIST_TRAIN),
     ),
     # The small student: fmnist-cd's recipe on a network of a quarter the teacher's parameters. Its shape differs from
     # the teacher's, so it starts from fresh weights and first regresses the teacher's denoiser for 8k images.
@@ -89,28 +96,24 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "CD into a 4x smaller student (0.44M parameters) of an fmnist-edm teacher (--teacher), 8k-image warm-start",
         Config(preset="fmnist-cd-small", net=_FMNIST_SMALL,
                method=replace(_CD, distance="pseudo-huber", mu=0.95, student_net="own", warm_start_kimg=8),
-               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
-                                 ckpt_kimg=25, snap_kimg=25)),
+               train=_FMNIST_TRAIN),
     ),
     "fmnist-ect": (
         "Easy consistency tuning (ECT) of an fmnist-edm teacher (--teacher): q=2, a stage every 6k images",
         Config(preset="fmnist-ect", net=_FMNIST_NET, method=replace(_ECT, stage_kimg=6),
-               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10,
-                                 ckpt_kimg=25, snap_kimg=25)),
+               train=_FMNIST_TRAIN),
     ),
     # sCM at CPU size: the fmnist-ect schedule (RAdam 4e-4, batch 64) with the paper's betas (0.9, 0.99) and a
     # tangent warm-up over the first 10k images.
     "fmnist-sct": (
         "Continuous-time consistency training (sCT) from an fmnist-edm teacher (--teacher), TrigFlow, Fashion-MNIST",
         Config(preset="fmnist-sct", net=_FMNIST_NET, method=replace(_SCT, tangent_warmup_kimg=10),
-               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, betas=(0.9, 0.99),
-                                 ema_halflife_kimg=10, ckpt_kimg=25, snap_kimg=25)),
+               train=replace(_FMNIST_TRAIN, betas=(0.9, 0.99))),
     ),
     "fmnist-scd": (
         "Continuous-time consistency distillation (sCD) from an fmnist-edm teacher (--teacher), TrigFlow",
         Config(preset="fmnist-scd", net=_FMNIST_NET, method=replace(_SCD, tangent_warmup_kimg=10),
-               train=TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, betas=(0.9, 0.99),
-                                 ema_halflife_kimg=10, ckpt_kimg=25, snap_kimg=25)),
+               train=replace(_FMNIST_TRAIN, betas=(0.9, 0.99))),
     ),
     "cifar10-edm": (
         "EDM teacher as published: DDPM++ 56M, 200 Mimg, batch 512, Adam 1e-3, EDM's augmentation p=0.12, summed loss",
@@ -129,11 +132,8 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # squared difference, jcm/losses.py's l2), the closest distance cmkit has.
     "cifar10-ct": (
         "CT as published (l2: LPIPS has no offline weights): sqrt curriculum N 3->151, EMA target mu0=0.9, RAdam 4e-4",
-        Config(preset="cifar10-ct", net=replace(_CIFAR_NCSNPP, dropout=0.0),
-               data=_CIFAR_DATA, method=_CT,
-               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
-                                 ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
-                                 log_kimg=100)),
+        Config(preset="cifar10-ct", net=replace(_CIFAR_NCSNPP, dropout=0.0), data=_CIFAR_DATA, method=_CT,
+               train=_CM_CIFAR_TRAIN),
     ),
     "cifar10-ict": (
         "iCT as published: NCSN++, 400k iterations at batch 1024, RAdam 1e-4, dropout 0.3, Fourier scale 0.02",
@@ -150,10 +150,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "cifar10-cd": (
         "CD as published (l2: LPIPS has no offline weights) of a cifar10-edm-ncsnpp teacher: N=18, Heun, mu=0, 800k it",
         Config(preset="cifar10-cd", net=replace(_CIFAR_NCSNPP, dropout=0.0), data=_CIFAR_DATA, method=_CD,
-               # EMA 0.9999 per iteration at batch 512: a half-life of 6,931 iterations (3,549 kimg).
-               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
-                                 ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
-                                 log_kimg=100)),
+               train=_CM_CIFAR_TRAIN),
     ),
     # cifar10-cd on the half-width DDPM++ (14.0M parameters against 55.7M). The warm-start (20,480 kimg, 40k iterations
     # at batch 512, 5% of the run) is cmkit's choice: the CM paper distils into the teacher's own network only.
@@ -161,9 +158,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "CD into a 4x smaller student (DDPM++ 14.0M) of a cifar10-edm teacher (--teacher), l2, 40k-it warm-start",
         Config(preset="cifar10-cd-small", net=_CIFAR_SMALL, data=_CIFAR_DATA,
                method=replace(_CD, student_net="own", warm_start_kimg=20_480),
-               train=TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
-                                 ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
-                                 log_kimg=100)),
+               train=_CM_CIFAR_TRAIN),
     ),
     # ECT (locuslab/ect ct_train.py, run_ecm.sh): the l2 norm (-c 0.0: pseudo-Huber with c = 0), no x-flips
     # (--xflip false, --augment 0), a stage every 250 ticks of 12.8 kimg; 400k iterations is the paper's longest run
@@ -193,14 +188,12 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "cifar10-sct": (
         "sCT, the paper's CIFAR-10 recipe, from a cifar10-edm teacher (--teacher): batch 512, RAdam 1e-4, dropout 0.2",
         Config(preset="cifar10-sct", net=replace(_CIFAR_EDM.net, dropout=0.2), data=_CIFAR_DATA, method=_SCT,
-               train=TrainConfig(kimg=204_800, batch=512, optimizer="radam", lr=1e-4, betas=(0.9, 0.99),
-                                 ema_halflife_kimg=500, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)),
+               train=_SCM_CIFAR_TRAIN),
     ),
     "cifar10-scd": (
         "sCD, the paper's CIFAR-10 recipe, from a cifar10-edm teacher (--teacher): batch 512, RAdam 1e-4, no dropout",
         Config(preset="cifar10-scd", net=replace(_CIFAR_EDM.net, dropout=0.0), data=_CIFAR_DATA, method=_SCD,
-               train=TrainConfig(kimg=204_800, batch=512, optimizer="radam", lr=1e-4, betas=(0.9, 0.99),
-                                 ema_halflife_kimg=500, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)),
+               train=_SCM_CIFAR_TRAIN),
     ),
 }
 
