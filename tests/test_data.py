@@ -347,6 +347,13 @@ def test_folder_resize_crop_and_channels(tmp_path: Path) -> None:
     assert torch.all((gray.images[2].int() - 124).abs() <= 1)
 
 
+def test_a_folder_of_images_is_a_training_split_only(tmp_path: Path) -> None:
+    Image.new("L", (28, 28), 9).save(tmp_path / "a.png")
+    assert len(load_dataset(str(tmp_path), resolution=28, channels=1, split="train")) == 1
+    with pytest.raises(CmkitError, match="a folder of images has no 'test' split"):
+        load_dataset(str(tmp_path), resolution=28, channels=1, split="test")
+
+
 def test_folder_unusual_modes(tmp_path: Path) -> None:
     palette = Image.new("P", (8, 8), 1)
     palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)

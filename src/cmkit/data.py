@@ -96,9 +96,9 @@ def load_dataset(source: str, *, resolution: int, channels: int, split: str = "t
 
     Known names are looked up in $CMKIT_DATA, the system dataset folder, the user cache, and finally
     downloaded into the cache. A path may be a CIFAR-10 ``.tar.gz`` or its folder, a folder of IDX
-    files, or a folder of images (``split`` is ignored for image folders). Images of another size are
-    resized (shorter side to ``resolution``, LANCZOS) and centre-cropped; channels are converted with
-    Pillow's L / RGB modes. Every problem with the input raises CmkitError.
+    files, or a folder of images (all of it is the training split; any other ``split`` of one raises
+    CmkitError). Images of another size are resized (shorter side to ``resolution``, LANCZOS) and
+    centre-cropped; channels are converted with Pillow's L / RGB modes. Every problem with the input raises CmkitError.
     """
     _check_options(resolution=resolution, channels=channels, split=split)
     if source in KNOWN_DATASETS:
@@ -139,6 +139,8 @@ def _load_path(path: Path, *, resolution: int, channels: int, split: str) -> Ima
         return _load_cifar(cifar, split=split, name=str(path), **options)
     if any(find_idx_file(path, base) for base in idx_names("train") + idx_names("test")):
         return _load_idx(path, split=split, name=str(path), **options)
+    if split != "train":
+        raise CmkitError(f"{path}: a folder of images has no '{split}' split (IDX folders and CIFAR-10 archives do)")
     return _load_image_folder(path, **options)
 
 

@@ -131,7 +131,7 @@ def held_out_batch(config: Config, dataset: data.ImageData,
     d = config.data
     try:
         held_out = data.load_dataset(d.source, resolution=d.resolution, channels=d.channels, split="test")
-    except CmkitError as e:  # a folder with training files only (image folders have no splits: all images)
+    except CmkitError as e:  # an IDX folder with training files only, or a folder of images (no splits)
         warnings.warn(f"the consistency metric uses the first training images: no test split ({e})", stacklevel=2)
         held_out = dataset
     x0 = data.to_model_range(held_out.images[:HELD_OUT])
