@@ -372,7 +372,6 @@ def _augment_problems(config: Config) -> list[str]:
          "data.augment=0"),
         (not config.data.xflip, f"data.augment={p:g} with data.xflip=true: the pipeline flips images itself (a "
          "labelled fair coin per image, as EDM's CIFAR-10 run); set data.xflip=false"),
-        # The network's augment-label input; checked where the network has the field.
         (config.net.augment_dim == AUGMENT_DIM,
          f"data.augment={p:g}: the network needs net.augment_dim={AUGMENT_DIM} (EDM's augment labels), got "
          f"net.augment_dim={config.net.augment_dim}"),

@@ -243,11 +243,15 @@ class Studio:
                 "server_ms": round(1e3 * (time.perf_counter() - start), 2)}
 
     def _common(self, request: dict[str, Any]) -> tuple[SeededNoise, Tensor | None, list[float]]:
-        """The seed's noise, the class labels (the request's ``label``, else drawn from the seed) and the
-        schedule for the request's ``steps``."""
+        """:meth:`_seeded`, and the schedule for the request's ``steps``."""
+        return *self._seeded(request), self._sigmas(request)
+
+    def _seeded(self, request: dict[str, Any]) -> tuple[SeededNoise, Tensor | None]:
+        """The noise of the request's ``seed`` for one image, and its class labels (the request's ``label``, else
+        drawn from the seed)."""
         seed = int_field(request, "seed", 0, MAX_SEED, 0)
         noise = SeededNoise([seed], (self.model.channels, self.model.resolution, self.model.resolution))
-        return noise, self._labels(request, noise), self._sigmas(request)
+        return noise, self._labels(request, noise)
 
     def _label(self, request: dict[str, Any]) -> int | None:
         """The request's ``label`` (a class of a class-conditional model), or None."""
@@ -296,8 +300,7 @@ class Studio:
                                editing.STROKE_SIGMAS[0])
         steps = choice_field(request, "steps", STEPS, 1)
         strokes = self._source(request)
-        noise = SeededNoise([int_field(request, "seed", 0, MAX_SEED, 0)], strokes.shape[1:])
-        labels = self._labels(request, noise)
+        noise, labels = self._seeded(request)
         # The paper's two levels (5.38, 2.24) scaled to start at ``strength``, continued geometrically.
         sigmas = [s for s in (strength * STROKE_RATIO**i for i in range(steps)) if s > self.model.sigma_min]
         start = time.perf_counter()
