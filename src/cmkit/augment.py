@@ -143,15 +143,16 @@ def _draw(noise: RowNoise, shape: tuple[int, ...] | torch.Size, *, p: float, pip
 
 # ------------------------------------------------------------------- drawing: each transform's parameters
 
-def _gate(noise: RowNoise, n: int, prob: float) -> Tensor:
-    """bool [n]: True with probability min(1, prob) for each image."""
-    return noise.rand(n) < prob
+def _gated(noise: RowNoise, value: Tensor, prob: float) -> Tensor:
+    """``value`` [n, ...] where each image's gate opens (a uniform draw below ``prob``: probability min(1, prob)),
+    else 0; the gates are drawn after the value."""
+    gate = noise.rand(len(value)) < prob
+    return torch.where(gate.view(-1, *(1,) * (value.ndim - 1)), value, torch.zeros_like(value))
 
 
 def _coin(noise: RowNoise, n: int, high: int, prob: float, labels: list[Tensor]) -> Tensor:
     """int64 [n]: uniform in [0, high) where the gate opens, else 0; appended to ``labels`` (one entry)."""
-    value = noise.randint(high, n)
-    value = torch.where(_gate(noise, n, prob), value, torch.zeros_like(value))
+    value = _gated(noise, noise.randint(high, n), prob)
     labels.append(value.view(n, 1))
     return value
 
@@ -159,8 +160,7 @@ def _coin(noise: RowNoise, n: int, high: int, prob: float, labels: list[Tensor])
 def _integer_shift(noise: RowNoise, n: int, size: tuple[int, int], prob: float, most: float,
                    labels: list[Tensor]) -> Tensor:
     """int64 [n, 2] shifts (right, up) of up to ``most`` of the (width, height), rounded; labels shift / range."""
-    u = torch.stack([noise.rand(n), noise.rand(n)], dim=1) * 2 - 1  # each image's own x, then y
-    u = torch.where(_gate(noise, n, prob).view(n, 1), u, torch.zeros_like(u))
+    u = _gated(noise, torch.stack([noise.rand(n), noise.rand(n)], dim=1) * 2 - 1, prob)  # each image's x, then y
     span = torch.tensor(size, dtype=torch.float32) * most
     shift = (u * span).round()
     labels.append(shift / span)
@@ -170,7 +170,7 @@ def _integer_shift(noise: RowNoise, n: int, size: tuple[int, int], prob: float, 
 def _scale(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipeline,
            labels: list[Tensor]) -> Tensor:
     """Isotropic magnification by 2^(w scale_std), w ~ N(0, 1); label w."""
-    w = _gated_normal(noise, n, pipe.scale * p)
+    w = _gated(noise, noise.randn(n), pipe.scale * p)
     labels.append(w)
     s = torch.exp2(w * pipe.scale_std)
     return _diag(1 / s, 1 / s)
@@ -179,8 +179,7 @@ def _scale(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipel
 def _rotate(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipeline,
             labels: list[Tensor]) -> Tensor:
     """Rotation by w uniform in [-pi, pi] * rotate_frac_max; labels cos w - 1, sin w."""
-    w = (noise.rand(n) * 2 - 1) * (math.pi * pipe.rotate_frac_max)
-    w = torch.where(_gate(noise, n, pipe.rotate_frac * p), w, torch.zeros_like(w))
+    w = _gated(noise, (noise.rand(n) * 2 - 1) * (math.pi * pipe.rotate_frac_max), pipe.rotate_frac * p)
     labels += [w.cos() - 1, w.sin()]
     return _rotation(w)
 
@@ -194,8 +193,8 @@ def _aniso(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipel
     """
     w = noise.randn(n)
     r = (noise.rand(n) * 2 - 1) * math.pi
-    w = torch.where(_gate(noise, n, pipe.aniso * p), w, torch.zeros_like(w))
-    r = torch.where(_gate(noise, n, pipe.aniso_rotate_prob), r, torch.zeros_like(r))
+    w = _gated(noise, w, pipe.aniso * p)
+    r = _gated(noise, r, pipe.aniso_rotate_prob)
     labels += [w * r.cos(), w * r.sin()]
     s = torch.exp2(w * pipe.aniso_std)
     return _stretch(1 / s, s, torch.stack([r.cos(), -r.sin()], 1))  # EDM's R(-r) diag(1 / s, s) R(r)
@@ -204,17 +203,10 @@ def _aniso(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipel
 def _translate(noise: RowNoise, n: int, size: tuple[int, int], p: float, pipe: Pipeline,
                labels: list[Tensor]) -> Tensor:
     """Shift by w * translate_frac_std * (width, height), w ~ N(0, I_2); labels w_x, w_y."""
-    w = noise.randn(n, 2)
-    w = torch.where(_gate(noise, n, pipe.translate_frac * p).view(n, 1), w, torch.zeros_like(w))
+    w = _gated(noise, noise.randn(n, 2), pipe.translate_frac * p)
     labels.append(w)
     shift = w * torch.tensor(size, dtype=torch.float32) * pipe.translate_frac_std
     return _offset(-shift[:, 0], -shift[:, 1])
-
-
-def _gated_normal(noise: RowNoise, n: int, prob: float) -> Tensor:
-    """float32 [n]: N(0, 1) where the gate opens, else 0."""
-    w = noise.randn(n)
-    return torch.where(_gate(noise, n, prob), w, torch.zeros_like(w))
 
 
 def _diag(sx: Tensor, sy: Tensor) -> Tensor:
