@@ -50,6 +50,7 @@ _FMNIST_TRAIN = TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_
                             snap_kimg=25)
 # CT and CD on CIFAR-10 (CM paper, Table 3; openai/consistency_models_cifar10 configs): 800k iterations at batch 512,
 # RAdam 4e-4 warmed up over 10M images, EMA 0.9999 per iteration (a half-life of 6,931 iterations, 3,549 kimg).
+_CM_CIFAR_NET = replace(_CIFAR_NCSNPP, dropout=0.0)  # their network (config model.name 'ncsnpp', dropout 0)
 _CM_CIFAR_TRAIN = TrainConfig(kimg=409_600, batch=512, optimizer="radam", lr=4e-4, warmup_kimg=10_000,
                               ema_halflife_kimg=3_549, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)
 # sCT and sCD on CIFAR-10 (Lu and Song 2024, App. G.2; the comment above cifar10-sct gives the sources).
@@ -132,7 +133,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # squared difference, jcm/losses.py's l2), the closest distance cmkit has.
     "cifar10-ct": (
         "CT as published (l2: LPIPS has no offline weights): sqrt curriculum N 3->151, EMA target mu0=0.9, RAdam 4e-4",
-        Config(preset="cifar10-ct", net=replace(_CIFAR_NCSNPP, dropout=0.0), data=_CIFAR_DATA, method=_CT,
+        Config(preset="cifar10-ct", net=_CM_CIFAR_NET, data=_CIFAR_DATA, method=_CT,
                train=_CM_CIFAR_TRAIN),
     ),
     "cifar10-ict": (
@@ -149,7 +150,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # teacher): distil a cifar10-edm-ncsnpp run for that; a cifar10-edm teacher gives a DDPM++ student.
     "cifar10-cd": (
         "CD as published (l2: LPIPS has no offline weights) of a cifar10-edm-ncsnpp teacher: N=18, Heun, mu=0, 800k it",
-        Config(preset="cifar10-cd", net=replace(_CIFAR_NCSNPP, dropout=0.0), data=_CIFAR_DATA, method=_CD,
+        Config(preset="cifar10-cd", net=_CM_CIFAR_NET, data=_CIFAR_DATA, method=_CD,
                train=_CM_CIFAR_TRAIN),
     ),
     # cifar10-cd on the half-width DDPM++ (14.0M parameters against 55.7M). The warm-start (20,480 kimg, 40k iterations
