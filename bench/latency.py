@@ -58,7 +58,7 @@ def table(result: dict) -> str:
     m = result["machine"]
     lines = [f"Command: `{result['command']}` -- {m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores, "
              f"torch {m['torch']}; medians of {result['repeats']} interleaved repeats. `generate` pads CPU batches "
-             "under 16 rows to 16 (batch invariance, README), so 1 image costs a 16-row pass.", "",
+             "under 16 rows to 16 (batch invariance, docs/cli.md), so 1 image costs a 16-row pass.", "",
              "| data | network | parameters | sampler | batch | precision | ms | images/s | vs teacher size |",
              "|---|---|---|---|---|---|---|---|---|"]
     for part in result["parts"]:

@@ -16,13 +16,14 @@ from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, S
 # ---------------------------------------------------------------------------------------------- presets
 
 _FMNIST_NET = NetConfig(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7,))
-# DDPM++ as in EDM's CIFAR-10 setup (55.7M parameters); iCT uses Fourier features with scale 0.02.
+# DDPM++ as in EDM's CIFAR-10 setup (55.7M parameters), with the positional noise embedding.
 _CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
                        dropout=0.13)
 # NCSN++ at the same size, with EDM's settings (EDM's train.py, --arch=ncsnpp; 56.4M parameters): Fourier noise
-# embedding (scale 16 in EDM; iCT and the CM paper use 0.02), a noise embedding twice as wide, the residual
-# (progressive-growing) encoder input path, the standard decoder, FIR resampling (1, 3, 3, 1). EDM's CIFAR-10 runs
-# also feed augmentation labels (augment_dim=9): cifar10-edm-ncsnpp adds them.
+# embedding of scale 16 (NetConfig's default, as in EDM and in the CM paper's config, model.fourier_scale = 16, so
+# cifar10-ct and cifar10-cd keep it; only cifar10-ict sets 0.02, iCT Sec. 3.2), a noise embedding twice as wide,
+# the residual (progressive-growing) encoder input path, the standard decoder, FIR resampling (1, 3, 3, 1). EDM's
+# CIFAR-10 runs also feed augmentation labels (augment_dim=9): cifar10-edm-ncsnpp adds them.
 _CIFAR_NCSNPP = replace(_CIFAR_NET, embedding="fourier", channel_mult_noise=2, encoder_type="residual",
                         resample_filter=(1, 3, 3, 1))
 # Random x-flips: the CM reference (openai/consistency_models_cifar10 configs/default_cifar10_configs.py,
