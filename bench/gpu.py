@@ -1,4 +1,4 @@
-"""GPU readiness (shared/design/benchmarks.md, section 3): what each CIFAR-10 preset costs on one accelerator.
+"""GPU readiness (docs/scaling.md, "Benchmarks"): what each CIFAR-10 preset costs on one accelerator.
 
 On random tensors (no dataset, no network access), for every ``cifar10-*`` preset at its paper's batch:
 - training images/s in fp32 and bf16, one optimiser step of a run at its midpoint (past any warm-start), the

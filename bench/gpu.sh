@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness (shared/design/benchmarks.md, section 3): for every CIFAR-10 preset at its paper's batch, training
+# GPU readiness (docs/scaling.md, "Benchmarks"): for every CIFAR-10 preset at its paper's batch, training
 # images/s in fp32 and bf16 (gradient accumulation where the batch does not fit), the projected GPU-hours of its
 # whole run, sampling images/s (1 step; Heun-35 for the EDM presets), sCT/sCD step time against EDM's; random tensors,
 # no data or network needed; under 10 minutes on one H100/H200-class GPU. Result: bench/results/gpu-<gpu name>.json.

@@ -1,4 +1,4 @@
-"""Quality ladder (shared/design/benchmarks.md, section 2): students against their diffusion teacher.
+"""Quality ladder (docs/benchmarks.md, "Quality ladder"): students against their diffusion teacher.
 
 On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same training budget (images):
 1. the EDM diffusion teacher (fmnist-edm);

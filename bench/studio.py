@@ -12,7 +12,7 @@ torch threads (a grid on torch's 2, one image on 1). The networks carry untraine
 that each send their next request when the last is answered, for S seconds, and counts failures.
 Writes bench/results/studio.json and the table in docs/benchmarks.md.
 Usage: python bench/studio.py [--interactions 200] [--load-clients 8] [--load-seconds 30]
-       python bench/studio.py --screenshot docs/img/studio.png --model RUN [--teacher RUN]  (the README's picture)
+       python bench/studio.py --screenshot docs/img/studio.png --model RUN [--teacher RUN] (docs/studio.md)
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def load_test(model: Path, clients: int, seconds: float) -> dict:
 
 
 def screenshot(out: Path, model: str, teacher: str | None) -> None:
-    """The README's screenshot: the generate page of a trained ``model`` (with ``teacher``'s samples beside it),
+    """docs/studio.md's screenshot: the generate page of a trained ``model`` (with ``teacher``'s samples beside it),
     after one press of Next so that the times shown are warm."""
     with serving(Path(model), *(["--teacher", teacher] if teacher else [])) as url, sync_playwright() as p:
         browser = chromium.launch(p)

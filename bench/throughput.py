@@ -1,4 +1,4 @@
-"""Throughput benchmark (shared/design/benchmarks.md, section 1).
+"""Throughput benchmark (docs/benchmarks.md, "Throughput").
 
 In one process, variants interleaved so machine drift hits all alike; medians over repeats:
 - training images/s of one optimiser step for each method (same net, same batch), as a ratio to EDM (CD

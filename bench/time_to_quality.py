@@ -1,4 +1,4 @@
-"""Time to quality (shared/design/benchmarks.md): one-step FID against total training minutes, teacher included.
+"""Time to quality (docs/benchmarks.md): one-step FID against total training minutes, teacher included.
 
 Every route cmkit has to a one-step model on Fashion-MNIST gets budgets of 5, 10 and 20 minutes of this machine
 (2 CPU cores, bf16 autocast): iCT (also on a quarter-size network) and CT from scratch; an EDM teacher, then CD,
