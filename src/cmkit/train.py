@@ -78,12 +78,19 @@ def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+    """ema <- decay * ema + (1 - decay) * model for every float entry of the state_dicts (parameters and
+    buffers), paired by name; other entries (integer buffers) are copied. CmkitError when the two state_dicts
+    do not hold the same names and shapes (a copy of another architecture)."""
+    ours, theirs = ema.state_dict(), model.state_dict()
+    differ = sorted(ours.keys() ^ theirs.keys()) or [k for k in ours if ours[k].shape != theirs[k].shape]
+    if differ:
+        raise CmkitError(f"EMA update: the EMA model and the model differ in {len(differ)} state_dict entries "
+                         f"(first {differ[0]!r}); expected two copies of one architecture")
+    for name, e in ours.items():
         if e.is_floating_point():
-            e.lerp_(p, 1 - decay)
+            e.lerp_(theirs[name], 1 - decay)
         else:
-            e.copy_(p)
+            e.copy_(theirs[name])
 
 
 class Run:
