@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cmkit import dist, rundir
+from cmkit import dist
 from cmkit.checkpoint import build_model, list_states, load_state
 from cmkit.cli import main
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
@@ -31,7 +31,7 @@ from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import evaluate_model, image_features
 from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCTConfig
 from cmkit.sampling import generate
-from cmkit.train import Run, local_batch
+from cmkit.train import Run, local_batch, save_run
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 METHODS = {
@@ -152,7 +152,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result[name] = (run.model.state_dict(), run.ema.state_dict(), losses)
     result["dropout"] = train_steps(config_of("ict", dropout=0.3))[0].model.state_dict()
     half = train_steps(RESUMED, steps=2)[0]  # checkpointed by 2 processes, resumed by 1 in the test
-    rundir.save(half, Path(out) / "two-then-one")
+    save_run(half, Path(out) / "two-then-one")
     result["two_then_one"] = list_states(Path(out) / "two-then-one")[-1]
     one = list_states(Path(out) / "one")[-1]  # checkpointed by 1 process in the fixture
     result["one_then_two"] = train_steps(RESUMED, steps=2, resume_from=one)[0].state_dict()
@@ -177,7 +177,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def two(tmp_path_factory) -> list[dict]:
     """Every 2-process scenario, run once: the results of rank 0 and rank 1."""
     out = tmp_path_factory.mktemp("two")
-    rundir.save(train_steps(RESUMED, steps=2)[0], out / "one")  # a checkpoint 2 processes resume from
+    save_run(train_steps(RESUMED, steps=2)[0], out / "one")  # a checkpoint 2 processes resume from
     context = mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from cmkit import monitor
-from cmkit.checkpoint import BEST_NAME, EXPORT_NAME, list_states, load_state
+from cmkit.checkpoint import BEST_NAME, EXPORT_NAME, build_model, list_states, load_state
 from cmkit.errors import CmkitError
 from cmkit.methods import EDMConfig
 from cmkit.monitor import consistency_gaps, evaluations_since_best
-from cmkit.train import Run, TrainingStopped, train
+from cmkit.train import Run, TrainingStopped, load_training_data, train
 from conftest import GaussianOracle, exit_status, train_tiny
 
 
@@ -171,6 +172,36 @@ def test_a_checkpoint_without_evaluations_loads_with_an_empty_history(tiny_confi
     del state["evaluations"]
     run.load_state_dict(state, tmp_path / "old.pt")
     assert run.evaluations == []
+
+
+def test_measure_reads_the_model_counts_and_history_it_is_given_and_changes_none(scripted, tiny_config,
+                                                                                  fmnist_subset):
+    """The evaluator is a function of explicit data: the record carries the counts it was given and the best
+    FID over the history and itself; the history and the weights stay as they were; the loop appends."""
+    scripted([30.0, 10.0])
+    config = _config(tiny_config, fmnist_subset)
+    evaluator = monitor.Monitor(config, load_training_data(config), torch.device("cpu"))
+    ema = build_model(config).eval().requires_grad_(False)
+    weights = {k: v.clone() for k, v in ema.state_dict().items()}
+    history = [{"step": 1, "kimg": 0.032, "fid_1step": 20.0, "best_fid": 20.0}]
+    record = evaluator.measure(ema, step=3, images_seen=96, history=history)
+    assert (record["step"], record["kimg"], record["fid_1step"], record["best_fid"]) == (3, 0.096, 30.0, 20.0)
+    assert len(history) == 1 and not evaluator.is_best([*history, record]) and evaluator.is_best([record])
+    torch.testing.assert_close(ema.state_dict(), weights, rtol=0, atol=0)
+    better = evaluator.measure(ema, step=4, images_seen=128, history=[*history, record])
+    assert better["best_fid"] == 10.0 and evaluator.is_best([*history, record, better])
+
+
+def test_nothing_below_the_loop_imports_the_training_state():
+    """monitor, rundir and checkpoint take explicit data: none of them imports cmkit.train."""
+    import ast
+    import importlib.util
+
+    for name in ("cmkit.monitor", "cmkit.rundir", "cmkit.checkpoint"):
+        tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert "cmkit.train" not in imported, name
 
 
 def test_evaluations_since_best():

@@ -18,6 +18,7 @@ from cmkit.sampling import (
     euler_sample,
     generate,
     heun_sample,
+    ode_step,
 )
 from cmkit.schedules import edm_sampling_sigmas
 from conftest import GaussianOracle
@@ -223,3 +224,48 @@ def test_seeded_noise_labels_are_per_seed():
     a = SeededNoise([1, 2, 3], (1, 2, 2)).labels(10)
     b = SeededNoise([3], (1, 2, 2)).labels(10)
     assert a.shape == (3,) and a[2] == b[0]
+
+
+# ------------------------------------------------------------------------------------------------ ode_step
+
+class AffineVelocity(torch.nn.Module):
+    """The denoiser of the ODE dx/dsigma = a + b sigma: D(x, sigma) = x - sigma (a + b sigma). Its solution is
+    x(sigma') = x(sigma) + a (sigma' - sigma) + b (sigma'^2 - sigma^2) / 2, which Heun's trapezoid rule follows
+    exactly (the velocity is linear in sigma) and Euler does not; at sigma = 0 the velocity is 0 / 0."""
+
+    a, b = 0.3, -0.2
+
+    def forward(self, x, sigma, labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]).view(-1, 1, 1, 1)
+        return x - sigma * (self.a + self.b * sigma)
+
+
+def _affine_expected(x, sigma, sigma_next):
+    """Per row: the exact solution where sigma_next > 0, D(x, sigma) (Euler's landing point) where it is 0."""
+    a, b = AffineVelocity.a, AffineVelocity.b
+    rows = torch.as_tensor(sigma_next, dtype=torch.float64).expand(len(x)).tolist()
+    return torch.stack([x[i] - sigma * (a + b * sigma) if nxt == 0 else
+                        x[i] + a * (nxt - sigma) + b * (nxt**2 - sigma**2) / 2 for i, nxt in enumerate(rows)])
+
+
+@pytest.mark.parametrize("sigma_next", [0.0, 0, torch.tensor(0.0), torch.tensor(0), torch.zeros(4),
+                                        torch.tensor([0.0, 0.5, 0.0, 1.5]), 0.5, torch.full((4,), 1.5)],
+                         ids=["float", "int", "tensor", "int-tensor", "rows", "mixed-rows", "float-0.5", "rows-1.5"])
+def test_ode_step_skips_heun_where_sigma_next_is_zero_whatever_its_type(sigma_next):
+    """Rows going to 0 land on D(x, sigma) = x - 2 (0.3 - 0.4) = x + 0.2 (no NaN); the others take the exact
+    Heun step, e.g. from 2 to 0.5: x + 0.3 (-1.5) - 0.1 (0.25 - 4) = x - 0.075."""
+    x = torch.arange(4 * 4, dtype=torch.float32).view(4, 1, 2, 2) / 10
+    out = ode_step(AffineVelocity(), x, 2.0, sigma_next, heun=True)
+    torch.testing.assert_close(out, _affine_expected(x, 2.0, sigma_next), rtol=0, atol=1e-6)
+    if isinstance(sigma_next, torch.Tensor) and sigma_next.ndim and (sigma_next == 0.5).any():
+        torch.testing.assert_close(out[1], x[1] - 0.075, rtol=0, atol=1e-6)
+
+
+def test_ode_step_heun_differs_from_euler_away_from_zero_and_not_at_it():
+    """Euler from 2 to 0.5 lands on x + 1.5 * 0.1 = x + 0.15, -b h^2 / 2 = 0.225 above the exact x - 0.075 that
+    Heun reaches; to 0 both land on D(x, 2)."""
+    x, model = torch.zeros(2, 1, 2, 2), AffineVelocity()
+    euler, heun = (ode_step(model, x, 2.0, 0.5, heun=h) for h in (False, True))
+    torch.testing.assert_close(euler - heun, torch.full_like(x, 0.225), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ode_step(model, x, 2.0, 0, heun=True), ode_step(model, x, 2.0, 0, heun=False),
+                               rtol=0, atol=0)

@@ -11,7 +11,7 @@ from cmkit.config import validate
 from cmkit.errors import CmkitError
 from cmkit.methods import TEACHER_METHODS, CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCDConfig, SCTConfig
 from cmkit.rng import BatchNoise
-from cmkit.train import Intervals, Run, ema_update, local_batch, log_record, train
+from cmkit.train import Intervals, Run, ema_update, local_batch, log_record, save_run, train
 
 CPU = torch.device("cpu")
 METHODS = {
@@ -250,11 +250,61 @@ def test_student_starts_from_the_teacher(tiny_config, name):
             assert torch.equal(model.net.logvar(sigma), torch.zeros(4))
 
 
-def test_ema_update_is_a_lerp():
-    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    expected = 0.9 * a.weight.detach() + 0.1 * b.weight.detach()
-    ema_update(a, b, 0.9)
-    torch.testing.assert_close(a.weight.detach(), expected)
+class Pair(torch.nn.Module):
+    """Two parameters and two buffers of one shape, registered in the order ``order`` names them."""
+
+    def __init__(self, order: str, a: float, b: float, count: int = 0) -> None:
+        super().__init__()
+        values = {"a": a, "b": b}
+        for name in order:
+            self.register_parameter(name, torch.nn.Parameter(torch.full((2,), values[name])))
+            self.register_buffer(f"{name}_mean", torch.full((2,), 10 * values[name]))
+        self.register_buffer("count", torch.tensor(count))
+
+
+def test_ema_update_pairs_entries_by_name_not_by_position():
+    """The EMA registers a before b, the model b before a: pairing by position would mix a with b (a = 0.9 * 0
+    + 0.1 * 2 = 0.2, where by name it is 0.1). Float buffers average likewise; the integer count is copied."""
+    ema, model = Pair("ab", a=0.0, b=0.0), Pair("ba", a=1.0, b=2.0, count=7)
+    ema_update(ema, model, 0.9)
+    assert torch.allclose(ema.a, torch.full((2,), 0.1)) and torch.allclose(ema.b, torch.full((2,), 0.2))
+    assert torch.allclose(ema.a_mean, torch.full((2,), 1.0)) and torch.allclose(ema.b_mean, torch.full((2,), 2.0))
+    assert ema.count.item() == 7
+    assert torch.equal(model.a.detach(), torch.full((2,), 1.0))  # the model is read, never written
+
+
+def test_ema_update_refuses_models_whose_entries_differ():
+    extra = Pair("ab", 0.0, 0.0)
+    extra.register_parameter("c", torch.nn.Parameter(torch.zeros(2)))
+    with pytest.raises(CmkitError, match=r"EMA update: .* differ in 1 state_dict entries \(first 'c'\)"):
+        ema_update(Pair("ab", 0.0, 0.0), extra, 0.9)
+    with pytest.raises(CmkitError, match="first 'weight'"):
+        ema_update(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2), 0.9)
+
+
+def test_a_saved_run_resumes_to_the_same_state(tiny_config, tmp_path):
+    """save_run writes the training state and the EMA's export from explicit data; a new Run that loads the
+    state holds every tensor and count bit for bit, and the export holds the EMA's weights."""
+    from safetensors.torch import load_file
+
+    from cmkit.checkpoint import list_states, load_state
+
+    run, _ = _steps(_with(tiny_config, method=METHODS["ct"]), 2)
+    run.evaluations.append({"step": 2, "fid_1step": 1.0})
+    save_run(run, tmp_path)
+    (path,) = list_states(tmp_path)
+    assert path.name == f"state-{run.images_seen:010d}.pt"
+    state = load_state(path)
+    assert set(state) == {"config", "step", "nonfinite", "model", "ema", "optimizer", "target", "scaler",
+                          "evaluations"}
+    again = _run(run.config)
+    again.load_state_dict(state, path)
+    ours, theirs = again.state_dict(), run.state_dict()
+    for key in ("model", "ema", "target", "optimizer", "scaler"):
+        torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0, msg=key)
+    assert [ours[k] for k in ("config", "step", "nonfinite", "evaluations")] == \
+        [theirs[k] for k in ("config", "step", "nonfinite", "evaluations")]
+    torch.testing.assert_close(load_file(tmp_path / "model.safetensors"), run.ema.state_dict(), rtol=0, atol=0)
 
 
 def test_intervals_of_config(tiny_config):

@@ -52,11 +52,13 @@ def build_model(config: Config) -> Preconditioned:
 
 # -------------------------------------------------------------------------------------- inference export
 
-def save_export(model: nn.Module, config: Config, path: Path) -> None:
-    """Write ``model``'s weights, ``config`` and tuned sampling schedules to a safetensors file, atomically."""
+def save_export(model: nn.Module, config: Config, path: Path, *,
+                tuned_sigmas: dict[int, list[float]] | None = None) -> None:
+    """Write ``model``'s weights, ``config`` and tuned sampling schedules (``tuned_sigmas``; None: the model's
+    own ``model.tuned_sigmas``) to a safetensors file, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict()),
-                "tuned_sigmas": json.dumps(getattr(model, "tuned_sigmas", {}))}
+    tuned = getattr(model, "tuned_sigmas", {}) if tuned_sigmas is None else tuned_sigmas
+    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict()), "tuned_sigmas": json.dumps(tuned)}
     blob = save(tensors, metadata=metadata)
     with atomic_write(path) as tmp:
         tmp.write_bytes(blob)

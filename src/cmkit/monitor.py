@@ -16,10 +16,12 @@ with Heun at 18 levels. Its record, one line of ``metrics.jsonl`` (numbers also 
   (metrics.jsonl only);
 - ``eval_seconds``: the evaluation's wall time.
 
-The records live in the training state (:attr:`cmkit.train.Run.evaluations`), so a resumed run keeps its
-history, best FID and patience count; everything else here is a pure function of that history. Under
-``torchrun`` every process samples its share and holds the same gathered features, so every process computes
-the same FID and they all stop at the same evaluation; rank 0 alone writes.
+Nothing here keeps or changes the training state: the loop passes the EMA model, the counts and the records
+of the earlier evaluations (its ``history``, part of its resumable state, so a resumed run keeps its best FID
+and patience count), appends the record :meth:`Monitor.measure` returns, and writes the files; the best model
+and the stop rules are pure functions of that history. Under ``torchrun`` every process samples its share and
+holds the same gathered features, so every process computes the same FID and they all stop at the same
+evaluation.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from cmkit import data, rundir
+from cmkit import data
 from cmkit.checkpoint import BEST_NAME
 from cmkit.config import Config
 from cmkit.errors import CmkitError
@@ -43,9 +45,6 @@ from cmkit.rng import derive_seed
 from cmkit.sampling import POLICIES
 from cmkit.schedules import karras_sigmas
 
-if TYPE_CHECKING:
-    from cmkit.train import Run
-
 REFERENCE_N = 10_000  # reference images: the default --n of `cmkit eval`, so both share one cached feature file
 EVAL_BATCH = 500  # images per sampling batch: the default --batch of `cmkit eval`
 HELD_OUT = 64  # images in the consistency metric's fixed batch
@@ -53,9 +52,9 @@ METRIC_LEVELS = 18  # Karras levels whose adjacent pairs the consistency metric 
 
 
 class Monitor:
-    """The evaluations of one run: built once, before anything is written (feature network, reference
-    features, the held-out batch and its noise), then called by the loop at ``train.eval_kimg`` and at the end.
-    """
+    """The evaluator of one run: built once, before anything is written (feature network, reference features,
+    the held-out batch and its noise), then called by the loop at ``train.eval_kimg`` and at the end. It reads
+    what it is given and keeps nothing of it."""
 
     def __init__(self, config: Config, dataset: data.ImageData, device: torch.device) -> None:
         t, d = config.train, config.data
@@ -72,33 +71,29 @@ class Monitor:
         self.label = f"{self.steps[0]}-step" + ("" if self.sampler == "consistency" else f" {self.sampler}")
         self.x0, self.labels, self.noise = held_out_batch(config, dataset, device)
 
-    def evaluate(self, run: Run, out: Path, log: rundir.MetricsLog | None) -> str | None:
-        """Evaluate ``run``'s EMA model (every process must call this), add the record to ``run.evaluations``
-        and to ``log``, write ``model-best.safetensors`` when the primary FID is the lowest so far; return why
-        the run should stop now (one line), or None."""
-        record = self.measure(run)
-        improved = all(record[self.key] < e[self.key] for e in run.evaluations)
-        run.evaluations.append(record)
-        if log is not None:
-            log.write(record)
-        if improved:
-            rundir.save_best(run, out)
-        return self.stop_reason(run.evaluations, out)
-
-    def measure(self, run: Run) -> dict[str, Any]:
-        """The record of an evaluation of ``run``'s EMA model now (see the module's docstring)."""
+    def measure(self, ema: nn.Module, *, step: int, images_seen: int,
+                history: list[dict[str, Any]]) -> dict[str, Any]:
+        """The record of an evaluation of ``ema`` (the EMA model, denoiser contract) after ``step`` optimiser
+        steps and ``images_seen`` training images, ``history`` holding the records of the earlier evaluations
+        (for ``best_fid``); see the module's docstring. Every process must call this."""
         tick, t = time.perf_counter(), self.config.train
-        rows = evaluate_model(run.ema, steps=self.steps, n=t.eval_n, extractor=self.extractor,
+        rows = evaluate_model(ema, steps=self.steps, n=t.eval_n, extractor=self.extractor,
                               reference=self.reference, batch=EVAL_BATCH, sampler=self.sampler,
                               precision=t.precision, leave=False)
-        record: dict[str, Any] = {"step": run.step, "kimg": run.images_seen / 1000,
+        record: dict[str, Any] = {"step": step, "kimg": images_seen / 1000,
                                   **{f"fid_{row['steps']}step": row["fid"] for row in rows}}
-        record["best_fid"] = min([record[self.key], *(e[self.key] for e in run.evaluations)])
-        if run.ema.kind == "consistency":
-            gaps = consistency_gaps(run.ema, self.x0, self.noise, labels=self.labels)
+        record["best_fid"] = min([record[self.key], *(e[self.key] for e in history)])
+        if ema.kind == "consistency":
+            gaps = consistency_gaps(ema, self.x0, self.noise, labels=self.labels)
             record.update(consistency=float(np.mean(gaps)), consistency_pairs=gaps)
         record["eval_seconds"] = time.perf_counter() - tick
         return record
+
+    def is_best(self, history: list[dict[str, Any]]) -> bool:
+        """Whether the last record of ``history`` has the lowest primary FID of them all (a tie does not
+        improve: the earlier record stays the best)."""
+        *earlier, last = (e[self.key] for e in history)
+        return all(last < e for e in earlier)
 
     def stop_reason(self, history: list[dict[str, Any]], out: Path) -> str | None:
         """Why the run stops after the last evaluation of ``history`` (``train.until_fid``, then

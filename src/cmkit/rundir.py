@@ -2,7 +2,8 @@
 ``model.safetensors`` export (and ``model-best.safetensors`` when the run evaluates itself), sample grids and
 ``metrics.jsonl`` (plus TensorBoard scalars).
 
-The training state itself (:class:`cmkit.train.Run`) writes nothing; the loop hands it to :func:`save`.
+The training loop (:mod:`cmkit.train`) hands over what is to be written: the training state as plain values and
+state_dicts, the EMA model, the config and the counts; nothing here reads or changes the loop's own state.
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from torch import nn
 
 from cmkit import checkpoint, dist
 from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.images import save_images
-
-if TYPE_CHECKING:
-    from cmkit.train import Run
 
 
 def prepare_run_dir(config: Config, out: Path, *, resume: bool) -> Path | None:
@@ -86,25 +85,26 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def save(run: Run, out: Path) -> None:
-    """Check that every process holds the same weights, then write the training state and the export on rank 0
-    (a failed write raises CmkitError on every rank). Sampling schedules tuned for the export it replaces
-    (``cmkit tune-steps``) are kept."""
-    t = run.config.train
-    dist.check_same_weights(run.model, run.ema, *([run.target] if run.target is not None else []))
+def save(out: Path, state: dict[str, Any], *, ema: nn.Module, config: Config, images_seen: int) -> None:
+    """On rank 0, write the training state ``state`` (plain values and state_dicts, what ``--resume`` loads) as
+    the checkpoint of ``images_seen`` training images, keeping the newest ``train.keep_ckpts``, and ``ema``'s
+    export with ``config`` as ``model.safetensors``; a failed write raises CmkitError on every rank. Sampling
+    schedules tuned for the export it replaces (``cmkit tune-steps``) are kept. The caller checks first that
+    every process holds the same weights (:func:`cmkit.dist.check_same_weights`)."""
 
     def write() -> None:
-        checkpoint.save_state(run.state_dict(), out, images_seen=run.images_seen, keep=t.keep_ckpts)
+        checkpoint.save_state(state, out, images_seen=images_seen, keep=config.train.keep_ckpts)
         export = out / checkpoint.EXPORT_NAME
-        run.ema.tuned_sigmas = checkpoint.tuned_sigmas(export) if export.is_file() else {}
-        checkpoint.save_export(run.ema, run.config, export)
+        tuned = checkpoint.tuned_sigmas(export) if export.is_file() else {}
+        checkpoint.save_export(ema, config, export, tuned_sigmas=tuned)
 
     dist.on_main(write)
 
 
-def save_best(run: Run, out: Path) -> None:
-    """Write the EMA model's export as ``model-best.safetensors`` on rank 0 (the caller decides it is the best)."""
-    dist.on_main(lambda: checkpoint.save_export(run.ema, run.config, out / checkpoint.BEST_NAME))
+def save_best(out: Path, *, ema: nn.Module, config: Config) -> None:
+    """Write ``ema``'s export with ``config`` as ``model-best.safetensors`` on rank 0 (the caller decides that
+    it is the best)."""
+    dist.on_main(lambda: checkpoint.save_export(ema, config, out / checkpoint.BEST_NAME))
 
 
 def save_grid(images: np.ndarray, out: Path, *, images_seen: int) -> Path:

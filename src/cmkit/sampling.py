@@ -62,18 +62,22 @@ def ode_step(model: nn.Module, x: Tensor, sigma: float | Tensor, sigma_next: flo
              labels: Tensor | None = None, *, heun: bool) -> Tensor:
     """One Euler or Heun step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM, Alg. 1).
 
-    ``sigma`` (> 0) and ``sigma_next`` are floats or float32 [N] tensors, one level per sample; Heun's
-    correction needs ``sigma_next > 0`` and is skipped for a float ``sigma_next`` of 0. Returns x at
-    ``sigma_next``, float32 [N, C, H, W]. Used by the EDM samplers and by CD's teacher step.
+    ``sigma`` (> 0) and ``sigma_next`` (>= 0) are numbers, 0-d tensors or float [N] tensors (one level per
+    sample). Heun's correction needs D at ``sigma_next > 0`` (EDM, Alg. 1, line 8): a sample whose ``sigma_next``
+    is 0 takes the Euler step, which lands on D(x, sigma), and the others the Heun step; when every
+    ``sigma_next`` is 0 the second evaluation is not made. Returns x at ``sigma_next``, float32 [N, C, H, W].
+    Used by the EDM samplers and by CD's teacher step.
     """
     s, s_next = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
                  for v in (sigma, sigma_next))
     d = (x - model(x, sigma, labels)) / s
     x_next = x + (s_next - s) * d
-    if heun and not (isinstance(sigma_next, float) and sigma_next == 0):
-        d_next = (x_next - model(x_next, sigma_next, labels)) / s_next
-        x_next = x + (s_next - s) * (d + d_next) / 2
-    return x_next
+    at_zero = s_next == 0
+    if not heun or bool(at_zero.all()):
+        return x_next
+    s_heun = torch.where(at_zero, s, s_next)  # a stand-in level > 0 for the rows at 0, whose result is dropped
+    d_next = (x_next - model(x_next, s_heun.flatten().expand(len(x)), labels)) / s_heun
+    return torch.where(at_zero, x_next, x + (s_next - s) * (d + d_next) / 2)
 
 
 def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource, labels: Tensor | None,

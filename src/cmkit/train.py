@@ -78,18 +78,26 @@ def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameters and float buffers alike."""
-    for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+    """ema <- decay * ema + (1 - decay) * model for every float entry of the state_dicts (parameters and
+    buffers), paired by name; other entries (integer buffers) are copied. CmkitError when the two state_dicts
+    do not hold the same names and shapes (a copy of another architecture)."""
+    ours, theirs = ema.state_dict(), model.state_dict()
+    differ = sorted(ours.keys() ^ theirs.keys()) or [k for k in ours if ours[k].shape != theirs[k].shape]
+    if differ:
+        raise CmkitError(f"EMA update: the EMA model and the model differ in {len(differ)} state_dict entries "
+                         f"(first {differ[0]!r}); expected two copies of one architecture")
+    for name, e in ours.items():
         if e.is_floating_point():
-            e.lerp_(p, 1 - decay)
+            e.lerp_(theirs[name], 1 - decay)
         else:
-            e.copy_(p)
+            e.copy_(theirs[name])
 
 
 class Run:
-    """The training state of one run in this process: the modules, the optimiser, the loss and the step.
-
-    It writes no files (see :class:`cmkit.rundir.RunDir`); :meth:`state_dict` is what a checkpoint holds.
+    """The training state of one run in this process: the modules, the optimiser, the loss, the step and the
+    records of the evaluations. Only the loop (this module) changes it; it writes no files, and what it hands
+    to the writers (:mod:`cmkit.rundir`) and the evaluator (:mod:`cmkit.monitor`) is explicit data:
+    :meth:`state_dict` (what a checkpoint holds), the EMA model, the config and the counts.
     """
 
     def __init__(self, config: Config, device: torch.device, *, teacher: nn.Module | None = None) -> None:
@@ -119,7 +127,7 @@ class Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
         self.step = 0
         self.nonfinite = 0  # non-finite steps in a row
-        self.evaluations: list[dict[str, Any]] = []  # the records of cmkit.monitor's evaluations, oldest first
+        self.evaluations: list[dict[str, Any]] = []  # the records of the loop's evaluations, oldest first
 
     @property
     def images_seen(self) -> int:
@@ -293,6 +301,13 @@ def check_nonfinite(run: Run, out: Path) -> None:
                          f"gradients (all skipped); {last}. Lower train.lr, set train.grad_clip, or check the data")
 
 
+def save_run(run: Run, out: Path) -> None:
+    """Check that every process holds the same weights, then write ``run``'s training state and its EMA model's
+    export into run directory ``out`` (rank 0; :func:`cmkit.rundir.save`)."""
+    dist.check_same_weights(run.model, run.ema, *([run.target] if run.target is not None else []))
+    rundir.save(out, run.state_dict(), ema=run.ema, config=run.config, images_seen=run.images_seen)
+
+
 def log_record(run: Run, losses: list[float | None], busy: float) -> dict[str, float | None]:
     """The metrics line for the steps since the last one; ``losses`` holds None for each skipped step."""
     finite = [v for v in losses if v is not None]
@@ -353,11 +368,20 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
                 losses, busy = [], 0.0
             if run.step % every.snap == 0 or last:
                 rundir.save_grid(run.snapshot_images(), out, images_seen=run.images_seen)
-            # 5. Evaluations and their stop rules likewise; checkpoints too, and on a stop request or rule.
+            # 5. Evaluations likewise: the record joins the run's history and the log, a new best FID writes
+            #    model-best.safetensors, and a stop rule may end the run.
             if monitor is not None and (run.step % every.eval == 0 or last):
-                reason = monitor.evaluate(run, out, log)
+                evaluation = monitor.measure(run.ema, step=run.step, images_seen=run.images_seen,
+                                             history=run.evaluations)
+                run.evaluations.append(evaluation)
+                if log is not None:
+                    log.write(evaluation)
+                if monitor.is_best(run.evaluations):
+                    rundir.save_best(out, ema=run.ema, config=run.config)
+                reason = monitor.stop_reason(run.evaluations, out)
+            # 6. Checkpoints at their interval, at the end, and on a stop request or rule.
             if run.step % every.ckpt == 0 or last or stopping or reason:
-                rundir.save(run, out)
+                save_run(run, out)
             if reason:
                 break
             if stopping and not last:
