@@ -23,10 +23,13 @@ from cmkit.presets import PRESETS, preset
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
-    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum/--until-fid, then --set; validated once,
-    at the end, so the order of the options never matters. A data folder is stored as an absolute path.
-    --until-fid turns evaluation on (:func:`default_eval_kimg`) when train.eval_kimg is still 0, and says so."""
+    """Preset, then --data (known datasets bring their native size), then --kimg/--ckpt-kimg/--seed/--keep/
+    --precision/--accum/--until-fid, then --set, then --teacher (for the method --set chose; a cmkit teacher
+    brings its network, on which the --set net.* values are applied again, so they still win and
+    :func:`cmkit.teacher.load_teacher` refuses a student_net=teacher network that differs); validated once, at
+    the end. The precedence is fixed, so the order of the options on the command line never matters. A data
+    folder is stored as an absolute path. --until-fid turns evaluation on (:func:`default_eval_kimg`) when
+    train.eval_kimg is still 0, and says so."""
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -34,13 +37,15 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.data is not None:
         res, ch = KNOWN_DATASETS.get(args.data, (config.data.resolution, config.data.channels))
         config = replace(config, data=replace(config.data, source=args.data, resolution=res, channels=ch))
-    if args.teacher is not None:
-        config = with_teacher(config, args.teacher)
     train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed, "keep_ckpts": args.keep,
              "precision": args.precision, "accum": args.accum, "until_fid": args.until_fid}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
-    config = apply_overrides(config, [kv for group in args.set for kv in group])
+    overrides = [kv for group in args.set for kv in group]
+    config = apply_overrides(config, overrides)
+    if args.teacher is not None:
+        net_overrides = [kv for kv in overrides if kv.strip().startswith("net.")]
+        config = apply_overrides(with_teacher(config, args.teacher), net_overrides)
     if args.until_fid is not None and config.train.eval_kimg == 0:
         config = replace(config, train=replace(config.train, eval_kimg=default_eval_kimg(config)))
         if os.environ.get("RANK", "0") == "0":  # once under torchrun (the process group does not exist yet)
