@@ -1,7 +1,9 @@
 """Record what `make demo`'s training did on this machine: the precision train.precision=auto chose, the length
 --minutes bought, and the images/s measured while training (metrics.jsonl), with the CPU's name and bf16 flags.
 
-    python bench/demo_record.py runs/demo --minutes 10 [--out bench/results/demo.json]
+    python bench/demo_record.py runs/demo --minutes 10 [--log train.log] [--note TEXT] [--out bench/results/demo.json]
+
+``--log``: the training's stderr, whose ``cmkit:`` lines (what --minutes measured, what auto chose) are kept.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the demo's run directory")
     parser.add_argument("--minutes", type=float, required=True, help="the --minutes the run was trained with")
+    parser.add_argument("--log", type=Path, help="the training's stderr")
+    parser.add_argument("--note", default="", help="a remark on the conditions of the run")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "demo.json")
     args = parser.parse_args()
     config = run_config(args.run)
@@ -54,6 +58,8 @@ def main() -> None:
         "minutes": args.minutes, "kimg_chosen": config.train.kimg, "batch": config.train.batch,
         "images_trained": images, "training_seconds": round(seconds, 1), "images_per_s": round(rate, 2),
         "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()],
+        "log": [] if args.log is None else [ln for ln in args.log.read_text().splitlines() if ln.startswith("cmkit:")],
+        "note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
