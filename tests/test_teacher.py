@@ -3,6 +3,7 @@ cleanly. (sCD's run and sCT without a teacher: tests/test_scm_cli.py.)"""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
@@ -102,3 +103,45 @@ def test_a_student_net_other_than_the_teachers_is_refused(tiny_config, fmnist_su
     teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
     assert _train(tmp_path / "r", fmnist_subset, teacher, "fmnist-cd", "net.model_channels=16") == 2
     _refused(capsys, tmp_path / "r", "net.model_channels: 8 (teacher) vs 16")
+
+
+def _dry_run(capsys, preset, groups):
+    """``cmkit train --dry-run`` of ``preset`` with the option groups in the given order: its config (or None
+    when refused) and the error line."""
+    argv = ["train", "--preset", preset, "--out", "r", "--dry-run", *(arg for group in groups for arg in group)]
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return (json.loads(out) if status == 0 else None), err
+
+
+@pytest.mark.parametrize(("preset", "method"), [("fmnist-cd", "scd"), ("fmnist-ict", "cd"), ("fmnist-ect", "cd")])
+def test_option_order_never_matters_with_a_teacher(tiny_config, tmp_path, capsys, preset, method):
+    """Issue 24: --teacher is applied for the method --set chooses, wherever it stands: every permutation of
+    the options gives one config, which distils the teacher with its network and the --set net.* value."""
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    groups = [("--teacher", str(teacher)), ("--set", f"method.name={method}", "net.dropout=0.25"),
+              ("--kimg", "3"), ("--seed", "7")]
+    configs = [_dry_run(capsys, preset, order) for order in itertools.permutations(groups)]
+    assert all(c == configs[0] for c in configs), {err for _, err in configs}
+    config = configs[0][0]
+    assert config["method"]["name"] == method and config["method"]["teacher"] == str(teacher)
+    teachers_net = json.loads(json.dumps(tiny_config.to_dict()["net"]))  # tuples as JSON lists
+    assert config["net"] == {**teachers_net, "dropout": 0.25}  # the teacher's network with --set's dropout
+    assert (config["train"]["kimg"], config["train"]["seed"]) == (3, 7)
+
+
+def test_a_net_setting_wins_over_the_teachers_net_in_any_order(tiny_config, tmp_path, capsys):
+    """A --set net.* value is kept whatever the order, so load_teacher's check can refuse it (above)."""
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    groups = [("--teacher", str(teacher)), ("--set", "net.model_channels=16")]
+    configs = [_dry_run(capsys, "fmnist-cd", order)[0] for order in itertools.permutations(groups)]
+    assert configs[0] == configs[1] and configs[0]["net"]["model_channels"] == 16
+
+
+def test_a_teacher_for_a_method_switched_away_from_distillation_is_refused_in_any_order(tiny_config, tmp_path,
+                                                                                        capsys):
+    teacher = _export(tiny_config, tmp_path / "edm.safetensors", method="edm")
+    groups = [("--teacher", str(teacher)), ("--set", "method.name=ict")]
+    for order in itertools.permutations(groups):
+        config, err = _dry_run(capsys, "fmnist-cd", order)
+        assert config is None and "the ict method trains without a teacher" in err

@@ -23,10 +23,13 @@ from cmkit.presets import PRESETS, preset
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    """Preset, then --data (known datasets bring their native size), then --teacher (a cmkit teacher brings its
-    network), then --kimg/--ckpt-kimg/--seed/--keep/--precision/--accum/--until-fid, then --set; validated once,
-    at the end, so the order of the options never matters. A data folder is stored as an absolute path.
-    --until-fid turns evaluation on (:func:`default_eval_kimg`) when train.eval_kimg is still 0, and says so."""
+    """Preset, then --data (known datasets bring their native size), then --kimg/--ckpt-kimg/--seed/--keep/
+    --precision/--accum/--until-fid, then --set, then --teacher (for the method --set chose; a cmkit teacher
+    brings its network, on which the --set net.* values are applied again, so they still win and
+    :func:`cmkit.teacher.load_teacher` refuses a student_net=teacher network that differs); validated once, at
+    the end. The precedence is fixed, so the order of the options on the command line never matters. A data
+    folder is stored as an absolute path. --until-fid turns evaluation on (:func:`default_eval_kimg`) when
+    train.eval_kimg is still 0, and says so."""
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -34,21 +37,33 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.data is not None:
         res, ch = KNOWN_DATASETS.get(args.data, (config.data.resolution, config.data.channels))
         config = replace(config, data=replace(config.data, source=args.data, resolution=res, channels=ch))
-    if args.teacher is not None:
-        config = with_teacher(config, args.teacher)
     train = {"kimg": args.kimg, "ckpt_kimg": args.ckpt_kimg, "seed": args.seed, "keep_ckpts": args.keep,
              "precision": args.precision, "accum": args.accum, "until_fid": args.until_fid}
     train = {k: v for k, v in train.items() if v is not None}
     config = replace(config, train=replace(config.train, **train))
-    config = apply_overrides(config, [kv for group in args.set for kv in group])
-    if args.until_fid is not None and config.train.eval_kimg == 0:
-        config = replace(config, train=replace(config.train, eval_kimg=default_eval_kimg(config)))
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun (the process group does not exist yet)
-            print(f"cmkit: --until-fid evaluates every {config.train.eval_kimg * 1000:,.0f} images (a tenth of "
-                  "the run; set train.eval_kimg to change)", file=sys.stderr)
+    overrides = [kv for group in args.set for kv in group]
+    if args.minutes is not None and any(kv.partition("=")[0].strip() == "train.kimg" for kv in overrides):
+        raise CmkitError(f"--minutes {args.minutes:g} sets the training length: drop --set train.kimg, or --minutes")
+    config = apply_overrides(config, overrides)
+    if args.teacher is not None:
+        net_overrides = [kv for kv in overrides if kv.strip().startswith("net.")]
+        config = apply_overrides(with_teacher(config, args.teacher), net_overrides)
+    if args.minutes is None:  # else once the length is measured (cmd_train)
+        config = until_fid_interval(config, args)
     if config.data.source not in KNOWN_DATASETS:
         config = replace(config, data=replace(config.data, source=str(Path(config.data.source).resolve())))
     validate(config)
+    return config
+
+
+def until_fid_interval(config: Config, args: argparse.Namespace) -> Config:
+    """With --until-fid and no train.eval_kimg: ``config`` evaluating every :func:`default_eval_kimg`, said once."""
+    if args.until_fid is None or config.train.eval_kimg != 0:
+        return config
+    config = replace(config, train=replace(config.train, eval_kimg=default_eval_kimg(config)))
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun (the process group may not exist yet)
+        print(f"cmkit: --until-fid evaluates every {config.train.eval_kimg * 1000:,.0f} images (a tenth of "
+              "the run; set train.eval_kimg to change)", file=sys.stderr)
     return config
 
 
@@ -61,14 +76,26 @@ def default_eval_kimg(config: Config) -> float:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cmkit import dist
+    from cmkit.machine import resolve_precision, run_config
+
     config = build_config(args)
+    out = Path(args.out)
+    stored = run_config(out) if args.resume else None
+    device = dist.init()
+    auto = config.train.precision == "auto"
+    config = resolve_precision(config, device, stored=stored)
+    chose = f"train.precision=auto: {_why_precision(config, device, stored)}" if auto else None
     if args.dry_run:
+        for line in (chose, args.minutes and f"--minutes {args.minutes:g}: train.kimg is measured at the start"):
+            if line:
+                _say(line)
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    from cmkit import dist
+    if args.minutes is not None:  # says the precision chosen with what it measured
+        config, chose = until_fid_interval(_fit_minutes(config, args.minutes, device, stored, chose), args), None
     from cmkit.train import TrainingStopped, train
 
-    out = Path(args.out)
     try:
         export = train(config, out, resume=args.resume)
     except TrainingStopped as e:
@@ -78,11 +105,51 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + e.signum
     if not dist.is_main():
         return 0
+    if chose:  # said at the end, not before a refusal of the data or the teacher (one line for bad input)
+        _say(chose)
     grids = sorted((out / "samples").glob("*.png"))
     print(f"model: {export}")
     if grids:
         print(f"samples: {grids[-1]}")
     return 0
+
+
+def _say(message: str) -> None:
+    """One line on stderr, from rank 0 alone."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"cmkit: {message}", file=sys.stderr)
+
+
+def _why_precision(config: Config, device, stored: Config | None) -> str:
+    """Why train.precision=auto resolved to ``config``'s precision, for the log."""
+    from cmkit.machine import auto_precision
+
+    if stored is not None:
+        return f"{config.train.precision}, as the run being resumed began"
+    return f"{config.train.precision}: {auto_precision(device)[1]}"
+
+
+def _fit_minutes(config: Config, minutes: float, device, stored: Config | None, chose: str | None) -> Config:
+    """``config`` with the train.kimg that ``minutes`` of training buy: measured by a few timed steps
+    (:func:`cmkit.machine.measure_images_per_s`), or, on --resume, the length the run began with; said on stderr
+    (with ``chose``, the precision auto chose) and stored in the run's config, so the schedules and a resumed run
+    see a fixed length."""
+    from cmkit.machine import kimg_for_minutes, measure_images_per_s
+
+    t = config.train
+    if stored is not None:
+        kimg = stored.train.kimg
+        _say(f"--minutes {minutes:g}: resuming with the length measured when the run began, {kimg:g} kimg")
+    else:
+        rate = measure_images_per_s(config, device)  # loads the data and any teacher first: bad input says so
+        kimg = kimg_for_minutes(minutes, images_per_s=rate, batch=t.batch)
+        steps = round(kimg * 1000 / t.batch)
+        _say(f"--minutes {minutes:g}: measured {rate:.1f} images/s ({t.precision}, batch {t.batch}), so "
+             f"train.kimg={kimg:g} ({steps:,} step{'s' * (steps > 1)}, about {kimg * 1000 / rate / 60:.1f} minutes "
+             "of training)")
+    if chose:
+        _say(chose)
+    return replace(config, train=replace(t, kimg=kimg))
 
 
 def parse_sigmas(text: str) -> list[float]:
@@ -266,9 +333,10 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     if not dist.is_main():
         return 0
     for point in history:
-        print(f"sigma {point['sigma']:10.4f}  FID {point['fid']:8.3f}")
-    print(f"best 2-step sigma: {best:.4g} (FID {min(p['fid'] for p in history):.3f}, {extractor.name}, "
-          f"n={args.n}); the papers' CIFAR-10 value: {model.two_step_sigma:.4g}. Stored in {path}.")
+        print(f"sigma {point['sigma']:10.4f}  FID {point['fid']:8.3f}  (n={point['n']})")
+    final = min((p for p in history if p["n"] == args.n), key=lambda p: p["fid"])
+    print(f"best 2-step sigma: {best:.4g} (FID {final['fid']:.3f}, {extractor.name}, n={args.n}); the papers' "
+          f"CIFAR-10 value: {model.two_step_sigma:.4g}. Stored in {path}.")
     return 0
 
 
@@ -292,9 +360,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cmkit.checkpoint import load_export
     from cmkit.studio.engine import Models, Studio, check_models
 
-    model, config = load_export(args.model)
+    device = _device(args.device)
+    model, config = load_export(args.model, device=device)
     check_models(Models(model, config))  # before the teacher is read: the served model is the usual mistake
-    teacher, teacher_config = load_export(args.teacher) if args.teacher else (None, None)
+    teacher, teacher_config = load_export(args.teacher, device=device) if args.teacher else (None, None)
     studio = Studio(Models(model, config, teacher, teacher_config), data=args.data, precision=args.precision,
                     threads=args.threads)
     from cmkit.studio.server import serve  # imports the studio extra (Starlette, uvicorn)
@@ -303,6 +372,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve(studio, host=args.host, port=args.port, max_clients=args.max_clients)
     print("cmkit studio: stopped", file=sys.stderr)
     return 0
+
+
+def _device(name: str | None):
+    """The torch device ``--device`` names (default: cuda where available, else cpu); CmkitError for one that
+    is unknown or not available here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise CmkitError(f"--device {name}: not a device available here ({str(e).splitlines()[0]})") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise CmkitError(f"--device {name}: expected a device that computes: cpu, cuda, mps or xpu")
+    return device
 
 
 def _print_report(report: dict) -> None:
@@ -360,11 +446,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="MODEL",
                    help="diffusion model to distil (cd, scd), tune (ect) or start from (sct, optional): an *-edm "
                         "run, or for cd and scd also a diffusers UNet folder")
-    p.add_argument("--kimg", action=_Positive, type=float, help="training length in thousands of images")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--kimg", action=_Positive, type=float, help="training length in thousands of images")
+    length.add_argument("--minutes", action=_Positive, type=float, metavar="M",
+                        help="train for about M minutes: a few timed steps at the start set train.kimg (stored in "
+                             "the run's config; --resume keeps it)")
     p.add_argument("--ckpt-kimg", action=_Positive, type=float, help="checkpoint interval in thousands of images")
     p.add_argument("--keep", action=_Positive, metavar="K", help="keep the newest K training checkpoints (default 3)")
     p.add_argument("--seed", type=int, help="run seed (default: the preset's, 0)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (train.precision)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (train.precision; auto: bf16 where the hardware computes it, else fp32)")
     p.add_argument("--accum", action=_Positive, metavar="K", help="gradient accumulation steps per optimiser step")
     p.add_argument("--until-fid", action=_Positive, type=float, metavar="X",
                    help="stop once an evaluation's FID (1-step; diffusion models: Heun) is at most X "
@@ -420,9 +511,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-steps", help="search the best intermediate sigma for 2-step sampling")
     p.add_argument("model", help="a run directory or a .safetensors export (updated in place)")
     p.add_argument("--steps", type=int, default=2, help="number of steps (2)")
-    p.add_argument("--n", action=_Positive, default=2_000, help="samples per FID evaluation (default 2000)")
-    p.add_argument("--iters", type=int, default=10,
-                   help="golden-section iterations, one FID evaluation each after the first two (default 10)")
+    p.add_argument("--n", action=_Positive, default=1_000,
+                   help="samples per FID of the final round (default 1000); the search's FIDs take a quarter")
+    p.add_argument("--iters", type=int, default=5,
+                   help="golden-section iterations, one FID each after the first two (default 5); then the "
+                        "search's best sigmas are scored again on --n samples")
     _scoring_options(p)
     p.set_defaults(func=cmd_tune_steps)
 
@@ -442,6 +535,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: bfloat16 autocast, faster on CPUs with bf16 arithmetic (default fp32: the images "
                         "'cmkit sample' writes)")
+    p.add_argument("--device", help="torch device to compute on, e.g. cuda, cuda:1, cpu (default: cuda where "
+                                    "available, else cpu)")
     p.add_argument("--threads", action=_Positive,
                    help="torch threads for a grid (default: torch's); one image is computed on one fewer, leaving "
                         "a core to the browser")

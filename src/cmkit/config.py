@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "net.encoder_type": ("standard", "skip", "residual"),
     "net.decoder_type": ("standard", "skip"),
     "train.optimizer": ("adam", "radam"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.loss_reduction": ("mean", "sum"),
 }
 
@@ -104,8 +104,10 @@ class TrainConfig:
 
     ``precision = "bf16"`` (or ``"fp16"``, with a dynamic gradient scaler) runs the network's forward passes
     under autocast; the noise embedding, the preconditioning coefficients, the network's output scaling and
-    the loss stay in float32. ``compile`` compiles the backbone with ``torch.compile``; ``channels_last``
-    trains in the NHWC memory format (often faster on GPUs). Neither changes what is saved.
+    the loss stay in float32. ``"auto"`` is bf16 where the hardware computes it natively, else fp32
+    (:mod:`cmkit.machine`); a run resolves it before it starts, so its saved config holds the choice.
+    ``compile`` compiles the backbone with ``torch.compile``; ``channels_last`` trains in the NHWC memory format
+    (often faster on GPUs). Neither changes what is saved.
     A step whose loss or gradients are not finite is skipped; ``max_nonfinite`` of them in a row stop the run.
 
     ``loss_reduction`` reduces a loss that is a mean over each sample's D values (EDM, l2, sCM): ``mean`` keeps

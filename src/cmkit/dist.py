@@ -23,6 +23,7 @@ How randomness is split so that N processes train exactly like one process with 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -181,8 +182,18 @@ def data_parallel(model: nn.Module, device: torch.device, *, find_unused: bool =
     # 1x1-conv gradients [C, C, 1, 1] arrive with other (equivalent) strides for their size-1 dims
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
-                                               gradient_as_bucket_view=True, find_unused_parameters=find_unused)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                               find_unused_parameters=find_unused,
+                                               **no_buffer_sync(nn.parallel.DistributedDataParallel))
+
+
+def no_buffer_sync(ddp: Callable[..., nn.Module]) -> dict[str, bool]:
+    """The keyword that stops ``ddp`` (DistributedDataParallel) broadcasting the module's buffers before every
+    forward: cmkit's buffers are constants every process builds alike (FIR kernels, noise-embedding
+    frequencies). torch 2.13 renamed ``broadcast_buffers`` (which it deprecates) to ``forward_sync_buffers``
+    (pytorch/pytorch PR 178054); torch 2.4, cmkit's floor, knows only the first."""
+    known = inspect.signature(ddp).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
 
 
 def check_batch(batch: int, accum: int) -> int:

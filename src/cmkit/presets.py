@@ -46,9 +46,10 @@ _ECT = ECTConfig(p_mean=-1.1, p_std=2.0, q=2.0, distance="pseudo-huber")
 # the student exactly.
 _SCT, _SCD = SCTConfig(), SCDConfig()
 
-# The training loop of the Fashion-MNIST presets (batch 64, 150k images; RAdam 4e-4 unless a preset says otherwise).
+# The training loop of the Fashion-MNIST presets (batch 64, 150k images; RAdam 4e-4 unless a preset says otherwise),
+# in bf16 where the machine computes it natively, else fp32 (cmkit.machine; emulated bf16 is ~5x slower).
 _FMNIST_TRAIN = TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10, ckpt_kimg=25,
-                            snap_kimg=25)
+                            snap_kimg=25, precision="auto")
 # CT and CD on CIFAR-10 (CM paper, Table 3; openai/consistency_models_cifar10 configs): 800k iterations at batch 512,
 # RAdam 4e-4 warmed up over 10M images, EMA 0.9999 per iteration (a half-life of 6,931 iterations, 3,549 kimg).
 _CM_CIFAR_NET = replace(_CIFAR_NCSNPP, dropout=0.0)  # their network (config model.name 'ncsnpp', dropout 0)

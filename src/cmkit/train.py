@@ -33,6 +33,7 @@ from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
 from cmkit.images import to_numpy_images
 from cmkit.losses import WarmStarted, make_loss
+from cmkit.machine import resolve_precision, run_config
 from cmkit.monitor import Monitor
 from cmkit.rng import BatchNoise, derive_seed
 from cmkit.sampling import default_sigmas, generate, sampling_policy
@@ -101,6 +102,7 @@ class Run:
     """
 
     def __init__(self, config: Config, device: torch.device, *, teacher: nn.Module | None = None) -> None:
+        config = resolve_precision(config, device)  # train.precision=auto: what this machine computes natively
         self.config, self.device = config, device
         t = config.train
         self.micro = dist.check_batch(t.batch, t.accum)  # rows per micro-batch in this process
@@ -333,6 +335,7 @@ def train(config: Config, out: Path, *, resume: bool = False, device: str | None
     dist.check_batch(config.train.batch, config.train.accum)
     dataset = load_training_data(config)
     device = torch.device(device) if device else own_device
+    config = resolve_precision(config, device, stored=run_config(out) if resume else None)  # auto: as it began
     teacher = load_teacher(config, device=device)
     run = Run(config, device, teacher=teacher)  # may refuse the teacher's weights (TrigFlow's c_noise)
     monitor = Monitor(config, dataset, device) if config.train.eval_kimg else None  # features of the reference

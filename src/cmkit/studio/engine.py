@@ -182,7 +182,8 @@ class Studio:
     runs the networks under bfloat16 autocast (faster on CPUs with bf16 arithmetic; the images then differ
     slightly from ``cmkit sample``'s fp32 ones). A grid is computed on ``threads`` torch threads (default:
     torch's), one image on one fewer: too little work to share every core well with the browser drawing the page
-    on the same machine (bench/studio.py measured it on 2 cores).
+    on the same machine (bench/studio.py measured it on 2 cores). Everything is computed on the device the
+    model's weights are on (``cmkit serve --device``); the teacher's must be the same.
     """
 
     def __init__(self, models: Models, *, data: str | None = None, precision: str = "fp32",
@@ -194,6 +195,7 @@ class Studio:
         self.threads = threads or torch.get_num_threads()
         self.model = models.model
         m = self.model
+        self.device = next(m.parameters()).device
         self.shape = (m.resolution, m.resolution, m.channels)
         self.factors = tuple(f for f in range(2, m.resolution // 2 + 1) if m.resolution % f == 0)
         self.modes = ("generate", "draw", "inpaint", "interpolate", *(("colorize",) if m.channels == 3 else ()),
@@ -231,7 +233,7 @@ class Studio:
             if mode not in self.modes:
                 raise CmkitError(f"request field 'mode': {mode!r}; this model offers {', '.join(self.modes)}")
             threads = self.threads if mode in GRID_MODES else max(1, self.threads - 1)
-            with torch_threads(threads), torch.autocast("cpu", dtype=torch.bfloat16,
+            with torch_threads(threads), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                         enabled=self.precision == "bf16"):
                 images, model_s = getattr(self, f"_{mode}")(request, stale)
         except CmkitError as e:
@@ -250,7 +252,7 @@ class Studio:
         """The noise of the request's ``seed`` for one image, and its class labels (the request's ``label``, else
         drawn from the seed)."""
         seed = int_field(request, "seed", 0, MAX_SEED, 0)
-        noise = SeededNoise([seed], (self.model.channels, self.model.resolution, self.model.resolution))
+        noise = SeededNoise([seed], (self.model.channels, self.model.resolution, self.model.resolution), self.device)
         return noise, self._labels(request, noise)
 
     def _label(self, request: dict[str, Any]) -> int | None:
@@ -265,7 +267,7 @@ class Studio:
         """The label tensor of one image: the request's ``label``, else (class-conditional) drawn from the seed."""
         label = self._label(request)
         if label is not None:
-            return torch.tensor([label])
+            return torch.tensor([label], device=self.device)
         return noise.labels(self.model.num_classes) if self.model.num_classes else None
 
     def _sigmas(self, request: dict[str, Any]) -> list[float]:
@@ -274,7 +276,7 @@ class Studio:
     def _source(self, request: dict[str, Any]) -> Tensor:
         """The request's ``image`` as float32 [1, C, H, W] in [-1, 1]."""
         pixels = pixels_field(request, "image", self.shape)
-        return to_model_range(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None])
+        return to_model_range(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None]).to(self.device)
 
     # ------------------------------------------------------------------------------------ modes
     # Each returns ({name: uint8 [H, W, C]}, seconds spent in the model).
@@ -340,8 +342,8 @@ class Studio:
         seeds = [int_field(request, key, 0, MAX_SEED) for key in ("seed_a", "seed_b")]
         t = float_field(request, "t", 0.0, 1.0)
         shape = (self.model.channels, self.model.resolution, self.model.resolution)
-        z0, z1 = (SeededNoise([s], shape)() for s in seeds)
-        labels = self._labels(request, SeededNoise(seeds[:1], shape))
+        z0, z1 = (SeededNoise([s], shape, self.device)() for s in seeds)
+        labels = self._labels(request, SeededNoise(seeds[:1], shape, self.device))
         big_t = self.model.sigma_max
         start = time.perf_counter()
         x = editing.denoise(self.model, big_t * editing.slerp(z0, z1, t), sigma=big_t, labels=labels)

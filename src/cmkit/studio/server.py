@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,19 @@ except ImportError as e:  # an optional extra
     raise CmkitError(f"cmkit serve needs the studio extra ({e.name} is missing): pip install 'cmkit[studio]'") from e
 
 STATIC = Path(__file__).parent / "static"
-MAX_MESSAGE = 256 * 1024  # bytes of one WebSocket message (a 256 x 256 RGB image and its mask fit)
+MAX_RESOLUTION = 256  # the largest model the studio serves (its messages must fit MAX_MESSAGE)
+FIELDS_ROOM = 512  # bytes of a request besides its pixels: keys, id, mode, seed, label, steps, strength...
+
+
+def message_bytes(resolution: int, channels: int) -> int:
+    """Bytes of the largest request for a ``resolution`` x ``resolution`` x ``channels`` model (an inpaint: the
+    image and its mask as base64 of raw uint8 bytes, :func:`cmkit.studio.engine.pixels_field`), with
+    :data:`FIELDS_ROOM` for its other fields."""
+    b64 = lambda count: 4 * math.ceil(count / 3)  # noqa: E731
+    return b64(resolution * resolution * channels) + b64(resolution * resolution) + FIELDS_ROOM
+
+
+MAX_MESSAGE = message_bytes(MAX_RESOLUTION, 3)  # bytes of one WebSocket message: 350,040
 MAX_UPLOAD = 16 * 1024 * 1024  # bytes of one uploaded image file
 MAX_CLIENTS = 16  # connected tabs
 log = logging.getLogger("cmkit.studio")
@@ -198,7 +211,10 @@ def _error(message: str, status: int) -> JSONResponse:
 
 
 def make_app(studio: Studio, *, max_clients: int = MAX_CLIENTS) -> Starlette:
-    """The studio's ASGI app for ``studio``."""
+    """The studio's ASGI app for ``studio``; CmkitError for a model above :data:`MAX_RESOLUTION`."""
+    if studio.shape[0] > MAX_RESOLUTION:
+        raise CmkitError(f"a {studio.shape[0]}x{studio.shape[0]} model: the studio serves models up to "
+                         f"{MAX_RESOLUTION}x{MAX_RESOLUTION} (its messages are capped at {MAX_MESSAGE:,} bytes)")
     routes = [Route("/", index), Route("/api/info", info), Route("/api/upload", upload, methods=["POST"]),
               Route("/api/dataset", dataset), WebSocketRoute("/ws", socket_route),
               Mount("/static", StaticFiles(directory=STATIC), name="static")]
