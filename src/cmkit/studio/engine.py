@@ -30,7 +30,7 @@ from cmkit.data import ImageData, conform_image_bytes, load_dataset, to_model_ra
 from cmkit.errors import CmkitError
 from cmkit.images import grid, to_numpy_images
 from cmkit.rng import SeededNoise
-from cmkit.sampling import default_sigmas, generate
+from cmkit.sampling import BatchInvariant, default_sigmas, generate
 
 PRECISIONS = ("fp32", "bf16")
 STEPS = (1, 2, 4, 8)  # the steps control: sampling steps, or editing levels (Alg. 4's N)
@@ -198,6 +198,7 @@ class Studio:
         self.models, self.precision = models, precision
         self.threads = threads or torch.get_num_threads()
         self.model = models.model
+        self.denoiser = BatchInvariant(self.model)  # editing's as in cmkit edit: results do not depend on the batch
         self.codec: Codec = data_codec(models.config.data)
         m = self.model
         self.shape = (m.resolution, m.resolution, m.channels)
@@ -308,7 +309,7 @@ class Studio:
         # The paper's two levels (5.38, 2.24) scaled to start at ``strength``, continued geometrically.
         sigmas = [s for s in (strength * STROKE_RATIO**i for i in range(steps)) if s > self.model.sigma_min]
         start = time.perf_counter()
-        x = editing.stroke(self.model, strokes, noise=noise, sigmas=sigmas, labels=labels)
+        x = editing.stroke(self.denoiser, strokes, noise=noise, sigmas=sigmas, labels=labels)
         return {"result": to_numpy_images(x)[0]}, time.perf_counter() - start
 
     @torch.no_grad()
@@ -317,7 +318,7 @@ class Studio:
         mask = torch.from_numpy(pixels_field(request, "mask", self.shape[:2]) > 0)
         noise, labels, sigmas = self._common(request)
         start = time.perf_counter()
-        x = editing.inpaint(self.model, images, mask, sigmas=sigmas, noise=noise, labels=labels)
+        x = editing.inpaint(self.denoiser, images, mask, sigmas=sigmas, noise=noise, labels=labels)
         return {"result": to_numpy_images(x)[0]}, time.perf_counter() - start
 
     @torch.no_grad()
@@ -325,7 +326,7 @@ class Studio:
         images = self._source(request)
         noise, labels, sigmas = self._common(request)
         start = time.perf_counter()
-        x = editing.colorize(self.model, images, sigmas=sigmas, noise=noise, labels=labels)
+        x = editing.colorize(self.denoiser, images, sigmas=sigmas, noise=noise, labels=labels)
         seconds = time.perf_counter() - start
         gray = to_numpy_images(editing.luma(images))[0]
         return {"result": to_numpy_images(x)[0], "input": gray}, seconds
@@ -336,7 +337,7 @@ class Studio:
         low = editing.patch_means(self._source(request), factor)
         noise, labels, sigmas = self._common(request)
         start = time.perf_counter()
-        x = editing.superres(self.model, low, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
+        x = editing.superres(self.denoiser, low, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
         return {"result": to_numpy_images(x)[0], "input": to_numpy_images(low)[0]}, time.perf_counter() - start
 
     @torch.no_grad()
@@ -348,7 +349,7 @@ class Studio:
         labels = self._labels(request, SeededNoise(seeds[:1], shape))
         big_t = self.model.sigma_max
         start = time.perf_counter()
-        x = editing.denoise(self.model, big_t * editing.slerp(z0, z1, t), sigma=big_t, labels=labels)
+        x = editing.denoise(self.denoiser, big_t * editing.slerp(z0, z1, t), sigma=big_t, labels=labels)
         return {"result": to_numpy_images(x)[0]}, time.perf_counter() - start
 
     # --------------------------------------------------------------------------------- sources
