@@ -83,11 +83,6 @@ def of_labels(labels: Tensor | None) -> Cond | None:
     return None if labels is None else Cond(labels=labels)
 
 
-def rows(cond: Cond | None, index: slice | Tensor) -> Cond | None:
-    """:meth:`Cond.rows` of ``cond``, or None."""
-    return None if cond is None else cond.rows(index)
-
-
 def drop_labels(labels: Tensor, drop: Tensor) -> Tensor:
     """Label dropout for classifier-free guidance: ``labels`` int64 [N] with :data:`NULL_LABEL` where the
     bool ``drop`` [N] is True (Ho and Salimans 2022, Alg. 1: train the unconditional model jointly)."""
