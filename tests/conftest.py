@@ -45,7 +45,7 @@ class GaussianOracle(nn.Module):
         self.kind, self.channels, self.resolution, self.num_classes = kind, channels, resolution, 0
         self.sigma_min, self.sigma_max = 0.002, 80.0
 
-    def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         s2 = self.log_s.exp() ** 2
         sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]).view(-1, 1, 1, 1)
         if self.kind == "edm":
@@ -60,7 +60,7 @@ class GaussianTrigFlow(GaussianOracle):
     sd^2 sin^2 t, so f(x_t, t) = s x_t / r(t); from f = cos t x_t - sin t sd F(x_t / sd, t), F(y, t) = y (cos t -
     s / r) / sin t, written as y sin t (sd^2 cos^2 t - s^2 (1 + cos^2 t)) / (r (r cos t + s)) so that float32 keeps
     its digits at small t. In the denoiser contract (x = x_t / cos t, sigma = sd tan t) f is s x / sqrt(s^2 +
-    sigma^2), with TrigFlow's boundary f(x, 0) = x (not at sigma_min). ``forward(y, t, labels, trig=True)``
+    sigma^2), with TrigFlow's boundary f(x, 0) = x (not at sigma_min). ``raw(y, t, cond)``
     returns (F, w), w being the parameter ``logvar`` (0 unless set): the adaptive weight of the sCM loss.
     """
 
@@ -70,12 +70,14 @@ class GaussianTrigFlow(GaussianOracle):
         super().__init__(s, kind="consistency", **kw)
         self.logvar = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, sigma, labels=None, *, trig: bool = False):
+    def forward(self, x: torch.Tensor, sigma, cond=None):
+        s2 = self.log_s.exp() ** 2
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]).view(-1, 1, 1, 1)
+        return x * (s2 / (s2 + sigma**2)).sqrt()
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, cond=None):
         s2, sd2 = self.log_s.exp() ** 2, self.sigma_data**2
-        if not trig:
-            sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]).view(-1, 1, 1, 1)
-            return x * (s2 / (s2 + sigma**2)).sqrt()
-        cos, sin = (v.view(-1, 1, 1, 1) for v in (sigma.cos(), sigma.sin()))
+        cos, sin = (v.view(-1, 1, 1, 1) for v in (t.cos(), t.sin()))
         r = (s2 * cos**2 + sd2 * sin**2).sqrt()
         out = x * sin * (sd2 * cos**2 - s2 * (1 + cos**2)) / (r * (r * cos + s2.sqrt()))
         return out, self.logvar.expand(x.shape[0])

@@ -32,6 +32,7 @@ from diffusers import (  # noqa: E402
 
 from cmkit.checkpoint import build_model, save_export  # noqa: E402
 from cmkit.cli import main  # noqa: E402
+from cmkit.cond import Cond  # noqa: E402
 from cmkit.config import FAMILY_FIELDS, Config, apply_overrides  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
@@ -129,7 +130,7 @@ def test_teacher_sample_prediction_and_labels(tmp_path):
     x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
     with torch.no_grad():
         want = unet(x / (1 + 0.5**2) ** 0.5, teacher.sigma_to_t(torch.full((2,), 0.5)), class_labels=labels).sample
-    torch.testing.assert_close(teacher(x, 0.5, labels), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(teacher(x, 0.5, Cond(labels=labels)), want, atol=1e-5, rtol=1e-5)
 
 
 def test_is_diffusers_folder_false(tmp_path, tiny_config):

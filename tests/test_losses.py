@@ -41,7 +41,7 @@ class Cheat(nn.Module):
         super().__init__()
         self.x0 = x0
 
-    def forward(self, x, sigma, labels=None):
+    def forward(self, x, sigma, cond=None):
         return self.x0
 
 
@@ -260,7 +260,7 @@ def test_cd_needs_a_teacher():
 class ConstantNet(nn.Module):
     """A backbone answering 0.3 everywhere: wrapped, a consistency model with f(x, sigma_min) = x exactly."""
 
-    def forward(self, x, c_noise, labels=None):
+    def forward(self, x, c_noise, labels=None):  # a backbone: class labels as they are
         return torch.full_like(x, 0.3)
 
 
@@ -388,8 +388,8 @@ def test_negative_huber_c_is_refused():
 # ------------------------------------------------------------------------------------------ dropout
 
 class DropoutOnly(nn.Module):
-    """Output = dropout(ones): equal for student and target exactly when they share the mask. Called with
-    ``trig=True`` (as sCM's JVP and gradient passes call a TrigFlow model): (dropout(ones) * y, w = 0), and the
+    """Output = dropout(ones): equal for student and target exactly when they share the mask. Called through
+    ``raw`` (as sCM's JVP and gradient passes call a TrigFlow model): (dropout(ones) * y, w = 0), and the
     mask is kept in ``masks``."""
 
     sigma_min, sigma_max = 0.002, 80.0
@@ -398,10 +398,11 @@ class DropoutOnly(nn.Module):
         super().__init__()
         self.drop, self.masks = nn.Dropout(0.5), []
 
-    def forward(self, x, sigma, labels=None, *, trig=False):
+    def forward(self, x, sigma, cond=None):
+        return self.drop(torch.ones(x.shape))
+
+    def raw(self, x, t, cond=None):
         mask = self.drop(torch.ones(x.shape))
-        if not trig:
-            return mask
         self.masks.append(mask)
         return mask * x, torch.zeros(x.shape[0])
 

@@ -215,7 +215,7 @@ def test_evaluations_since_best():
 def test_consistency_gaps_of_the_identity_are_the_level_spacing():
     """f(x, sigma) = x gives (s_hi - s_lo)^2 mean(z^2) for each adjacent pair of the 18-level Karras grid."""
     identity = GaussianOracle(1.0, kind="consistency")
-    identity.forward = lambda x, sigma, labels=None: x
+    identity.forward = lambda x, sigma, cond=None: x
     x0, z = torch.rand(8, 1, 4, 4) * 2 - 1, torch.randn(8, 1, 4, 4)
     sigmas = np.array([(0.002 ** (1 / 7) + i / 17 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7 for i in range(18)])
     expected = np.diff(sigmas) ** 2 * z.double().pow(2).mean().item()

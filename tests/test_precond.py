@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cmkit.checkpoint import build_model
+from cmkit.cond import Cond
 from cmkit.config import Config
 from cmkit.methods import method_class
 from cmkit.precond import WRAPPERS, ConsistencyFunction, EDMDenoiser
@@ -70,5 +71,5 @@ def test_the_backbone_sees_the_batch_as_it_is_in_both_modes(wrapper):
     model = wrapper(probe, resolution=2, channels=1, num_classes=3)
     x, labels = torch.randn(5, 1, 2, 2), torch.arange(5) % 3
     for train_mode in (True, False):
-        assert model.train(train_mode)(x, 1.0, labels).shape == x.shape
+        assert model.train(train_mode)(x, 1.0, Cond(labels=labels)).shape == x.shape
         assert probe.rows == (5, 5, 5)

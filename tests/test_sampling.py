@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cmkit.checkpoint import build_model
+from cmkit.cond import Cond
 from cmkit.errors import CmkitError
 from cmkit.sampling import (
     INVARIANT_ROWS,
@@ -76,7 +77,7 @@ def test_heun_evaluation_count():
     class Counting(torch.nn.Module):
         sigma_min, sigma_max = 0.002, 80.0
 
-        def forward(self, x, sigma, labels=None):
+        def forward(self, x, sigma, cond=None):
             calls.append(sigma)
             return oracle(x, sigma)
 
@@ -132,10 +133,10 @@ class RowProbe(torch.nn.Module):
         super().__init__()
         self.calls = []
 
-    def forward(self, x, sigma, labels=None):
-        self.calls.append((x, sigma, labels))
+    def forward(self, x, sigma, cond=None):
+        self.calls.append((x, sigma, cond.labels))
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
-        return 2 * x + sigma + labels.view(-1, 1, 1, 1)
+        return 2 * x + sigma + cond.labels.view(-1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("n", [1, 5, INVARIANT_ROWS - 1])
@@ -144,7 +145,7 @@ def test_batch_invariant_pads_small_cpu_batches(n):
     the caller gets its n rows back; attributes are the model's."""
     probe = RowProbe()
     x, sigma, labels = torch.randn(n, 1, 2, 2), torch.rand(n) + 0.5, torch.arange(n) % 3
-    out = BatchInvariant(probe)(x, sigma, labels)
+    out = BatchInvariant(probe)(x, sigma, Cond(labels=labels))
     seen_x, seen_sigma, seen_labels = probe.calls[-1]
     assert seen_x.shape[0] == seen_sigma.shape[0] == seen_labels.shape[0] == INVARIANT_ROWS
     assert torch.equal(seen_x[:n], x) and (seen_x[n:] == x[-1]).all()
@@ -156,7 +157,7 @@ def test_batch_invariant_pads_small_cpu_batches(n):
 def test_batch_invariant_padding_takes_a_scalar_sigma():
     probe = RowProbe()
     x = torch.randn(3, 1, 2, 2)
-    out = BatchInvariant(probe)(x, 0.5, torch.zeros(3, dtype=torch.long))
+    out = BatchInvariant(probe)(x, 0.5, Cond(labels=torch.zeros(3, dtype=torch.long)))
     assert probe.calls[-1][1].shape == (INVARIANT_ROWS,) and torch.equal(out, 2 * x + 0.5)
 
 
@@ -164,7 +165,7 @@ def test_batch_invariant_padding_takes_a_scalar_sigma():
 def test_batch_invariant_passes_large_batches_and_other_devices_as_they_are(n, device):
     probe = RowProbe()
     x, labels = torch.randn(n, 1, 2, 2, device=device), torch.zeros(n, dtype=torch.long, device=device)
-    out = BatchInvariant(probe)(x, 0.5, labels)
+    out = BatchInvariant(probe)(x, 0.5, Cond(labels=labels))
     seen_x, seen_sigma, seen_labels = probe.calls[-1]
     assert seen_x is x and seen_sigma == 0.5 and seen_labels is labels and out.shape == x.shape
 
@@ -184,7 +185,7 @@ def test_every_sampler_belongs_to_a_policy():
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_sampler_signature(name):
     params = inspect.signature(SAMPLERS[name]).parameters
-    assert list(params) == ["model", "sigmas", "noise", "labels"] and params["labels"].default is None
+    assert list(params) == ["model", "sigmas", "noise", "cond"] and params["cond"].default is None
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

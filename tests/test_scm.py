@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from cmkit.cond import Cond
 from cmkit.errors import CmkitError
 from cmkit.losses import SCMLoss, TeacherVelocity, data_velocity, make_loss
 from cmkit.methods import SCDConfig, SCTConfig
@@ -97,13 +98,13 @@ def path_derivative(fn, h: float = FD_STEP) -> Tensor:
 
 def path_batch(*, n: int = 4, channels: int = 2, resolution: int = 8, classes: int = 3):
     """x0 in [-1, 1], z ~ N(0, SD^2), t in [0.3, 1.3] (away from the ends, for finite differences), x_t, sCT's
-    dx_t/dt and labels."""
+    dx_t/dt and the conditioning (class labels)."""
     gen = torch.Generator().manual_seed(1)
     x0 = torch.rand(n, channels, resolution, resolution, generator=gen) * 2 - 1
     z = torch.randn(x0.shape, generator=gen) * SD
     t = torch.linspace(0.3, 1.3, n)
     x_t = col(t.cos()) * x0 + col(t.sin()) * z
-    return x0, z, x_t, t, data_velocity(x0, z, x_t, t, None), torch.arange(n) % classes
+    return x0, z, x_t, t, data_velocity(x0, z, x_t, t, None), Cond(labels=torch.arange(n) % classes)
 
 
 # --------------------------------------------------------------------- helpers: Gaussian data N(0, s^2 I)
@@ -170,7 +171,7 @@ def test_tangent_jvp_matches_finite_differences_of_the_same_network(c_noise):
     def velocity_net(s: float) -> Tensor:
         torch.manual_seed(7)  # the same mask
         with torch.no_grad():
-            return model((x_t + s * dxdt) / SD, t + s, labels, trig=True)[0]
+            return model.raw((x_t + s * dxdt) / SD, t + s, labels)[0]
 
     cos, cs = col(t.cos()), col(t.cos() * t.sin())
     jvp_term = SD * cs * path_derivative(velocity_net)  # sd cos t sin t dF/dt
@@ -195,7 +196,7 @@ def test_the_jvp_pass_and_the_gradient_pass_share_one_dropout_mask():
     torch.manual_seed(11)
     g = loss.tangent(model, x_t, t, data_velocity(x0, z, x_t, t, None), labels, images_seen=BIG)
     torch.manual_seed(11)
-    f, w = model(x_t / SD, t, labels, trig=True)
+    f, w = model.raw(x_t / SD, t, labels)
     reference = w.exp() * (f - f.detach() - g).pow(2).flatten(1).mean(1) - w
     torch.testing.assert_close(per_sample, reference, rtol=1e-6, atol=0)
     for got, expected in zip(grads, torch.autograd.grad(reference.sum(), list(model.parameters())), strict=True):
@@ -225,7 +226,7 @@ def test_tangent_is_cos_t_times_the_total_derivative_of_f(c_noise, method, r):
 
     def velocity_net(x: Tensor, time: Tensor) -> Tensor:  # F, with the tangent's dropout mask
         torch.manual_seed(7)
-        return model.net(x / SD, time if c_noise == "t" else (SD * time.tan()).log() / 4, labels)
+        return model.net(x / SD, time if c_noise == "t" else (SD * time.tan()).log() / 4, labels.labels)
 
     def f(x: Tensor, time: Tensor) -> Tensor:
         return col(time.cos()) * x - col(time.sin()) * SD * velocity_net(x, time)
@@ -260,7 +261,7 @@ def test_edm_denoiser_and_its_trigflow_conversion_give_the_same_x0(options):
     teacher, student = _converted_pair(**options)
     gen = torch.Generator().manual_seed(2)
     x0 = torch.rand(3, 2, 8, 8, generator=gen) * 2 - 1
-    eps, labels = torch.randn(x0.shape, generator=gen), torch.tensor([0, 1, 2])
+    eps, labels = torch.randn(x0.shape, generator=gen), Cond(labels=torch.tensor([0, 1, 2]))
     with torch.no_grad():
         for sigma in (0.002, 0.02, 0.2, 0.5, 2.0, 10.0, 80.0):
             x = x0 + sigma * eps
@@ -268,7 +269,7 @@ def test_edm_denoiser_and_its_trigflow_conversion_give_the_same_x0(options):
             c_skip = SD**2 / (sigma**2 + SD**2)
             assert (expected - c_skip * x).abs().max() > 1e-3 * sigma  # the network's term is not negligible
             torch.testing.assert_close(student(x, sigma, labels), expected, rtol=1e-5, atol=1e-5)
-        _, w = student(x0, torch.full((3,), 0.5), labels, trig=True)
+        _, w = student.raw(x0, torch.full((3,), 0.5), labels)
         assert torch.equal(w, torch.zeros(3))  # the log-variance head the teacher lacks starts at zero
 
 
@@ -279,8 +280,8 @@ def test_trigflow_velocity_of_the_edm_teacher_is_sigma_data_f_of_the_converted_m
     x_t = torch.randn(5, 2, 8, 8, generator=gen)
     labels = torch.tensor([0, 1, 2, 0, 1])
     with torch.no_grad():
-        velocity = trigflow_velocity(teacher, x_t, t, labels, sigma_data=SD)
-        f_student = student(x_t / SD, t, labels, trig=True)[0]
+        velocity = trigflow_velocity(teacher, x_t, t, Cond(labels=labels), sigma_data=SD)
+        f_student = student.raw(x_t / SD, t, Cond(labels=labels))[0]
     torch.testing.assert_close(velocity, SD * f_student, rtol=1e-4, atol=1e-4)
     # Independently of the conversion: v = (cos t x_t - D(x_t / cos t, sd tan t)) / sin t, and sd F of the
     # teacher's raw network is -v (the conversion's sign).
@@ -312,9 +313,9 @@ def test_trigflow_boundary_is_exact(c_noise, train_mode):
     with torch.no_grad():
         _, _, c_in, c_noise_0 = model.coefficients(torch.zeros(4))
         assert model.net(x * col(c_in), c_noise_0, labels).abs().min() > 0  # c_out = 0 is what keeps F out
-        assert torch.equal(model(x, torch.zeros(4), labels), x)
-        assert torch.equal(model(x, 0.0, labels), x)
-        assert not torch.equal(model(x, 0.01, labels), x)
+        assert torch.equal(model(x, torch.zeros(4), Cond(labels=labels)), x)
+        assert torch.equal(model(x, 0.0, Cond(labels=labels)), x)
+        assert not torch.equal(model(x, 0.01, Cond(labels=labels)), x)
 
 
 # -------------------------------------------------------------------------------------------- 5. bad input
@@ -328,7 +329,7 @@ class NaNVelocity(nn.Module):
         super().__init__()
         self.row, self.value = row, value
 
-    def forward(self, x: Tensor, sigma, labels=None) -> Tensor:
+    def forward(self, x: Tensor, sigma, cond=None) -> Tensor:
         out = x.clone() * 0.3
         out[self.row] = self.value
         return out
@@ -369,7 +370,7 @@ def test_adaptive_weighting_value_and_gradients(w):
     squared = g.pow(2).flatten(1).mean(1)  # ||g||^2 / D
     torch.testing.assert_close(per_sample.detach(), math.exp(w) * squared - w, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
-        f_star = model(x_t / SD, t, None, trig=True)[0] / a  # dF/da
+        f_star = model.raw(x_t / SD, t)[0] / a  # dF/da
     expected = -2 * math.exp(w) * (g * f_star).flatten(1).mean(1)
     torch.testing.assert_close(model.net.a.grad.flatten(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(model.net.w.grad, math.exp(w) * squared.sum() - n, rtol=1e-5, atol=1e-5)
@@ -388,7 +389,7 @@ def test_adaptive_weighting_value_and_gradients(w):
 
 def test_every_parameter_gets_a_gradient_with_double_norm_and_logvar_head():
     model = trigflow(unet(double_norm=True, logvar_head=True, num_classes=3, dropout=0.1)).train()
-    x0, labels = torch.rand(6, 2, 8, 8) * 2 - 1, torch.arange(6) % 3
+    x0, labels = torch.rand(6, 2, 8, 8) * 2 - 1, Cond(labels=torch.arange(6) % 3)
     scm_loss()(model, x0, labels, images_seen=BIG, noise=BatchNoise(0, start=0, total=6)).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name

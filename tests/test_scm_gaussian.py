@@ -118,7 +118,7 @@ def test_sct_tangent_of_the_exact_model_vanishes_in_expectation(a):
         if a == 1.0:
             assert norms(g).mean() > 0.3  # not zero per sample
         with torch.no_grad():
-            f_star = model(x_t / SD, t, None, trig=True)[0] / a  # dF/da
+            f_star = model.raw(x_t / SD, t)[0] / a  # dF/da
         projection = (g * f_star).flatten(1).mean(1).double()
         z_score = projection.mean() / (projection.std() / math.sqrt(n))
         if a == 1.0:

@@ -67,27 +67,27 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.loss, name)
 
-    def __call__(self, model, x0, labels, *, images_seen, target=None, noise=None):
-        self.calls.append({"x0": x0, "labels": labels, "images_seen": images_seen, "target": target,
+    def __call__(self, model, x0, cond, *, images_seen, target=None, noise=None):
+        self.calls.append({"x0": x0, "cond": cond, "images_seen": images_seen, "target": target,
                            "noise": (noise.seed, noise.start, noise.total)})
-        return self.loss(model, x0, labels, images_seen=images_seen, target=target, noise=noise)
+        return self.loss(model, x0, cond, images_seen=images_seen, target=target, noise=noise)
 
     def replay(self, call, model, target):
         """The loss of ``call`` again, for ``model`` against ``target``, with the same noise."""
         seed, start, total = call["noise"]
-        return self.loss(model, call["x0"], call["labels"], images_seen=call["images_seen"], target=target,
+        return self.loss(model, call["x0"], call["cond"], images_seen=call["images_seen"], target=target,
                          noise=BatchNoise(seed, start=start, total=total)).mean()
 
     def replay_scm(self, call, model, before):
         """sCM's loss of ``call`` for ``model`` with its stop-grad parts (F- and the tangent g) those of ``before``:
         e^w ||F - F- - g||^2 / D - w, the function whose gradient the step at ``before`` followed."""
-        loss, (seed, start, total), x0, labels = self.loss, call["noise"], call["x0"], call["labels"]
+        loss, (seed, start, total), x0, cond = self.loss, call["noise"], call["x0"], call["cond"]
         noise, sd = BatchNoise(seed, start=start, total=total), loss.sigma_data
         t = loss.times(len(x0), noise, x0.device)  # the draws of SCMLoss.__call__, in its order
         z = noise.randn(*x0.shape) * sd
         x_t = t.cos().view(-1, 1, 1, 1) * x0 + t.sin().view(-1, 1, 1, 1) * z
-        g = loss.tangent(before, x_t, t, loss.velocity(x0, z, x_t, t, labels), labels, call["images_seen"])
-        f_minus, f, w = before(x_t / sd, t, labels, trig=True)[0], *model(x_t / sd, t, labels, trig=True)
+        g = loss.tangent(before, x_t, t, loss.velocity(x0, z, x_t, t, cond), cond, call["images_seen"])
+        f_minus, f, w = before.raw(x_t / sd, t, cond)[0], *model.raw(x_t / sd, t, cond)
         return (w.exp() * (f - f_minus - g).flatten(1).pow(2).mean(1) - w).mean()
 
 

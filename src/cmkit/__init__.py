@@ -8,7 +8,9 @@ The public API:
 - :func:`train` -- the training loop, writing a run directory;
 - :func:`load_export`, :func:`build_model` -- models from ``model.safetensors`` or a config;
 - :func:`consistency_sample`, :func:`heun_sample`, :func:`euler_sample`, :func:`default_sigmas`,
-  :func:`generate` -- samplers with one signature ``(model, sigmas, noise, labels)``;
+  :func:`generate` -- samplers with one signature ``(model, sigmas, noise, cond)``, returning the model's space;
+- :class:`Cond`, :class:`ClassifierFree` -- the conditioning every model call takes, and classifier-free guidance;
+- :func:`make_codec` -- the map between images and the model's space (``data.codec``);
 - :class:`ConsistencyFunction`, :class:`EDMDenoiser` -- the parameterisations;
 - :func:`load_dataset` -- Fashion-MNIST, MNIST, CIFAR-10 and image folders;
 - :mod:`cmkit.editing` -- zero-shot editing (CM paper, Alg. 4): inpaint, colorize, superres, stroke, denoise,
@@ -16,6 +18,8 @@ The public API:
 """
 
 from cmkit.checkpoint import build_model, load_export
+from cmkit.codec import make_codec
+from cmkit.cond import ClassifierFree, Cond
 from cmkit.config import Config, apply_overrides, validate
 from cmkit.data import load_dataset
 from cmkit.errors import CmkitError
@@ -32,8 +36,8 @@ from cmkit.sampling import (
 from cmkit.train import train
 
 __all__ = [
-    "CmkitError", "Config", "ConsistencyFunction", "EDMDenoiser", "SeededNoise", "apply_overrides", "build_model",
-    "consistency_sample", "default_sigmas", "euler_sample", "generate", "heun_sample", "load_dataset",
-    "load_export", "preset", "train", "validate",
+    "ClassifierFree", "CmkitError", "Cond", "Config", "ConsistencyFunction", "EDMDenoiser", "SeededNoise",
+    "apply_overrides", "build_model", "consistency_sample", "default_sigmas", "euler_sample", "generate",
+    "heun_sample", "load_dataset", "load_export", "make_codec", "preset", "train", "validate",
 ]
 __version__ = "0.2.0"

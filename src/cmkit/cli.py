@@ -171,6 +171,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from cmkit import dist
     from cmkit.checkpoint import load_export
+    from cmkit.codec import data_codec
+    from cmkit.cond import check_guidance, check_labels
     from cmkit.images import save_images, to_numpy_images
     from cmkit.sampling import check_sigmas, default_sigmas, generate, sampling_policy
 
@@ -185,13 +187,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     steps = policy.steps if args.steps is None else args.steps
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else default_sigmas(model, steps)
     check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
-    if args.label is not None and not 0 <= args.label < max(model.num_classes, 1):
-        raise CmkitError(f"--label {args.label}: expected a class in [0, {model.num_classes}) for this model")
+    check_labels(model.num_classes, args.label)
+    check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
+    codec = data_codec(config.data)
     seeds = dist.shard(range(args.seed, args.seed + args.n))  # under torchrun each rank samples its block
-    batches = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=args.batch, label=args.label)
-    empty = np.zeros((0, model.resolution, model.resolution, model.channels), np.uint8)
+    batches = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=args.batch, label=args.label,
+                       guidance=args.guidance)
+    empty = np.zeros((0, config.data.resolution, config.data.resolution, config.data.channels), np.uint8)
     bar = tqdm(batches, total=-(-len(seeds) // args.batch), unit="batch", disable=not dist.is_main())
-    images = dist.gather_in_order(np.concatenate([empty, *(to_numpy_images(b) for b in bar)]))
+    images = dist.gather_in_order(np.concatenate([empty, *(to_numpy_images(codec.to_images(b)) for b in bar)]))
     if dist.is_main():
         save_images(images, out)
         print(f"wrote {args.n} samples to {out}")
@@ -205,7 +209,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     _check_edit_options(args)
     box = _ints(args.box, "--box", 4) if args.box is not None else None
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else None
-    model, _ = load_export(args.model, device=dist.init())
+    model, config = load_export(args.model, device=dist.init())
+    editing.check_codec(config.data.codec)
     if args.task == "interpolate":
         seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), 8 if args.frames is None else args.frames
         editing.interpolate_file(model, Path(args.out), seeds=(seeds[0], seeds[1]), frames=frames,
@@ -279,6 +284,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Under torchrun every process samples and featurises its share; rank 0 alone prints and writes."""
     from cmkit import dist
     from cmkit.checkpoint import EXPORT_NAME, load_export
+    from cmkit.codec import data_codec
+    from cmkit.cond import check_guidance
     from cmkit.eval.evaluate import evaluate_model, image_features, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
     from cmkit.sampling import sampling_policy
@@ -288,17 +295,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             check_output(Path(path), suffixes, flag=flag)
     source = Path(args.model)
     if source.suffix == ".npz" or (source.is_dir() and not (source / EXPORT_NAME).exists()):
+        if args.guidance is not None:
+            raise CmkitError(f"--guidance: {source} holds images, not a model to sample with guidance")
         images = load_images(source)
         extractor, reference = _scorer(args, images.shape[2], images.shape[1], args.ref)
         fake = image_features(images, extractor, batch=args.batch, desc=source.name)
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
         model, config = load_export(source, device=dist.init())
+        check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
         policy = sampling_policy(model)
         steps = _parse_steps(args.steps) if args.steps else list(policy.eval_steps)
         extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
         rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
-                              batch=args.batch, sampler=policy.sampler)
+                              batch=args.batch, sampler=policy.sampler, codec=data_codec(config.data),
+                              guidance=args.guidance)
     report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
     if not dist.is_main():
         return 0
@@ -406,6 +417,11 @@ def _write_json(obj: dict, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _guidance_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="classifier-free guidance scale (1: none, the default; models trained with train.p_uncond > 0)")
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     width = max(map(len, PRESETS))
     for name, (description, _) in PRESETS.items():
@@ -478,6 +494,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed S + i (default 0)")
     p.add_argument("--batch", action=_Positive, default=256, help="images per forward pass (default 256)")
     p.add_argument("--label", type=int, help="class label for class-conditional models (default: per seed)")
+    _guidance_option(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("edit", help="zero-shot editing: inpaint, colorize, superres, stroke, denoise, interpolate")
@@ -506,6 +523,7 @@ def make_parser() -> argparse.ArgumentParser:
     _scoring_options(p)
     p.add_argument("--out", help="write the report as JSON")
     p.add_argument("--plot", help="write FID against network evaluations as a PNG")
+    _guidance_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune-steps", help="search the best intermediate sigma for 2-step sampling")

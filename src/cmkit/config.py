@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from cmkit.augment import AUGMENT_DIM
+from cmkit.codec import CODECS
 from cmkit.errors import CmkitError
 from cmkit.methods import (
     METHODS,
@@ -34,6 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adam", "radam"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.loss_reduction": ("mean", "sum"),
+    "data.codec": tuple(CODECS),
 }
 
 
@@ -85,6 +87,8 @@ class DataConfig:
     EDM trains CIFAR-10 with p = 0.12): the EDM method only, and the network needs the augment-label input
     (``net.augment_dim`` = 9). The pipeline does its own x-flips (a fair coin for every image, labelled, EDM's
     replacement of dataset flips), so ``augment > 0`` requires ``xflip = false``.
+
+    ``codec`` names the map between images and the model's space (:mod:`cmkit.codec`; "identity": pixels).
     """
 
     source: str = "fashion-mnist"
@@ -92,6 +96,7 @@ class DataConfig:
     channels: int = 1
     xflip: bool = False
     augment: float = 0.0
+    codec: str = "identity"
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ class TrainConfig:
     ``eval_n`` samples, the consistency metric, ``model-best.safetensors``. Two stop rules act on the primary FID
     (1-step for consistency models): ``until_fid`` stops once it is at most that value; ``eval_patience = P > 0``
     stops after P evaluations in a row that did not improve on the best.
+
+    ``p_uncond`` is the probability that a training label is replaced by the null label (label dropout, for
+    classifier-free guidance at sampling: Ho and Salimans 2022); class-conditional models only.
     """
 
     kimg: float = 100.0
@@ -146,6 +154,7 @@ class TrainConfig:
     eval_n: int = 1000
     until_fid: float | None = None
     eval_patience: int = 0
+    p_uncond: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -339,6 +348,9 @@ def _problems(config: Config) -> list[str]:
         (config.net.num_classes >= 0, f"net.num_classes: expected >= 0, got {config.net.num_classes}"),
         *_family_checks(config.net),
         (0 <= config.net.dropout < 1, f"net.dropout: expected a value in [0, 1), got {config.net.dropout}"),
+        (0 <= t.p_uncond < 1, f"train.p_uncond: expected a probability in [0, 1), got {t.p_uncond}"),
+        (t.p_uncond == 0 or config.net.num_classes > 0,
+         f"train.p_uncond={t.p_uncond:g}: label dropout needs a class-conditional model (net.num_classes > 0)"),
         (t.grad_clip >= 0 and t.warmup_kimg >= 0, "train.grad_clip and train.warmup_kimg: expected >= 0"),
         (t.ema_halflife_kimg >= 0 and t.ema_rampup >= 0, "train.ema_halflife_kimg/ema_rampup: expected >= 0"),
         (all(0 <= b < 1 for b in t.betas), f"train.betas: expected values in [0, 1), got {t.betas}"),

@@ -10,6 +10,7 @@
 - Each check of an editing input is one ``check_*`` function, called by the task functions and (composed in
   :func:`check_task`) by :func:`run_task`, :func:`edit_files` and :func:`interpolate_file`.
 
+Editing works on models whose codec is the identity (:func:`check_codec`): images are the model's space.
 Images are float32 [N, C, H, W] in model range [-1, 1], and so are results: each denoised estimate is clamped
 to [-1, 1] (as the CM reference code does), and the last replacement of Alg. 4 is a projection onto the kept
 coordinates *within* [-1, 1] (``transform.project``). So what a task keeps survives the uint8 conversion up to
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cmkit import codec
+from cmkit.cond import Labels, check_labels, of_labels, seed_labels
 from cmkit.data import IMAGE_EXTENSIONS, list_images, read_image, to_model_range
 from cmkit.errors import CmkitError
 from cmkit.images import grid, save_png, to_numpy_images
@@ -40,9 +43,7 @@ TASKS: tuple[str, ...] = ("inpaint", "colorize", "superres", "stroke", "denoise"
 IMAGE_TASKS: tuple[str, ...] = TASKS[:-1]  # the tasks that edit input images (run_task, edit_files)
 EDIT_STEPS = 40  # the paper edits with N = 40 Karras-spaced levels (App. D)
 STROKE_SIGMAS: tuple[float, ...] = (5.38, 2.24)  # the paper's two levels for stroke-guided generation (App. D)
-
-
-Labels = int | Tensor | None  # one class for every image, int64 [N] (one per image), or None (no class)
+CODECS: tuple[str, ...] = ("identity",)  # the codecs (data.codec) of the models editing works on: pixel space
 
 
 # ---------------------------------------------------------------------------------------------- Alg. 4
@@ -67,7 +68,7 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
     check_editable(model)
     check_images(model, y)
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
-    labels = class_labels(model, labels, len(y), y.device)
+    cond = of_labels(class_labels(model, labels, len(y), y.device))
     known = transform(y)
 
     def replace(x: Tensor) -> Tensor:
@@ -79,7 +80,7 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
     for i, tau in enumerate(s):
         if i:
             x = x + (tau**2 - model.sigma_min**2) ** 0.5 * noise()
-        x = model(x, tau, labels).clamp(-1, 1)
+        x = model(x, tau, cond).clamp(-1, 1)
         x = replace(x) if i < len(s) - 1 else transform.project(x, known, ~mask)
     return x
 
@@ -95,6 +96,11 @@ def check_editable(model: nn.Module) -> None:
     if kind != "consistency":
         raise CmkitError(f"this is {'an EDM diffusion' if kind == 'edm' else 'not a consistency'} model; "
                          "zero-shot editing needs a consistency model (ct, ict, cd or ect)")
+
+
+def check_codec(name: str) -> None:
+    """Editing needs a model whose codec (``data.codec``) is one of :data:`CODECS`: it edits pixels."""
+    codec.check_codec(name, CODECS, what="zero-shot editing")
 
 
 def check_images(model: nn.Module, x: Tensor, *, resolution: int | None = None) -> None:
@@ -144,27 +150,10 @@ def check_sigma(model: nn.Module, sigma: float | None) -> None:
         raise CmkitError(f"sigma {sigma:g}: expected a noise level in ({model.sigma_min:g}, {model.sigma_max:g}]")
 
 
-def check_labels(model: nn.Module, labels: Labels, count: int | None = None) -> None:
-    """Class labels: None, or for a class-conditional model an int or an integer tensor (shape [] or
-    [``count``]) of classes in [0, num_classes). An unconditional model takes no labels."""
-    if labels is None:
-        return
-    values = torch.as_tensor(labels)
-    text = ",".join(str(v) for v in values.flatten()[:4].tolist()) + ("..." if values.numel() > 4 else "")
-    if not model.num_classes:
-        raise CmkitError(f"--label {text}: this model is not class-conditional (it was trained without labels)")
-    if (values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool
-            or values.numel() == 0 or int(values.min()) < 0 or int(values.max()) >= model.num_classes):
-        raise CmkitError(f"--label {text}: expected a class in [0, {model.num_classes}) for this model")
-    if values.ndim > 1 or (values.ndim == 1 and count is not None and len(values) != count):
-        raise CmkitError(f"labels of shape {tuple(values.shape)}: expected one class, or one per image "
-                         f"[{count if count is not None else 'N'}]")
-
-
 def class_labels(model: nn.Module, labels: Labels, count: int, device: torch.device | str) -> Tensor | None:
     """The labels the network gets for ``count`` images: int64 [count] on ``device`` for a class-conditional
-    model (which needs them), None for an unconditional one. Checked by :func:`check_labels`."""
-    check_labels(model, labels, count)
+    model (which needs them), None for an unconditional one. Checked by :func:`cmkit.cond.check_labels`."""
+    check_labels(model.num_classes, labels, count)
     if labels is None:
         if model.num_classes:
             raise CmkitError(f"this model is class-conditional: expected labels (a class in "
@@ -210,7 +199,7 @@ def check_task(task: str, model: nn.Module, *, among: Sequence[str] = TASKS, mas
         check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     if batch is not None:
         check_batch(batch)
-    check_labels(model, labels, count)
+    check_labels(model.num_classes, labels, count)
 
 
 def editing_sigmas(model: nn.Module) -> Tensor:
@@ -294,7 +283,7 @@ def denoise(model: nn.Module, noisy: Tensor, *, sigma: float, labels: Labels = N
     check_editable(model)
     check_images(model, noisy)
     check_sigma(model, sigma)
-    return model(noisy, sigma, class_labels(model, labels, len(noisy), noisy.device)).clamp(-1, 1)
+    return model(noisy, sigma, of_labels(class_labels(model, labels, len(noisy), noisy.device))).clamp(-1, 1)
 
 
 def slerp(z0: Tensor, z1: Tensor, t: float | Tensor) -> Tensor:
@@ -325,10 +314,10 @@ def interpolate(model: nn.Module, z0: Tensor, z1: Tensor, *, frames: int, labels
     check_images(model, z0)
     check_images(model, z1)
     check_frames(frames)
-    labels = class_labels(model, labels, len(z0), z0.device)
+    cond = of_labels(class_labels(model, labels, len(z0), z0.device))
     big_t = model.sigma_max
     ts = torch.linspace(0, 1, frames).tolist()
-    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, labels).clamp(-1, 1) for t in ts], 1)
+    return torch.stack([model(big_t * slerp(z0, z1, t), big_t, cond).clamp(-1, 1) for t in ts], 1)
 
 
 # ------------------------------------------------------------------------------------------------- files
@@ -452,17 +441,13 @@ def _batches(task: str, model: nn.Module, images: Tensor, seeds: Sequence[int], 
     for start in range(0, len(images), batch):
         x = images[start:start + batch].to(device)
         noise = SeededNoise(seeds[start:start + batch], shape, device)
-        yield _apply(task, net, x, noise, _batch_labels(model, noise, labels, slice(start, start + batch)),
+        yield _apply(task, net, x, noise, seed_labels(noise, model.num_classes, _rows(labels, start, batch)),
                      mask=mask, factor=factor, sigmas=sigmas, sigma=sigma)
 
 
-def _batch_labels(model: nn.Module, noise: SeededNoise, labels: Labels, rows: slice) -> Labels:
-    """The classes of a batch: drawn from each seed (always, so that the noise that follows is the same with
-    or without ``labels``), then replaced by ``labels`` (one class, or the batch's ``rows`` of [N]) if given."""
-    drawn = noise.labels(model.num_classes) if model.num_classes else None
-    if labels is None:
-        return drawn
-    return labels if torch.as_tensor(labels).ndim == 0 else labels[rows]
+def _rows(labels: Labels, start: int, batch: int) -> Labels:
+    """A batch's labels: one class as it is, else the rows ``start`` .. ``start + batch`` of [N]."""
+    return labels if labels is None or torch.as_tensor(labels).ndim == 0 else labels[start:start + batch]
 
 
 def _apply(task: str, model: nn.Module, x: Tensor, noise: SeededNoise, labels: Labels, *,
@@ -523,6 +508,6 @@ def interpolate_file(model: nn.Module, out: Path, *, seeds: tuple[int, int], fra
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     ends = [SeededNoise([s], shape, device) for s in seeds]
-    labels = _batch_labels(model, ends[0], labels, slice(0, 1))
+    labels = seed_labels(ends[0], model.num_classes, labels)
     x = interpolate(BatchInvariant(model), ends[0](), ends[1](), frames=frames, labels=labels)[0]
     save_png(grid(to_numpy_images(x), nrow=frames), Path(out))

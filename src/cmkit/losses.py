@@ -1,10 +1,11 @@
 """Training losses: small classes returning one loss per sample, built from a method config by :func:`make_loss`.
 
-Every loss is called as ``loss(model, x0, labels, *, images_seen, target=None, noise=None)`` and returns a
-float32 tensor [N]; training progress is always the number of training images seen so far. Reduction,
-backward and the update of any target network belong to the training loop: ``target_decay(images_seen)``
-tells it the target network's EMA rate (None: no target network, the target is the student under stop-grad)
-and ``stats(images_seen)`` the schedule values worth logging.
+Every loss is called as ``loss(model, x0, cond, *, images_seen, target=None, noise=None)`` (x0 in model space
+(:mod:`cmkit.codec`), ``cond`` a :class:`cmkit.cond.Cond` or None) and returns a float32 tensor [N]; training
+progress is always the number of training images seen so far. Reduction, backward and the update of any
+target network belong to the training loop: ``target_decay(images_seen)`` tells it the target network's EMA
+rate (None: no target network, the target is the student under stop-grad) and ``stats(images_seen)`` the
+schedule values worth logging.
 
 The consistency methods (CT, iCT, CD, ECT) are one :class:`ConsistencyLoss` composed of parts: a pair sampler
 (which two noise levels), a target point (where the target network looks), a weighting and a distance.
@@ -22,12 +23,14 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
 
 from cmkit import schedules
 from cmkit.augment import augment as augment_images
+from cmkit.cond import Cond
 from cmkit.distances import Distance, make_distance
 from cmkit.errors import CmkitError
 from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
@@ -38,7 +41,7 @@ from cmkit.sampling import ode_step
 
 Weighting = Callable[[Tensor, Tensor], Tensor]
 PairSampler = Callable[[int, int, RowNoise, torch.device], tuple[Tensor, Tensor]]
-TargetPoint = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+TargetPoint = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Cond | None"], Tensor]
 
 
 @contextlib.contextmanager
@@ -53,6 +56,22 @@ def replayed_randomness(device: torch.device) -> Iterator[None]:
         yield
 
 
+def raw_call(model: nn.Module, x_in: Tensor, t: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
+    """``raw(x_in, t, cond)`` of ``model`` (:meth:`cmkit.precond.TrigFlow.raw`), ``model`` DDP-wrapped or not.
+
+    DDP averages the gradients of a pass only when the pass goes through its ``forward``, so for a wrapped
+    model the call goes through DDP with the module's ``raw`` standing in for its ``forward`` for that call.
+    """
+    module = getattr(model, "module", None)
+    if module is None:
+        return model.raw(x_in, t, cond)
+    module.forward = module.raw
+    try:
+        return model(x_in, t, cond)
+    finally:
+        del module.forward
+
+
 class EDMLoss:
     """EDM denoising loss (Karras et al. 2022, eq. 8): ln sigma ~ N(P_mean, P_std^2), weight 1/c_out^2.
 
@@ -60,7 +79,7 @@ class EDMLoss:
     image instead of the clean one: a student's warm-start (:class:`WarmStarted`). With ``augment = p > 0`` the
     clean images first go through EDM's augmentation pipeline (:func:`cmkit.augment.augment`, EDM's CIFAR-10
     setting, numbers from ``noise`` before sigma's): the augmented image is the target and the model gets its
-    labels, ``model(x, sigma, labels, augment_labels=[N, 9] float32)`` (EDM training/loss.py, App. F.2).
+    labels, ``model(x, sigma, Cond(labels, augment=[N, 9] float32))`` (EDM training/loss.py, App. F.2).
     """
 
     def __init__(self, *, p_mean: float, p_std: float, sigma_data: float, teacher: nn.Module | None = None,
@@ -68,21 +87,22 @@ class EDMLoss:
         self.p_mean, self.p_std, self.sigma_data, self.teacher = p_mean, p_std, sigma_data, teacher
         self.augment = augment
 
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+    def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
                  target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         noise, n = noise or GlobalNoise(), x0.shape[0]
-        cond = {}
+        student_cond = cond
         if self.augment > 0:
-            x0, cond["augment_labels"] = augment_images(x0, noise, p=self.augment)
+            x0, augment = augment_images(x0, noise, p=self.augment)
+            student_cond = replace(cond or Cond(), augment=augment)
         sigma = (noise.randn(n, device=x0.device) * self.p_std + self.p_mean).exp()
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         x = x0 + sigma.view(-1, 1, 1, 1) * noise.randn(*x0.shape, device=x0.device)
-        goal = x0 if self.teacher is None else self._teacher(x, sigma, labels)
-        return weight * (model(x, sigma, labels, **cond) - goal).pow(2).flatten(1).mean(1)
+        goal = x0 if self.teacher is None else self._teacher(x, sigma, cond)
+        return weight * (model(x, sigma, student_cond) - goal).pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
-    def _teacher(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        return self.teacher(x, sigma, labels).float()
+    def _teacher(self, x: Tensor, sigma: Tensor, cond: Cond | None) -> Tensor:
+        return self.teacher(x, sigma, cond).float()
 
     def target_decay(self, images_seen: int) -> float | None:
         return None
@@ -138,22 +158,22 @@ class ECTPairs:
 # ----------------------------------------------------------- target points: where the target network looks
 
 def data_point(x0: Tensor, x_hi: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: Tensor,
-               labels: Tensor | None) -> Tensor:
+               cond: Cond | None) -> Tensor:
     """The unbiased estimate ``x0 + sigma_lo z`` of x at the lower level (CT, iCT, ECT)."""
     return x0 + sigma_lo.view(-1, 1, 1, 1) * z
 
 
 class TeacherStep:
     """x at the lower level by one Euler or Heun step of the teacher's probability-flow ODE from ``x_hi``
-    (CD, CM paper Alg. 2); the teacher is a diffusion denoiser ``(x, sigma, labels) -> x0``."""
+    (CD, CM paper Alg. 2); the teacher is a diffusion denoiser ``(x, sigma, cond) -> x0``."""
 
     def __init__(self, teacher: nn.Module, *, heun: bool) -> None:
         self.teacher, self.heun = teacher, heun
 
     @torch.no_grad()
     def __call__(self, x0: Tensor, x_hi: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: Tensor,
-                 labels: Tensor | None) -> Tensor:
-        return ode_step(self.teacher, x_hi, sigma_hi, sigma_lo, labels, heun=self.heun)
+                 cond: Cond | None) -> Tensor:
+        return ode_step(self.teacher, x_hi, sigma_hi, sigma_lo, cond, heun=self.heun)
 
 
 # ------------------------------------------------------------------------- weightings lambda(lo, hi) [N]
@@ -183,17 +203,17 @@ class ConsistencyLoss:
         self.pairs, self.point, self.weight, self.distance = pairs, point, weight, distance
         self._target_decay, self.sigma_min = target_decay, sigma_min
 
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+    def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
                  target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         noise = noise or GlobalNoise()
         sigma_lo, sigma_hi = self.pairs(x0.shape[0], images_seen, noise, x0.device)
         z = noise.randn(*x0.shape, device=x0.device)
         x_hi = x0 + sigma_hi.view(-1, 1, 1, 1) * z
-        x_lo = self.point(x0, x_hi, z, sigma_lo, sigma_hi, labels)
+        x_lo = self.point(x0, x_hi, z, sigma_lo, sigma_hi, cond)
         with replayed_randomness(x0.device):
-            prediction = model(x_hi, sigma_hi, labels)
+            prediction = model(x_hi, sigma_hi, cond)
         with torch.no_grad():
-            goal = (model if target is None else target)(x_lo, sigma_lo.clamp(min=self.sigma_min), labels)
+            goal = (model if target is None else target)(x_lo, sigma_lo.clamp(min=self.sigma_min), cond)
         return self.weight(sigma_lo, sigma_hi) * self.distance(prediction, goal)
 
     def target_decay(self, images_seen: int) -> float | None:
@@ -206,10 +226,10 @@ class ConsistencyLoss:
 
 # ------------------------------------------------------------------ continuous time: sCT and sCD (TrigFlow)
 
-Velocity = Callable[[Tensor, Tensor, Tensor, Tensor, "Tensor | None"], Tensor]
+Velocity = Callable[[Tensor, Tensor, Tensor, Tensor, "Cond | None"], Tensor]
 
 
-def data_velocity(x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+def data_velocity(x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
     """sCT's ``dx_t/dt = cos t z - sin t x0``, the velocity of the sample's own path."""
     return t.cos().view(-1, 1, 1, 1) * z - t.sin().view(-1, 1, 1, 1) * x0
 
@@ -221,8 +241,8 @@ class TeacherVelocity:
         self.teacher, self.sigma_data = teacher, sigma_data
 
     @torch.no_grad()
-    def __call__(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        return trigflow_velocity(self.teacher, x_t, t, labels, sigma_data=self.sigma_data).float()
+    def __call__(self, x0: Tensor, z: Tensor, x_t: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+        return trigflow_velocity(self.teacher, x_t, t, cond, sigma_data=self.sigma_data).float()
 
 
 class SCMLoss:
@@ -253,30 +273,30 @@ class SCMLoss:
         sigma = (noise.randn(n, device=device) * self.p_std + self.p_mean).exp()
         return torch.atan(sigma / self.sigma_data).clamp(self.t_min, self.t_max)
 
-    def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, dxdt: Tensor, labels: Tensor | None,
+    def tangent(self, net: nn.Module, x_t: Tensor, t: Tensor, dxdt: Tensor, cond: Cond | None,
                 images_seen: int) -> Tensor:
         """The normalised tangent g [N, C, H, W] float32 (no gradients)."""
         sd, cs = self.sigma_data, t.cos() * t.sin()
         cos, cs4 = t.cos().view(-1, 1, 1, 1), cs.view(-1, 1, 1, 1)
 
         def velocity_net(y: Tensor, time: Tensor) -> Tensor:
-            return net(y, time, labels, trig=True)[0]
+            return net.raw(y, time, cond)[0]
 
         with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), forward_mode():
             f_minus, cs_df_dt = torch.func.jvp(velocity_net, (x_t / sd, t), (cs4 * dxdt / sd, cs))
         g = -cos**2 * (sd * f_minus - dxdt) - self.warmup(images_seen) * (cs4 * x_t + sd * cs_df_dt)
         return g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + self.tangent_c)
 
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+    def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
                  target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         noise, n, sd = noise or GlobalNoise(), x0.shape[0], self.sigma_data
         t = self.times(n, noise, x0.device)
         z = noise.randn(*x0.shape, device=x0.device) * sd
         x_t = t.cos().view(-1, 1, 1, 1) * x0 + t.sin().view(-1, 1, 1, 1) * z
-        dxdt = self.velocity(x0, z, x_t, t, labels)
+        dxdt = self.velocity(x0, z, x_t, t, cond)
         with replayed_randomness(x0.device):  # the JVP pass and the gradient pass draw one dropout mask
-            g = self.tangent(getattr(model, "module", model), x_t, t, dxdt, labels, images_seen)
-        f, w = model(x_t / sd, t, labels, trig=True)
+            g = self.tangent(getattr(model, "module", model), x_t, t, dxdt, cond, images_seen)
+        f, w = raw_call(model, x_t / sd, t, cond)
         diff = (f - f.detach() - g).flatten(1)
         return w.exp() * diff.pow(2).mean(1) - w
 
@@ -295,11 +315,11 @@ class WarmStarted:
     def __init__(self, loss: ConsistencyLoss | SCMLoss, *, warm: EDMLoss, images: int) -> None:
         self.loss, self.warm, self.images = loss, warm, images
 
-    def __call__(self, model: nn.Module, x0: Tensor, labels: Tensor | None, *, images_seen: int,
+    def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
                  target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
         if images_seen < self.images:
-            return self.warm(model, x0, labels, images_seen=images_seen, noise=noise)
-        return self.loss(model, x0, labels, images_seen=images_seen - self.images, target=target, noise=noise)
+            return self.warm(model, x0, cond, images_seen=images_seen, noise=noise)
+        return self.loss(model, x0, cond, images_seen=images_seen - self.images, target=target, noise=noise)
 
     def target_decay(self, images_seen: int) -> float | None:
         return self.loss.target_decay(self._after(images_seen))
@@ -329,12 +349,13 @@ def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.
               augment: float = 0.0) -> Loss:
     """The loss a method config describes.
 
-    ``dim`` is D, the number of values in one sample; ``total_images`` the run's length in training images
-    (the curricula's K); ``teacher`` the diffusion denoiser whose outputs CD and sCD learn from (CmkitError
-    when such a method has none); ``augment`` the probability p of EDM's augmentation pipeline
-    (``data.augment``), which only the EDM loss uses (validation refuses it for the others), never a warm-start.
-    A method with ``warm_start_kimg > 0`` gets its loss :class:`WarmStarted`, with
-    EDM's published noise levels (:data:`WARM_START_LEVELS`); its own loss then sees the remaining images.
+    ``dim`` is D, the number of values in one sample in model space (:attr:`cmkit.codec.Codec.dim`);
+    ``total_images`` the run's length in training images (the curricula's K); ``teacher`` the diffusion
+    denoiser whose outputs CD and sCD learn from (CmkitError when such a method has none); ``augment`` the
+    probability p of EDM's augmentation pipeline (``data.augment``), which only the EDM loss uses (validation
+    refuses it for the others), never a warm-start. A method with ``warm_start_kimg > 0`` gets its loss
+    :class:`WarmStarted`, with EDM's published noise levels (:data:`WARM_START_LEVELS`); its own loss then sees
+    the remaining images.
     """
     if method.needs_teacher and not method.teacher_seeds_only and teacher is None:
         raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")

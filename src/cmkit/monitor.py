@@ -37,6 +37,8 @@ from torch import nn
 
 from cmkit import data
 from cmkit.checkpoint import BEST_NAME
+from cmkit.codec import data_codec
+from cmkit.cond import of_labels
 from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import default_metric, evaluate_model, reference_features
@@ -79,7 +81,7 @@ class Monitor:
         tick, t = time.perf_counter(), self.config.train
         rows = evaluate_model(ema, steps=self.steps, n=t.eval_n, extractor=self.extractor,
                               reference=self.reference, batch=EVAL_BATCH, sampler=self.sampler,
-                              precision=t.precision, leave=False)
+                              precision=t.precision, leave=False, codec=data_codec(self.config.data))
         record: dict[str, Any] = {"step": step, "kimg": images_seen / 1000,
                                   **{f"fid_{row['steps']}step": row["fid"] for row in rows}}
         record["best_fid"] = min([record[self.key], *(e[self.key] for e in history)])
@@ -120,7 +122,7 @@ def evaluations_since_best(values: list[float]) -> int:
 def held_out_batch(config: Config, dataset: data.ImageData,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The consistency metric's fixed inputs: the first :data:`HELD_OUT` images of the data's test split (of
-    ``dataset``, the training data, when the source has no test split) as x0 float32 [B, C, H, W] in [-1, 1],
+    ``dataset``, the training data, when the source has no test split) as x0 float32 [B, ...] in model space,
     their labels (class-conditional models; else None) and noise z ~ N(0, I) of x0's shape, seeded with
     ``derive_seed(train.seed, "consistency-metric")``."""
     d = config.data
@@ -129,7 +131,7 @@ def held_out_batch(config: Config, dataset: data.ImageData,
     except CmkitError as e:  # an IDX folder with training files only, or a folder of images (no splits)
         warnings.warn(f"the consistency metric uses the first training images: no test split ({e})", stacklevel=2)
         held_out = dataset
-    x0 = data.to_model_range(held_out.images[:HELD_OUT])
+    x0 = data_codec(d).encode(data.to_model_range(held_out.images[:HELD_OUT]))
     labels = held_out.labels[:HELD_OUT].to(device) if config.net.num_classes else None
     generator = torch.Generator().manual_seed(derive_seed(config.train.seed, "consistency-metric"))
     return x0.to(device), labels, torch.randn(x0.shape, generator=generator).to(device)
@@ -145,7 +147,7 @@ def consistency_gaps(model: nn.Module, x0: torch.Tensor, z: torch.Tensor, *, lab
     Song et al. 2023 (eq. 10, Alg. 3) with l2, unit weights and the model itself as the target, at fixed pairs,
     noise and images, so successive evaluations compare like with like."""
     sigmas = karras_sigmas(levels, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
-    outs = [model(x0 + s * z, torch.full((len(x0),), s, device=x0.device), labels) for s in sigmas]
+    outs = [model(x0 + s * z, torch.full((len(x0),), s, device=x0.device), of_labels(labels)) for s in sigmas]
     return [(hi - lo).float().pow(2).flatten(1).mean(1).mean().item()
             for lo, hi in zip(outs, outs[1:], strict=False)]
 

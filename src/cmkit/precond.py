@@ -2,7 +2,8 @@
 
 ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma))``
 
-Every wrapper follows one denoiser contract, ``(x, sigma, labels=None) -> x0``, and knows its own noise
+Every wrapper follows one denoiser contract, ``(x, sigma, cond=None) -> x0`` (``cond`` a
+:class:`cmkit.cond.Cond`), and knows its own noise
 range, resolution, channels and class count, so samplers need no side information. The coefficients do
 not depend on ``self.training``: the consistency boundary condition (``f(x, sigma_min) = x``, or
 ``f(x, 0) = x`` for TrigFlow) holds exactly in train and eval mode alike.
@@ -15,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cmkit.cond import Cond
 from cmkit.errors import CmkitError
 from cmkit.sampling import TWO_STEP_SIGMA
 
@@ -24,7 +26,8 @@ class Preconditioned(nn.Module):
 
     Args:
         net: backbone called as ``net(x_in, c_noise, class_labels)`` returning a tensor shaped like x_in (with
-            ``augment_labels=`` too when the caller passes augmentation labels: :class:`cmkit.nets.UNet`).
+            ``augment_labels=`` too when the conditioning has augmentation labels: :class:`cmkit.nets.UNet`);
+            class labels may hold :data:`cmkit.cond.NULL_LABEL` ("no class").
         resolution, channels, num_classes: what the backbone accepts (num_classes 0 = unconditional).
         sigma_min, sigma_max, sigma_data: the noise range and data standard deviation (x0 in [-1, 1]).
 
@@ -59,11 +62,10 @@ class Preconditioned(nn.Module):
             raise CmkitError(f"the teacher's network does not match the student's (missing {missing}, "
                              f"unexpected {unexpected})")
 
-    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, *,
-                augment_labels: Tensor | None = None) -> Tensor:
-        """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; labels: [N] int64 or None; augment_labels:
-        [N, augment_dim] float (EDM's non-leaking augmentation labels, for a backbone built with augment_dim > 0)
-        or None (no augmentation: sampling).
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
+        """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; cond: the class labels (int64 [N], required
+        by a class-conditional model) and EDM's augmentation labels ([N, augment_dim] float, for a backbone built
+        with augment_dim > 0; none at sampling), or None.
 
         Returns the estimate of x0, [N, C, H, W] float32. The coefficients are computed in float32 even
         under autocast.
@@ -71,15 +73,19 @@ class Preconditioned(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
         x = x.to(torch.float32)
-        out = self._net(x * c_in, c_noise.flatten(), labels, augment_labels)
+        out = self._net(x * c_in, c_noise.flatten(), cond)
         return c_skip * x + c_out * out.to(torch.float32)
 
-    def _net(self, x: Tensor, c_noise: Tensor, labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
-        """The backbone; ``augment_labels`` reach it as a keyword only when given, so a backbone without
-        augmentation labels keeps the plain ``net(x, c_noise, labels)`` signature."""
-        if augment_labels is None:
-            return self.net(x, c_noise, labels)
-        return self.net(x, c_noise, labels, augment_labels=augment_labels)
+    def _net(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
+        """The backbone; augmentation labels reach it as a keyword only when given, so a backbone without
+        them keeps the plain ``net(x, c_noise, labels)`` signature."""
+        if cond is None:
+            cond = Cond()
+        elif not isinstance(cond, Cond):
+            raise TypeError(f"cond: expected a cmkit.cond.Cond or None, got {type(cond).__name__}")
+        if cond.augment is None:
+            return self.net(x, c_noise, cond.labels)
+        return self.net(x, c_noise, cond.labels, augment_labels=cond.augment)
 
 
 class EDMDenoiser(Preconditioned):
@@ -124,8 +130,7 @@ class TrigFlow(Preconditioned):
     sigma): with it, the network of an EDM denoiser whose last layer changes sign is this model exactly
     (:func:`edm_backbone_to_trigflow`), which is how a cmkit EDM teacher seeds sCT and sCD students.
     The backbone's log-variance head (``net.logvar(c_noise)``, :class:`cmkit.nets.UNet`) is the adaptive weight
-    ``w(t)`` of the sCM loss; ``forward(..., trig=True)`` returns ``(F, w)`` at TrigFlow inputs
-    ``(x_t / sigma_data, t)``.
+    ``w(t)`` of the sCM loss; :meth:`raw` returns ``(F, w)`` at TrigFlow inputs ``(x_t / sigma_data, t)``.
     """
 
     kind = "consistency"
@@ -160,15 +165,13 @@ class TrigFlow(Preconditioned):
         t = torch.atan(sigma / sd)
         return t.cos() ** 2, -sd * t.sin(), t.cos() / sd, self.time_input(t, sigma)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None, *,
-                augment_labels: Tensor | None = None, trig: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The denoiser contract (sigma >= 0), or with ``trig=True``: ``x`` is ``x_t / sigma_data`` and ``sigma``
-        is t [N]; returns ``(F [N, C, H, W] float32, w [N] float32)`` (w = 0 without a log-variance head).
-        ``augment_labels`` as in :meth:`Preconditioned.forward`."""
-        if not trig:
-            return super().forward(x, sigma, labels, augment_labels=augment_labels)
-        c_noise = self.time_input(sigma)
-        return self._net(x, c_noise, labels, augment_labels).to(torch.float32), self.net.logvar(c_noise)
+    def raw(self, x_in: Tensor, t: Tensor, cond: Cond | None = None) -> tuple[Tensor, Tensor]:
+        """The raw network at TrigFlow inputs, for losses that differentiate it: ``x_in = x_t / sigma_data``
+        [N, C, H, W] and t [N]; returns ``(F [N, C, H, W] float32, w [N] float32)``, w the log-variance head's
+        output (0 without the head). ``cond`` as in :meth:`Preconditioned.forward`. Losses call it through
+        :func:`cmkit.losses.raw_call` (so DDP sees the call)."""
+        c_noise = self.time_input(t)
+        return self._net(x_in, c_noise, cond).to(torch.float32), self.net.logvar(c_noise)
 
 
 def edm_backbone_to_trigflow(state: dict[str, Tensor], *output_layers: str) -> dict[str, Tensor]:
@@ -186,9 +189,9 @@ def edm_backbone_to_trigflow(state: dict[str, Tensor], *output_layers: str) -> d
     return out
 
 
-def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, labels: Tensor | None = None, *,
+def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond | None = None, *,
                       sigma_data: float) -> Tensor:
-    """The TrigFlow velocity ``dx_t/dt = sigma_data F`` of any diffusion denoiser ``(x, sigma, labels) -> x0``.
+    """The TrigFlow velocity ``dx_t/dt = sigma_data F`` of any diffusion denoiser ``(x, sigma, cond) -> x0``.
 
     From ``x_t = cos t x0 + sin t z`` and ``v = cos t z - sin t x0``: ``v = (cos t x_t - D(x_t / cos t,
     sigma_data tan t)) / sin t``, for t in (0, pi/2) [N], with the TrigFlow model's ``sigma_data``. This is how
@@ -196,7 +199,7 @@ def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, labels: Tenso
     """
     sd = sigma_data
     cos, sin = (v.view(-1, 1, 1, 1) for v in (t.cos(), t.sin()))
-    x0 = denoiser(x_t / cos, sd * t.tan(), labels)
+    x0 = denoiser(x_t / cos, sd * t.tan(), cond)
     return (cos * x_t - x0) / sin
 
 

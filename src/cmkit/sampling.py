@@ -1,9 +1,12 @@
 """Samplers: pure functions of (denoiser, sigmas, noise), sharing one signature, and the sampling policy.
 
-``sampler(model, sigmas, noise, labels=None) -> x0`` where
-- ``model`` follows the denoiser contract ``(x, sigma, labels) -> x0`` and has ``sigma_min``/``sigma_max``;
+``sampler(model, sigmas, noise, cond=None) -> x`` where
+- ``model`` follows the denoiser contract ``(x, sigma, cond) -> x0`` (``cond`` a :class:`cmkit.cond.Cond` or None)
+  and has ``sigma_min``/``sigma_max``;
 - ``sigmas`` is a DESCENDING 1-D list of noise levels within [sigma_min, sigma_max] (checked here);
-- ``noise()`` returns a fresh standard-normal batch [N, C, H, W] on each call (the first call is x_T / T).
+- ``noise()`` returns a fresh standard-normal batch [N, C, H, W] on each call (the first call is x_T / T);
+- the result is in the model's space (:mod:`cmkit.codec`), NOT clamped: callers decode it
+  (:meth:`cmkit.codec.Codec.to_images`).
 
 Building the sigma list is separate (:func:`default_sigmas`), so any list works with any sampler. Which
 sampler and how many steps a kind of model uses by default is decided once, in :data:`POLICIES`.
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from cmkit import schedules
+from cmkit.cond import ClassifierFree, Cond, check_guidance, check_labels, of_labels, pad_rows, seed_labels
 from cmkit.errors import CmkitError
 from cmkit.rng import NoiseSource, SeededNoise
 
@@ -44,22 +48,21 @@ def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_ma
 
 
 def consistency_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
-                       labels: Tensor | None = None) -> Tensor:
+                       cond: Cond | None = None) -> Tensor:
     """One-step (one sigma) or multistep consistency sampling (CM paper, Alg. 1).
 
     ``x = f(tau_1 z, tau_1)``; for each later tau: ``x = f(x + sqrt(tau^2 - eps^2) z', tau)``.
-    Returns float32 [N, C, H, W], not clipped: the network's estimate, nominally in [-1, 1] but it may stray
-    outside (:func:`generate` clamps).
+    Returns float32 [N, C, H, W] in model space, not clamped.
     """
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
-    x = model(s[0] * noise(), s[0], labels)
+    x = model(s[0] * noise(), s[0], cond)
     for tau in s[1:]:
-        x = model(x + (tau**2 - model.sigma_min**2) ** 0.5 * noise(), tau, labels)
+        x = model(x + (tau**2 - model.sigma_min**2) ** 0.5 * noise(), tau, cond)
     return x
 
 
 def ode_step(model: nn.Module, x: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
-             labels: Tensor | None = None, *, heun: bool) -> Tensor:
+             cond: Cond | None = None, *, heun: bool) -> Tensor:
     """One Euler or Heun step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM, Alg. 1).
 
     ``sigma`` (> 0) and ``sigma_next`` (>= 0) are numbers, 0-d tensors or float [N] tensors (one level per
@@ -70,38 +73,38 @@ def ode_step(model: nn.Module, x: Tensor, sigma: float | Tensor, sigma_next: flo
     """
     s, s_next = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
                  for v in (sigma, sigma_next))
-    d = (x - model(x, sigma, labels)) / s
+    d = (x - model(x, sigma, cond)) / s
     x_next = x + (s_next - s) * d
     at_zero = s_next == 0
     if not heun or bool(at_zero.all()):
         return x_next
     s_heun = torch.where(at_zero, s, s_next)  # a stand-in level > 0 for the rows at 0, whose result is dropped
-    d_next = (x_next - model(x_next, s_heun.flatten().expand(len(x)), labels)) / s_heun
+    d_next = (x_next - model(x_next, s_heun.flatten().expand(len(x)), cond)) / s_heun
     return torch.where(at_zero, x_next, x + (s_next - s) * (d + d_next) / 2)
 
 
-def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource, labels: Tensor | None,
+def _ode_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource, cond: Cond | None,
                 *, heun: bool) -> Tensor:
     s = check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist() + [0.0]
     x = s[0] * noise()
     for cur, nxt in zip(s[:-1], s[1:], strict=True):
-        x = ode_step(model, x, cur, nxt, labels, heun=heun)
+        x = ode_step(model, x, cur, nxt, cond, heun=heun)
     return x
 
 
 def heun_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
-                labels: Tensor | None = None) -> Tensor:
+                cond: Cond | None = None) -> Tensor:
     """EDM's deterministic 2nd-order sampler (Karras et al. 2022, Alg. 1) through ``sigmas`` and then 0.
 
     Solves dx/dsigma = (x - D(x, sigma)) / sigma; n levels cost 2n - 1 network evaluations.
     """
-    return _ode_sample(model, sigmas, noise, labels, heun=True)
+    return _ode_sample(model, sigmas, noise, cond, heun=True)
 
 
 def euler_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
-                 labels: Tensor | None = None) -> Tensor:
+                 cond: Cond | None = None) -> Tensor:
     """Euler steps of the probability-flow ODE through ``sigmas`` and then 0 (n evaluations)."""
-    return _ode_sample(model, sigmas, noise, labels, heun=False)
+    return _ode_sample(model, sigmas, noise, cond, heun=False)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -180,39 +183,39 @@ class BatchInvariant:
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
-    def __call__(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
         n = x.shape[0]
         if n >= INVARIANT_ROWS or x.device.type != "cpu":
-            return self.model(x, sigma, labels)
+            return self.model(x, sigma, cond)
+        pad = INVARIANT_ROWS - n
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(n)
-        padded = [None if t is None else _pad_rows(t, INVARIANT_ROWS - n) for t in (x, sigma, labels)]
-        return self.model(*padded)[:n]
-
-
-def _pad_rows(t: Tensor, pad: int) -> Tensor:
-    """``t`` [N, ...] followed by ``pad`` copies of its last row."""
-    return torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+        return self.model(pad_rows(x, pad), pad_rows(sigma, pad), None if cond is None else cond.pad(pad))[:n]
 
 
 @torch.no_grad()
 def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] | Tensor, sampler: str,
-             batch_size: int, label: int | None = None, precision: str = "fp32") -> Iterator[Tensor]:
-    """Sample one image per seed, ``batch_size`` at a time, yielding float32 [B, C, H, W] in [-1, 1].
+             batch_size: int, label: int | None = None, guidance: float | None = None,
+             p_uncond: float | None = None, precision: str = "fp32") -> Iterator[Tensor]:
+    """Sample one image per seed, ``batch_size`` at a time, yielding float32 [B, *shape] in the model's space,
+    NOT clamped (decode with :meth:`cmkit.codec.Codec.to_images`).
 
-    Class-conditional models use ``label`` for every image, or a label drawn from each seed when None.
-    ``precision="bf16"`` runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32).
-    A seed's image does not depend on ``batch_size`` (:class:`BatchInvariant`).
+    Class-conditional models use ``label`` for every image, or a label drawn from each seed when None
+    (:func:`cmkit.cond.seed_labels`). ``guidance = w`` samples with classifier-free guidance
+    (:class:`cmkit.cond.ClassifierFree`; None or 1: none), checked by :func:`cmkit.cond.check_guidance` with
+    the model's ``p_uncond`` when the caller knows it (``train.p_uncond`` of its config). ``precision="bf16"``
+    runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32). A seed's image does not
+    depend on ``batch_size`` (:class:`BatchInvariant`).
     """
+    check_labels(model.num_classes, label)
+    check_guidance(guidance, num_classes=model.num_classes, p_uncond=p_uncond)
     device = next(model.parameters()).device
     net = BatchInvariant(model)
+    if guidance is not None and guidance != 1:
+        net = ClassifierFree(net, guidance)
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(seeds), batch_size):
         noise = SeededNoise(seeds[start:start + batch_size], shape, device)
-        labels = None
-        if model.num_classes:
-            labels = noise.labels(model.num_classes)
-            if label is not None:
-                labels = torch.full_like(labels, label)
+        cond = of_labels(seed_labels(noise, model.num_classes, label))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            x = SAMPLERS[sampler](net, sigmas, noise, labels)
-        yield x.float().clamp(-1, 1)
+            x = SAMPLERS[sampler](net, sigmas, noise, cond)
+        yield x.float()

@@ -1,6 +1,6 @@
 """Diffusion teachers for consistency distillation (CD) and easy consistency tuning (ECT).
 
-A teacher is a diffusion denoiser ``(x, sigma, labels) -> x0``: a cmkit EDM export (or run directory), or a
+A teacher is a diffusion denoiser ``(x, sigma, cond) -> x0``: a cmkit EDM export (or run directory), or a
 diffusers ``UNet2DModel`` folder through :mod:`cmkit.nets.foreign`. By default the student takes a cmkit
 teacher's network and starts from its weights; with ``method.student_net=own`` it keeps the config's network,
 which may be smaller: it starts from the teacher's weights only where the two networks are equal, else from

@@ -29,6 +29,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cmkit import checkpoint, data, dist, rundir, schedules
+from cmkit.codec import data_codec
+from cmkit.cond import drop_labels, of_labels
 from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
 from cmkit.images import to_numpy_images
@@ -111,7 +113,7 @@ class Run:
             self.model = checkpoint.build_model(config).to(device).train()
         init_student(self.model, teacher, config)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        dim = config.data.channels * config.data.resolution**2  # D, the values in one sample
+        dim = data_codec(config.data).dim  # D, the values in one sample in model space
         self.loss = make_loss(config.method, dim=dim, total_images=t.total_steps * t.batch, teacher=teacher,
                               augment=config.data.augment)
         self.loss_scale = dim if t.loss_reduction == "sum" else 1  # from a mean over the D values to their sum
@@ -178,7 +180,7 @@ class Run:
             sync = j == t.accum - 1 or self.ddp is self.model
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = self.loss(self.ddp, x0[rows], None if labels is None else labels[rows],
+                    loss = self.loss(self.ddp, x0[rows], of_labels(None if labels is None else labels[rows]),
                                      images_seen=self.images_seen, target=self.target, noise=noise)
                 loss = loss.mean() * self.loss_scale  # the batch mean of train.loss_reduction's per-sample loss
                 self.scaler.scale(loss / t.accum).backward()
@@ -231,13 +233,16 @@ class Run:
         batches = generate(self.ema, seeds, sigmas=default_sigmas(self.ema, policy.steps), sampler=policy.sampler,
                            batch_size=64)
         shape = (0, self.config.data.resolution, self.config.data.resolution, self.config.data.channels)
-        return dist.gather_in_order(np.concatenate([np.zeros(shape, np.uint8), *(to_numpy_images(b) for b in batches)]))
+        images = (to_numpy_images(data_codec(self.config.data).to_images(b)) for b in batches)
+        return dist.gather_in_order(np.concatenate([np.zeros(shape, np.uint8), *images]))
 
 
 def local_batch(config: Config, dataset: data.ImageData, step: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This process's rows of step ``step``'s global batch: x0 float32 [B / world, C, H, W] in [-1, 1] and
-    labels or None. Flips are drawn for the global batch, so a sample's flip is the same at any world size."""
+    """This process's rows of step ``step``'s global batch: x0 float32 [B / world, ...] in model space (images in
+    [-1, 1] encoded by ``data.codec``) and labels int64 [B / world] or None. Flips and label dropout
+    (``train.p_uncond``: the null label) are drawn for the global batch, so a sample's flip and dropped label are
+    the same at any world size and micro-batching."""
     t, share = config.train, config.train.batch // dist.world_size()
     first = dist.rank() * share
     idx = data.batch_indices(len(dataset.images), t.batch, seed=t.seed, start=step * t.batch)
@@ -246,8 +251,12 @@ def local_batch(config: Config, dataset: data.ImageData, step: int,
     if config.data.xflip:
         flip = BatchNoise(derive_seed(t.seed, "flip", step), start=first, total=t.batch)
         x0 = torch.where((flip.rand(share) < 0.5).view(-1, 1, 1, 1), x0.flip(-1), x0)
-    labels = dataset.labels[idx].to(device) if config.net.num_classes else None
-    return x0.to(device), labels
+    labels = dataset.labels[idx] if config.net.num_classes else None
+    if t.p_uncond > 0:
+        coin = BatchNoise(derive_seed(t.seed, "uncond", step), start=first, total=t.batch)
+        labels = drop_labels(labels, coin.rand(share) < t.p_uncond)
+    x0 = data_codec(config.data).encode(x0.to(device))
+    return x0, None if labels is None else labels.to(device)
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> str:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from cmkit import data, dist, readers
 from cmkit.checkpoint import EXPORT_NAME
+from cmkit.codec import Codec
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, feature_stats, frechet_distance
@@ -65,12 +66,15 @@ def image_features(images: torch.Tensor, extractor: FeatureExtractor, *, batch: 
 
 def sample_features(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch.Tensor, sampler: str,
                     batch: int, extractor: FeatureExtractor, desc: str, precision: str = "fp32",
-                    leave: bool = True) -> np.ndarray:
-    """Features float32 [n, D] of ``model``'s samples for seeds 0 .. n - 1, in seed order; each process
-    samples its block of the seeds."""
+                    leave: bool = True, codec: Codec | None = None, guidance: float | None = None) -> np.ndarray:
+    """Features float32 [n, D] of ``model``'s samples for seeds 0 .. n - 1, in seed order, decoded by ``codec``
+    (None: the model's space is pixels) and sampled with classifier-free ``guidance`` (None: none,
+    :func:`cmkit.sampling.generate`); each process samples its block of the seeds."""
     seeds = dist.shard(range(n))
-    batches = (data.to_uint8(x).cpu() for x in generate(model, seeds, sigmas=sigmas, sampler=sampler,
-                                                         batch_size=batch, precision=precision))
+    decode = codec.to_images if codec is not None else _pixels
+    samples = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=batch, guidance=guidance,
+                       precision=precision)
+    batches = (data.to_uint8(decode(x)).cpu() for x in samples)
     return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc, leave=leave))
 
 
@@ -213,18 +217,26 @@ def _npz_images(path: Path) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """Samples of a model without a codec: pixels already, clamped to [-1, 1]."""
+    return x.clamp(-1, 1)
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 
 def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor: FeatureExtractor,
                    reference: np.ndarray, batch: int, sampler: str, precision: str = "fp32",
-                   leave: bool = True) -> list[dict[str, Any]]:
+                   leave: bool = True, codec: Codec | None = None,
+                   guidance: float | None = None) -> list[dict[str, Any]]:
     """Metrics of ``n`` samples for each step count (schedules from :func:`default_sigmas`); ``leave=False``
-    erases each progress bar when done (evaluations during training)."""
+    erases each progress bar when done (evaluations during training); ``codec`` and ``guidance`` as in
+    :func:`sample_features`."""
     rows = []
     for k in steps:
         sigmas = default_sigmas(model, k)
         feats = sample_features(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch, extractor=extractor,
-                                desc=f"{k} step{'s' * (k > 1)}", precision=precision, leave=leave)
+                                desc=f"{k} step{'s' * (k > 1)}", precision=precision, leave=leave, codec=codec,
+                                guidance=guidance)
         rows.append({"steps": k, "nfe": network_evaluations(sampler, len(sigmas)), "sigmas": sigmas.tolist(),
                      **compute_metrics(reference, feats)})
     return rows

@@ -1,9 +1,10 @@
 """Foreign teachers: a diffusers ``UNet2DModel`` folder on local disk behind cmkit's denoiser contract.
 
-``teacher(x, sigma, labels=None) -> x0`` with x in the variance-exploding sense (``x = x0 + sigma z``), like
-:class:`cmkit.precond.EDMDenoiser`. Only discrete-time DDPM-family models are accepted (DDPM, Ho et al. 2020,
-and every scheduler sharing its training parameters: ``num_train_timesteps``, ``beta_start``, ``beta_end``,
-``beta_schedule``). Conversions (Karras et al. 2022, EDM, Table 1 "VP" column; Kingma et al. 2021, VDM):
+``teacher(x, sigma, cond=None) -> x0`` (``cond`` a :class:`cmkit.cond.Cond`) with x in the variance-exploding
+sense (``x = x0 + sigma z``), like :class:`cmkit.precond.EDMDenoiser`. Only discrete-time DDPM-family models
+are accepted (DDPM, Ho et al. 2020, and every scheduler sharing its training parameters:
+``num_train_timesteps``, ``beta_start``, ``beta_end``, ``beta_schedule``). Conversions (Karras et al. 2022,
+EDM, Table 1 "VP" column; Kingma et al. 2021, VDM):
 
 * ``abar_t = prod_{s<=t} (1 - beta_s)``, ``sigma_t = sqrt((1 - abar_t) / abar_t)``;
 * VP input ``x_vp = sqrt(abar) x = x / sqrt(1 + sigma^2)`` with ``abar = 1 / (1 + sigma^2)``;
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cmkit.cond import Cond
 from cmkit.errors import CmkitError
 
 __all__ = ["DiffusersTeacher", "MissingDiffusersError", "check_noise_range", "import_diffusers",
@@ -189,9 +191,10 @@ class DiffusersTeacher(nn.Module):
         w = (log_sigma - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
         return lo.to(torch.float32) + w
 
-    def forward(self, x: Tensor, sigma: Tensor | float, labels: Tensor | None = None) -> Tensor:
-        """Denoise. x: [N, C, H, W] float, ``x = x0 + sigma z``; sigma: [N] or scalar > 0; labels: [N] int64
-        or None. Returns the estimate of x0, float32 [N, C, H, W].
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
+        """Denoise. x: [N, C, H, W] float, ``x = x0 + sigma z``; sigma: [N] or scalar > 0; cond: its class labels
+        int64 [N] (the only conditioning a diffusers UNet2DModel takes; no null label), or None. Returns the
+        estimate of x0, float32 [N, C, H, W].
 
         With ``abar = 1 / (1 + sigma^2)`` and ``x_vp = sqrt(abar) x``: epsilon: ``x0 = x - sigma eps``
         (Ho et al. 2020, eq. 4 rearranged); v: ``x0 = sqrt(abar) x_vp - sqrt(1 - abar) v`` (Salimans & Ho
@@ -202,7 +205,9 @@ class DiffusersTeacher(nn.Module):
         s = sigma.view(-1, 1, 1, 1)
         root = (1 + s**2).sqrt()  # 1 / sqrt(abar)
         x_vp = x / root
-        labels = labels if self.num_classes else None
+        labels = cond.labels if cond is not None and self.num_classes else None
+        if labels is not None and bool((labels < 0).any()):
+            raise CmkitError("a diffusers teacher has no null class label (no classifier-free guidance)")
         out = self.unet(x_vp, self.sigma_to_t(sigma), class_labels=labels).sample
         out = out[:, : self.channels].to(torch.float32)  # drop a learned variance's channels
         if self.prediction_type == "epsilon":

@@ -151,9 +151,9 @@ class UNet(nn.Module):
 
     ``forward(x, noise_labels, class_labels=None, augment_labels=None)``: ``x`` ``[N, in_channels, R, R]`` float,
     ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``), ``class_labels`` ``[N]`` int64 in
-    ``[0, num_classes)`` (required iff ``num_classes > 0``), ``augment_labels`` ``[N, augment_dim]`` float or None
-    (only with ``augment_dim > 0``; None means zeros: no augmentation, as when sampling). Returns
-    ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
+    ``[0, num_classes)`` or -1, "no class", a zero one-hot (required iff ``num_classes > 0``), ``augment_labels``
+    ``[N, augment_dim]`` float or None (only with ``augment_dim > 0``; None means zeros: no augmentation, as when
+    sampling). Returns ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
     ``logvar(noise_labels)``: ``[N]`` float32, zeros without the head.
     ``output_layers``: the names of the last convolutions, whose outputs sum to the network's output.
     """
@@ -293,7 +293,9 @@ class UNet(nn.Module):
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
             assert class_labels is not None
-            onehot = F.one_hot(class_labels, self.num_classes).to(emb.dtype)
+            # The null label (cmkit.cond.NULL_LABEL, < 0) means "no class": a zero one-hot.
+            onehot = F.one_hot(class_labels.clamp(min=0), self.num_classes).to(emb.dtype)
+            onehot = onehot * (class_labels >= 0).to(emb.dtype).unsqueeze(1)
             emb = emb + self.map_label(onehot)
         return F.silu(emb)
 

@@ -23,12 +23,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from cmkit import editing
+from cmkit.codec import Codec, check_codec, data_codec
+from cmkit.cond import check_labels, seed_labels
 from cmkit.config import Config
 from cmkit.data import ImageData, conform_image_bytes, load_dataset, to_model_range
 from cmkit.errors import CmkitError
 from cmkit.images import grid, to_numpy_images
 from cmkit.rng import SeededNoise
-from cmkit.sampling import default_sigmas, generate
+from cmkit.sampling import BatchInvariant, default_sigmas, generate
 
 PRECISIONS = ("fp32", "bf16")
 STEPS = (1, 2, 4, 8)  # the steps control: sampling steps, or editing levels (Alg. 4's N)
@@ -38,6 +40,7 @@ TEACHER_STEPS = 18  # the teacher samples with EDM's Heun at 18 levels (35 evalu
 STROKE_RATIO = editing.STROKE_SIGMAS[1] / editing.STROKE_SIGMAS[0]  # the paper's second stroke level / first
 MAX_SEED = 2**31 - 1
 MAX_UPLOAD_PIXELS = 40_000_000  # an upload of more pixels is refused before it is decoded
+CODECS = editing.CODECS  # the codecs (data.codec) of the models the studio serves: it edits pixels
 
 
 class Superseded(Exception):
@@ -55,12 +58,14 @@ class Models:
 
 
 def check_models(models: Models) -> None:
-    """The served model must be a consistency model; a teacher an EDM model of the same data shape."""
+    """The served model must be a consistency model with a codec in :data:`CODECS`; a teacher an EDM model of
+    the same data shape."""
     kind = getattr(models.model, "kind", "")
     if kind != "consistency":
         what = "an EDM diffusion model" if kind == "edm" else "not a consistency model"
         raise CmkitError(f"this is {what}; the studio serves a consistency model (ct, ict, cd, ect, sct, scd), "
                          "and shows a diffusion model beside it with --teacher")
+    check_codec(models.config.data.codec, CODECS, what="the studio")
     teacher = models.teacher
     if teacher is None:
         return
@@ -194,6 +199,8 @@ class Studio:
         self.models, self.precision = models, precision
         self.threads = threads or torch.get_num_threads()
         self.model = models.model
+        self.denoiser = BatchInvariant(self.model)  # editing's as in cmkit edit: results do not depend on the batch
+        self.codec: Codec = data_codec(models.config.data)
         m = self.model
         self.device = next(m.parameters()).device
         self.shape = (m.resolution, m.resolution, m.channels)
@@ -256,19 +263,17 @@ class Studio:
         return noise, self._labels(request, noise)
 
     def _label(self, request: dict[str, Any]) -> int | None:
-        """The request's ``label`` (a class of a class-conditional model), or None."""
+        """The request's ``label`` (a class of a class-conditional model, :func:`cmkit.cond.check_labels`), or None."""
         if request.get("label") is None:
             return None
-        if not self.model.num_classes:
-            raise CmkitError("request field 'label': this model is not class-conditional")
-        return int_field(request, "label", 0, self.model.num_classes - 1)
+        label = _field(request, "label", int)
+        check_labels(self.model.num_classes, label, name="request field 'label'")
+        return label
 
     def _labels(self, request: dict[str, Any], noise: SeededNoise) -> Tensor | None:
-        """The label tensor of one image: the request's ``label``, else (class-conditional) drawn from the seed."""
-        label = self._label(request)
-        if label is not None:
-            return torch.tensor([label], device=self.device)
-        return noise.labels(self.model.num_classes) if self.model.num_classes else None
+        """The label tensor of one image: the request's ``label``, else (class-conditional) drawn from the seed,
+        by the rule ``cmkit edit`` and ``cmkit sample`` use (:func:`cmkit.cond.seed_labels`)."""
+        return seed_labels(noise, self.model.num_classes, self._label(request))
 
     def _sigmas(self, request: dict[str, Any]) -> list[float]:
         return default_sigmas(self.model, choice_field(request, "steps", STEPS, 1)).tolist()
@@ -294,7 +299,7 @@ class Studio:
         sigmas = default_sigmas(model, steps)
         x = next(generate(model, range(seed, seed + GRID), sigmas=sigmas, sampler=sampler, batch_size=GRID,
                           label=label, precision=self.precision))
-        return {"result": grid(to_numpy_images(x))}, time.perf_counter() - start
+        return {"result": grid(to_numpy_images(self.codec.to_images(x)))}, time.perf_counter() - start
 
     @torch.no_grad()
     def _draw(self, request: dict[str, Any], stale) -> tuple[dict[str, np.ndarray], float]:
@@ -306,7 +311,7 @@ class Studio:
         # The paper's two levels (5.38, 2.24) scaled to start at ``strength``, continued geometrically.
         sigmas = [s for s in (strength * STROKE_RATIO**i for i in range(steps)) if s > self.model.sigma_min]
         start = time.perf_counter()
-        x = editing.stroke(self.model, strokes, noise=noise, sigmas=sigmas, labels=labels)
+        x = editing.stroke(self.denoiser, strokes, noise=noise, sigmas=sigmas, labels=labels)
         return {"result": to_numpy_images(x)[0]}, time.perf_counter() - start
 
     @torch.no_grad()
@@ -315,7 +320,7 @@ class Studio:
         mask = torch.from_numpy(pixels_field(request, "mask", self.shape[:2]) > 0)
         noise, labels, sigmas = self._common(request)
         start = time.perf_counter()
-        x = editing.inpaint(self.model, images, mask, sigmas=sigmas, noise=noise, labels=labels)
+        x = editing.inpaint(self.denoiser, images, mask, sigmas=sigmas, noise=noise, labels=labels)
         return {"result": to_numpy_images(x)[0]}, time.perf_counter() - start
 
     @torch.no_grad()
@@ -323,7 +328,7 @@ class Studio:
         images = self._source(request)
         noise, labels, sigmas = self._common(request)
         start = time.perf_counter()
-        x = editing.colorize(self.model, images, sigmas=sigmas, noise=noise, labels=labels)
+        x = editing.colorize(self.denoiser, images, sigmas=sigmas, noise=noise, labels=labels)
         seconds = time.perf_counter() - start
         gray = to_numpy_images(editing.luma(images))[0]
         return {"result": to_numpy_images(x)[0], "input": gray}, seconds
@@ -334,7 +339,7 @@ class Studio:
         low = editing.patch_means(self._source(request), factor)
         noise, labels, sigmas = self._common(request)
         start = time.perf_counter()
-        x = editing.superres(self.model, low, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
+        x = editing.superres(self.denoiser, low, factor=factor, sigmas=sigmas, noise=noise, labels=labels)
         return {"result": to_numpy_images(x)[0], "input": to_numpy_images(low)[0]}, time.perf_counter() - start
 
     @torch.no_grad()
@@ -346,7 +351,7 @@ class Studio:
         labels = self._labels(request, SeededNoise(seeds[:1], shape, self.device))
         big_t = self.model.sigma_max
         start = time.perf_counter()
-        x = editing.denoise(self.model, big_t * editing.slerp(z0, z1, t), sigma=big_t, labels=labels)
+        x = editing.denoise(self.denoiser, big_t * editing.slerp(z0, z1, t), sigma=big_t, labels=labels)
         return {"result": to_numpy_images(x)[0]}, time.perf_counter() - start
 
     # --------------------------------------------------------------------------------- sources

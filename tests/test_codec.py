@@ -1,0 +1,50 @@
+"""The codec between images and the model (cmkit.codec): identity round trip, its shape and dimension, the
+clamp on decoded images only, and the refusals of unknown codecs and of codecs editing and the studio cannot use."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cmkit import editing
+from cmkit.checkpoint import load_export
+from cmkit.codec import CODECS, data_codec, make_codec
+from cmkit.config import DataConfig, validate
+from cmkit.errors import CmkitError
+from cmkit.studio.engine import Models, check_models
+
+
+def test_identity_round_trip_shape_and_dim():
+    codec = make_codec("identity", channels=3, resolution=8)
+    x = torch.rand(2, 3, 8, 8) * 4 - 2  # outside [-1, 1] too
+    assert torch.equal(codec.decode(codec.encode(x)), x)
+    assert codec.shape == (3, 8, 8) and codec.dim == 192
+    assert data_codec(DataConfig(resolution=28, channels=1)).dim == 784  # pseudo-Huber's D of Fashion-MNIST
+
+
+def test_only_decoded_images_are_clamped():
+    codec = make_codec("identity", channels=1, resolution=2)
+    x = torch.tensor([-3.0, -1.0, 0.25, 5.0]).view(1, 1, 2, 2)
+    assert codec.to_images(x).flatten().tolist() == [-1.0, -1.0, 0.25, 1.0]
+    assert codec.decode(x).flatten().tolist() == [-3.0, -1.0, 0.25, 5.0]
+
+
+def test_unknown_codecs_are_refused_with_the_known_ones(tiny_config):
+    assert set(CODECS) == {"identity"}
+    with pytest.raises(CmkitError, match=r"data.codec: unknown codec 'vae'; expected one of identity"):
+        make_codec("vae", channels=1, resolution=28)
+    with pytest.raises(CmkitError, match=r"data.codec: unknown value 'vae'; expected one of identity"):
+        validate(replace(tiny_config, data=replace(tiny_config.data, codec="vae")))
+
+
+def test_editing_and_the_studio_say_which_codecs_they_take(studio_files):
+    editing.check_codec("identity")
+    with pytest.raises(CmkitError, match="data.codec=vae: zero-shot editing works on models with codec identity"):
+        editing.check_codec("vae")
+    model, config = load_export(studio_files["gray"])
+    check_models(Models(model, config))
+    latent = replace(config, data=replace(config.data, codec="vae"))
+    with pytest.raises(CmkitError, match="data.codec=vae: the studio works on models with codec identity"):
+        check_models(Models(model, latent))
