@@ -11,8 +11,6 @@ import json
 import math
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -32,7 +30,7 @@ from cmkit.rng import SeededNoise
 from cmkit.sampling import default_sigmas, generate
 from cmkit.studio import engine
 from cmkit.studio.engine import GRID, Models, Studio, check_models
-from conftest import import_or_missing, studio_server
+from conftest import exit_status, import_or_missing, studio_server
 
 import_or_missing("starlette", "the studio extra is not installed: pip install -e '.[studio]'")
 ws_client = import_or_missing("websockets.sync.client", "websockets is not installed: pip install websockets")
@@ -468,14 +466,15 @@ def test_cmkit_serve_prints_its_url_serves_the_page_and_stops_on_ctrl_c(studio_f
         assert "cmkit studio: stopped" in proc.stderr.read()
 
 
-def test_cmkit_serve_refuses_a_diffusion_model_and_a_taken_port(studio_files):
-    run = [sys.executable, "-m", "cmkit", "serve"]
-    done = subprocess.run([*run, str(studio_files["teacher"])], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "the studio serves a consistency model" in done.stderr
+def test_cmkit_serve_refuses_a_diffusion_model_and_a_taken_port(studio_files, capsys):
+    """Refused in-process before anything is served: status 2 and one line naming the problem."""
+    assert exit_status(["serve", str(studio_files["teacher"])]) == 2
+    err = capsys.readouterr().err
+    assert "the studio serves a consistency model" in err and len(err.splitlines()) == 1, err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        done = subprocess.run([*run, str(studio_files["gray"]), "--port", port], capture_output=True, text=True,
-                              timeout=60)
-    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr
+        assert exit_status(["serve", str(studio_files["gray"]), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.splitlines()) == 1, err
