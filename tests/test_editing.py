@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -330,13 +331,19 @@ def test_superres_checks_the_low_resolution_size():
 
 # ------------------------------------------------------------------------- the CLI on a trained model
 
+@functools.cache
+def _fmnist_test_images() -> torch.Tensor:
+    """The first 8 Fashion-MNIST test images, uint8 [8, 1, 28, 28], decoded once for every test here."""
+    from cmkit.data import load_dataset
+
+    return load_dataset("fashion-mnist", resolution=28, channels=1, split="test").images[:8].clone()
+
+
 def _fmnist_pngs(folder, n: int = 3):
     from PIL import Image
 
-    from cmkit.data import load_dataset
-
     folder.mkdir()
-    data = load_dataset("fashion-mnist", resolution=28, channels=1, split="test").images[:n]
+    data = _fmnist_test_images()[:n]
     for i, img in enumerate(data):
         Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
     return data
