@@ -71,10 +71,12 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def measure(timer: Callable[[], float], device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """(median seconds over ``repeats`` after one warm-up call, peak GiB)."""
+def measure(timer: Callable[[], float], device: torch.device, repeats: int, *,
+            warmup: bool) -> tuple[float, float | None]:
+    """(median seconds over ``repeats``, after one warm-up call if ``warmup``, peak GiB)."""
     peak_reset(device)
-    timer()
+    if warmup:
+        timer()
     times = [timer() for _ in range(repeats)]
     return statistics.median(times), peak_gib(device)
 
@@ -142,7 +144,7 @@ def train_rate(config: Config, precision: str, device: torch.device, args: argpa
         trial = replace(config, train=replace(config.train, precision=precision, accum=accum))
         try:
             seconds, peak = measure(train_timer(trial, device, smoke=args.smoke, oom_above=args.oom_above), device,
-                                    args.repeats)
+                                    args.repeats, warmup=not args.smoke)
             return {"images_per_s": batch / seconds, "accum": accum, "micro_batch": batch // accum,
                     "peak_gib": peak}
         except torch.OutOfMemoryError as e:
@@ -169,7 +171,7 @@ def sample_rate(config: Config, precision: str, device: torch.device, args: argp
         sync(device)
         return time.perf_counter() - start
 
-    seconds, peak = measure(sample, device, args.repeats if steps == 1 else min(args.repeats, 2))
+    seconds, peak = measure(sample, device, args.repeats if steps == 1 else min(args.repeats, 2), warmup=not args.smoke)
     return {"sampler": "1 step" if steps == 1 else "heun 35 NFE", "images_per_s": n / seconds, "peak_gib": peak}
 
 
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="result file (default bench/results/gpu-<gpu name>.json)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.smoke:  # one thread: a CPU shared with other jobs stalls multi-threaded kernels at every barrier
+    if args.smoke:  # one thread: a CPU shared with other jobs stalls multi-threaded kernels at every barrier; one
+        # timed call per measurement and no warm-up (the smoke checks the paths, not the times)
         torch.set_num_threads(1)
         args.sample_batch, args.repeats = min(args.sample_batch, 4), 1
         args.oom_above = args.oom_above or SMOKE_OOM_ABOVE

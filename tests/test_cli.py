@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from PIL import Image
 
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main, make_parser
-from cmkit.presets import PRESETS
+from cmkit.config import Config
+from cmkit.presets import PRESETS, preset
 from conftest import exit_status, train_tiny
 
 
@@ -144,22 +146,37 @@ def test_corrupt_image_is_named(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_console_script_and_dry_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cmkit", "train", "--preset", "cifar10-ict", "--out",
-                          str(tmp_path / "r"), "--dry-run"], capture_output=True, text=True, check=True)
-    assert '"batch": 1024' in out.stdout and not (tmp_path / "r").exists()
-    listing = subprocess.run([sys.executable, "-m", "cmkit", "presets"], capture_output=True, text=True,
-                             check=True).stdout
-    for name in ("fmnist-edm", "fmnist-ct", "fmnist-ict", "fmnist-sct", "fmnist-scd", "cifar10-edm", "cifar10-ict"):
-        assert name in listing
+def test_the_console_script_exits_with_mains_status(tmp_path):
+    """The one subprocess of these tests: ``python -m cmkit`` passes main's status to the shell, and a refusal
+    is one line on stderr."""
+    done = subprocess.run([sys.executable, "-m", "cmkit", "train", "--preset", "no-such", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "r").exists()
+    assert done.stderr.startswith("cmkit: error: ") and "unknown preset" in done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_presets_lists_every_preset(capsys):
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_dry_runs(name, tmp_path, capsys):
-    teacher = ["--teacher", str(tmp_path)] if PRESETS[name][1].method.needs_teacher else []
-    assert main(["train", "--preset", name, "--out", str(tmp_path / "r"), "--dry-run", *teacher]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["preset"] == name and not (tmp_path / "r").exists()
+def test_every_preset_dry_runs_to_its_config_with_the_options_applied(name, tmp_path, capsys):
+    """``--dry-run`` prints the resolved config: the preset's, with --kimg, --seed, --accum and --teacher (made
+    absolute) applied, and writes nothing."""
+    needs_teacher = PRESETS[name][1].method.needs_teacher
+    teacher = ["--teacher", str(tmp_path)] if needs_teacher else []
+    expected = preset(name)
+    kimg = 2 * expected.train.kimg  # past any warm-start
+    assert main(["train", "--preset", name, "--out", str(tmp_path / "r"), "--dry-run", "--kimg", str(kimg), "--seed",
+                 "11", "--accum", "2", *teacher]) == 0
+    printed = Config.from_dict(json.loads(capsys.readouterr().out))
+    expected = replace(expected, train=replace(expected.train, kimg=kimg, seed=11, accum=2))
+    if needs_teacher:
+        expected = replace(expected, method=replace(expected.method, teacher=str(tmp_path.resolve())))
+    assert printed == expected and not (tmp_path / "r").exists()
 
 
 def test_options_apply_in_any_order(tmp_path, capsys):

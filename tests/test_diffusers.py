@@ -212,12 +212,14 @@ def test_import_cmkit_does_not_import_diffusers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_missing_diffusers_is_a_user_error(tmp_path, tiny_config):
+def test_missing_diffusers_is_a_user_error(tmp_path, tiny_config, monkeypatch, capsys):
+    """In-process, with diffusers made unimportable and cmkit.export imported afresh."""
     save_export(build_model(tiny_config), tiny_config, tmp_path / "cm.safetensors")
-    code = ("import sys; sys.modules['diffusers'] = None; from cmkit.cli import main; "
-            f"sys.exit(main(['export', {str(tmp_path / 'cm.safetensors')!r}, '--diffusers', {str(tmp_path / 'o')!r}]))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 2 and 'pip install "cmkit[diffusers]"' in done.stderr
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.delitem(sys.modules, "cmkit.export", raising=False)
+    assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "cmkit[diffusers]"' in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
 
 

@@ -1,12 +1,15 @@
 """Distributed training (cmkit.dist): 2 gloo processes on the CPU against 1 process with the same global batch.
 
-One ``torch.multiprocessing`` launch runs every in-library scenario (train each method, dropout, sharded
-sampling and evaluation, bad input, weight check, stop flag); ``torchrun`` launches run the real CLI path
-(train, resume, eval, bad batch). Processes use one thread each.
+One ``torch.multiprocessing`` launch runs every in-library scenario (train each method, dropout, resume, sharded
+sampling and evaluation, bad input also through ``cmkit.cli.main``, weight check, stop flag); one ``torchrun``
+launch per command runs the real entry point ``torchrun -m cmkit`` (train with resume, eval). Processes use one
+thread each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -141,7 +144,7 @@ def _expect_error(fn) -> str | None:
     return None
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, out: str, data: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -156,6 +159,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["two_then_one"] = list_states(Path(out) / "two-then-one")[-1]
     one = list_states(Path(out) / "one")[-1]  # checkpointed by 1 process in the fixture
     result["one_then_two"] = train_steps(RESUMED, steps=2, resume_from=one)[0].state_dict()
+    result["two_then_two"] = train_steps(RESUMED, steps=2, resume_from=result["two_then_one"])[0].state_dict()
+    result["two_straight"] = train_steps(RESUMED, steps=4)[0].state_dict()
     model = sample_model()
     images = [b for b in generate(model, dist.shard(range(5, 12)), sigmas=[80.0], sampler="consistency",
                                   batch_size=2)]
@@ -169,16 +174,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["weights"] = _expect_error(lambda: dist.check_same_weights(model))
     result["stop"] = dist.any_rank(rank == 1)
     result["on_main"] = _expect_error(lambda: dist.on_main(lambda: (_ for _ in ()).throw(CmkitError("disk full"))))
+    # Last, as main() leaves the process group: the CLI refuses a batch the 2 processes cannot share, on each rank.
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(tiny_args(Path(out) / "bad", Path(data), "train.batch=31"))
+    result["cli_bad_batch"] = (status, err.getvalue(), (Path(out) / "bad").exists())
     torch.save(result, Path(out) / f"rank{rank}.pt")
     dist.shutdown()
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory) -> list[dict]:
+def two(tmp_path_factory, fmnist_subset) -> list[dict]:
     """Every 2-process scenario, run once: the results of rank 0 and rank 1."""
     out = tmp_path_factory.mktemp("two")
     save_run(train_steps(RESUMED, steps=2)[0], out / "one")  # a checkpoint 2 processes resume from
-    context = mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=False)
+    context = mp.spawn(_worker, args=(2, free_port(), str(out), str(fmnist_subset)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -198,6 +208,16 @@ def test_two_processes_train_like_one(two, name):
         assert max_diff(ema, run.ema.state_dict()) < 1e-6
         np.testing.assert_allclose(theirs, losses, rtol=1e-6)  # the logged loss is the global mean
     assert max_diff(two[0][name][0], two[1][name][0]) == 0  # the replicas are bit-identical
+
+
+def test_resume_at_the_same_world_size_is_bit_exact(two):
+    """A CT run checkpointed after 2 steps by 2 processes and resumed by 2 ends its 4th step exactly where the
+    straight 2-process run does: model, both EMAs, optimiser state."""
+    for rank in range(2):
+        resumed, straight = two[rank]["two_then_two"], two[rank]["two_straight"]
+        assert resumed["step"] == straight["step"] == 4
+        for key in ("model", "ema", "target", "optimizer"):
+            torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
 
 
 def test_resume_at_another_world_size(two):
@@ -244,8 +264,13 @@ def test_sharded_evaluation_equals_unsharded(two):
 
 
 def test_bad_world_size_fails_the_same_on_every_rank(two):
+    """In the library and through ``cmkit train`` (one line per rank, status 2, nothing written)."""
     assert two[0]["bad_batch"] == two[1]["bad_batch"] and "divisible by" in two[0]["bad_batch"]
     assert "2 x 1 = 2" in two[0]["bad_batch"] and "2 x 2 = 4" in two[1]["bad_accum"]
+    for rank in range(2):
+        status, err, written = two[rank]["cli_bad_batch"]
+        assert status == 2 and not written
+        assert err.startswith("cmkit: error: train.batch=31 is the global batch") and err.count("\n") == 1, err
 
 
 def test_diverged_weights_stop_every_rank(two):
@@ -320,26 +345,21 @@ def tiny_args(out: Path, data: Path, *extra: str) -> list[str]:
             "--ckpt-kimg", "0.128", "--seed", "3", "--set", *TINY, *extra]
 
 
-def test_torchrun_trains_like_one_process_and_resumes(run_dir, fmnist_subset, tmp_path):
-    """``torchrun --nproc_per_node=2 -m cmkit train``: 8 steps of the global batch 32 end within 1e-6 of the
-    1-process run (``run_dir``); deleting the last checkpoint and resuming under 2 processes is bit-exact."""
-    out = tmp_path / "two"
-    done = torchrun(*tiny_args(out, fmnist_subset))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("model: ") == 1  # rank 0 alone reports (and writes)
-    one, two = load_state(list_states(run_dir)[-1]), load_state(list_states(out)[-1])
-    assert two["step"] == one["step"] == 8
-    for key in ("model", "ema"):
-        assert max_diff(two[key], one[key]) < 1e-6
+def test_torchrun_resumes_a_one_process_run_and_trains_like_one_process(run_dir, fmnist_subset, tmp_path):
+    """``torchrun --nproc_per_node=2 -m cmkit train --resume`` of the 1-process run ``run_dir`` stopped after its
+    first checkpoint: steps 5 to 8 of the global batch 32 under 2 processes end within 1e-6 of the 1-process run,
+    and rank 0 alone reports (and writes)."""
     half = tmp_path / "half"
-    shutil.copytree(out, half)
+    shutil.copytree(run_dir, half)
     list_states(half)[-1].unlink()
     (half / "model.safetensors").unlink()
     done = torchrun(*tiny_args(half, fmnist_subset, "--resume"))
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = load_state(list_states(half)[-1])
-    for key in ("model", "ema", "optimizer"):
-        torch.testing.assert_close(resumed[key], two[key], rtol=0, atol=0)
+    assert done.stdout.count("model: ") == 1
+    one, two = load_state(list_states(run_dir)[-1]), load_state(list_states(half)[-1])
+    assert two["step"] == one["step"] == 8
+    for key in ("model", "ema"):
+        assert max_diff(two[key], one[key]) < 1e-6
     assert len((half / "metrics.jsonl").read_text().splitlines()) == 4
 
 
@@ -357,11 +377,3 @@ def test_torchrun_eval_reports_once_what_one_process_reports(run_dir, fmnist_sub
     rows_one, rows_two = (json.loads(p.read_text())["results"] for p in (one, two))
     for a, b in zip(rows_one, rows_two, strict=True):
         assert [b[k] for k in METRICS] == pytest.approx([a[k] for k in METRICS], rel=1e-4, abs=1e-6)
-
-
-def test_torchrun_refuses_a_batch_the_processes_cannot_share(fmnist_subset, tmp_path):
-    out = tmp_path / "bad"
-    done = torchrun(*tiny_args(out, fmnist_subset, "train.batch=31"))
-    assert done.returncode != 0
-    assert done.stderr.count("cmkit: error: train.batch=31 is the global batch") == 2  # one line per rank
-    assert not out.exists()

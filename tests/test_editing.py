@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -11,7 +12,7 @@ import torch
 from cmkit import editing
 from cmkit.checkpoint import build_model
 from cmkit.errors import CmkitError
-from cmkit.sampling import SeededNoise
+from cmkit.sampling import SeededNoise, consistency_sample
 from cmkit.transforms import Identity, LumaChroma, PatchBasis
 from conftest import GaussianOracle, exit_status, train_tiny
 
@@ -142,26 +143,44 @@ class Recorder:
         return self.drawn[-1]
 
 
-def test_edit_follows_algorithm_4():
-    model, y = oracle(1), images(2, 1)
-    mask = editing.box_mask((0, 0, 8, 4), resolution=8)
-    noise = Recorder(y.shape)
-    out = editing.inpaint(model, y, mask, sigmas=[80.0, 2.0], noise=noise)
-    start = torch.where(mask, 0.0, y)  # line 2: the masked reference, then noised at tau_1 (not used bare)
-    x = torch.where(mask, model(start + 80.0 * noise.drawn[0], 80.0).clamp(-1, 1), y)  # f clamped, as in the CM code
-    x = torch.where(mask, model(x + math.sqrt(2.0**2 - 0.002**2) * noise.drawn[1], 2.0).clamp(-1, 1), y)
-    assert (model(start + 80.0 * noise.drawn[0], 80.0).abs() > 1).any()  # the clamp mattered
-    torch.testing.assert_close(out, x, rtol=0, atol=0)
+def test_edit_is_algorithm_1_in_the_hole_and_the_reference_elsewhere():
+    """Alg. 4 with the exact consistency function of N(0, 0.1^2) data (per pixel, its samples well inside [-1, 1];
+    sigma_min 0.15 so that each step's noise level sqrt(tau^2 - eps^2) differs from tau): the known pixels are the
+    reference, and the hole is what Alg. 1 draws from the same noise, for a full mask and a partial one."""
+    model = GaussianOracle(0.1, kind="consistency", resolution=8).requires_grad_(False)
+    model.sigma_min = 0.15
+    y, sigmas = images(3, 1), [80.0, 2.0, 0.5]
+    sampled = consistency_sample(model, sigmas, noise_for(model))
+    assert sampled.abs().max() < 1  # the clamp of Alg. 4 (as in the CM code) does not act here
+    for mask in (torch.ones(8, 8, dtype=torch.bool), editing.box_mask((0, 0, 8, 4), resolution=8)):
+        out = editing.inpaint(model, y, mask, sigmas=sigmas, noise=noise_for(model))
+        torch.testing.assert_close(out, torch.where(mask, sampled, y), rtol=0, atol=1e-6)
+
+
+def test_edit_clamps_each_step_to_the_image_range():
+    """With N(0, 0.5^2) data about 5% of the one-step values lie outside [-1, 1]: every result is inside."""
+    model, y = oracle(1), images(8, 1)
+    assert (consistency_sample(model, [80.0], noise_for(model, range(8))).abs() > 1).float().mean() > 0.02
+    out = editing.inpaint(model, y, torch.ones(8, 8, dtype=torch.bool), sigmas=[80.0, 2.0],
+                          noise=noise_for(model, range(8)))
+    assert out.abs().max() <= 1 and (out.abs() == 1).any()
 
 
 def test_stroke_is_two_step_sdedit_from_the_painting():
-    model, strokes = oracle(3), images(2, 3)
+    """SDEdit from tau = 5.38, then 2.24 (two noise draws). With the exact, linear consistency function of
+    N(0, 0.2^2) data, f(x, sigma) = x sqrt(s^2 + eps^2) / sqrt(s^2 + sigma^2): from a blank painting it is Alg. 1
+    from 5.38, and a painting x adds x times both levels' factors."""
+    s, eps = 0.2, 0.002
+    model = GaussianOracle(s, kind="consistency", channels=3, resolution=8).requires_grad_(False)
+    strokes = images(2, 3) * 0.5
     noise = Recorder(strokes.shape)
     out = editing.stroke(model, strokes, noise=noise)
     assert editing.STROKE_SIGMAS == (5.38, 2.24) and len(noise.drawn) == 2
-    x = model(strokes + 5.38 * noise.drawn[0], 5.38).clamp(-1, 1)
-    x = model(x + math.sqrt(2.24**2 - 0.002**2) * noise.drawn[1], 2.24).clamp(-1, 1)
-    torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
+    blank = editing.stroke(model, torch.zeros_like(strokes), noise=Recorder(strokes.shape))
+    torch.testing.assert_close(blank, consistency_sample(model, [5.38, 2.24], Recorder(strokes.shape)),
+                               rtol=0, atol=1e-6)
+    factor = math.prod(math.sqrt((s**2 + eps**2) / (s**2 + sigma**2)) for sigma in (5.38, 2.24))
+    torch.testing.assert_close(out - blank, factor * strokes, rtol=0, atol=1e-6)
 
 
 def test_denoise_is_one_call():
@@ -312,13 +331,19 @@ def test_superres_checks_the_low_resolution_size():
 
 # ------------------------------------------------------------------------- the CLI on a trained model
 
+@functools.cache
+def _fmnist_test_images() -> torch.Tensor:
+    """The first 8 Fashion-MNIST test images, uint8 [8, 1, 28, 28], decoded once for every test here."""
+    from cmkit.data import load_dataset
+
+    return load_dataset("fashion-mnist", resolution=28, channels=1, split="test").images[:8].clone()
+
+
 def _fmnist_pngs(folder, n: int = 3):
     from PIL import Image
 
-    from cmkit.data import load_dataset
-
     folder.mkdir()
-    data = load_dataset("fashion-mnist", resolution=28, channels=1, split="test").images[:n]
+    data = _fmnist_test_images()[:n]
     for i, img in enumerate(data):
         Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
     return data

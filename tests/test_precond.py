@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -28,20 +29,48 @@ def test_consistency_boundary_is_exact(tiny_config, train_mode, name, boundary):
     assert not torch.equal(model(x, 1.0, None), x)
 
 
-def test_coefficients_match_recipes_at_known_values():
-    net = torch.nn.Identity()
-    cm = ConsistencyFunction(net, resolution=4, channels=1, sigma_data=0.5, sigma_min=0.002)
-    edm = EDMDenoiser(net, resolution=4, channels=1, sigma_data=0.5)
-    sigma = torch.tensor([0.5, 80.0])
+SIGMAS = torch.tensor([0.002, 0.01, 0.1, 0.5, 2.0, 80.0], dtype=torch.float64)
+
+
+def test_edm_coefficients_meet_the_papers_conditions():
+    """EDM (Karras et al. 2022, App. B.6) for data of std sigma_data: the network's input c_in (x0 + sigma n) and its
+    training target (x0 - c_skip x) / c_out have unit variance, c_skip is the one that makes c_out least (the
+    derivative of the target's variance vanishes), half skip at sigma = sigma_data; c_noise is 0 at sigma = 1 and
+    1 at sigma = e^4."""
+    sd, sigma = 0.5, SIGMAS
+    c_skip, c_out, c_in, c_noise = EDMDenoiser(torch.nn.Identity(), resolution=4, channels=1,
+                                               sigma_data=sd).coefficients(sigma)
+    ones = torch.ones_like(sigma)
+    torch.testing.assert_close(c_in**2 * (sd**2 + sigma**2), ones, rtol=1e-12, atol=0)
+    torch.testing.assert_close(((1 - c_skip) ** 2 * sd**2 + c_skip**2 * sigma**2) / c_out**2, ones, rtol=1e-12,
+                               atol=0)
+    torch.testing.assert_close(c_skip * sigma**2 - (1 - c_skip) * sd**2, 0 * ones, rtol=0, atol=1e-12)
+    assert c_skip[3] == 0.5
+    _, _, _, known = EDMDenoiser(torch.nn.Identity(), resolution=4, channels=1).coefficients(
+        torch.tensor([1.0, math.exp(4)], dtype=torch.float64))
+    torch.testing.assert_close(known, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_consistency_coefficients_at_known_points():
+    """CM (Song et al. 2023, App. C): c_skip(eps) = 1 and c_out(eps) = 0 exactly (the boundary condition), half
+    skip at sigma = eps + sigma_data, c_skip -> 0 and c_out -> sigma_data as sigma grows, EDM's unit-variance
+    input, EDM's coefficients exactly when eps = 0, and c_noise as EDM's."""
+    sd, eps, sigma = 0.5, 0.002, SIGMAS
+    cm = ConsistencyFunction(torch.nn.Identity(), resolution=4, channels=1, sigma_data=sd, sigma_min=eps)
     c_skip, c_out, c_in, c_noise = cm.coefficients(sigma)
-    torch.testing.assert_close(c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25))
-    torch.testing.assert_close(c_out, 0.5 * (sigma - 0.002) / (sigma**2 + 0.25).sqrt())
-    torch.testing.assert_close(c_in, 1 / (sigma**2 + 0.25).sqrt())
-    torch.testing.assert_close(c_noise, sigma.log() / 4)
-    e_skip, e_out, e_in, _ = edm.coefficients(torch.tensor([0.5]))
-    torch.testing.assert_close(e_skip, torch.tensor([0.5]))  # sigma = sigma_data: half skip
-    torch.testing.assert_close(e_out, torch.tensor([0.25 / 0.5**0.5]))
-    torch.testing.assert_close(e_in, torch.tensor([1 / 0.5**0.5]))
+    assert c_skip[0] == 1 and c_out[0] == 0
+    assert (c_skip[1:] < 1).all() and (c_skip[1:] > 0).all() and (c_out[1:] > 0).all()
+    assert (c_skip[1:] < c_skip[:-1]).all() and (c_out[1:] > c_out[:-1]).all()
+    assert c_skip[-1] < 1e-4 and sd * (1 - 1e-4) < c_out[-1] < sd
+    half = cm.coefficients(torch.tensor([eps + sd], dtype=torch.float64))[0]
+    torch.testing.assert_close(half, torch.tensor([0.5], dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(c_in**2 * (sd**2 + sigma**2), torch.ones_like(sigma), rtol=1e-12, atol=0)
+    edm = EDMDenoiser(torch.nn.Identity(), resolution=4, channels=1, sigma_data=sd).coefficients(sigma)
+    at_zero = ConsistencyFunction(torch.nn.Identity(), resolution=4, channels=1, sigma_data=sd,
+                                  sigma_min=0.0).coefficients(sigma)
+    for ours, theirs in zip(at_zero, edm, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+    torch.testing.assert_close(c_noise, edm[3], rtol=0, atol=0)
 
 
 def test_wrapper_feeds_scaled_input_to_backbone():

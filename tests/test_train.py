@@ -1,6 +1,5 @@
 import copy
 import os
-import time
 from dataclasses import replace
 
 import pytest
@@ -367,14 +366,8 @@ def test_compiled_forward_equals_eager(tiny_config, backend, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_in_place(self, backend=backend))
     run, eager = Run(_with(tiny_config, compile=True), CPU), Run(tiny_config, CPU)
     x, sigma = torch.randn(4, 1, 28, 28), torch.tensor([0.01, 0.5, 3.0, 70.0])
-    tick = time.perf_counter()
     with torch.no_grad():
-        try:
-            out = run.ddp(x, sigma)
-        except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
-            pytest.skip(f"{backend} cannot compile here: {str(e).splitlines()[0]}")
-        print(f"compiled forward ({backend}): {time.perf_counter() - tick:.1f} s")
-        expected = eager.model(x, sigma)
+        out, expected = run.ddp(x, sigma), eager.model(x, sigma)
     assert run.model.net._compiled_call_impl is not None  # compiled in place (the state_dict keys stay plain)
     assert list(run.state_dict()["model"]) == list(eager.state_dict()["model"])
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
