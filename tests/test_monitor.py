@@ -259,7 +259,8 @@ def test_bad_evaluation_settings_are_refused_before_anything_is_written(train_op
 
 
 def test_cli_until_fid_turns_evaluation_on_and_says_so(tmp_path, capsys):
-    argv = ["train", "--preset", "fmnist-ict", "--out", str(tmp_path / "a"), "--kimg", "41", "--dry-run"]
+    argv = ["train", "--preset", "fmnist-ict", "--out", str(tmp_path / "a"), "--kimg", "41", "--dry-run",
+            "--precision", "fp32"]  # (auto would say on stderr what it chose)
     assert exit_status([*argv, "--until-fid", "30"]) == 0
     captured = capsys.readouterr()
     settings = json.loads(captured.out)["train"]  # 41 kimg at batch 64: 641 steps, evaluated every 64
