@@ -14,6 +14,7 @@ from PIL import Image
 
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main, make_parser
+from cmkit.methods import method_entry
 from cmkit.presets import PRESETS
 from conftest import exit_status, train_tiny
 
@@ -28,7 +29,7 @@ def test_train_writes_the_run_directory(run_dir):
     assert len(lines) == 4 and all(np.isfinite(eval(ln.replace("null", "None"))["loss"]) for ln in lines)
     grids = sorted((run_dir / "samples").glob("*.png"))
     assert len(grids) == 2 and Image.open(grids[-1]).size == (2 + 8 * 30, 2 + 8 * 30)
-    model, config = load_export(run_dir)
+    model, config, _ = load_export(run_dir)
     assert config.preset == "fmnist-ict" and config.data.source.endswith("fmnist-320")
     torch.testing.assert_close(model.state_dict(), state["ema"], rtol=0, atol=0)
 
@@ -156,7 +157,8 @@ def test_console_script_and_dry_run(tmp_path):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_dry_runs(name, tmp_path, capsys):
-    teacher = ["--teacher", str(tmp_path)] if PRESETS[name][1].method.needs_teacher else []
+    takes = method_entry(PRESETS[name][1].method.name).teacher.takes_teacher
+    teacher = ["--teacher", str(tmp_path)] if takes else []
     assert main(["train", "--preset", name, "--out", str(tmp_path / "r"), "--dry-run", *teacher]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["preset"] == name and not (tmp_path / "r").exists()
@@ -182,14 +184,13 @@ def test_a_data_folder_is_stored_absolute(tmp_path, monkeypatch, capsys):
 
 
 def test_tuned_sigmas_survive_a_resumed_run(run_dir, fmnist_subset, tmp_path):
-    from cmkit.checkpoint import save_export, tuned_sigmas
+    from cmkit.checkpoint import export_spec, save_export
 
     half = tmp_path / "tuned"
     shutil.copytree(run_dir, half)
     list_states(half)[-1].unlink()
-    model, config = load_export(half)
-    model.tuned_sigmas = {2: [80.0, 1.5]}
-    save_export(model, config, half / "model.safetensors")
+    model, config, spec = load_export(half)
+    save_export(model, config, half / "model.safetensors", spec=spec.with_tuned(2, [80.0, 1.5]))
     assert train_tiny(half, fmnist_subset, "--resume") == 0
-    assert tuned_sigmas(half) == {2: [80.0, 1.5]}
-    assert load_export(half)[0].tuned_sigmas == {2: [80.0, 1.5]}
+    assert export_spec(half).tuned == {2: (80.0, 1.5)}
+    assert load_export(half).spec.tuned == {2: (80.0, 1.5)}

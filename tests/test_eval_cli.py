@@ -77,10 +77,10 @@ def test_tune_steps_stores_the_sigma_that_sample_then_uses(trained, request, fmn
     out = capsys.readouterr().out
     assert "best 2-step sigma" in out
     assert out.count("FID") == 2 + 2 + 1  # golden section: two first points, one per iteration; the summary
-    model, _ = load_export(run)
-    (t, sigma), = [model.tuned_sigmas[2]]
+    model, _, spec = load_export(run)
+    (t, sigma), = [spec.tuned[2]]
     assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2
-    assert default_sigmas(model, 2).tolist() == [t, sigma]
+    assert default_sigmas(spec, 2).tolist() == [t, sigma]
     assert main(["tune-steps", str(run), "--steps", "3"]) == 2
     assert main(["tune-steps", str(run), "--iters", "-1"]) == 2
     assert "--iters -1" in capsys.readouterr().err

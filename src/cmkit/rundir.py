@@ -96,8 +96,8 @@ def save(run: Run, out: Path) -> None:
     def write() -> None:
         checkpoint.save_state(run.state_dict(), out, images_seen=run.images_seen, keep=t.keep_ckpts)
         export = out / checkpoint.EXPORT_NAME
-        run.ema.tuned_sigmas = checkpoint.tuned_sigmas(export) if export.is_file() else {}
-        checkpoint.save_export(run.ema, run.config, export)
+        spec = checkpoint.export_spec(export) if export.is_file() else None
+        checkpoint.save_export(run.ema, run.config, export, spec=spec)
 
     dist.on_main(write)
 
