@@ -16,13 +16,12 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cmkit.distances import Distance, make_distance
-from cmkit.losses import GridPairs
+from cmkit.losses import GridPairs, Loss
 from cmkit.precond import Preconditioned
 from cmkit.sampling import SamplingPolicy
 
 if TYPE_CHECKING:
     from cmkit.config import Config
-    from cmkit.losses import Loss
 
 DISTANCES = ("l2", "pseudo-huber")
 STUDENT_NETS = ("teacher", "own")
@@ -178,7 +177,7 @@ class Capability(enum.Enum):
 
 # A configuration check of a whole config: (holds, message).
 ConfigCheck = Callable[["Config"], tuple[bool, str]]
-LossBuilder = Callable[..., "Loss"]
+LossBuilder = Callable[..., Loss]
 
 
 @dataclass(frozen=True)
