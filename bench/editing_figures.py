@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="images per picture (default 8)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model, _ = load_export(args.model)
+    model, _, _ = load_export(args.model)
     x, where = held_out_images(model, args.images, args.n)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,9 +38,9 @@ import torch
 
 from cmkit.checkpoint import build_model
 from cmkit.config import Config
-from cmkit.methods import EDMConfig
+from cmkit.methods import EDMConfig, method_entry, sampling_spec
 from cmkit.presets import PRESETS, preset
-from cmkit.sampling import default_sigmas, generate, sampling_policy
+from cmkit.sampling import default_sigmas, generate
 from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def train_timer(config: Config, device: torch.device, *, smoke: bool, oom_above:
     if oom_above is not None and micro > oom_above:
         raise torch.OutOfMemoryError(f"simulated: a micro-batch of {micro} images is above --oom-above {oom_above}")
     teacher = None
-    if config.method.needs_teacher:
+    if method_entry(config.method.name).teacher.takes_teacher:
         teacher = build_model(teacher_for(config, smoke)).to(device).eval().requires_grad_(False)
     run = Run(config, device, teacher=teacher)
     run.step = config.train.total_steps // 2  # mid-run: past a warm-start, mid-curriculum
@@ -159,20 +159,20 @@ def sample_rate(config: Config, precision: str, device: torch.device, args: argp
     """Sampling images/s of ``config``'s model (random weights) with its kind's sampler: 1 consistency step, or EDM
     Heun with 18 steps (35 evaluations)."""
     model = build_model(config).to(device).eval()
-    policy = sampling_policy(model)
-    steps = 1 if config.is_consistency else 18
-    sigmas, n = default_sigmas(model, steps), args.sample_batch
+    spec = sampling_spec(config.method)
+    sigmas, n = default_sigmas(spec, spec.steps), args.sample_batch
 
     def sample() -> float:
         sync(device)
         start = time.perf_counter()
-        for _ in generate(model, range(n), sigmas=sigmas, sampler=policy.sampler, batch_size=n, precision=precision):
+        for _ in generate(model, range(n), sigmas=sigmas, sampler=spec.sampler, batch_size=n, precision=precision):
             pass
         sync(device)
         return time.perf_counter() - start
 
-    seconds, peak = measure(sample, device, args.repeats if steps == 1 else min(args.repeats, 2), warmup=not args.smoke)
-    return {"sampler": "1 step" if steps == 1 else "heun 35 NFE", "images_per_s": n / seconds, "peak_gib": peak}
+    repeats = args.repeats if spec.steps == 1 else min(args.repeats, 2)
+    seconds, peak = measure(sample, device, repeats, warmup=not args.smoke)
+    return {"sampler": "1 step" if spec.steps == 1 else "heun 35 NFE", "images_per_s": n / seconds, "peak_gib": peak}
 
 
 def bench_preset(name: str, config: Config, device: torch.device, args: argparse.Namespace) -> dict:

@@ -32,8 +32,9 @@ from cmkit.config import Config, apply_overrides
 from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features, tune_two_step_sigma
 from cmkit.eval.features import get_extractor
 from cmkit.images import save_images, to_numpy_images
+from cmkit.methods import Capability, method_entry
 from cmkit.presets import preset
-from cmkit.sampling import default_sigmas, generate, sampling_policy
+from cmkit.sampling import SamplingSpec, default_sigmas, generate
 from cmkit.teacher import with_teacher
 from cmkit.train import train
 from throughput import machine, write_docs_section
@@ -93,20 +94,20 @@ def train_model(label: str, kimg: float, runs: Path) -> float:
     return train_run(bench_run(config, kimg), runs / run_name(label))
 
 
-def tune_two_step(model: torch.nn.Module, config: Config, run_dir: Path, *, n: int, iters: int, extractor,
-                  reference: np.ndarray) -> tuple[float, list[dict[str, float]]]:
+def tune_two_step(model: torch.nn.Module, config: Config, spec: SamplingSpec, run_dir: Path, *, n: int, iters: int,
+                  extractor, reference: np.ndarray) -> tuple[float, list[dict[str, float]], SamplingSpec]:
     """Tune the model's 2-step intermediate sigma on FID (bf16) and store it in the run's export, as
-    ``cmkit tune-steps`` does; returns the search's best sigma and history."""
+    ``cmkit tune-steps`` does; returns the search's best sigma, its history and the tuned spec."""
     best, history = tune_two_step_sigma(model, n=n, extractor=extractor, reference=reference, batch=BATCH,
                                         iters=iters, precision="bf16")
-    model.tuned_sigmas[2] = [model.sigma_max, best]
-    checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME)
-    return best, history
+    spec = spec.with_tuned(2, [spec.sigma_max, best])
+    checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME, spec=spec)
+    return best, history, spec
 
 
-def grid(model: torch.nn.Module, steps: int, sampler: str, path: Path) -> str:
+def grid(model: torch.nn.Module, spec: SamplingSpec, steps: int, path: Path) -> str:
     images = np.concatenate([to_numpy_images(b) for b in generate(
-        model, range(64), sigmas=default_sigmas(model, steps), sampler=sampler, batch_size=64)])
+        model, range(64), sigmas=default_sigmas(spec, steps), sampler=spec.sampler, batch_size=64)])
     save_images(images, path)
     return str(path.relative_to(ROOT))
 
@@ -116,18 +117,18 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
     record = run_dir / "ladder-eval.json"
     if record.exists() and json.loads(record.read_text())["size"] == size:
         return json.loads(record.read_text())["entry"]
-    model, config = checkpoint.load_export(run_dir)
+    model, config, spec = checkpoint.load_export(run_dir)
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
-    if model.kind == "consistency":
-        best, history = tune_two_step(model, config, run_dir, n=size["tune_n"], iters=size["tune_iters"],
-                                      extractor=extractor, reference=reference)
+    tunable = method_entry(config.method.name).can(Capability.TUNE_STEPS)
+    if tunable:
+        best, history, spec = tune_two_step(model, config, spec, run_dir, n=size["tune_n"],
+                                            iters=size["tune_iters"], extractor=extractor, reference=reference)
         entry.update(two_step_sigma=best, tune_history=history)
-    steps = STUDENT_STEPS if model.kind == "consistency" else TEACHER_STEPS
-    sampler = sampling_policy(model).sampler
-    entry["rows"] = evaluate_model(model, steps=steps, n=size["n"], extractor=extractor, reference=reference,
-                                   batch=BATCH, sampler=sampler, precision="bf16")
+    steps = STUDENT_STEPS if tunable else TEACHER_STEPS
+    entry["rows"] = evaluate_model(model, spec, steps=steps, n=size["n"], extractor=extractor, reference=reference,
+                                   batch=BATCH, precision="bf16")
     slug = re.sub(r"[^a-z0-9]+", "-", label.split(" (")[0].lower()).strip("-")
-    entry["grids"] = {k: grid(model, k, sampler, img_dir / f"{slug}-{k}step.png") for k in steps}
+    entry["grids"] = {k: grid(model, spec, k, img_dir / f"{slug}-{k}step.png") for k in steps}
     record.write_text(json.dumps({"size": size, "entry": entry}, indent=2) + "\n")
     return entry
 

@@ -30,8 +30,9 @@ import torch
 
 from cmkit.checkpoint import build_model
 from cmkit.config import Config
+from cmkit.methods import method_entry, sampling_spec
 from cmkit.presets import PRESETS, preset
-from cmkit.sampling import SeededNoise, default_sigmas, generate, sampling_policy
+from cmkit.sampling import SeededNoise, default_sigmas, generate
 from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def train_step_timer(config: Config, *, compile_model: bool = False,
     """A function timing one optimiser step of a fresh run of ``config`` on random data (methods with a teacher
     get a randomly initialised EDM teacher of the same net)."""
     teacher = None
-    if config.method.needs_teacher:
+    if method_entry(config.method.name).teacher.takes_teacher:
         teacher = build_model(method_config(config, "edm")).eval().requires_grad_(False)
     config = replace(config, train=replace(config.train, compile=compile_model, channels_last=channels_last))
     run = Run(config, torch.device("cpu"), teacher=teacher)
@@ -69,9 +70,9 @@ def train_step_timer(config: Config, *, compile_model: bool = False,
 def sample_timer(config: Config, steps: int, batch: int, *, bare: bool = False,
                  precision: str = "fp32") -> Callable[[], float]:
     """A function timing the sampling of one batch (or one bare forward pass of the network)."""
-    model = Run(config, torch.device("cpu")).ema
-    sampler = sampling_policy(model).sampler
-    sigmas = default_sigmas(model, steps)
+    model, spec = Run(config, torch.device("cpu")).ema, sampling_spec(config.method)
+    sampler = spec.sampler
+    sigmas = default_sigmas(spec, steps)
     noise = SeededNoise(range(batch), (config.data.channels, config.data.resolution, config.data.resolution))()
     c_noise = torch.zeros(batch)
 

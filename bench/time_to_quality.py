@@ -210,17 +210,17 @@ def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> d
     record = run_dir / "time-eval.json"
     if record.exists() and json.loads(record.read_text())["settings"] == EVAL:
         return json.loads(record.read_text())["entry"]
-    model, config = checkpoint.load_export(run_dir)
+    model, config, spec = checkpoint.load_export(run_dir)
     fmnist, inception = extractors["fid-fmnist"], extractors["fid-inception"]
-    best, _ = tune_two_step(model, config, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"], extractor=fmnist,
-                            reference=references["fid-fmnist"])
-    common = {"batch": BATCH, "sampler": "consistency", "precision": "bf16"}
+    best, _, spec = tune_two_step(model, config, spec, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"],
+                                  extractor=fmnist, reference=references["fid-fmnist"])
+    common = {"batch": BATCH, "precision": "bf16"}
     entry = {"two_step_sigma": best,
-             "fid_fmnist": evaluate_model(model, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
+             "fid_fmnist": evaluate_model(model, spec, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
                                           reference=references["fid-fmnist"], **common),
-             "fid_inception": evaluate_model(model, steps=(1,), n=EVAL["inception_n"], extractor=inception,
+             "fid_inception": evaluate_model(model, spec, steps=(1,), n=EVAL["inception_n"], extractor=inception,
                                              reference=references["fid-inception"], **common),
-             "grids": {k: grid(model, k, "consistency", GRIDS / f"{plan.name()}-{k}step.png") for k in (1, 2)}}
+             "grids": {k: grid(model, spec, k, GRIDS / f"{plan.name()}-{k}step.png") for k in (1, 2)}}
     record.write_text(json.dumps({"settings": EVAL, "entry": entry}, indent=2) + "\n")
     return entry
 

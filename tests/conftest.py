@@ -36,13 +36,18 @@ class GaussianOracle(nn.Module):
 
     Denoiser: D(x, sigma) = s^2 / (s^2 + sigma^2) x. The probability-flow ODE keeps x / sqrt(s^2 + sigma^2)
     constant, so the consistency function is f(x, sigma) = x sqrt(s^2 + eps^2) / sqrt(s^2 + sigma^2).
-    ``log_s`` is a parameter so tests can take gradients with respect to the assumed data scale.
+    ``log_s`` is a parameter so tests can take gradients with respect to the assumed data scale. ``kind`` is
+    ``edm`` (the denoiser, named as an EDM model) or ``consistency`` (the consistency function, named as an iCT
+    model), so cmkit's capability checks see a model of that method.
     """
+
+    sigma_data = 0.5
 
     def __init__(self, s: float, *, kind: str, channels: int = 1, resolution: int = 4) -> None:
         super().__init__()
         self.log_s = nn.Parameter(torch.tensor(math.log(s)))
         self.kind, self.channels, self.resolution, self.num_classes = kind, channels, resolution, 0
+        self.method_name = "edm" if kind == "edm" else "ict"
         self.sigma_min, self.sigma_max = 0.002, 80.0
 
     def forward(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
@@ -64,10 +69,9 @@ class GaussianTrigFlow(GaussianOracle):
     returns (F, w), w being the parameter ``logvar`` (0 unless set): the adaptive weight of the sCM loss.
     """
 
-    sigma_data = 0.5
-
     def __init__(self, s: float, **kw) -> None:
         super().__init__(s, kind="consistency", **kw)
+        self.method_name = "sct"
         self.logvar = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, sigma, cond=None):

@@ -10,8 +10,8 @@ from cmkit import augment as aug
 from cmkit.checkpoint import list_states, load_state
 from cmkit.config import Config, DataConfig, apply_overrides, validate
 from cmkit.errors import CmkitError
-from cmkit.losses import EDMLoss, make_loss
-from cmkit.methods import EDMConfig
+from cmkit.losses import EDMLoss
+from cmkit.methods import EDMConfig, make_loss
 from cmkit.presets import preset
 from cmkit.rng import BatchNoise
 from conftest import TINY, train_tiny

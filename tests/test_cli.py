@@ -16,6 +16,7 @@ from PIL import Image
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main, make_parser
 from cmkit.config import Config
+from cmkit.methods import method_entry
 from cmkit.presets import PRESETS, preset
 from conftest import exit_status, train_tiny
 
@@ -30,7 +31,7 @@ def test_train_writes_the_run_directory(run_dir):
     assert len(lines) == 4 and all(np.isfinite(eval(ln.replace("null", "None"))["loss"]) for ln in lines)
     grids = sorted((run_dir / "samples").glob("*.png"))
     assert len(grids) == 2 and Image.open(grids[-1]).size == (2 + 8 * 30, 2 + 8 * 30)
-    model, config = load_export(run_dir)
+    model, config, _ = load_export(run_dir)
     assert config.preset == "fmnist-ict" and config.data.source.endswith("fmnist-320")
     torch.testing.assert_close(model.state_dict(), state["ema"], rtol=0, atol=0)
 
@@ -166,7 +167,7 @@ def test_presets_lists_every_preset(capsys):
 def test_every_preset_dry_runs_to_its_config_with_the_options_applied(name, tmp_path, capsys):
     """``--dry-run`` prints the resolved config: the preset's, with --kimg, --seed, --accum and --teacher (made
     absolute) applied, and writes nothing."""
-    needs_teacher = PRESETS[name][1].method.needs_teacher
+    needs_teacher = method_entry(PRESETS[name][1].method.name).teacher.takes_teacher
     teacher = ["--teacher", str(tmp_path)] if needs_teacher else []
     expected = preset(name)
     kimg = 2 * expected.train.kimg  # past any warm-start
@@ -199,14 +200,13 @@ def test_a_data_folder_is_stored_absolute(tmp_path, monkeypatch, capsys):
 
 
 def test_tuned_sigmas_survive_a_resumed_run(run_dir, fmnist_subset, tmp_path):
-    from cmkit.checkpoint import save_export, tuned_sigmas
+    from cmkit.checkpoint import export_spec, save_export
 
     half = tmp_path / "tuned"
     shutil.copytree(run_dir, half)
     list_states(half)[-1].unlink()
-    model, config = load_export(half)
-    model.tuned_sigmas = {2: [80.0, 1.5]}
-    save_export(model, config, half / "model.safetensors")
+    model, config, spec = load_export(half)
+    save_export(model, config, half / "model.safetensors", spec=spec.with_tuned(2, [80.0, 1.5]))
     assert train_tiny(half, fmnist_subset, "--resume") == 0
-    assert tuned_sigmas(half) == {2: [80.0, 1.5]}
-    assert load_export(half)[0].tuned_sigmas == {2: [80.0, 1.5]}
+    assert export_spec(half).tuned == {2: (80.0, 1.5)}
+    assert load_export(half).spec.tuned == {2: (80.0, 1.5)}

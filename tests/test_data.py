@@ -570,4 +570,3 @@ def test_model_range_roundtrip_exact() -> None:
     assert to_uint8(torch.tensor([-3.0, 3.0, 0.0])).tolist() == [0, 255, 128]
     with pytest.raises(ValueError):
         to_model_range(x)
-

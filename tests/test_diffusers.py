@@ -36,7 +36,7 @@ from cmkit.cond import Cond  # noqa: E402
 from cmkit.config import FAMILY_FIELDS, Config, apply_overrides  # noqa: E402
 from cmkit.errors import CmkitError  # noqa: E402
 from cmkit.export import CmkitUNet2DModel, export_diffusers, module_files, tuned_schedules  # noqa: E402
-from cmkit.methods import SCTConfig, switch_method  # noqa: E402
+from cmkit.methods import SCTConfig, sampling_spec, switch_method  # noqa: E402
 from cmkit.nets.foreign import alphas_cumprod, is_diffusers_folder, load_diffusers_teacher  # noqa: E402
 from cmkit.presets import preset  # noqa: E402
 from cmkit.sampling import consistency_sample  # noqa: E402
@@ -447,9 +447,10 @@ TUNED = {1: [80.0], 2: [80.0, 0.9], 3: [80.0, 5.0, 0.5], 4: [80.0, 79.99, 1.0, 0
 
 def test_tuned_sigmas_survive_the_export(tmp_path, tiny_config, capsys):
     """Issue 12: `cmkit tune-steps` schedules (export metadata) reach the scheduler config, with timesteps."""
-    model = random_consistency_model(tiny_config)
-    model.tuned_sigmas = TUNED
-    save_export(model, tiny_config, tmp_path / "cm.safetensors")
+    model, spec = random_consistency_model(tiny_config), sampling_spec(tiny_config.method)
+    for steps, sigmas in TUNED.items():
+        spec = spec.with_tuned(steps, sigmas)
+    save_export(model, tiny_config, tmp_path / "cm.safetensors", spec=spec)
     assert main(["export", str(tmp_path / "cm.safetensors"), "--diffusers", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     stored = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())

@@ -32,7 +32,7 @@ from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.data import ImageData
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import evaluate_model, image_features
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCTConfig
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCTConfig, method_entry, model_spec
 from cmkit.sampling import generate
 from cmkit.train import Run, local_batch, save_run
 
@@ -91,13 +91,14 @@ def evaluate_sample_model(batch: int) -> tuple[list[dict], int]:
     """Metrics of 13 one- and two-step samples of :func:`sample_model` against REFERENCE, and how many images
     this process featurised."""
     extractor = PoolFeatures()
-    rows = evaluate_model(sample_model(), steps=[1, 2], n=13, extractor=extractor, reference=REFERENCE,
-                          batch=batch, sampler="consistency")
+    model = sample_model()
+    rows = evaluate_model(model, model_spec(model), steps=[1, 2], n=13, extractor=extractor, reference=REFERENCE,
+                          batch=batch)
     return rows, extractor.seen
 
 
 def teacher_of(config: Config) -> torch.nn.Module | None:
-    if not config.method.needs_teacher:
+    if not method_entry(config.method.name).teacher.takes_teacher:
         return None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)

@@ -78,10 +78,10 @@ def test_tune_steps_stores_the_sigma_that_sample_then_uses(trained, request, fmn
     assert "best 2-step sigma" in out
     # golden section: two first points and one per iteration (n=5), the 3 best again (n=20); the summary
     assert out.count("(n=5)") == 2 + 2 and out.count("(n=20)") == 3 and out.count("FID") == 4 + 3 + 1
-    model, _ = load_export(run)
-    (t, sigma), = [model.tuned_sigmas[2]]
+    model, _, spec = load_export(run)
+    (t, sigma), = [spec.tuned[2]]
     assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2
-    assert default_sigmas(model, 2).tolist() == [t, sigma]
+    assert default_sigmas(spec, 2).tolist() == [t, sigma]
     assert main(["tune-steps", str(run), "--steps", "3"]) == 2
     assert main(["tune-steps", str(run), "--iters", "-1"]) == 2
     assert "--iters -1" in capsys.readouterr().err

@@ -8,28 +8,42 @@ from torch import nn
 from cmkit.config import Config, apply_overrides, validate
 from cmkit.distances import huber_c
 from cmkit.errors import CmkitError
-from cmkit.losses import EDMLoss, make_loss, replayed_randomness
-from cmkit.methods import METHODS, CDConfig, CTConfig, ECTConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
-from cmkit.precond import ConsistencyFunction
+from cmkit.losses import EDMLoss, replayed_randomness
+from cmkit.methods import (
+    REGISTRY,
+    CDConfig,
+    CTConfig,
+    ECTConfig,
+    ICTConfig,
+    MethodConfig,
+    SCDConfig,
+    SCTConfig,
+    make_loss,
+    method_entry,
+)
+from cmkit.precond import ConsistencyFunction, EDMDenoiser, TrigFlow
 from cmkit.rng import BatchNoise
 from conftest import GaussianOracle, GaussianTrigFlow
 
 S = 0.5  # the Gaussian data's standard deviation in these tests
-CONSISTENCY = [name for name, cls in METHODS.items() if cls.kind == "consistency"]
-SCM = [name for name, cls in METHODS.items() if cls.parameterisation == "trigflow"]  # sCT, sCD
+METHODS = {name: entry.config for name, entry in REGISTRY.items()}
+CONSISTENCY = [name for name, entry in REGISTRY.items() if entry.wrapper is not EDMDenoiser]
+SCM = [name for name, entry in REGISTRY.items() if entry.wrapper is TrigFlow]  # sCT, sCD
 
 
 def loss_for(method: MethodConfig, *, dim: int = 16, total_images: int = 1000):
-    """The method's loss; a method that needs a teacher gets the exact diffusion teacher of N(0, S^2) data."""
-    teacher = GaussianOracle(S, kind="edm").requires_grad_(False) if method.needs_teacher else None
+    """The method's loss; a method that takes a teacher gets the exact diffusion teacher of N(0, S^2) data."""
+    takes = method_entry(method.name).teacher.takes_teacher
+    teacher = GaussianOracle(S, kind="edm").requires_grad_(False) if takes else None
     return make_loss(method, dim=dim, total_images=total_images, teacher=teacher)
 
 
 def oracle_for(name: str, s: float = S) -> GaussianOracle:
-    """The exact model of N(0, s^2) data of the kind (and parameterisation) method ``name`` trains."""
-    if METHODS[name].parameterisation == "trigflow":
+    """The exact model of N(0, s^2) data of the parameterisation method ``name`` trains."""
+    wrapper = REGISTRY[name].wrapper
+    if wrapper is TrigFlow:
         return GaussianTrigFlow(s)
-    return GaussianOracle(s, kind=METHODS[name].kind)
+    return GaussianOracle(s, kind="edm" if wrapper is EDMDenoiser else "consistency")
 
 
 class Cheat(nn.Module):

@@ -33,11 +33,11 @@ class ScriptedFid:
     def __init__(self, script: list[float], on_call=None) -> None:
         self.script, self.on_call, self.weights, self.calls = script, on_call, [], []
 
-    def __call__(self, model, *, steps, **options):
+    def __call__(self, model, spec, *, steps, **options):
         if self.on_call is not None:
             self.on_call(len(self.weights))
         self.weights.append({k: v.clone() for k, v in model.state_dict().items()})
-        self.calls.append({"steps": tuple(steps), **options})
+        self.calls.append({"steps": tuple(steps), "sampler": spec.sampler, **options})
         fid = self.script[len(self.weights) - 1]
         return [{"steps": k, "fid": fid - i} for i, k in enumerate(steps)]
 

@@ -7,8 +7,8 @@ import torch
 from cmkit.checkpoint import build_model
 from cmkit.cond import Cond
 from cmkit.config import Config
-from cmkit.methods import method_class
-from cmkit.precond import WRAPPERS, ConsistencyFunction, EDMDenoiser
+from cmkit.methods import REGISTRY, method_class
+from cmkit.precond import ConsistencyFunction, EDMDenoiser
 
 
 def _model(tiny_config: Config, name: str, dropout: float = 0.3):
@@ -88,7 +88,7 @@ def test_wrapper_feeds_scaled_input_to_backbone():
     torch.testing.assert_close(out[0], x[0] * 0.25 / 1.25)
 
 
-@pytest.mark.parametrize("wrapper", WRAPPERS.values())
+@pytest.mark.parametrize("wrapper", sorted({entry.wrapper for entry in REGISTRY.values()}, key=lambda w: w.__name__))
 def test_the_backbone_sees_the_batch_as_it_is_in_both_modes(wrapper):
     """Padding for batch invariance belongs to sampling (cmkit.sampling.BatchInvariant), not to the wrapper."""
     class Probe(torch.nn.Module):

@@ -7,11 +7,12 @@ import torch
 from cmkit.checkpoint import build_model
 from cmkit.cond import Cond
 from cmkit.errors import CmkitError
+from cmkit.methods import REGISTRY, method_class, sampling_spec
 from cmkit.sampling import (
     INVARIANT_ROWS,
-    POLICIES,
     SAMPLERS,
     BatchInvariant,
+    SamplingSpec,
     SeededNoise,
     check_sigmas,
     consistency_sample,
@@ -102,14 +103,41 @@ def test_bad_sigma_lists_are_refused(bad):
 
 
 def test_default_sigmas():
-    cm, edm = GaussianOracle(S, kind="consistency"), GaussianOracle(S, kind="edm")
+    """1 step: sigma_max; 2: the published level (iCT's 0.821); K > 2: the first K of a (K + 1)-point Karras
+    grid; an EDM model: EDM's K Karras levels."""
+    cm, edm = (sampling_spec(method_class(name)()) for name in ("ict", "edm"))
     assert default_sigmas(cm, 1).tolist() == [80.0]
     assert default_sigmas(cm, 2).tolist() == [80.0, 0.821]
     four = default_sigmas(cm, 4)
     assert four.shape == (4,) and four[0] == 80.0 and (four[1:] < four[:-1]).all() and four[-1] > 0.002
-    assert default_sigmas(edm, 18).shape == (18,)
+    assert torch.equal(default_sigmas(edm, 18), edm_sampling_sigmas(18, sigma_min=0.002, sigma_max=80.0, rho=7.0))
     with pytest.raises(CmkitError):
         default_sigmas(cm, 0)
+
+
+def test_the_two_step_level_of_each_parameterisation():
+    """The published 2-step levels, one source (the method's policy): 0.821 for the CM parameterisation (iCT and
+    ECT's CIFAR-10 value), sCM's t = 1.1 (sigma_data tan 1.1) for TrigFlow, none for EDM."""
+    levels = {name: sampling_spec(method_class(name)(sigma_data=0.25)).two_step_sigma for name in REGISTRY}
+    assert levels == {"edm": None, "ct": 0.821, "ict": 0.821, "cd": 0.821, "ect": 0.821,
+                      "sct": 0.25 * math.tan(1.1), "scd": 0.25 * math.tan(1.1)}
+
+
+def test_tuned_sigmas_come_first():
+    spec = sampling_spec(method_class("ict")()).with_tuned(2, [80.0, 1.5])
+    assert default_sigmas(spec, 2).tolist() == [80.0, 1.5] and default_sigmas(spec, 1).tolist() == [80.0]
+    with pytest.raises(CmkitError, match="expected 2 levels"):
+        spec.with_tuned(2, [80.0, 2.0, 1.0])
+    with pytest.raises(CmkitError, match="descending"):
+        spec.with_tuned(2, [1.0, 80.0])
+
+
+def test_sampling_spec_json_round_trip():
+    spec = sampling_spec(method_class("sct")()).with_tuned(2, [80.0, 0.75]).with_tuned(3, [80.0, 2.0, 0.1])
+    assert SamplingSpec.from_json(spec.to_json(), where="x") == spec
+    for bad in ("[]", '{"sampler": "consistency"}', spec.to_json().replace('"consistency"', '"magic"')):
+        with pytest.raises(CmkitError, match="x: metadata 'sampling'"):
+            SamplingSpec.from_json(bad, where="x")
 
 
 def test_a_seed_identifies_a_sample_whatever_the_batch():
@@ -137,7 +165,7 @@ def test_a_real_network_gives_the_same_images_at_any_batch_size(tiny_config):
 class RowProbe(torch.nn.Module):
     """A denoiser that keeps the inputs it was called with and answers row by row: 2 x + sigma + label."""
 
-    sigma_min, sigma_max, kind = 0.002, 80.0, "consistency"
+    sigma_min, sigma_max, method_name = 0.002, 80.0, "ict"
 
     def __init__(self):
         super().__init__()
@@ -161,7 +189,7 @@ def test_batch_invariant_pads_small_cpu_batches(n):
     assert torch.equal(seen_x[:n], x) and (seen_x[n:] == x[-1]).all()
     assert torch.equal(seen_sigma[n:], sigma[-1].expand(INVARIANT_ROWS - n))
     assert torch.equal(out, 2 * x + sigma.view(-1, 1, 1, 1) + labels.view(-1, 1, 1, 1))
-    assert BatchInvariant(probe).sigma_min == 0.002 and BatchInvariant(probe).kind == "consistency"
+    assert BatchInvariant(probe).sigma_min == 0.002 and BatchInvariant(probe).method_name == "ict"
 
 
 def test_batch_invariant_padding_takes_a_scalar_sigma():
@@ -183,13 +211,13 @@ def test_batch_invariant_passes_large_batches_and_other_devices_as_they_are(n, d
 # ------------------------------------------------------------------------- contracts of every sampler
 
 def _oracle_for(sampler: str) -> GaussianOracle:
-    """The exact model of N(0, S^2) data of the kind whose policy lists ``sampler``."""
-    kind = next(kind for kind, policy in POLICIES.items() if sampler in policy.samplers)
-    return GaussianOracle(S, kind=kind)
+    """The exact model of N(0, S^2) data: the EDM denoiser for the samplers of EDM's policy, else the
+    consistency function."""
+    return GaussianOracle(S, kind="edm" if sampler in REGISTRY["edm"].policy.samplers else "consistency")
 
 
 def test_every_sampler_belongs_to_a_policy():
-    assert {name for policy in POLICIES.values() for name in policy.samplers} == set(SAMPLERS)
+    assert {name for entry in REGISTRY.values() for name in entry.policy.samplers} == set(SAMPLERS)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -224,11 +252,10 @@ def test_sampler_takes_descending_sigmas_within_range(name):
 
 def test_default_two_step_sigma_is_checked_against_the_model_range():
     """The published 0.821 lies below a model whose sigma_min is 0.9: refused, with the way out."""
-    model = GaussianOracle(S, kind="consistency")
-    model.sigma_min = 0.9
-    assert default_sigmas(model, 1).tolist() == [80.0]
+    spec = sampling_spec(method_class("ict")(sigma_min=0.9))
+    assert default_sigmas(spec, 1).tolist() == [80.0]
     with pytest.raises(CmkitError, match="default 2-step schedule does not fit this model.*0.821"):
-        default_sigmas(model, 2)
+        default_sigmas(spec, 2)
 
 
 def test_seeded_noise_labels_are_per_seed():

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from cmkit.cond import Cond
 from cmkit.errors import CmkitError
-from cmkit.losses import SCMLoss, TeacherVelocity, data_velocity, make_loss
-from cmkit.methods import SCDConfig, SCTConfig
+from cmkit.losses import SCMLoss, TeacherVelocity, data_velocity
+from cmkit.methods import SCDConfig, SCTConfig, make_loss
 from cmkit.nets import UNet, forward_mode
 from cmkit.precond import C_NOISE, EDMDenoiser, TrigFlow, edm_backbone_to_trigflow, trigflow_velocity
 from cmkit.rng import BatchNoise

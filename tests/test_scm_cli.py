@@ -54,8 +54,8 @@ def test_sct_trains_from_scratch(sct_run):
     records = _records(sct_run)
     assert [r["step"] for r in records] == [2, 4] and all(math.isfinite(r["loss"]) for r in records)
     assert [r["tangent_warmup"] for r in records] == pytest.approx([0.0032, 0.0064])
-    model, config = load_export(sct_run)
-    assert isinstance(model, TrigFlow) and model.kind == "consistency" and model.c_noise == "t"
+    model, config, _ = load_export(sct_run)
+    assert isinstance(model, TrigFlow) and model.method_name == "sct" and model.c_noise == "t"
     assert model.net.map_logvar is not None and config.net.dropout == 0.2
 
 
@@ -63,7 +63,7 @@ def test_scd_distils_a_cmkit_edm_teacher(scd_run):
     method = json.loads((scd_run / "config.json").read_text())["method"]
     assert method["name"] == "scd" and method["teacher"].endswith("edm.safetensors")
     assert all(math.isfinite(r["loss"]) for r in _records(scd_run))
-    model, config = load_export(scd_run)
+    model, config, _ = load_export(scd_run)
     assert isinstance(model, TrigFlow) and model.c_noise == "log-sigma" and config.net.model_channels == 8
 
 
@@ -89,9 +89,9 @@ def test_sample_in_one_and_two_steps(run, request, tmp_path):
     """`cmkit sample --steps 1` is one consistency step from sigma_max; `--steps 2` adds sCM's t_mid = 1.1
     (sigma = 0.5 tan 1.1 = 0.982), the same images as `--sigmas 80,0.982...`."""
     path = request.getfixturevalue(run)
-    model, _ = load_export(path)
-    assert model.two_step_sigma == pytest.approx(TWO_STEP, rel=1e-12)
-    assert default_sigmas(model, 2).tolist() == [80.0, model.two_step_sigma]
+    model, _, spec = load_export(path)
+    assert spec.two_step_sigma == pytest.approx(TWO_STEP, rel=1e-12)
+    assert default_sigmas(spec, 2).tolist() == [80.0, spec.two_step_sigma]
     images, options = {}, {"one": ["--steps", "1"], "two": ["--steps", "2"], "listed": ["--sigmas", f"80,{TWO_STEP!r}"]}
     for name, args in options.items():
         out = tmp_path / f"{name}.npz"
@@ -103,7 +103,7 @@ def test_sample_in_one_and_two_steps(run, request, tmp_path):
 
 
 def test_inpainting_with_a_trigflow_model_keeps_known_pixels(sct_run):
-    model, _ = load_export(sct_run)
+    model, _, _ = load_export(sct_run)
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mask = editing.box_mask((4, 6, 12, 10), resolution=28)
     noise = SeededNoise([0, 1, 2], (1, 28, 28))

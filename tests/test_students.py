@@ -12,8 +12,8 @@ import torch
 from cmkit.checkpoint import build_model, load_export, save_export
 from cmkit.cli import main
 from cmkit.errors import CmkitError
-from cmkit.losses import EDMLoss, WarmStarted, make_loss
-from cmkit.methods import CDConfig, SCTConfig, switch_method
+from cmkit.losses import EDMLoss, WarmStarted
+from cmkit.methods import CDConfig, SCTConfig, make_loss, switch_method
 from cmkit.presets import preset
 from cmkit.rng import BatchNoise
 from cmkit.teacher import load_teacher
@@ -45,7 +45,7 @@ def test_a_smaller_student_trains_from_a_cmkit_teacher(tiny_config, fmnist_subse
     out = tmp_path / "student"
     assert _train(out, fmnist_subset, teacher, "method.student_net=own", "net.model_channels=4",
                   "method.warm_start_kimg=0.064", preset_name=preset_name) == 0
-    student, config = load_export(out)
+    student, config, _ = load_export(out)
     assert config.net == replace(tiny_config.net, model_channels=4)  # the teacher's layout, the student's width
     assert _parameters(student) == _parameters(build_model(config)) < _parameters(load_export(teacher)[0]) / 3
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

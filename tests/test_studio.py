@@ -26,6 +26,7 @@ from cmkit.checkpoint import load_export
 from cmkit.data import read_image
 from cmkit.errors import CmkitError
 from cmkit.images import grid, to_numpy_images
+from cmkit.methods import sampling_spec
 from cmkit.rng import SeededNoise
 from cmkit.sampling import default_sigmas, generate
 from cmkit.studio import engine
@@ -38,9 +39,9 @@ server = import_or_missing("cmkit.studio.server", "the studio extra is not insta
 
 
 def load_studio(files, name: str, *, teacher: bool = False) -> Studio:
-    model, config = load_export(files[name])
-    t, tc = load_export(files["teacher"]) if teacher else (None, None)
-    return Studio(Models(model, config, t, tc), data=str(files[f"{name}_data"]))
+    model, config, spec = load_export(files[name])
+    t, tc, _ = load_export(files["teacher"]) if teacher else (None, None, None)
+    return Studio(Models(model, config, t, tc, spec), data=str(files[f"{name}_data"]))
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +85,16 @@ def model_range(image: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("steps", [1, 2])
 def test_generate_is_cmkit_sample_of_the_same_seeds(gray, steps):
     got = ask(gray, mode="generate", seed=5, steps=steps)["result"]
-    x = next(generate(gray.model, range(5, 5 + GRID), sigmas=default_sigmas(gray.model, steps),
+    x = next(generate(gray.model, range(5, 5 + GRID), sigmas=default_sigmas(gray.spec, steps),
                       sampler="consistency", batch_size=GRID))
     np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
 
 
 def test_bf16_autocast_is_generate_in_bf16_and_keeps_known_pixels(studio_files):
-    model, config = load_export(studio_files["gray"])
+    model, config, spec = load_export(studio_files["gray"])
     studio = Studio(Models(model, config), precision="bf16")
     got = ask(studio, mode="generate", seed=1)["result"]
-    x = next(generate(model, range(1, 1 + GRID), sigmas=default_sigmas(model, 1), sampler="consistency",
+    x = next(generate(model, range(1, 1 + GRID), sigmas=default_sigmas(spec, 1), sampler="consistency",
                       batch_size=GRID, precision="bf16"))
     np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
     image, mask = source(studio), np.zeros((28, 28), np.uint8)
@@ -106,7 +107,7 @@ def test_bf16_autocast_is_generate_in_bf16_and_keeps_known_pixels(studio_files):
 
 def test_generate_class_label(rgb):
     got = ask(rgb, mode="generate", seed=0, label=3)["result"]
-    x = next(generate(rgb.model, range(GRID), sigmas=default_sigmas(rgb.model, 1), sampler="consistency",
+    x = next(generate(rgb.model, range(GRID), sigmas=default_sigmas(rgb.spec, 1), sampler="consistency",
                       batch_size=GRID, label=3))
     np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
     assert not np.array_equal(got, ask(rgb, mode="generate", seed=0, label=4)["result"])
@@ -115,7 +116,8 @@ def test_generate_class_label(rgb):
 def test_teacher_samples_the_same_seeds_with_heun(rgb):
     got = ask(rgb, mode="teacher", seed=2)["result"]
     teacher = rgb.models.teacher
-    x = next(generate(teacher, range(2, 2 + GRID), sigmas=default_sigmas(teacher, engine.TEACHER_STEPS),
+    spec = sampling_spec(rgb.models.teacher_config.method)
+    x = next(generate(teacher, range(2, 2 + GRID), sigmas=default_sigmas(spec, engine.TEACHER_STEPS),
                       sampler="heun", batch_size=GRID))
     np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
 
@@ -220,7 +222,7 @@ def test_draw_two_steps_are_the_papers_levels(gray):
 def test_a_grid_uses_every_thread_one_image_one_fewer_and_both_restore_the_count(studio_files):
     """The thread count the model runs under, read inside its forward: ``threads`` for a grid, one fewer for
     one image; the caller's count is back after each reply."""
-    model, config = load_export(studio_files["gray"])
+    model, config, _ = load_export(studio_files["gray"])
     before, seen = torch.get_num_threads(), []
     studio = Studio(Models(model, config), threads=before + 2)
     hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
@@ -275,13 +277,15 @@ def test_a_class_conditional_model_rejects_a_label_out_of_range(rgb):
 
 
 def test_only_a_consistency_model_is_served_and_only_an_edm_teacher_beside_it(studio_files):
-    model, config = load_export(studio_files["rgb"])
-    teacher, teacher_config = load_export(studio_files["teacher"])
-    with pytest.raises(CmkitError, match="EDM diffusion model; the studio serves a consistency model"):
+    model, config, _ = load_export(studio_files["rgb"])
+    teacher, teacher_config, _ = load_export(studio_files["teacher"])
+    with pytest.raises(CmkitError, match=r"the studio \(cmkit serve\) needs a model with the 'serve' capability "
+                                         r"\(one trained with ct, ict, cd, ect, sct, scd\); this model was trained "
+                                         "with edm"):
         check_models(Models(teacher, teacher_config))
-    with pytest.raises(CmkitError, match="--teacher: expected an EDM diffusion model"):
+    with pytest.raises(CmkitError, match="--teacher: a model trained with ict; the studio shows a model with the"):
         check_models(Models(teacher=model, teacher_config=config, model=model, config=config))
-    gray, gray_config = load_export(studio_files["gray"])
+    gray, gray_config, _ = load_export(studio_files["gray"])
     with pytest.raises(CmkitError, match=r"differ from the model's \(28, 1, 0\)"):
         check_models(Models(gray, gray_config, teacher, teacher_config))
 
@@ -325,7 +329,7 @@ def test_training_images_as_sources(gray, studio_files):
 
 
 def test_unreadable_training_data_points_to_the_upload(studio_files, tmp_path):
-    model, config = load_export(studio_files["gray"])
+    model, config, _ = load_export(studio_files["gray"])
     studio = Studio(Models(model, config), data=str(tmp_path / "missing"))
     with pytest.raises(CmkitError, match="cannot be read .*; upload an image instead"):
         studio.dataset_image(0)
@@ -493,7 +497,7 @@ def test_cmkit_serve_refuses_a_diffusion_model_and_a_taken_port(studio_files, ca
     """Refused in-process before anything is served: status 2 and one line naming the problem."""
     assert exit_status(["serve", str(studio_files["teacher"])]) == 2
     err = capsys.readouterr().err
-    assert "the studio serves a consistency model" in err and len(err.splitlines()) == 1, err
+    assert "needs a model with the 'serve' capability" in err and len(err.splitlines()) == 1, err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

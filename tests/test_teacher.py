@@ -39,8 +39,8 @@ def test_students_train_from_a_cmkit_teacher(tiny_config, fmnist_subset, tmp_pat
     config = json.loads((out / "config.json").read_text())
     assert config["method"]["teacher"] == str(teacher.resolve())
     assert config["net"]["model_channels"] == 8  # the student took the teacher's architecture
-    model, stored = load_export(out)
-    assert model.kind == "consistency" and stored.method.name == preset.split("-")[1]
+    model, stored, _ = load_export(out)
+    assert model.method_name == stored.method.name == preset.split("-")[1]
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(ln["loss"])) for ln in lines)
 
@@ -62,7 +62,7 @@ def test_distillation_without_a_teacher_is_refused(fmnist_subset, tmp_path, caps
 def test_a_consistency_model_is_not_a_teacher(tiny_config, fmnist_subset, tmp_path, capsys, preset, method):
     teacher = _export(tiny_config, tmp_path / f"{method}.safetensors", method=method)
     assert _train(tmp_path / "r", fmnist_subset, teacher, preset) == 2
-    _refused(capsys, tmp_path / "r", f"a consistency model ({method}); a teacher must be a diffusion model")
+    _refused(capsys, tmp_path / "r", f"a model trained with {method}; a teacher must have the 'teach' capability")
 
 
 @pytest.mark.parametrize("preset", ["fmnist-sct", "fmnist-scd"])

@@ -6,11 +6,14 @@ The public API:
 - :class:`Config`, :func:`preset`, :func:`apply_overrides`, :func:`validate` -- run configuration and named
   presets (each method's own config in :mod:`cmkit.methods`);
 - :func:`train` -- the training loop, writing a run directory;
-- :func:`load_export`, :func:`build_model` -- models from ``model.safetensors`` or a config;
+- :func:`load_export`, :func:`build_model` -- models from ``model.safetensors`` (with their
+  :class:`SamplingSpec`) or a config;
 - :func:`consistency_sample`, :func:`heun_sample`, :func:`euler_sample`, :func:`default_sigmas`,
   :func:`generate` -- samplers with one signature ``(model, sigmas, noise, cond)``, returning the model's space;
 - :class:`Cond`, :class:`ClassifierFree` -- the conditioning every model call takes, and classifier-free guidance;
 - :func:`make_codec` -- the map between images and the model's space (``data.codec``);
+- :mod:`cmkit.methods` -- the method registry: one entry per method (config, loss, wrapper, sampling policy,
+  teacher role, capabilities);
 - :class:`ConsistencyFunction`, :class:`EDMDenoiser` -- the parameterisations;
 - :func:`load_dataset` -- Fashion-MNIST, MNIST, CIFAR-10 and image folders;
 - :mod:`cmkit.editing` -- zero-shot editing (CM paper, Alg. 4): inpaint, colorize, superres, stroke, denoise,
@@ -27,6 +30,7 @@ from cmkit.precond import ConsistencyFunction, EDMDenoiser
 from cmkit.presets import preset
 from cmkit.rng import SeededNoise
 from cmkit.sampling import (
+    SamplingSpec,
     consistency_sample,
     default_sigmas,
     euler_sample,
@@ -36,8 +40,8 @@ from cmkit.sampling import (
 from cmkit.train import train
 
 __all__ = [
-    "ClassifierFree", "CmkitError", "Cond", "Config", "ConsistencyFunction", "EDMDenoiser", "SeededNoise",
-    "apply_overrides", "build_model", "consistency_sample", "default_sigmas", "euler_sample", "generate",
-    "heun_sample", "load_dataset", "load_export", "make_codec", "preset", "train", "validate",
+    "ClassifierFree", "CmkitError", "Cond", "Config", "ConsistencyFunction", "EDMDenoiser", "SamplingSpec",
+    "SeededNoise", "apply_overrides", "build_model", "consistency_sample", "default_sigmas", "euler_sample",
+    "generate", "heun_sample", "load_dataset", "load_export", "make_codec", "preset", "train", "validate",
 ]
 __version__ = "0.2.0"

@@ -2,8 +2,10 @@
 
 - Training state (``checkpoints/state-<images>.pt``): state_dicts and plain values only, written
   atomically, loaded with ``weights_only=True`` so a file can never execute code.
-- Export (``model.safetensors``): the EMA weights of the wrapped network, with the resolved config as
-  JSON in the metadata; enough to rebuild the model anywhere.
+- Export (``model.safetensors``): the EMA weights of the wrapped network, with the resolved config and the
+  model's :class:`cmkit.sampling.SamplingSpec` as JSON in the metadata (``config``, ``sampling``); enough to
+  rebuild and sample the model anywhere. Exports written before the spec existed kept tuned schedules as
+  ``tuned_sigmas``: they load with their method's spec and those schedules.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,8 +25,10 @@ from torch import nn
 from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.files import atomic_write
+from cmkit.methods import method_entry, sampling_spec
 from cmkit.nets import UNet
-from cmkit.precond import WRAPPERS, Preconditioned
+from cmkit.precond import Preconditioned
+from cmkit.sampling import SamplingSpec, parse_tuned
 
 EXPORT_NAME = "model.safetensors"
 BEST_NAME = "model-best.safetensors"  # the EMA export of the best evaluation (cmkit.monitor)
@@ -34,31 +38,41 @@ _PARTIAL = re.compile(r"\.(state-\d+|model|model-best)\.\w+\.(pt|safetensors)") 
 
 
 def build_model(config: Config) -> Preconditioned:
-    """The wrapped network a config describes: the method's parameterisation (:data:`cmkit.precond.WRAPPERS`)
-    around the U-Net of ``config.net``."""
+    """The wrapped network a config describes: the method's wrapper (:attr:`cmkit.methods.MethodEntry.wrapper`)
+    around the U-Net of ``config.net``, naming the method (``method_name``) so callers can ask its entry."""
     n, d, m = config.net, config.data, config.method
+    entry = method_entry(m.name)
     try:
         net = UNet(resolution=d.resolution, in_channels=d.channels, out_channels=d.channels,
                    model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
                    attn_resolutions=n.attn_resolutions, dropout=n.dropout, embedding=n.embedding,
                    fourier_scale=n.fourier_scale, num_classes=n.num_classes, double_norm=n.double_norm,
-                   logvar_head=m.logvar_head, **n.family_options())
+                   logvar_head=entry.logvar_head, **n.family_options())
     except ValueError as e:
         raise CmkitError(f"net: {e}") from None
-    return WRAPPERS[m.parameterisation](net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
-                                        sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
-                                        **m.wrapper_options())
+    model = entry.wrapper(net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
+                          sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
+                          **m.wrapper_options())
+    model.method_name = m.name
+    return model
 
 
 # -------------------------------------------------------------------------------------- inference export
 
-def save_export(model: nn.Module, config: Config, path: Path, *,
-                tuned_sigmas: dict[int, list[float]] | None = None) -> None:
-    """Write ``model``'s weights, ``config`` and tuned sampling schedules (``tuned_sigmas``; None: the model's
-    own ``model.tuned_sigmas``) to a safetensors file, atomically."""
+class Export(NamedTuple):
+    """A loaded export: the model (eval mode, no gradients), its config and how it samples by default."""
+
+    model: Preconditioned
+    config: Config
+    spec: SamplingSpec
+
+
+def save_export(model: nn.Module, config: Config, path: Path, *, spec: SamplingSpec | None = None) -> None:
+    """Write ``model``'s weights, ``config`` and its sampling ``spec`` (None: its method's untuned spec,
+    :func:`cmkit.methods.sampling_spec`) to a safetensors file, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tuned = getattr(model, "tuned_sigmas", {}) if tuned_sigmas is None else tuned_sigmas
-    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict()), "tuned_sigmas": json.dumps(tuned)}
+    spec = sampling_spec(config.method) if spec is None else spec
+    metadata = {"format": FORMAT, "config": json.dumps(config.to_dict()), "sampling": spec.to_json()}
     blob = save(tensors, metadata=metadata)
     with atomic_write(path) as tmp:
         tmp.write_bytes(blob)
@@ -90,6 +104,22 @@ def _read_export(path: Path, *, weights: bool) -> tuple[dict[str, str], dict[str
     return metadata, tensors
 
 
+def _config_and_spec(metadata: dict[str, str], path: Path) -> tuple[Config, SamplingSpec]:
+    """The config and sampling spec of an export's metadata; an export without a spec (written before it
+    existed) gets its method's spec with the schedules it stored as ``tuned_sigmas``."""
+    config = Config.from_dict(json.loads(metadata["config"]), where=str(path))
+    if "sampling" in metadata:
+        return config, SamplingSpec.from_json(metadata["sampling"], where=str(path))
+    try:
+        tuned = parse_tuned(json.loads(metadata.get("tuned_sigmas", "{}")))
+    except (ValueError, TypeError, AttributeError):
+        raise CmkitError(f"{path}: metadata 'tuned_sigmas' is not a JSON object of sigma lists") from None
+    spec = sampling_spec(config.method)
+    for steps, sigmas in tuned.items():
+        spec = spec.with_tuned(steps, sigmas)
+    return config, spec
+
+
 def export_config(path: str | Path) -> Config:
     """The config stored in an export (or a run directory's export), without loading the weights."""
     path = resolve_model_path(path)
@@ -97,32 +127,25 @@ def export_config(path: str | Path) -> Config:
     return Config.from_dict(json.loads(metadata["config"]), where=str(path))
 
 
-def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Preconditioned, Config]:
-    """Load an export (or a run directory's export) in eval mode, with its config."""
+def export_spec(path: str | Path) -> SamplingSpec:
+    """The sampling spec stored in an export (with the schedules ``cmkit tune-steps`` found), without loading
+    the weights."""
+    path = resolve_model_path(path)
+    metadata, _ = _read_export(path, weights=False)
+    return _config_and_spec(metadata, path)[1]
+
+
+def load_export(path: str | Path, *, device: torch.device | str = "cpu") -> Export:
+    """Load an export (or a run directory's export) in eval mode: (model, config, sampling spec)."""
     path = resolve_model_path(path)
     metadata, tensors = _read_export(path, weights=True)
-    config = Config.from_dict(json.loads(metadata["config"]), where=str(path))
+    config, spec = _config_and_spec(metadata, path)
     model = build_model(config)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise CmkitError(f"{path}: weights do not match the config in its metadata: {e}") from None
-    model.tuned_sigmas = _parse_tuned_sigmas(metadata.get("tuned_sigmas", "{}"), path)
-    return model.to(device).eval().requires_grad_(False), config
-
-
-def tuned_sigmas(path: str | Path) -> dict[int, list[float]]:
-    """The sampling schedules ``cmkit tune-steps`` stored in an export, without loading the weights."""
-    path = resolve_model_path(path)
-    metadata, _ = _read_export(path, weights=False)
-    return _parse_tuned_sigmas(metadata.get("tuned_sigmas", "{}"), path)
-
-
-def _parse_tuned_sigmas(text: str, path: Path) -> dict[int, list[float]]:
-    try:
-        return {int(k): [float(s) for s in v] for k, v in json.loads(text).items()}
-    except (ValueError, TypeError, AttributeError):
-        raise CmkitError(f"{path}: metadata 'tuned_sigmas' is not a JSON object of sigma lists") from None
+    return Export(model.to(device).eval().requires_grad_(False), config, spec)
 
 
 # ----------------------------------------------------------------------------------------- training state

@@ -174,18 +174,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from cmkit.codec import data_codec
     from cmkit.cond import check_guidance, check_labels
     from cmkit.images import save_images, to_numpy_images
-    from cmkit.sampling import check_sigmas, default_sigmas, generate, sampling_policy
+    from cmkit.sampling import check_sigmas, default_sigmas, generate
 
     out = Path(args.out)
     check_output(out, (".png", ".npz"))
-    model, config = load_export(args.model, device=dist.init())
-    policy = sampling_policy(model)
-    if args.sampler is not None and args.sampler not in policy.samplers:
+    model, config, spec = load_export(args.model, device=dist.init())
+    if args.sampler is not None and args.sampler not in spec.samplers:
         raise CmkitError(f"--sampler {args.sampler}: this {config.method.name} model samples with "
-                         f"{' or '.join(policy.samplers)}")
-    sampler = args.sampler or policy.sampler
-    steps = policy.steps if args.steps is None else args.steps
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else default_sigmas(model, steps)
+                         f"{' or '.join(spec.samplers)}")
+    sampler = args.sampler or spec.sampler
+    steps = spec.steps if args.steps is None else args.steps
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else default_sigmas(spec, steps)
     check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     check_labels(model.num_classes, args.label)
     check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
@@ -209,7 +208,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     _check_edit_options(args)
     box = _ints(args.box, "--box", 4) if args.box is not None else None
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else None
-    model, config = load_export(args.model, device=dist.init())
+    model, config, _ = load_export(args.model, device=dist.init())
     editing.check_codec(config.data.codec)
     if args.task == "interpolate":
         seeds, frames = _ints(args.seeds or "0,1", "--seeds", 2), 8 if args.frames is None else args.frames
@@ -288,7 +287,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cmkit.cond import check_guidance
     from cmkit.eval.evaluate import evaluate_model, image_features, load_images, plot_quality
     from cmkit.eval.metrics import compute_metrics
-    from cmkit.sampling import sampling_policy
 
     for flag, path, suffixes in (("--out", args.out, (".json",)), ("--plot", args.plot, (".png",))):
         if path is not None:
@@ -302,14 +300,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         fake = image_features(images, extractor, batch=args.batch, desc=source.name)
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
-        model, config = load_export(source, device=dist.init())
+        model, config, spec = load_export(source, device=dist.init())
         check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
-        policy = sampling_policy(model)
-        steps = _parse_steps(args.steps) if args.steps else list(policy.eval_steps)
+        steps = _parse_steps(args.steps) if args.steps else list(spec.eval_steps)
         extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
-        rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
-                              batch=args.batch, sampler=policy.sampler, codec=data_codec(config.data),
-                              guidance=args.guidance)
+        rows = evaluate_model(model, spec, steps=steps, n=args.n, extractor=extractor, reference=reference,
+                              batch=args.batch, codec=data_codec(config.data), guidance=args.guidance)
     report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
     if not dist.is_main():
         return 0
@@ -327,27 +323,27 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     from cmkit import dist
     from cmkit.checkpoint import load_export, resolve_model_path, save_export
     from cmkit.eval.evaluate import tune_two_step_sigma
+    from cmkit.methods import Capability, method_entry, require
 
     if args.steps != 2:
         raise CmkitError(f"--steps {args.steps}: only the 2-step intermediate sigma is searched; expected 2")
     if args.iters < 0:
         raise CmkitError(f"--iters {args.iters}: expected a number of search iterations >= 0")
     path = resolve_model_path(args.model)
-    model, config = load_export(path, device=dist.init())
-    if model.kind != "consistency":
-        raise CmkitError(f"{path}: a diffusion model; tune-steps tunes consistency models")
+    model, config, spec = load_export(path, device=dist.init())
+    require(method_entry(config.method.name), Capability.TUNE_STEPS, f"{path}: tune-steps")
     extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
     best, history = tune_two_step_sigma(model, n=args.n, extractor=extractor, reference=reference,
                                         batch=args.batch, iters=args.iters)
-    model.tuned_sigmas[2] = [model.sigma_max, best]
-    dist.on_main(lambda: save_export(model, config, path))
+    tuned = spec.with_tuned(2, [spec.sigma_max, best])
+    dist.on_main(lambda: save_export(model, config, path, spec=tuned))
     if not dist.is_main():
         return 0
     for point in history:
         print(f"sigma {point['sigma']:10.4f}  FID {point['fid']:8.3f}  (n={point['n']})")
     final = min((p for p in history if p["n"] == args.n), key=lambda p: p["fid"])
-    print(f"best 2-step sigma: {best:.4g} (FID {final['fid']:.3f}, {extractor.name}, n={args.n}); the papers' "
-          f"CIFAR-10 value: {model.two_step_sigma:.4g}. Stored in {path}.")
+    print(f"best 2-step sigma: {best:.4g} (FID {final['fid']:.3f}, {extractor.name}, n={args.n}); the published "
+          f"value: {spec.two_step_sigma:.4g}. Stored in {path}.")
     return 0
 
 
@@ -355,8 +351,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cmkit.checkpoint import load_export
     from cmkit.export import export_diffusers, tuned_schedules  # imports diffusers: only this command needs it
 
-    model, config = load_export(args.model)
-    out = export_diffusers(model, config, args.diffusers)
+    model, config, spec = load_export(args.model)
+    out = export_diffusers(model, config, args.diffusers, spec=spec)
     print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with diffusers alone (no cmkit needed):")
     print("    from diffusers import ConsistencyModelPipeline")
     print(f"    pipe = ConsistencyModelPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)")
@@ -372,10 +368,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cmkit.studio.engine import Models, Studio, check_models
 
     device = _device(args.device)
-    model, config = load_export(args.model, device=device)
+    model, config, spec = load_export(args.model, device=device)
     check_models(Models(model, config))  # before the teacher is read: the served model is the usual mistake
-    teacher, teacher_config = load_export(args.teacher, device=device) if args.teacher else (None, None)
-    studio = Studio(Models(model, config, teacher, teacher_config), data=args.data, precision=args.precision,
+    teacher, teacher_config, _ = load_export(args.teacher, device=device) if args.teacher else (None, None, None)
+    studio = Studio(Models(model, config, teacher, teacher_config, spec), data=args.data, precision=args.precision,
                     threads=args.threads)
     from cmkit.studio.server import serve  # imports the studio extra (Starlette, uvicorn)
 

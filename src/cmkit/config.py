@@ -18,13 +18,16 @@ from cmkit.augment import AUGMENT_DIM
 from cmkit.codec import CODECS
 from cmkit.errors import CmkitError
 from cmkit.methods import (
-    METHODS,
+    REGISTRY,
+    Capability,
     ICTConfig,
     MethodConfig,
     convert_flat,
     init_fields,
     is_flat,
     method_class,
+    method_entry,
+    methods_that,
     switch_method,
 )
 
@@ -176,11 +179,6 @@ class Config:
     method: MethodConfig = field(default_factory=ICTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    @property
-    def is_consistency(self) -> bool:
-        """True for consistency models (ct, ict, cd, ect, sct, scd), False for the EDM diffusion denoiser."""
-        return self.method.kind == "consistency"
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists); the method section includes its ``name``."""
         return dataclasses.asdict(self)
@@ -220,7 +218,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _build_method(data: dict[str, Any], where: str) -> MethodConfig:
     """The method section: its ``name`` selects the class, the other fields must be that method's."""
     if not isinstance(data.get("name"), str):
-        raise CmkitError(f"{where}.name: expected one of {', '.join(METHODS)}, got {data.get('name')!r}")
+        raise CmkitError(f"{where}.name: expected one of {', '.join(REGISTRY)}, got {data.get('name')!r}")
     cls = method_class(data["name"], where=f"{where}.name")
     own = convert_flat(data, where) if is_flat(data) else {k: v for k, v in data.items() if k != "name"}
     unknown = sorted(set(own) - set(init_fields(cls)))
@@ -357,19 +355,11 @@ def _problems(config: Config) -> list[str]:
         (t.batch % t.accum == 0, f"train.batch={t.batch}: expected a multiple of train.accum={t.accum}"),
         (warm < t.kimg, f"method.warm_start_kimg={warm:g}: expected less than train.kimg={t.kimg:g} (the student's "
          "own loss trains after the warm-start)"),
-        # The loss replays the generators so student and target draw one dropout mask; a compiled network
-        # draws its masks with its own generator, so that guarantee would not hold.
-        (not (t.compile and config.net.dropout > 0 and config.method.kind == "consistency"),
-         f"train.compile=true with net.dropout={config.net.dropout}: a compiled network does not replay the "
-         "dropout mask that a consistency loss's student and target must share; set train.compile=false or "
-         "net.dropout=0"),
         (t.loss_reduction == "mean" or config.method.loss_averages_values,
          "train.loss_reduction=sum sums a loss's per-value terms over the sample, but method.distance=pseudo-huber "
          "is a function of the whole sample's norm; set train.loss_reduction=mean"),
-        (not (t.compile and config.method.parameterisation == "trigflow"),
-         f"train.compile=true with method {config.method.name}: its loss differentiates the network in forward "
-         "mode, which torch.compile does not support reliably; set train.compile=false"),
     ]
+    out += method_entry(config.method.name).problems(config)  # the method's own constraints (compile, dropout)
     return out + [message for ok, message in checks if not ok] + _eval_problems(t) + _augment_problems(config)
 
 
@@ -381,8 +371,9 @@ def _augment_problems(config: Config) -> list[str]:
     if p == 0:
         return []
     checks = [
-        (config.method.name == "edm", f"data.augment={p:g} with method {config.method.name}: EDM's augmentation "
-         "pipeline trains the EDM diffusion denoiser only (the consistency papers do not use it); set "
+        (method_entry(config.method.name).can(Capability.AUGMENT),
+         f"data.augment={p:g} with method {config.method.name}: EDM's augmentation pipeline trains "
+         f"{', '.join(methods_that(Capability.AUGMENT))} only (the consistency papers do not use it); set "
          "data.augment=0"),
         (not config.data.xflip, f"data.augment={p:g} with data.xflip=true: the pipeline flips images itself (a "
          "labelled fair coin per image, as EDM's CIFAR-10 run); set data.xflip=false"),

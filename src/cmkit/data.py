@@ -42,7 +42,6 @@ __all__ = [
     "batch_indices",
     "list_images",
     "load_dataset",
-    "random_flip",
     "read_image",
     "to_model_range",
     "to_uint8",
@@ -374,14 +373,3 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """
     scaled = ((x.to(torch.float32) + 1.0) * 127.5).round().clamp(0, 255)
     return torch.nan_to_num(scaled, nan=0.0).to(torch.uint8)
-
-
-def random_flip(x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mirror each sample of ``x`` [N, ..., W] along the last axis with probability 1/2 (new tensor).
-
-    The coin flips come from ``generator`` (on its own device) so a seeded generator is reproducible.
-    """
-    device = generator.device if generator is not None else torch.device("cpu")
-    flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5
-    mask = flip.to(x.device).view(-1, *([1] * (x.ndim - 1)))
-    return torch.where(mask, x.flip(-1), x)

@@ -35,6 +35,7 @@ from cmkit.cond import Labels, check_labels, of_labels, seed_labels
 from cmkit.data import IMAGE_EXTENSIONS, list_images, read_image, to_model_range
 from cmkit.errors import CmkitError
 from cmkit.images import grid, save_png, to_numpy_images
+from cmkit.methods import Capability, model_entry, model_spec, require
 from cmkit.rng import NoiseSource, SeededNoise
 from cmkit.sampling import BatchInvariant, check_sigmas, default_sigmas
 from cmkit.transforms import LUMA, Identity, LumaChroma, PatchBasis, Transform
@@ -91,11 +92,8 @@ def edit(model: nn.Module, y: Tensor, *, transform: Transform, mask: Tensor, sig
 # option before any image is read or written.
 
 def check_editable(model: nn.Module) -> None:
-    """Editing (Alg. 4) needs a consistency function; refuse an EDM diffusion denoiser."""
-    kind = getattr(model, "kind", "")
-    if kind != "consistency":
-        raise CmkitError(f"this is {'an EDM diffusion' if kind == 'edm' else 'not a consistency'} model; "
-                         "zero-shot editing needs a consistency model (ct, ict, cd or ect)")
+    """Editing (Alg. 4) needs a consistency function: the model's method must have the 'edit' capability."""
+    require(model_entry(model), Capability.EDIT, "zero-shot editing")
 
 
 def check_codec(name: str) -> None:
@@ -204,7 +202,7 @@ def check_task(task: str, model: nn.Module, *, among: Sequence[str] = TASKS, mas
 
 def editing_sigmas(model: nn.Module) -> Tensor:
     """The default editing schedule: EDIT_STEPS Karras-spaced levels (rho 7) from sigma_max, DESCENDING."""
-    return default_sigmas(model, EDIT_STEPS)
+    return default_sigmas(model_spec(model), EDIT_STEPS)
 
 
 # ------------------------------------------------------------------------------------------------ tasks

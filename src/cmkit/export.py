@@ -30,12 +30,12 @@ samples equal :func:`cmkit.sampling.consistency_sample` with the same noise and 
   sigma_max^(1/rho)))^rho``, ``N = num_train_timesteps``; only levels of that N-point grid can be sampled
   at (no config field or argument takes sigmas), and the first is sigma_max when the last timestep is 0.
 
-Schedules tuned by ``cmkit tune-steps`` (``model.tuned_sigmas``) are kept in the scheduler config as
-``_cmkit_tuned_sigmas`` ({steps: sigmas}, exact), with ``_cmkit_tuned_timesteps`` ({steps: timesteps}): the
-``timesteps=`` whose grid levels are nearest to them (:func:`grid_timesteps`). diffusers keeps config keys
-starting with ``_`` when loading, without a warning and without passing them to the scheduler. The grid has
-N = 1000 levels, so the nearest levels are within about 0.5% of any sigma (1.2% near sigma_min; the 40
-levels of diffusers' default would be up to 13% off).
+Schedules tuned by ``cmkit tune-steps`` (in the model's :class:`cmkit.sampling.SamplingSpec`) are kept in the
+scheduler config as ``_cmkit_tuned_sigmas`` ({steps: sigmas}, exact), with ``_cmkit_tuned_timesteps``
+({steps: timesteps}): the ``timesteps=`` whose grid levels are nearest to them (:func:`grid_timesteps`).
+diffusers keeps config keys starting with ``_`` when loading, without a warning and without passing them to the
+scheduler. The grid has N = 1000 levels, so the nearest levels are within about 0.5% of any sigma (1.2% near
+sigma_min; the 40 levels of diffusers' default would be up to 13% off).
 
 This module imports diffusers (``import cmkit`` does not); without it, importing raises
 :class:`cmkit.nets.foreign.MissingDiffusersError`.
@@ -52,11 +52,12 @@ from typing import NamedTuple
 
 from cmkit.config import Config
 from cmkit.errors import CmkitError
+from cmkit.methods import Capability, model_entry, model_spec, require
 from cmkit.nets import layers as layers_module
 from cmkit.nets import unet as unet_module
 from cmkit.nets.foreign import import_diffusers
 from cmkit.precond import Preconditioned, TrigFlow
-from cmkit.sampling import SAMPLING_RHO
+from cmkit.sampling import SAMPLING_RHO, SamplingSpec
 
 import_diffusers()
 
@@ -126,13 +127,13 @@ def grid_sigmas(timesteps: list[int], scheduler: CMStochasticIterativeScheduler)
     return probe.sigmas[:-1].tolist()  # the last entry is the sigma_min the final step ends at
 
 
-def _scheduler(model: Preconditioned, config: Config) -> CMStochasticIterativeScheduler:
+def _scheduler(model: Preconditioned, spec: SamplingSpec) -> CMStochasticIterativeScheduler:
     """The scheduler with the model's noise range and data scale (so its scalings are the model's), carrying
-    ``model.tuned_sigmas`` and the timesteps that reproduce them (see the module docstring)."""
+    ``spec.tuned`` and the timesteps that reproduce them (see the module docstring)."""
     scheduler = CMStochasticIterativeScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, sigma_min=model.sigma_min,
                                                sigma_max=model.sigma_max, sigma_data=model.sigma_data,
                                                rho=SAMPLING_RHO, s_noise=1.0, clip_denoised=False)
-    tuned = {str(k): [float(s) for s in v] for k, v in sorted(getattr(model, "tuned_sigmas", {}).items())}
+    tuned = {str(k): [float(s) for s in v] for k, v in sorted(spec.tuned.items())}
     if tuned:
         timesteps = {k: grid_timesteps(v, scheduler) for k, v in tuned.items()}
         scheduler.register_to_config(**{TUNED_SIGMAS_KEY: tuned,
@@ -189,26 +190,28 @@ def _write(pipe: ConsistencyModelPipeline, folder: Path) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path) -> Path:
+def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path, *,
+                     spec: SamplingSpec | None = None) -> Path:
     """Write ``model`` (a cmkit consistency model and its config) as a ConsistencyModelPipeline folder that
-    loads with diffusers alone (``trust_remote_code=True``), keeping ``model.tuned_sigmas`` in its scheduler
-    config (:func:`tuned_schedules` reads them back).
+    loads with diffusers alone (``trust_remote_code=True``), keeping the schedules tuned in ``spec`` (the
+    model's :func:`cmkit.checkpoint.load_export` spec; None: none tuned) in its scheduler config
+    (:func:`tuned_schedules` reads them back).
 
     ``out_dir`` must not exist or be an empty folder; the folder is built as a temporary sibling and renamed
-    into place, so it is either complete or absent. Returns ``out_dir``. Raises CmkitError for a diffusion
-    (EDM) model: ConsistencyModelPipeline samples consistency models only.
+    into place, so it is either complete or absent. Returns ``out_dir``. Raises CmkitError for a model whose
+    method lacks the 'export' capability (EDM: ConsistencyModelPipeline samples consistency models only).
     """
     out_dir = Path(out_dir)
-    if model.kind != "consistency":
-        raise CmkitError(f"a {model.kind or 'non-consistency'} model cannot be exported to diffusers: "
-                         "ConsistencyModelPipeline samples consistency models only (ct, ict, cd, ect, sct or scd)")
+    require(model_entry(model), Capability.EXPORT,
+            "export to diffusers (ConsistencyModelPipeline samples consistency models only)")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CmkitError(f"{out_dir}: already exists and is not an empty folder; expected a new folder name")
     if not out_dir.parent.is_dir():
         raise CmkitError(f"{out_dir}: folder {out_dir.parent} does not exist")
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        _write(ConsistencyModelPipeline(unet=_unet(model, config), scheduler=_scheduler(model, config)), tmp)
+        spec = spec or model_spec(model)
+        _write(ConsistencyModelPipeline(unet=_unet(model, config), scheduler=_scheduler(model, spec)), tmp)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

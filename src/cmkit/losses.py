@@ -1,4 +1,5 @@
-"""Training losses: small classes returning one loss per sample, built from a method config by :func:`make_loss`.
+"""Training losses: small classes returning one loss per sample, built from a method config by
+:func:`cmkit.methods.make_loss` (each method's builder lives in its own module of :mod:`cmkit.methods`).
 
 Every loss is called as ``loss(model, x0, cond, *, images_seen, target=None, noise=None)`` (x0 in model space
 (:mod:`cmkit.codec`), ``cond`` a :class:`cmkit.cond.Cond` or None) and returns a float32 tensor [N]; training
@@ -10,7 +11,7 @@ schedule values worth logging.
 The consistency methods (CT, iCT, CD, ECT) are one :class:`ConsistencyLoss` composed of parts: a pair sampler
 (which two noise levels), a target point (where the target network looks), a weighting and a distance.
 The continuous-time methods (sCT, sCD) are one :class:`SCMLoss` with a velocity source (the data or a teacher).
-Adding a method means adding its config (:mod:`cmkit.methods`) and a builder registered with :func:`builds`.
+A method's config, loss builder and registry entry live in one module of :mod:`cmkit.methods`.
 
 Per-sample randomness comes from ``noise`` (a :class:`cmkit.rng.BatchNoise` keyed by the global batch, so
 samples get the same numbers at any world size; torch's global generators by default); dropout masks come
@@ -20,8 +21,6 @@ from torch's global generators, which the loop seeds per micro-batch.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -31,9 +30,7 @@ from torch import Tensor, nn
 from cmkit import schedules
 from cmkit.augment import augment as augment_images
 from cmkit.cond import Cond
-from cmkit.distances import Distance, make_distance
-from cmkit.errors import CmkitError
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, MethodConfig, SCDConfig, SCTConfig
+from cmkit.distances import Distance
 from cmkit.nets import forward_mode
 from cmkit.precond import trigflow_velocity
 from cmkit.rng import GlobalNoise, RowNoise
@@ -333,121 +330,7 @@ class WarmStarted:
 
 
 Loss = EDMLoss | ConsistencyLoss | SCMLoss | WarmStarted
-LossBuilder = Callable[..., Loss]
-BUILDERS: dict[str, LossBuilder] = {}
 
-
-def builds(name: str) -> Callable[[LossBuilder], LossBuilder]:
-    """Register a loss builder ``fn(method, *, dim, total_images, teacher, augment) -> Loss`` for method ``name``."""
-    def register(fn: LossBuilder) -> LossBuilder:
-        BUILDERS[name] = fn
-        return fn
-    return register
-
-
-def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.Module | None = None,
-              augment: float = 0.0) -> Loss:
-    """The loss a method config describes.
-
-    ``dim`` is D, the number of values in one sample in model space (:attr:`cmkit.codec.Codec.dim`);
-    ``total_images`` the run's length in training images (the curricula's K); ``teacher`` the diffusion
-    denoiser whose outputs CD and sCD learn from (CmkitError when such a method has none); ``augment`` the
-    probability p of EDM's augmentation pipeline (``data.augment``), which only the EDM loss uses (validation
-    refuses it for the others), never a warm-start. A method with ``warm_start_kimg > 0`` gets its loss
-    :class:`WarmStarted`, with EDM's published noise levels (:data:`WARM_START_LEVELS`); its own loss then sees
-    the remaining images.
-    """
-    if method.needs_teacher and not method.teacher_seeds_only and teacher is None:
-        raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")
-    warm = method.warm_start_images
-    loss = BUILDERS[method.name](method, dim=dim, total_images=total_images - warm, teacher=teacher, augment=augment)
-    if warm == 0:
-        return loss
-    if teacher is None:
-        raise CmkitError(f"method.warm_start_kimg={method.warm_start_kimg:g}: a warm-start regresses a teacher's "
-                         "denoiser; pass --teacher MODEL or set method.warm_start_kimg=0")
-    edm = EDMLoss(**WARM_START_LEVELS, sigma_data=method.sigma_data, teacher=teacher)
-    return WarmStarted(loss, warm=edm, images=warm)
-
-
-# The warm-start's noise levels: EDM's (Karras et al. 2022, Table 1), ln sigma ~ N(-1.2, 1.2^2).
+# A student's warm-start regresses its teacher at EDM's noise levels (Karras et al. 2022, Table 1),
+# ln sigma ~ N(-1.2, 1.2^2).
 WARM_START_LEVELS = {"p_mean": -1.2, "p_std": 1.2}
-
-
-def _no_target(images_seen: int) -> None:
-    return None
-
-
-def _grid(method: CTConfig | ICTConfig | CDConfig, num_scales: Callable[[int], int], **kw) -> GridPairs:
-    return GridPairs(num_scales, sigma_min=method.sigma_min, sigma_max=method.sigma_max, rho=method.rho, **kw)
-
-
-def _distance(method: CTConfig | ICTConfig | CDConfig | ECTConfig, dim: int) -> Distance:
-    return make_distance(method.distance, dim=dim, c=method.huber_c)
-
-
-@builds("edm")
-def _edm(method: EDMConfig, *, augment: float, **_) -> EDMLoss:
-    return EDMLoss(p_mean=method.p_mean, p_std=method.p_std, sigma_data=method.sigma_data, augment=augment)
-
-
-@builds("ct")
-def _ct(method: CTConfig, *, dim: int, total_images: int, **_) -> ConsistencyLoss:
-    """CT (CM paper, Alg. 3): sqrt curriculum N(k), uniform pairs, weight 1, target EMA mu(k)."""
-    num_scales = functools.partial(schedules.ct_num_scales, total=total_images, s0=method.s0, s1=method.s1)
-
-    def target_decay(images_seen: int) -> float | None:
-        if method.mu0 == 0:
-            return None
-        return schedules.ct_target_decay(num_scales(images_seen), s0=method.s0, mu0=method.mu0)
-
-    return ConsistencyLoss(pairs=_grid(method, num_scales), point=data_point, weight=uniform_weight,
-                           distance=_distance(method, dim), target_decay=target_decay, sigma_min=method.sigma_min)
-
-
-@builds("ict")
-def _ict(method: ICTConfig, *, dim: int, total_images: int, **_) -> ConsistencyLoss:
-    """iCT (Song and Dhariwal 2023): exponential N(k), lognormal pair index, 1 / gap weight, no target EMA."""
-    num_scales = functools.partial(schedules.ict_num_scales, total=total_images, s0=method.s0, s1=method.s1)
-    probs = functools.partial(schedules.lognormal_index_probs, p_mean=method.p_mean, p_std=method.p_std)
-    return ConsistencyLoss(pairs=_grid(method, num_scales, index_probs=probs), point=data_point,
-                           weight=inverse_gap_weight, distance=_distance(method, dim), target_decay=_no_target,
-                           sigma_min=method.sigma_min)
-
-
-@builds("cd")
-def _cd(method: CDConfig, *, dim: int, teacher: nn.Module, **_) -> ConsistencyLoss:
-    """CD (CM paper, Alg. 2): a fixed grid, uniform pairs, the teacher's ODE step, weight 1, target EMA mu."""
-    return ConsistencyLoss(pairs=_grid(method, lambda images_seen: method.num_scales, index_probs=None),
-                           point=TeacherStep(teacher, heun=method.solver == "heun"), weight=uniform_weight,
-                           distance=_distance(method, dim),
-                           target_decay=lambda images_seen: method.mu if method.mu > 0 else None,
-                           sigma_min=method.sigma_min)
-
-
-@builds("ect")
-def _ect(method: ECTConfig, *, dim: int, **_) -> ConsistencyLoss:
-    """ECT (Geng et al. 2024): continuous (r, t) pairs, the clean image where r = 0, weight 1 / (t - r)."""
-    pairs = ECTPairs(p_mean=method.p_mean, p_std=method.p_std, q=method.q, stage_kimg=method.stage_kimg,
-                     sigma_min=method.sigma_min, sigma_max=method.sigma_max)
-    return ConsistencyLoss(pairs=pairs, point=data_point, weight=inverse_gap_weight, distance=_distance(method, dim),
-                           target_decay=_no_target, sigma_min=method.sigma_min)
-
-
-def _scm(method: SCTConfig | SCDConfig, velocity: Velocity) -> SCMLoss:
-    sd = method.sigma_data
-    return SCMLoss(velocity, p_mean=method.p_mean, p_std=method.p_std, sigma_data=sd,
-                   t_min=math.atan(method.sigma_min / sd), t_max=math.atan(method.sigma_max / sd),
-                   warmup_images=method.tangent_warmup_kimg * 1000, tangent_c=method.tangent_c)
-
-
-@builds("sct")
-def _sct(method: SCTConfig, **_) -> SCMLoss:
-    """sCT (Lu and Song 2024): the tangent from the data's own velocity."""
-    return _scm(method, data_velocity)
-
-
-@builds("scd")
-def _scd(method: SCDConfig, *, teacher: nn.Module, **_) -> SCMLoss:
-    """sCD (Lu and Song 2024): the tangent from the teacher's TrigFlow velocity."""
-    return _scm(method, TeacherVelocity(teacher, sigma_data=method.sigma_data))

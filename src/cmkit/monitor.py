@@ -43,8 +43,8 @@ from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import default_metric, evaluate_model, reference_features
 from cmkit.eval.features import get_extractor
+from cmkit.methods import Capability, method_entry, sampling_spec
 from cmkit.rng import derive_seed
-from cmkit.sampling import POLICIES
 from cmkit.schedules import karras_sigmas
 
 REFERENCE_N = 10_000  # reference images: the default --n of `cmkit eval`, so both share one cached feature file
@@ -67,8 +67,8 @@ class Monitor:
                              f"{self.extractor.min_count} samples")
         self.reference = reference_features(d.source, self.extractor, n=REFERENCE_N, resolution=d.resolution,
                                             channels=d.channels)
-        policy = POLICIES[config.method.kind]
-        self.sampler, self.steps = policy.sampler, policy.eval_steps[:2]  # consistency: 1, 2; diffusion: 18
+        self.spec = sampling_spec(config.method)
+        self.sampler, self.steps = self.spec.sampler, self.spec.eval_steps[:2]  # consistency: 1, 2; diffusion: 18
         self.key = f"fid_{self.steps[0]}step"  # the primary FID
         self.label = f"{self.steps[0]}-step" + ("" if self.sampler == "consistency" else f" {self.sampler}")
         self.x0, self.labels, self.noise = held_out_batch(config, dataset, device)
@@ -79,13 +79,13 @@ class Monitor:
         steps and ``images_seen`` training images, ``history`` holding the records of the earlier evaluations
         (for ``best_fid``); see the module's docstring. Every process must call this."""
         tick, t = time.perf_counter(), self.config.train
-        rows = evaluate_model(ema, steps=self.steps, n=t.eval_n, extractor=self.extractor,
-                              reference=self.reference, batch=EVAL_BATCH, sampler=self.sampler,
-                              precision=t.precision, leave=False, codec=data_codec(self.config.data))
+        rows = evaluate_model(ema, self.spec, steps=self.steps, n=t.eval_n, extractor=self.extractor,
+                              reference=self.reference, batch=EVAL_BATCH, precision=t.precision, leave=False,
+                              codec=data_codec(self.config.data))
         record: dict[str, Any] = {"step": step, "kimg": images_seen / 1000,
                                   **{f"fid_{row['steps']}step": row["fid"] for row in rows}}
         record["best_fid"] = min([record[self.key], *(e[self.key] for e in history)])
-        if ema.kind == "consistency":
+        if method_entry(self.config.method.name).can(Capability.CONSISTENCY_METRIC):
             gaps = consistency_gaps(ema, self.x0, self.noise, labels=self.labels)
             record.update(consistency=float(np.mean(gaps)), consistency_pairs=gaps)
         record["eval_seconds"] = time.perf_counter() - tick

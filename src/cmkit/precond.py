@@ -11,14 +11,11 @@ not depend on ``self.training``: the consistency boundary condition (``f(x, sigm
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from cmkit.cond import Cond
 from cmkit.errors import CmkitError
-from cmkit.sampling import TWO_STEP_SIGMA
 
 
 class Preconditioned(nn.Module):
@@ -31,13 +28,11 @@ class Preconditioned(nn.Module):
         resolution, channels, num_classes: what the backbone accepts (num_classes 0 = unconditional).
         sigma_min, sigma_max, sigma_data: the noise range and data standard deviation (x0 in [-1, 1]).
 
-    ``tuned_sigmas`` maps a step count to the sampling schedule found for it by ``cmkit tune-steps``
-    (stored in the export's metadata); empty until tuned.
+    ``method_name`` names the training method whose registry entry (:mod:`cmkit.methods`) says what the model
+    can do; :func:`cmkit.checkpoint.build_model` sets it ("" for a wrapper built by hand).
     """
 
-    kind = ""
-    # The intermediate level of 2-step sampling where no tuned schedule exists (consistency models only).
-    two_step_sigma = TWO_STEP_SIGMA
+    method_name = ""
 
     def __init__(self, net: nn.Module, *, resolution: int, channels: int, num_classes: int = 0,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> None:
@@ -45,7 +40,6 @@ class Preconditioned(nn.Module):
         self.net = net
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
-        self.tuned_sigmas: dict[int, list[float]] = {}
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) for sigma of shape [N], in sigma's dtype."""
@@ -91,8 +85,6 @@ class Preconditioned(nn.Module):
 class EDMDenoiser(Preconditioned):
     """EDM's diffusion denoiser D(x, sigma) (Karras et al. 2022, Table 1)."""
 
-    kind = "edm"
-
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sd = self.sigma_data
         c_skip = sd**2 / (sigma**2 + sd**2)
@@ -103,8 +95,6 @@ class EDMDenoiser(Preconditioned):
 
 class ConsistencyFunction(Preconditioned):
     """Consistency model f(x, sigma) (CM paper, App. C): c_skip(eps) = 1 and c_out(eps) = 0 exactly."""
-
-    kind = "consistency"
 
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sd, eps = self.sigma_data, self.sigma_min
@@ -133,15 +123,11 @@ class TrigFlow(Preconditioned):
     ``w(t)`` of the sCM loss; :meth:`raw` returns ``(F, w)`` at TrigFlow inputs ``(x_t / sigma_data, t)``.
     """
 
-    kind = "consistency"
-
     def __init__(self, net: nn.Module, *, c_noise: str = "t", **kw) -> None:
         super().__init__(net, **kw)
         if c_noise not in C_NOISE:
             raise ValueError(f"TrigFlow: c_noise must be one of {', '.join(C_NOISE)}, got {c_noise!r}")
         self.c_noise = c_noise
-        # The sCM paper's 2-step sampling: t_mid = 1.1.
-        self.two_step_sigma = self.sigma_data * math.tan(1.1)
 
     def adopt_backbone(self, teacher: EDMDenoiser) -> None:
         """Become the EDM ``teacher`` exactly (:func:`edm_backbone_to_trigflow`); needs ``c_noise="log-sigma"``."""
@@ -202,6 +188,3 @@ def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond | 
     x0 = denoiser(x_t / cos, sd * t.tan(), cond)
     return (cos * x_t - x0) / sin
 
-
-WRAPPERS: dict[str, type[Preconditioned]] = {"edm": EDMDenoiser, "consistency": ConsistencyFunction,
-                                             "trigflow": TrigFlow}

@@ -26,8 +26,9 @@ _CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
 # CIFAR-10 runs also feed augmentation labels (augment_dim=9): cifar10-edm-ncsnpp adds them.
 _CIFAR_NCSNPP = replace(_CIFAR_NET, embedding="fourier", channel_mult_noise=2, encoder_type="residual",
                         resample_filter=(1, 3, 3, 1))
-# Random x-flips: the CM reference (openai/consistency_models_cifar10 configs/default_cifar10_configs.py,
-# data.random_flip). EDM and ECT flip only inside EDM's augmentation pipeline (their --xflip defaults to False).
+# Random x-flips: the CM reference flips its CIFAR-10 images (openai/consistency_models_cifar10,
+# configs/default_cifar10_configs.py). EDM and ECT flip only inside EDM's augmentation pipeline (their --xflip
+# defaults to False).
 _CIFAR_DATA = DataConfig(source="cifar10", resolution=32, channels=3, xflip=True)
 # The small students: half the channels, a quarter of the parameters (Fashion-MNIST 0.44M against 1.75M,
 # CIFAR-10 14.0M against 55.7M), the same layout otherwise.

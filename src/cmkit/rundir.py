@@ -95,8 +95,8 @@ def save(out: Path, state: dict[str, Any], *, ema: nn.Module, config: Config, im
     def write() -> None:
         checkpoint.save_state(state, out, images_seen=images_seen, keep=config.train.keep_ckpts)
         export = out / checkpoint.EXPORT_NAME
-        tuned = checkpoint.tuned_sigmas(export) if export.is_file() else {}
-        checkpoint.save_export(ema, config, export, tuned_sigmas=tuned)
+        spec = checkpoint.export_spec(export) if export.is_file() else None
+        checkpoint.save_export(ema, config, export, spec=spec)
 
     dist.on_main(write)
 

@@ -8,14 +8,18 @@
 - the result is in the model's space (:mod:`cmkit.codec`), NOT clamped: callers decode it
   (:meth:`cmkit.codec.Codec.to_images`).
 
-Building the sigma list is separate (:func:`default_sigmas`), so any list works with any sampler. Which
-sampler and how many steps a kind of model uses by default is decided once, in :data:`POLICIES`.
+Building the sigma list is separate (:func:`default_sigmas`), so any list works with any sampler. How a
+model samples by default is its :class:`SamplingSpec`: its method's :class:`SamplingPolicy` (one per registry
+entry, :mod:`cmkit.methods`) resolved for its noise range, with any schedules ``cmkit tune-steps`` found; the
+export stores it beside the weights (:mod:`cmkit.checkpoint`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +31,6 @@ from cmkit.rng import NoiseSource, SeededNoise
 
 # The Karras grids sampling schedules are cut from (EDM's rho).
 SAMPLING_RHO = 7.0
-# The published 2-step intermediate level (iCT and ECT on CIFAR-10), for a consistency model that does not name
-# its own ``two_step_sigma`` (every cmkit wrapper does; the denoiser contract does not require it).
-TWO_STEP_SIGMA = 0.821
 
 
 def check_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_max: float) -> Tensor:
@@ -114,46 +115,96 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 
 @dataclass(frozen=True)
 class SamplingPolicy:
-    """How a kind of model samples by default: ``sampler`` and ``steps`` for sampling and training snapshots,
-    ``eval_steps`` for ``cmkit eval``, and the ``samplers`` that apply to it at all."""
+    """How the models of a method sample by default: ``sampler`` and ``steps`` for sampling and training
+    snapshots, ``eval_steps`` for ``cmkit eval``, the ``samplers`` that apply to it at all, and
+    ``two_step_level(sigma_data)``, the published intermediate level of 2-step sampling (None: the method
+    samples with an ODE solver, whose 2 steps are Karras levels)."""
 
     sampler: str
     steps: int
     eval_steps: tuple[int, ...]
     samplers: tuple[str, ...]
+    two_step_level: Callable[[float], float] | None = None
 
 
-# Consistency models: one step (CM paper); EDM diffusion models: Heun with 18 levels, 35 evaluations (EDM).
-POLICIES = {
-    "consistency": SamplingPolicy("consistency", 1, (1, 2, 4), ("consistency",)),
-    "edm": SamplingPolicy("heun", 18, (18,), ("heun", "euler")),
-}
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How one model samples by default: its method's policy resolved for its noise range
+    [``sigma_min``, ``sigma_max``], and the schedules found by ``cmkit tune-steps`` (``tuned``: step count ->
+    DESCENDING sigmas). Stored in the export's metadata beside the weights (:meth:`to_json`)."""
+
+    sampler: str
+    steps: int
+    eval_steps: tuple[int, ...]
+    samplers: tuple[str, ...]
+    sigma_min: float
+    sigma_max: float
+    two_step_sigma: float | None = None
+    tuned: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_policy(cls, policy: SamplingPolicy, *, sigma_min: float, sigma_max: float,
+                    sigma_data: float) -> SamplingSpec:
+        """The untuned spec of a model of ``policy``'s method with this noise range and data scale."""
+        level = policy.two_step_level(sigma_data) if policy.two_step_level else None
+        return cls(policy.sampler, policy.steps, policy.eval_steps, policy.samplers, sigma_min, sigma_max, level)
+
+    def with_tuned(self, steps: int, sigmas: Sequence[float]) -> SamplingSpec:
+        """This spec with ``sigmas`` (DESCENDING, checked) as the schedule of ``steps`` steps."""
+        s = check_sigmas(sigmas, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        if len(s) != steps:
+            raise CmkitError(f"sigmas {','.join(f'{v:g}' for v in s.tolist())}: expected {steps} levels")
+        return replace(self, tuned={**self.tuned, steps: tuple(s.tolist())})
+
+    def to_json(self) -> str:
+        """The spec as JSON (tuned step counts as strings); :meth:`from_json` inverts it exactly."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["tuned"] = {str(k): list(v) for k, v in sorted(self.tuned.items())}
+        return json.dumps(out)
+
+    @classmethod
+    def from_json(cls, text: str, *, where: str) -> SamplingSpec:
+        """Inverse of :meth:`to_json`; CmkitError naming ``where`` when ``text`` is not a spec."""
+        try:
+            data = json.loads(text)
+            spec = cls(sampler=str(data["sampler"]), steps=int(data["steps"]),
+                       eval_steps=tuple(int(k) for k in data["eval_steps"]),
+                       samplers=tuple(str(k) for k in data["samplers"]), sigma_min=float(data["sigma_min"]),
+                       sigma_max=float(data["sigma_max"]),
+                       two_step_sigma=None if data["two_step_sigma"] is None else float(data["two_step_sigma"]))
+            tuned = parse_tuned(data["tuned"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise CmkitError(f"{where}: metadata 'sampling' is not a sampling spec (sampler, steps, eval_steps, "
+                             "samplers, sigma_min, sigma_max, two_step_sigma, tuned)") from None
+        if spec.sampler not in SAMPLERS or not set(spec.samplers) <= set(SAMPLERS):
+            raise CmkitError(f"{where}: metadata 'sampling' names an unknown sampler; expected {', '.join(SAMPLERS)}")
+        return replace(spec, tuned=tuned)
 
 
-def sampling_policy(model: nn.Module) -> SamplingPolicy:
-    """The default sampling of ``model``'s kind (its ``kind`` attribute: ``consistency`` or ``edm``)."""
-    return POLICIES[model.kind]
+def parse_tuned(data: Mapping[str, Sequence[float]]) -> dict[int, tuple[float, ...]]:
+    """Tuned schedules read from JSON ({"steps": [sigmas]}) as {steps: sigmas}; ValueError, TypeError or
+    AttributeError when ``data`` is not such a mapping."""
+    return {int(k): tuple(float(s) for s in v) for k, v in data.items()}
 
 
-def default_sigmas(model: nn.Module, steps: int) -> Tensor:
-    """The schedule ``--steps K`` means, DESCENDING, float64, checked against the model's sigma range.
+def default_sigmas(spec: SamplingSpec, steps: int) -> Tensor:
+    """The schedule ``--steps K`` means for a model sampling as ``spec`` says: DESCENDING, float64, checked
+    against the spec's sigma range.
 
-    A schedule found by ``cmkit tune-steps`` for this model (``model.tuned_sigmas``) comes first.
-    Otherwise, diffusion models: EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models:
-    1 step is [sigma_max]; 2 steps add the published ``model.two_step_sigma`` (0.821 for iCT and ECT, sCM's
-    t = 1.1 for TrigFlow models; :data:`TWO_STEP_SIGMA` for a model without one); K > 2 steps take the first
-    K levels of a descending (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
+    A schedule found by ``cmkit tune-steps`` (``spec.tuned``) comes first. Otherwise, a method without a 2-step
+    level (EDM diffusion models): EDM's K Karras levels (Heun: 2K - 1 evaluations). Consistency models: 1 step
+    is [sigma_max]; 2 steps add the published ``spec.two_step_sigma``; K > 2 steps take the first K levels of a
+    descending (K + 1)-point Karras grid (its last point, sigma_min, would be a no-op).
     """
     if steps < 1:
         raise CmkitError(f"steps: expected a positive number of steps, got {steps}")
-    lo, hi = model.sigma_min, model.sigma_max
-    tuned = getattr(model, "tuned_sigmas", {}).get(steps)
-    if tuned:
-        sigmas = torch.tensor(tuned, dtype=torch.float64)
-    elif model.kind == "edm":
+    lo, hi = spec.sigma_min, spec.sigma_max
+    if steps in spec.tuned:
+        sigmas = torch.tensor(spec.tuned[steps], dtype=torch.float64)
+    elif spec.two_step_sigma is None:
         sigmas = schedules.edm_sampling_sigmas(steps, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO)
     elif steps == 2:
-        sigmas = torch.tensor([hi, getattr(model, "two_step_sigma", TWO_STEP_SIGMA)], dtype=torch.float64)
+        sigmas = torch.tensor([hi, spec.two_step_sigma], dtype=torch.float64)
     else:
         sigmas = schedules.karras_sigmas(steps + 1, sigma_min=lo, sigma_max=hi, rho=SAMPLING_RHO).flip(0)[:steps]
     try:

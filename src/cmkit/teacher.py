@@ -19,7 +19,7 @@ from torch import nn
 from cmkit import checkpoint
 from cmkit.config import Config
 from cmkit.errors import CmkitError
-from cmkit.methods import TEACHER_METHODS
+from cmkit.methods import Capability, TeacherRole, method_entry, methods_that, teacher_methods
 from cmkit.precond import EDMDenoiser
 
 
@@ -33,9 +33,9 @@ def with_teacher(config: Config, teacher: str | Path) -> Config:
     and, for a cmkit teacher and ``method.student_net=teacher``, the teacher's network (the student's dropout is
     kept)."""
     path = Path(teacher).resolve()
-    if not config.method.needs_teacher:
+    if not method_entry(config.method.name).teacher.takes_teacher:
         raise CmkitError(f"--teacher: the {config.method.name} method trains without a teacher; "
-                         f"teachers are for {', '.join(TEACHER_METHODS)}")
+                         f"teachers are for {', '.join(teacher_methods())}")
     if not path.exists():
         raise CmkitError(f"--teacher {teacher}: no such file or directory")
     config = replace(config, method=replace(config.method, teacher=str(path)))
@@ -49,19 +49,21 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
     """The frozen teacher ``config.method.teacher`` names, checked against the data; None for methods
     without one. Raises CmkitError for a missing teacher, a consistency model or a mismatched shape."""
     m = config.method
-    if not m.needs_teacher:
+    role = method_entry(m.name).teacher
+    if not role.takes_teacher:
         return None
     if not m.teacher:
-        if m.teacher_optional:
+        if role is TeacherRole.INIT_OPTIONAL:
             return None
         raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "
                          "(a run of an *-edm preset, or a diffusers UNet folder)")
     path = Path(m.teacher)
     if is_cmkit_model(path):
-        teacher, stored = checkpoint.load_export(path, device=device)
-        if stored.is_consistency:
-            raise CmkitError(f"--teacher {path}: a consistency model ({stored.method.name}); a teacher must be a "
-                             "diffusion model (trained with an *-edm preset)")
+        teacher, stored, _ = checkpoint.load_export(path, device=device)
+        if not method_entry(stored.method.name).can(Capability.TEACH):
+            raise CmkitError(f"--teacher {path}: a model trained with {stored.method.name}; a teacher must have the "
+                             f"'teach' capability (trained with {', '.join(methods_that(Capability.TEACH))}: a "
+                             "diffusion model, an *-edm preset)")
         if m.student_net == "teacher":
             _check_same_net(stored, config, path)
     elif path.is_dir():
@@ -70,7 +72,7 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
-        if m.teacher_seeds_only:
+        if role.seeds_only:
             raise CmkitError(f"--teacher {path}: {m.name.upper()} starts from the teacher's own weights, which needs "
                              "a cmkit EDM model; a diffusers teacher can be distilled with a cd or scd preset instead")
         teacher = load_diffusers_teacher(path, device=device)

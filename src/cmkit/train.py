@@ -34,11 +34,12 @@ from cmkit.cond import drop_labels, of_labels
 from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
 from cmkit.images import to_numpy_images
-from cmkit.losses import WarmStarted, make_loss
+from cmkit.losses import WarmStarted
 from cmkit.machine import resolve_precision, run_config
+from cmkit.methods import make_loss, method_entry, sampling_spec
 from cmkit.monitor import Monitor
 from cmkit.rng import BatchNoise, derive_seed
-from cmkit.sampling import default_sigmas, generate, sampling_policy
+from cmkit.sampling import default_sigmas, generate
 from cmkit.teacher import init_student, load_teacher
 
 SNAPSHOT_SEEDS = range(64)
@@ -125,7 +126,8 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
         if t.compile:  # in place: the state_dict keys stay those of the plain module
             self.model.net.compile()
-        unused = config.method.logvar_head and isinstance(self.loss, WarmStarted)  # the head rests while warming up
+        # the log-variance head rests while warming up
+        unused = method_entry(config.method.name).logvar_head and isinstance(self.loss, WarmStarted)
         self.ddp = dist.data_parallel(self.model, device, find_unused=unused)  # what the loss calls
         self.optimizer = make_optimizer(config, self.model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
@@ -228,9 +230,9 @@ class Run:
     def snapshot_images(self) -> np.ndarray:
         """The EMA model's samples for seeds 0-63 with the default sampler of its kind, uint8 [64, H, W, C] on
         rank 0 (the seeds are shared out over the processes)."""
-        policy = sampling_policy(self.ema)
+        spec = sampling_spec(self.config.method)
         seeds = dist.shard(list(SNAPSHOT_SEEDS))
-        batches = generate(self.ema, seeds, sigmas=default_sigmas(self.ema, policy.steps), sampler=policy.sampler,
+        batches = generate(self.ema, seeds, sigmas=default_sigmas(spec, spec.steps), sampler=spec.sampler,
                            batch_size=64)
         shape = (0, self.config.data.resolution, self.config.data.resolution, self.config.data.channels)
         images = (to_numpy_images(data_codec(self.config.data).to_images(b)) for b in batches)

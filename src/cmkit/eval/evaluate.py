@@ -31,7 +31,7 @@ from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, feature_stats, frechet_distance
 from cmkit.files import atomic_write
-from cmkit.sampling import default_sigmas, generate
+from cmkit.sampling import SamplingSpec, default_sigmas, generate
 
 FEATURES_FORMAT = "cmkit-features-1"
 GRAY_MODES = {"1", "L", "LA", "I", "I;16"}
@@ -224,16 +224,16 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ evaluation
 
-def evaluate_model(model: nn.Module, *, steps: Sequence[int], n: int, extractor: FeatureExtractor,
-                   reference: np.ndarray, batch: int, sampler: str, precision: str = "fp32",
+def evaluate_model(model: nn.Module, spec: SamplingSpec, *, steps: Sequence[int], n: int,
+                   extractor: FeatureExtractor, reference: np.ndarray, batch: int, precision: str = "fp32",
                    leave: bool = True, codec: Codec | None = None,
                    guidance: float | None = None) -> list[dict[str, Any]]:
-    """Metrics of ``n`` samples for each step count (schedules from :func:`default_sigmas`); ``leave=False``
-    erases each progress bar when done (evaluations during training); ``codec`` and ``guidance`` as in
-    :func:`sample_features`."""
-    rows = []
+    """Metrics of ``n`` samples for each step count, with ``spec``'s default sampler and schedules
+    (:func:`default_sigmas`); ``leave=False`` erases each progress bar when done (evaluations during training);
+    ``codec`` and ``guidance`` as in :func:`sample_features`."""
+    rows, sampler = [], spec.sampler
     for k in steps:
-        sigmas = default_sigmas(model, k)
+        sigmas = default_sigmas(spec, k)
         feats = sample_features(model, n=n, sigmas=sigmas, sampler=sampler, batch=batch, extractor=extractor,
                                 desc=f"{k} step{'s' * (k > 1)}", precision=precision, leave=leave, codec=codec,
                                 guidance=guidance)

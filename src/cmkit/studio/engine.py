@@ -29,8 +29,9 @@ from cmkit.config import Config
 from cmkit.data import ImageData, conform_image_bytes, load_dataset, to_model_range
 from cmkit.errors import CmkitError
 from cmkit.images import grid, to_numpy_images
+from cmkit.methods import Capability, method_entry, methods_that, require, sampling_spec
 from cmkit.rng import SeededNoise
-from cmkit.sampling import BatchInvariant, default_sigmas, generate
+from cmkit.sampling import BatchInvariant, SamplingSpec, default_sigmas, generate
 
 PRECISIONS = ("fp32", "bf16")
 STEPS = (1, 2, 4, 8)  # the steps control: sampling steps, or editing levels (Alg. 4's N)
@@ -49,28 +50,29 @@ class Superseded(Exception):
 
 @dataclass(frozen=True)
 class Models:
-    """The consistency model the studio serves and, optionally, a diffusion teacher to compare with."""
+    """The consistency model the studio serves and, optionally, a diffusion teacher to compare with; ``spec``
+    is how the served model samples (:func:`cmkit.checkpoint.load_export`'s; None: its method's untuned spec)."""
 
     model: nn.Module
     config: Config
     teacher: nn.Module | None = None
     teacher_config: Config | None = None
+    spec: SamplingSpec | None = None
 
 
 def check_models(models: Models) -> None:
-    """The served model must be a consistency model with a codec in :data:`CODECS`; a teacher an EDM model of
-    the same data shape."""
-    kind = getattr(models.model, "kind", "")
-    if kind != "consistency":
-        what = "an EDM diffusion model" if kind == "edm" else "not a consistency model"
-        raise CmkitError(f"this is {what}; the studio serves a consistency model (ct, ict, cd, ect, sct, scd), "
-                         "and shows a diffusion model beside it with --teacher")
+    """The served model's method must have the 'serve' capability and its codec be one of :data:`CODECS`; a
+    teacher's method the 'teach' capability, with the same data shape."""
+    require(method_entry(models.config.method.name), Capability.SERVE, "the studio (cmkit serve)")
     check_codec(models.config.data.codec, CODECS, what="the studio")
     teacher = models.teacher
     if teacher is None:
         return
-    if getattr(teacher, "kind", "") != "edm":
-        raise CmkitError("--teacher: expected an EDM diffusion model (an *-edm run); this is a consistency model")
+    name = models.teacher_config.method.name
+    if not method_entry(name).can(Capability.TEACH):
+        raise CmkitError(f"--teacher: a model trained with {name}; the studio shows a model with the 'teach' "
+                         f"capability beside the served one (trained with {', '.join(methods_that(Capability.TEACH))}: "
+                         "an *-edm run)")
     shape = [(m.resolution, m.channels, m.num_classes) for m in (models.model, teacher)]
     if shape[0] != shape[1]:
         raise CmkitError(f"--teacher: its images (resolution, channels, classes) {shape[1]} differ from the "
@@ -201,6 +203,7 @@ class Studio:
         self.model = models.model
         self.denoiser = BatchInvariant(self.model)  # editing's as in cmkit edit: results do not depend on the batch
         self.codec: Codec = data_codec(models.config.data)
+        self.spec = models.spec or sampling_spec(models.config.method)
         m = self.model
         self.device = next(m.parameters()).device
         self.shape = (m.resolution, m.resolution, m.channels)
@@ -276,7 +279,7 @@ class Studio:
         return seed_labels(noise, self.model.num_classes, self._label(request))
 
     def _sigmas(self, request: dict[str, Any]) -> list[float]:
-        return default_sigmas(self.model, choice_field(request, "steps", STEPS, 1)).tolist()
+        return default_sigmas(self.spec, choice_field(request, "steps", STEPS, 1)).tolist()
 
     def _source(self, request: dict[str, Any]) -> Tensor:
         """The request's ``image`` as float32 [1, C, H, W] in [-1, 1]."""
@@ -287,17 +290,19 @@ class Studio:
     # Each returns ({name: uint8 [H, W, C]}, seconds spent in the model).
 
     def _generate(self, request: dict[str, Any], stale) -> tuple[dict[str, np.ndarray], float]:
-        return self._grid(self.model, request, sampler="consistency", steps=choice_field(request, "steps", STEPS, 1))
+        return self._grid(self.model, self.spec, request, steps=choice_field(request, "steps", STEPS, 1))
 
     def _teacher(self, request: dict[str, Any], stale) -> tuple[dict[str, np.ndarray], float]:
-        return self._grid(Cancellable(self.models.teacher, stale), request, sampler="heun", steps=TEACHER_STEPS)
+        spec = sampling_spec(self.models.teacher_config.method)
+        return self._grid(Cancellable(self.models.teacher, stale), spec, request, steps=TEACHER_STEPS)
 
-    def _grid(self, model, request: dict[str, Any], *, sampler: str, steps: int) -> tuple[dict, float]:
+    def _grid(self, model, spec: SamplingSpec, request: dict[str, Any], *, steps: int) -> tuple[dict, float]:
+        """A grid of ``model``'s samples with ``spec``'s default sampler and schedule of ``steps`` steps."""
         seed = int_field(request, "seed", 0, MAX_SEED - GRID + 1, 0)
         label = self._label(request)
         start = time.perf_counter()
-        sigmas = default_sigmas(model, steps)
-        x = next(generate(model, range(seed, seed + GRID), sigmas=sigmas, sampler=sampler, batch_size=GRID,
+        sigmas = default_sigmas(spec, steps)
+        x = next(generate(model, range(seed, seed + GRID), sigmas=sigmas, sampler=spec.sampler, batch_size=GRID,
                           label=label, precision=self.precision))
         return {"result": grid(to_numpy_images(self.codec.to_images(x)))}, time.perf_counter() - start
 
