@@ -76,8 +76,8 @@ def test_tune_steps_stores_the_sigma_that_sample_then_uses(trained, request, fmn
                  str(fmnist_subset)]) == 0
     out = capsys.readouterr().out
     assert "best 2-step sigma" in out
-    # golden section: two first points and one per iteration (n=5), the 3 best again (n=20); the summary
-    assert out.count("(n=5)") == 2 + 2 and out.count("(n=20)") == 3 and out.count("FID") == 4 + 3 + 1
+    # golden section: two first points and one per iteration (n=5), the 2 best again (n=20); the summary
+    assert out.count("(n=5)") == 2 + 2 and out.count("(n=20)") == 2 and out.count("FID") == 4 + 2 + 1
     model, _, spec = load_export(run)
     (t, sigma), = [spec.tuned[2]]
     assert t == model.sigma_max and model.sigma_min < sigma < model.sigma_max / 2

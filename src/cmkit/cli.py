@@ -525,8 +525,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-steps", help="search the best intermediate sigma for 2-step sampling")
     p.add_argument("model", help="a run directory or a .safetensors export (updated in place)")
     p.add_argument("--steps", type=int, default=2, help="number of steps (2)")
-    p.add_argument("--n", action=_Positive, default=1_000,
-                   help="samples per FID of the final round (default 1000); the search's FIDs take a quarter")
+    p.add_argument("--n", action=_Positive, default=800,
+                   help="samples per FID of the final round (default 800); the search's FIDs take a quarter")
     p.add_argument("--iters", type=int, default=5,
                    help="golden-section iterations, one FID each after the first two (default 5); then the "
                         "search's best sigmas are scored again on --n samples")

@@ -278,7 +278,7 @@ def golden_section_search(score: Callable[[float], float], lo: float, hi: float,
     return best[0], history
 
 
-FINALISTS = 3  # the search's best sigmas, scored again on every sample by tune_two_step_sigma
+FINALISTS = 2  # the search's best sigmas, scored again on every sample by tune_two_step_sigma
 
 
 def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor, reference: np.ndarray,
