@@ -239,7 +239,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
         policy = sampling_policy(model)
         steps = _parse_steps(args.steps) if args.steps else list(policy.eval_steps)
-        extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
+        d = config.data  # the decoded images are scored
+        extractor, reference = _scorer(args, d.resolution, d.channels, args.ref or d.source)
         rows = evaluate_model(model, steps=steps, n=args.n, extractor=extractor, reference=reference,
                               batch=args.batch, sampler=policy.sampler, codec=data_codec(config.data),
                               guidance=args.guidance)
