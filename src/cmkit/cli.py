@@ -303,7 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, config, spec = load_export(source, device=dist.init())
         check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
         steps = _parse_steps(args.steps) if args.steps else list(spec.eval_steps)
-        extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
+        d = config.data  # the decoded images are scored
+        extractor, reference = _scorer(args, d.resolution, d.channels, args.ref or d.source)
         rows = evaluate_model(model, spec, steps=steps, n=args.n, extractor=extractor, reference=reference,
                               batch=args.batch, codec=data_codec(config.data), guidance=args.guidance)
     report = {"model": str(source), "metric": extractor.name, "reference": args.ref, "n": args.n, "results": rows}
