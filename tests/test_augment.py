@@ -162,9 +162,9 @@ def test_apply_computes_in_float32_under_autocast():
 class Stub(nn.Module):
     """A denoiser that accepts augment labels and lets them change its output."""
 
-    def forward(self, x, sigma, labels=None, *, augment_labels=None):
-        self.seen = augment_labels
-        return 0.5 * x + augment_labels.sum(1).view(-1, 1, 1, 1)
+    def forward(self, x, sigma, cond=None):
+        self.seen = cond.augment
+        return 0.5 * x + cond.augment.sum(1).view(-1, 1, 1, 1)
 
 
 def test_edm_loss_augments_and_passes_the_labels():

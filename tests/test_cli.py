@@ -16,6 +16,7 @@ from PIL import Image
 from cmkit.checkpoint import list_states, load_export, load_state
 from cmkit.cli import main, make_parser
 from cmkit.config import Config
+from cmkit.machine import auto_precision
 from cmkit.methods import method_entry
 from cmkit.presets import PRESETS, preset
 from conftest import exit_status, train_tiny
@@ -174,7 +175,10 @@ def test_every_preset_dry_runs_to_its_config_with_the_options_applied(name, tmp_
     assert main(["train", "--preset", name, "--out", str(tmp_path / "r"), "--dry-run", "--kimg", str(kimg), "--seed",
                  "11", "--accum", "2", *teacher]) == 0
     printed = Config.from_dict(json.loads(capsys.readouterr().out))
-    expected = replace(expected, train=replace(expected.train, kimg=kimg, seed=11, accum=2))
+    precision = expected.train.precision
+    if precision == "auto":  # the dry run prints what auto resolves to on this machine
+        precision = auto_precision(torch.device("cpu"))[0]
+    expected = replace(expected, train=replace(expected.train, kimg=kimg, seed=11, accum=2, precision=precision))
     if needs_teacher:
         expected = replace(expected, method=replace(expected.method, teacher=str(tmp_path.resolve())))
     assert printed == expected and not (tmp_path / "r").exists()

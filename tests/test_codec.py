@@ -43,7 +43,7 @@ def test_editing_and_the_studio_say_which_codecs_they_take(studio_files):
     editing.check_codec("identity")
     with pytest.raises(CmkitError, match="data.codec=vae: zero-shot editing works on models with codec identity"):
         editing.check_codec("vae")
-    model, config = load_export(studio_files["gray"])
+    model, config, _ = load_export(studio_files["gray"])
     check_models(Models(model, config))
     latent = replace(config, data=replace(config.data, codec="vae"))
     with pytest.raises(CmkitError, match="data.codec=vae: the studio works on models with codec identity"):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from cmkit.checkpoint import build_model
+from cmkit.cond import Cond
 from cmkit.config import Config, NetConfig, validate
 from cmkit.errors import CmkitError
 from cmkit.nets import UNet
@@ -164,8 +165,8 @@ def test_preconditioning_passes_augment_labels():
         for param in model.parameters():  # away from the near-zero initialisation, so the labels show
             param.add_(0.1 * torch.randn_like(param))
         x, aug = torch.randn(2, 1, 28, 28), torch.randn(2, 9)
-        torch.testing.assert_close(model(x, 1.0), model(x, 1.0, augment_labels=torch.zeros(2, 9)), rtol=0, atol=0)
-        assert not torch.allclose(model(x, 1.0, augment_labels=aug), model(x, 1.0))
+        torch.testing.assert_close(model(x, 1.0), model(x, 1.0, Cond(augment=torch.zeros(2, 9))), rtol=0, atol=0)
+        assert not torch.allclose(model(x, 1.0, Cond(augment=aug)), model(x, 1.0))
 
 
 # -------------------------------------------------------------------------------------------- NetConfig

@@ -43,7 +43,8 @@ def _parameters(model) -> int:
 def test_a_smaller_student_trains_from_a_cmkit_teacher(tiny_config, fmnist_subset, tmp_path, preset_name):
     teacher = _teacher(tiny_config, tmp_path / "edm.safetensors")
     out = tmp_path / "student"
-    assert _train(out, fmnist_subset, teacher, "method.student_net=own", "net.model_channels=4",
+    layout = ["net.channel_mult=1,2", "net.num_blocks=1", "net.attn_resolutions=14"]  # the teacher's
+    assert _train(out, fmnist_subset, teacher, "method.student_net=own", *layout, "net.model_channels=4",
                   "method.warm_start_kimg=0.064", preset_name=preset_name) == 0
     student, config, _ = load_export(out)
     assert config.net == replace(tiny_config.net, model_channels=4)  # the teacher's layout, the student's width

@@ -159,7 +159,7 @@ def test_studio_inpaint_is_cmkit_edit_bit_for_bit(rgb, studio_files, tmp_path, l
     got = ask(rgb, **request, **({"label": label} if label is not None else {}))["result"]
     Image.fromarray(image).save(tmp_path / "in.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    sigmas = ",".join(repr(s) for s in default_sigmas(rgb.model, 2).tolist())
+    sigmas = ",".join(repr(s) for s in default_sigmas(rgb.spec, 2).tolist())
     options = ["--label", str(label)] if label is not None else []
     assert main(["edit", "inpaint", str(studio_files["rgb"]), "--image", str(tmp_path / "in.png"), "--mask",
                  str(tmp_path / "mask.png"), "--seed", "5", "--sigmas", sigmas, "--out", str(tmp_path / "out.png"),
