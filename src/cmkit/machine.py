@@ -72,19 +72,24 @@ def resolve_precision(config: Config, device: torch.device, *, stored: Config | 
     return replace(config, train=replace(config.train, precision=chosen))
 
 
+WARMUP_STEPS = 2  # untimed steps before --minutes' calibration measures
+
+
 def measure_images_per_s(config: Config, device: torch.device, *, min_steps: int = 3,
                          min_seconds: float = 5.0) -> float:
-    """Training images per second of ``config`` (precision resolved) on ``device``, over all processes: a
-    throwaway run on the real data takes one warm-up step (not timed: first-call allocation and dispatch),
-    then timed steps until at least ``min_steps`` steps and ``min_seconds`` have passed. Nothing is written
-    and the caller's random state is kept; under torchrun every process takes part and gets the same value."""
+    """Training images per second of ``config`` (precision resolved) on ``device``, over all processes: a throwaway
+    run on the real data takes :data:`WARMUP_STEPS` untimed steps (first-call allocation, kernel selection: on a
+    2-core Xeon the first three steps took 27, 11 and 6 s, then 5 s each), then timed steps until at least
+    ``min_steps`` steps and ``min_seconds`` have passed. Nothing is written and the caller's random state is kept;
+    under torchrun every process takes part and gets the same value."""
     from cmkit.teacher import load_teacher
     from cmkit.train import Run, load_training_data, local_batch
 
     dataset = load_training_data(config)
     run = Run(config, device, teacher=load_teacher(config, device=device))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        run.optimizer_step(*local_batch(config, dataset, 0, device))
+        for _ in range(WARMUP_STEPS):
+            run.optimizer_step(*local_batch(config, dataset, run.step, device))
         _synchronize(device)
         start, steps = time.perf_counter(), 0
         while steps < min_steps or dist.any_rank(time.perf_counter() - start < min_seconds):
