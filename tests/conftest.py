@@ -199,11 +199,16 @@ def sct_run(fmnist_subset, tmp_path_factory) -> Path:
     return out
 
 
+# The arguments of the session's fid-fmnist classifier: test_features.py trains again with them (determinism).
+CLASSIFIER = {"dataset": "fashion-mnist", "seed": 0, "epochs": 1, "limit": 512}
+
+
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory) -> Path:
-    """A fid-fmnist classifier trained on 512 images for one epoch (the contract, not the accuracy)."""
-    return train_fmnist_classifier(out=tmp_path_factory.mktemp("clf") / "fid.safetensors", epochs=1, limit=512,
-                                   progress=False)
+    """A fid-fmnist classifier trained with CLASSIFIER, on 512 images for one epoch (the contract, not the
+    accuracy); the only one trained outside test_fmnist_training_is_deterministic."""
+    return train_fmnist_classifier(out=tmp_path_factory.mktemp("clf") / "fid.safetensors", progress=False,
+                                   **CLASSIFIER)
 
 
 # ------------------------------------------------------------------- the studio: tiny models and a server

@@ -38,15 +38,23 @@ def test_train_writes_the_run_directory(run_dir):
 
 
 def test_resume_is_bit_exact(run_dir, fmnist_subset, tmp_path):
+    """run_dir resumed after its first checkpoint ends where it did, bit for bit; the tune-steps result stored
+    in its export survives (the export rewritten at the end keeps it). An export absent at resume:
+    tests/test_reliability.py."""
+    from cmkit.checkpoint import export_spec, save_export
+
     half = tmp_path / "b"
     shutil.copytree(run_dir, half)
     list_states(half)[-1].unlink()
-    (half / "model.safetensors").unlink()
+    model, config, spec = load_export(half)
+    save_export(model, config, half / "model.safetensors", spec=spec.with_tuned(2, [80.0, 1.5]))
     assert train_tiny(half, fmnist_subset, "--resume") == 0
     straight, resumed = load_state(list_states(run_dir)[-1]), load_state(list_states(half)[-1])
     for key in ("model", "ema", "optimizer"):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
     assert len((half / "metrics.jsonl").read_text().splitlines()) == 4
+    assert export_spec(half).tuned == {2: (80.0, 1.5)}
+    assert load_export(half).spec.tuned == {2: (80.0, 1.5)}
 
 
 def test_resume_refuses_another_config(run_dir, fmnist_subset, tmp_path, capsys):
@@ -201,16 +209,3 @@ def test_a_data_folder_is_stored_absolute(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["data"]["source"] == str(tmp_path / "imgs")
     assert main(["train", "--preset", "fmnist-ict", "--out", "r", "--data", "fashion-mnist", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["data"]["source"] == "fashion-mnist"
-
-
-def test_tuned_sigmas_survive_a_resumed_run(run_dir, fmnist_subset, tmp_path):
-    from cmkit.checkpoint import export_spec, save_export
-
-    half = tmp_path / "tuned"
-    shutil.copytree(run_dir, half)
-    list_states(half)[-1].unlink()
-    model, config, spec = load_export(half)
-    save_export(model, config, half / "model.safetensors", spec=spec.with_tuned(2, [80.0, 1.5]))
-    assert train_tiny(half, fmnist_subset, "--resume") == 0
-    assert export_spec(half).tuned == {2: (80.0, 1.5)}
-    assert load_export(half).spec.tuned == {2: (80.0, 1.5)}

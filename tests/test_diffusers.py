@@ -299,29 +299,31 @@ def noise_of(seed: int, shape: tuple[int, ...]):
     return lambda: torch.randn(shape, generator=g)
 
 
-@pytest.mark.parametrize("variant", ["ict", "sct-log-sigma"])  # sct-t in-process only (below), to save time
-def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, tiny_config, variant):
+def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, tiny_config):
     """Issue 12: the folder loads where cmkit is not importable, without "Expected types", and samples as cmkit;
-    TrigFlow models (sct, scd) too, though the scheduler applies the CM paper's scalings."""
+    TrigFlow models (sct, scd) too, though the scheduler applies the CM paper's scalings. One interpreter loads
+    the iCT and the sCT (log-sigma) exports at 1 and 3 channels (sct-t in-process only, below, to save time)."""
     folders, models = {}, {}
-    for channels in (1, 3):
-        config = VARIANTS[variant](replace(tiny_config, data=replace(tiny_config.data, channels=channels)))
-        models[channels] = random_consistency_model(config)
-        folders[channels] = export_diffusers(models[channels], config, tmp_path / f"cm{channels}")
-        index = json.loads((folders[channels] / "model_index.json").read_text())
-        assert index["unet"] == ["cmkit_unet2d", "CmkitUNet2DModel"]
-        assert sorted(p.name for p in (folders[channels] / "unet").glob("*.py")) == ["cmkit_unet2d.py", "layers.py",
-                                                                                     "unet.py"]
+    for variant in ("ict", "sct-log-sigma"):
+        for channels in (1, 3):
+            config = VARIANTS[variant](replace(tiny_config, data=replace(tiny_config.data, channels=channels)))
+            models[variant, channels] = model = random_consistency_model(config)
+            folders[variant, channels] = folder = export_diffusers(model, config, tmp_path / f"{variant}-{channels}")
+            index = json.loads((folder / "model_index.json").read_text())
+            assert index["unet"] == ["cmkit_unet2d", "CmkitUNet2DModel"]
+            assert sorted(p.name for p in (folder / "unet").glob("*.py")) == ["cmkit_unet2d.py", "layers.py",
+                                                                             "unet.py"]
     # 1 channel: noise from the generator; 3 channels: latents (the pipeline checks them only for 3 channels);
     # 2 steps: the scheduler draws the second noise from the same generator, after the latents
     runs = [{"seed": 1, "num_inference_steps": 1}, {"seed": 2, "timesteps": [600, 0]}]
     results, stderr = sample_with_diffusers_alone(
-        {folders[c]: [{**run, "latents": c == 3} for run in runs] for c in (1, 3)}, tmp_path)
+        {folder: [{**run, "latents": channels == 3} for run in runs] for (_, channels), folder in folders.items()},
+        tmp_path)
     assert "Expected types" not in stderr and "Traceback" not in stderr and "were not used" not in stderr
-    for channels in (1, 3):
-        got, model, shape = results[folders[channels]], models[channels], (3, channels, 28, 28)
+    for (variant, channels), folder in folders.items():
+        got, model, shape = results[folder], models[variant, channels], (3, channels, 28, 28)
         # every weight loads, the log-variance head of TrigFlow models too (sampling does not use it)
-        state = CmkitUNet2DModel.from_pretrained(folders[channels] / "unet").net.state_dict()
+        state = CmkitUNet2DModel.from_pretrained(folder / "unet").net.state_dict()
         assert state.keys() == model.net.state_dict().keys()
         assert all(torch.equal(state[k], v) for k, v in model.net.state_dict().items())
         assert got["unet_module"] == "diffusers_modules.local.cmkit_unet2d"  # the shipped file, not cmkit's
@@ -331,7 +333,7 @@ def test_export_loads_with_diffusers_alone_and_matches_cmkit_sampling(tmp_path, 
         refs = [consistency_sample(model, [model.sigma_max], noise_of(1, shape)),
                 consistency_sample(model, sigmas, noise_of(2, shape))]
         for i, ref in enumerate(refs):
-            torch.testing.assert_close(got[f"raw{i}"], ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(got[f"raw{i}"], ref, atol=1e-4, rtol=0, msg=f"{variant} {channels}")
             torch.testing.assert_close(got[f"images{i}"], (ref / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
         assert max(ref.abs().max() for ref in refs) > 1  # so the unclamped comparison means something
 

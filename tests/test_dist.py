@@ -295,11 +295,11 @@ def test_accumulation_equals_one_big_batch(name):
 
 
 def test_bf16_stays_finite_and_close_to_fp32():
-    """8 iCT steps: bf16 autocast (8 mantissa bits, relative rounding 2^-9 = 0.002 per op) moves the weights by
-    a small fraction of what training moved them (measured: about 1%; bound 10%)."""
+    """3 iCT steps: bf16 autocast (8 mantissa bits, relative rounding 2^-9 = 0.002 per op) moves the weights by
+    a small fraction of what training moved them (measured: about 0.3%, and 0.7% after 8 steps; bound 10%)."""
     start = Run(config_of("ict"), torch.device("cpu")).model.state_dict()
-    fp32, l32 = train_steps(config_of("ict"), steps=8)
-    bf16, l16 = train_steps(config_of("ict", precision="bf16"), steps=8)
+    fp32, l32 = train_steps(config_of("ict"))
+    bf16, l16 = train_steps(config_of("ict", precision="bf16"))
     assert all(v is not None and np.isfinite(v) for v in l16)
     moved = max_diff(fp32.model.state_dict(), start)
     assert max_diff(bf16.model.state_dict(), fp32.model.state_dict()) < 0.1 * moved
@@ -320,8 +320,9 @@ def test_compile_and_channels_last_save_plain_weights():
 
 
 def test_channels_last_trains_like_contiguous():
-    plain, _ = train_steps(config_of("ict"))
-    nhwc, _ = train_steps(config_of("ict", channels_last=True))
+    """2 steps: the second reads the optimiser state the first wrote."""
+    plain, _ = train_steps(config_of("ict"), steps=2)
+    nhwc, _ = train_steps(config_of("ict", channels_last=True), steps=2)
     assert max_diff(plain.model.state_dict(), nhwc.model.state_dict()) < 1e-5
 
 

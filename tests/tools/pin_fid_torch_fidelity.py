@@ -1,6 +1,6 @@
 """One-off: the FID that pins tests/test_features.py::test_inception_pinned_fid, computed without cmkit.
 
-FID between the first 100 Fashion-MNIST train and the first 100 t10k images, with torch-fidelity's own
+FID between the first 50 Fashion-MNIST train and the first 50 t10k images, with torch-fidelity's own
 Inception (``FeatureExtractorInceptionV3``: its TF1-compatible bilinear resize to 299x299, (x - 128) / 128,
 its InceptionV3 code, 2048-d pool features) and its own FID formula (``metric_fid``: numpy mean/cov, then
 eigenvalues of sigma1 . sigma2). Nothing here imports cmkit. Run it in a throwaway venv, never as a cmkit
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-COUNT = 100
+COUNT = 50
 
 
 def import_torch_fidelity() -> tuple[type, types.ModuleType]:
