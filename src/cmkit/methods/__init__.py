@@ -36,5 +36,4 @@ from cmkit.methods.scm import SCDConfig, SCTConfig
 __all__ = ["REGISTRY", "CDConfig", "CTConfig", "Capability", "ECTConfig", "EDMConfig", "ICTConfig", "MethodConfig",
            "MethodEntry", "SCDConfig", "SCTConfig", "TaughtConfig", "TeacherRole", "convert_flat", "init_fields",
            "is_flat", "make_loss", "method_class", "method_entry", "methods_that", "model_entry", "model_spec",
-           "require",
-           "sampling_spec", "switch_method", "teacher_methods"]
+           "require", "sampling_spec", "switch_method", "teacher_methods"]
