@@ -73,7 +73,7 @@ class PoolFeatures:
     """A cheap feature extractor for the tests: the four 14x14 means of a 28x28 grayscale image. ``seen``
     counts the images it featurised."""
 
-    name, dim, min_count = "pool", 4, 2
+    name, weights, dim, min_count = "pool", "none", 4, 2
 
     def __init__(self) -> None:
         self.seen = 0

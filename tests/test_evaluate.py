@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from cmkit.errors import CmkitError
 from cmkit.eval import evaluate
 from cmkit.eval.evaluate import INV_PHI, golden_section_search, reference_features
-from cmkit.eval.features import get_extractor
+from cmkit.eval.features import get_extractor, weights_digest
 
 
 def _counting(f):
@@ -69,3 +70,10 @@ def test_reference_features_reuse_the_first_rows_of_a_larger_cache(fmnist_subset
     np.testing.assert_array_equal(reference_features(ref, extractor, n=20, resolution=28, channels=1), forty[:20])
     with pytest.raises(AssertionError, match="featurised again"):
         reference_features(ref, extractor, n=41, resolution=28, channels=1)
+    other = get_extractor("fid-fmnist", weights=classifier)  # another classifier: its own features, never these
+    with torch.no_grad():
+        next(other.net.parameters()).add_(1.0)
+    other.weights = weights_digest(other.net)
+    assert other.weights != extractor.weights
+    with pytest.raises(AssertionError, match="featurised again"):
+        reference_features(ref, other, n=20, resolution=28, channels=1)

@@ -46,7 +46,7 @@ class ScriptedFid:
 def scripted(monkeypatch):
     """Install a ScriptedFid (and a feature network and reference that cost nothing); returns its maker. The
     consistency metric's batch shrinks to 4 images (18 forward passes of 64 cost seconds at every evaluation)."""
-    fake = SimpleNamespace(name="fid-fmnist", min_count=2, dim=1)
+    fake = SimpleNamespace(name="fid-fmnist", weights="none", min_count=2, dim=1)
     monkeypatch.setattr(monitor, "HELD_OUT", 4)
     monkeypatch.setattr(monitor, "get_extractor", lambda name, **kw: fake)
     monkeypatch.setattr(monitor, "reference_features", lambda *a, **kw: np.zeros((2, 1), np.float32))

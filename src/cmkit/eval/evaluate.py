@@ -106,7 +106,7 @@ def reference_features(ref: str, extractor: FeatureExtractor, *, n: int, resolut
                          f"to score are {resolution}x{resolution}x{channels}; pass a matching --ref")
     key = hashlib.sha1(str(Path(ref).resolve() if Path(ref).exists() else ref).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(ref).name)
-    stem = f"{name}-{key}-{extractor.name}-{resolution}x{channels}"
+    stem = f"{name}-{key}-{extractor.name}-{extractor.weights}-{resolution}x{channels}"
     path, cached = _cache_dir() / f"{stem}-{n}.npz", _cached_superset(stem, n)
     # Load only if every process has a cache: one without it would compute alone and wait in the gather.
     if not dist.any_rank(cached is None):

@@ -13,6 +13,7 @@ running under ``torch.no_grad`` in eval mode and in chunks, so memory stays boun
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import os
 import sys
@@ -64,14 +65,25 @@ FMNIST_BATCH = 128
 FMNIST_LR = 1e-3
 
 
+def weights_digest(module: nn.Module) -> str:
+    """A short digest of ``module``'s parameters and buffers (names, shapes and values)."""
+    digest = hashlib.sha1()
+    for key, value in module.state_dict().items():
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:10]
+
+
 class FeatureExtractor(Protocol):
     """Maps uint8 images [N, C, H, W] (C in {1, 3}) to float32 features [N, dim] on the CPU.
 
-    ``name`` identifies the extractor (a key of ``get_extractor``); ``min_count`` is the fewest images a
+    ``name`` identifies the extractor (a key of ``get_extractor``); ``weights`` identifies its weights (a digest:
+    cached reference features are only reused for the same weights); ``min_count`` is the fewest images a
     metric built on it should accept.
     """
 
     name: str
+    weights: str
     dim: int
     min_count: int
 
@@ -246,6 +258,7 @@ class InceptionExtractor:
                  chunk: int = 50) -> None:
         self.device = torch.device(device)
         self.module = module.eval().to(self.device)
+        self.weights = weights_digest(self.module)
         self.chunk = chunk
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -428,6 +441,7 @@ class FmnistExtractor:
         net, self.metadata = load_fmnist_classifier(weights)
         self.device = torch.device(device)
         self.net = net.to(self.device)
+        self.weights = weights_digest(net)
         self.chunk = chunk
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
