@@ -192,6 +192,16 @@ def test_teacher_table_above_the_grids_lowest_sigma_warns(tmp_path):
         load_teacher(cd_config(teacher, "method.sigma_min=0.01001"), device=torch.device("cpu"))
 
 
+def test_a_diffusers_teacher_is_refused_to_a_run_with_label_dropout(tmp_path):
+    """CD gives the teacher the student's labels, null labels included; a diffusers UNet has none: refused once,
+    when the teacher is loaded, not on a training step."""
+    teacher = save_teacher(tmp_path / "ddpm", tiny_unet(num_class_embeds=4), layout="bare")
+    config = cd_config(teacher, "method.sigma_min=0.01001", "net.num_classes=4", "train.p_uncond=0.1")
+    with pytest.raises(CmkitError, match="a diffusers UNet has no null class label .* train.p_uncond=0.1"):
+        load_teacher(config, device=torch.device("cpu"))
+    assert load_teacher(replace(config, train=replace(config.train, p_uncond=0.0)), device=torch.device("cpu"))
+
+
 def test_teacher_table_below_the_grids_highest_sigma_is_refused(tmp_path):
     """The mirror case: above its table the teacher's errors grow with sigma, so it is refused, not clamped."""
     schedule = {"beta_schedule": "scaled_linear", "beta_end": 0.012}

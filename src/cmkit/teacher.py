@@ -75,6 +75,9 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if role.seeds_only:
             raise CmkitError(f"--teacher {path}: {m.name.upper()} starts from the teacher's own weights, which needs "
                              "a cmkit EDM model; a diffusers teacher can be distilled with a cd or scd preset instead")
+        if config.train.p_uncond > 0:  # CD hands the student's labels to the teacher, null labels included
+            raise CmkitError(f"--teacher {path}: a diffusers UNet has no null class label for the labels that "
+                             f"train.p_uncond={config.train.p_uncond:g} drops; distil it with train.p_uncond=0")
         teacher = load_diffusers_teacher(path, device=device)
         lowest, highest = _grid_range(config)
         check_noise_range(teacher, sigma_min=lowest, sigma_max=highest, where=f"--teacher {path}")

@@ -193,7 +193,8 @@ class DiffusersTeacher(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
         """Denoise. x: [N, C, H, W] float, ``x = x0 + sigma z``; sigma: [N] or scalar > 0; cond: its class labels
-        int64 [N] (the only conditioning a diffusers UNet2DModel takes; no null label), or None. Returns the
+        int64 [N] (the only conditioning a diffusers UNet2DModel takes; no null label: a run with label
+        dropout is refused such a teacher, :func:`cmkit.teacher.load_teacher`), or None. Returns the
         estimate of x0, float32 [N, C, H, W].
 
         With ``abar = 1 / (1 + sigma^2)`` and ``x_vp = sqrt(abar) x``: epsilon: ``x0 = x - sigma eps``
@@ -206,8 +207,6 @@ class DiffusersTeacher(nn.Module):
         root = (1 + s**2).sqrt()  # 1 / sqrt(abar)
         x_vp = x / root
         labels = cond.labels if cond is not None and self.num_classes else None
-        if labels is not None and bool((labels < 0).any()):
-            raise CmkitError("a diffusers teacher has no null class label (no classifier-free guidance)")
         out = self.unet(x_vp, self.sigma_to_t(sigma), class_labels=labels).sample
         out = out[:, : self.channels].to(torch.float32)  # drop a learned variance's channels
         if self.prediction_type == "epsilon":
