@@ -172,7 +172,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from cmkit import dist
     from cmkit.checkpoint import load_export
     from cmkit.codec import data_codec
-    from cmkit.cond import check_guidance, check_labels
     from cmkit.images import save_images, to_numpy_images
     from cmkit.sampling import check_sigmas, default_sigmas, generate
 
@@ -186,12 +185,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     steps = spec.steps if args.steps is None else args.steps
     sigmas = parse_sigmas(args.sigmas) if args.sigmas is not None else default_sigmas(spec, steps)
     check_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
-    check_labels(model.num_classes, args.label)
-    check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
     codec = data_codec(config.data)
     seeds = dist.shard(range(args.seed, args.seed + args.n))  # under torchrun each rank samples its block
     batches = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=args.batch, label=args.label,
-                       guidance=args.guidance)
+                       guidance=args.guidance, p_uncond=config.train.p_uncond)  # checks the label and guidance
     empty = np.zeros((0, config.data.resolution, config.data.resolution, config.data.channels), np.uint8)
     bar = tqdm(batches, total=-(-len(seeds) // args.batch), unit="batch", disable=not dist.is_main())
     images = dist.gather_in_order(np.concatenate([empty, *(to_numpy_images(codec.to_images(b)) for b in bar)]))

@@ -243,7 +243,6 @@ class BatchInvariant:
         return self.model(pad_rows(x, pad), pad_rows(sigma, pad), None if cond is None else cond.pad(pad))[:n]
 
 
-@torch.no_grad()
 def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] | Tensor, sampler: str,
              batch_size: int, label: int | None = None, guidance: float | None = None,
              p_uncond: float | None = None, precision: str = "fp32") -> Iterator[Tensor]:
@@ -255,14 +254,24 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
     (:class:`cmkit.cond.ClassifierFree`; None or 1: none), checked by :func:`cmkit.cond.check_guidance` with
     the model's ``p_uncond`` when the caller knows it (``train.p_uncond`` of its config). ``precision="bf16"``
     runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32). A seed's image does not
-    depend on ``batch_size`` (:class:`BatchInvariant`).
+    depend on ``batch_size`` (:class:`BatchInvariant`). ``label`` and ``guidance`` are checked when this is
+    called, before any batch is asked for.
     """
     check_labels(model.num_classes, label)
     check_guidance(guidance, num_classes=model.num_classes, p_uncond=p_uncond)
-    device = next(model.parameters()).device
     net = BatchInvariant(model)
     if guidance is not None and guidance != 1:
         net = ClassifierFree(net, guidance)
+    return _batches(model, net, seeds, sigmas=sigmas, sampler=sampler, batch_size=batch_size, label=label,
+                    precision=precision)
+
+
+@torch.no_grad()
+def _batches(model: nn.Module, net: BatchInvariant | ClassifierFree, seeds: Sequence[int], *,
+             sigmas: Sequence[float] | Tensor, sampler: str, batch_size: int, label: int | None,
+             precision: str) -> Iterator[Tensor]:
+    """:func:`generate`'s batches of ``model``'s samples, computed by ``net`` (``model`` wrapped)."""
+    device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(seeds), batch_size):
         noise = SeededNoise(seeds[start:start + batch_size], shape, device)

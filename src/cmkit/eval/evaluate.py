@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cmkit import data, dist, readers
 from cmkit.checkpoint import EXPORT_NAME
-from cmkit.codec import Codec
+from cmkit.codec import Codec, make_codec
 from cmkit.errors import CmkitError
 from cmkit.eval.features import FeatureExtractor
 from cmkit.eval.metrics import check_features, compute_metrics, feature_stats, frechet_distance
@@ -71,10 +71,10 @@ def sample_features(model: nn.Module, *, n: int, sigmas: Sequence[float] | torch
     (None: the model's space is pixels) and sampled with classifier-free ``guidance`` (None: none,
     :func:`cmkit.sampling.generate`); each process samples its block of the seeds."""
     seeds = dist.shard(range(n))
-    decode = codec.to_images if codec is not None else _pixels
+    codec = codec or make_codec("identity", channels=model.channels, resolution=model.resolution)
     samples = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=batch, guidance=guidance,
                        precision=precision)
-    batches = (data.to_uint8(decode(x)).cpu() for x in samples)
+    batches = (data.to_uint8(codec.to_images(x)).cpu() for x in samples)
     return dist.gather_in_order(features_of(batches, extractor, total=len(seeds), desc=desc, leave=leave))
 
 
@@ -215,11 +215,6 @@ def _npz_images(path: Path) -> torch.Tensor:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
         raise CmkitError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 N x H x W x C, C 1 or 3")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-
-
-def _pixels(x: torch.Tensor) -> torch.Tensor:
-    """Samples of a model without a codec: pixels already, clamped to [-1, 1]."""
-    return x.clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
