@@ -45,8 +45,13 @@ def message_bytes(resolution: int, channels: int) -> int:
     """Bytes of the largest request for a ``resolution`` x ``resolution`` x ``channels`` model (an inpaint: the
     image and its mask as base64 of raw uint8 bytes, :func:`cmkit.studio.engine.pixels_field`), with
     :data:`FIELDS_ROOM` for its other fields."""
-    b64 = lambda count: 4 * math.ceil(count / 3)  # noqa: E731
-    return b64(resolution * resolution * channels) + b64(resolution * resolution) + FIELDS_ROOM
+    pixels = resolution * resolution
+    return _base64_bytes(pixels * channels) + _base64_bytes(pixels) + FIELDS_ROOM
+
+
+def _base64_bytes(count: int) -> int:
+    """Length of the base64 text of ``count`` bytes."""
+    return 4 * math.ceil(count / 3)
 
 
 MAX_MESSAGE = message_bytes(MAX_RESOLUTION, 3)  # bytes of one WebSocket message: 350,040
