@@ -338,20 +338,29 @@ def test_unreadable_training_data_points_to_the_upload(studio_files, tmp_path):
 # ---------------------------------------------------------------------------------------------- server
 
 @contextlib.contextmanager
-def running(studio: Studio, *, max_clients: int = 16):
-    """The studio's server on a free port of 127.0.0.1 in a thread; yields host:port."""
+def running_app(studio: Studio, *, token: str | None = None, max_clients: int = 16):
+    """The studio's server on a free port of 127.0.0.1 in a thread (with ``token`` as ``cmkit serve --token``);
+    yields (host:port, the app)."""
     sock = server.listen("127.0.0.1", 0)
-    uv = server.make_server(studio, sock, max_clients=max_clients)
+    access = server.Access.listening("127.0.0.1", sock.getsockname()[1], token)
+    uv = server.make_server(studio, sock, access, max_clients=max_clients)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.01)
     try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
+        yield f"127.0.0.1:{sock.getsockname()[1]}", uv.config.app
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def running(studio: Studio, *, max_clients: int = 16):
+    """:func:`running_app` without a token; yields host:port."""
+    with running_app(studio, max_clients=max_clients) as (address, _):
+        yield address
 
 
 def answers(ws, count: int) -> dict[int | None, dict]:
@@ -387,10 +396,10 @@ def test_bad_messages_are_answered_and_the_connection_keeps_working(gray):
         assert "images" in json.loads(ws.recv(timeout=30))
 
 
-def test_an_oversized_message_closes_only_its_own_connection(gray):
+def test_a_frame_beyond_the_servers_bound_closes_only_its_own_connection(gray):
     with running(gray) as address, ws_client.connect(f"ws://{address}/ws") as other:
         with ws_client.connect(f"ws://{address}/ws", max_size=None) as ws:
-            ws.send("x" * (server.MAX_MESSAGE + 1))
+            ws.send("x" * (server.MAX_FRAME + 1))
             with pytest.raises(Exception) as closed:  # noqa: PT011 (websockets' ConnectionClosed family)
                 ws.recv(timeout=10)
             assert ws.protocol.close_code == 1009, closed.value

@@ -1,6 +1,7 @@
 """The studio page in a real headless Chromium (Debian's package, driven by Playwright) against ``cmkit serve``:
 generate, draw with mouse strokes, inpaint (pixels outside the mask kept in the image the browser received),
-the interpolation slider, colorize / super-resolution / classes / teacher for an RGB model, bad uploads."""
+the interpolation slider, colorize / super-resolution / classes / teacher for an RGB model (served with a
+token), bad uploads, and another site's page, which cannot reach the studio."""
 
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def gray_url(studio_files):
 
 @pytest.fixture(scope="module")
 def rgb_url(studio_files):
+    """A studio with a token (as off loopback): the page passes the one in its URL on with every request."""
     with studio_server(studio_files["rgb"], "--teacher", str(studio_files["teacher"]),
-                       "--data", str(studio_files["rgb_data"])) as (url, _):
+                       "--data", str(studio_files["rgb_data"]), "--token", "page-token") as (url, _):
+        assert url.endswith("?token=page-token")
         yield url
 
 
@@ -190,3 +193,26 @@ def test_uploads_bad_and_good(gray_page):
     assert gray_page.evaluate("Array.from(studio.source).every(v => v === 200)")
     settle(gray_page, "inpaint")
     assert (shown(gray_page, "inpaint") == 200).all()  # an empty mask keeps every pixel
+
+
+def test_another_sites_page_cannot_use_the_studio(browser, gray_url, gray_page):
+    """A page of another origin (localhost's port is not 127.0.0.1's origin) opens a WebSocket to the studio and
+    fetches a training image: both refused, while the studio's own page keeps working."""
+    address = gray_url.split("/")[2]
+    other = browser.new_page()
+    other.goto(gray_url.replace("127.0.0.1", "localhost") + "static/studio.css")
+    outcome = other.evaluate("""async (address) => {
+        const socket = await new Promise((done) => {
+            const ws = new WebSocket(`ws://${address}/ws`);
+            ws.onopen = () => done("open");
+            ws.onerror = () => done("refused");
+        });
+        let data;
+        try { data = await (await fetch(`http://${address}/api/dataset?index=0`)).text(); }
+        catch (err) { data = "refused"; }
+        return [socket, data];
+    }""", address)
+    other.close()
+    assert outcome == ["refused", "refused"]
+    gray_page.fill("#seed", "5")
+    settle(gray_page, "generate")

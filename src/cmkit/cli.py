@@ -374,7 +374,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cmkit.studio.server import serve  # imports the studio extra (Starlette, uvicorn)
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has closed the connections
-        serve(studio, host=args.host, port=args.port, max_clients=args.max_clients)
+        serve(studio, host=args.host, port=args.port, token=args.token, max_clients=args.max_clients)
     print("cmkit studio: stopped", file=sys.stderr)
     return 0
 
@@ -540,6 +540,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a run directory or a .safetensors export of a consistency model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--token", help="a token every request must carry (?token=...); off 127.0.0.1 a random one is "
+                                   "made when none is given, and printed in the URL")
     p.add_argument("--teacher", metavar="MODEL",
                    help="a diffusion model (an *-edm run) whose samples of the same seeds are shown beside")
     p.add_argument("--data", help="dataset whose images the page offers for editing (default: the model's)")

@@ -8,6 +8,10 @@ const TITLES = { generate: "Generate", draw: "Draw", inpaint: "Inpaint", interpo
   colorize: "Colorize", superres: "Super-resolution" };
 const SOURCE_MODES = ["inpaint", "colorize", "superres"];
 const DISPLAY = 336; // canvas pixels
+// The studio's token (when it has one) comes in the page's URL and is kept in memory only, sent with every
+// request: the server refuses requests without it.
+const TOKEN = new URLSearchParams(location.search).get("token");
+const withToken = (path) => (TOKEN ? `${path}${path.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}` : path);
 
 const studio = {
   info: null, ws: null, mode: "generate", nextId: 0, latest: {}, sent: new Map(),
@@ -55,7 +59,7 @@ function toImageData(pixels, channels, size) {
 // --------------------------------------------------------------------------------------- messaging
 
 function connect() {
-  const ws = new WebSocket(`ws://${location.host}/ws`);
+  const ws = new WebSocket(withToken(`ws://${location.host}/ws`));
   studio.ws = ws;
   ws.onopen = () => {
     setConnection(true, "connected");
@@ -65,7 +69,8 @@ function connect() {
   ws.onmessage = (event) => onReply(JSON.parse(event.data));
   ws.onclose = (event) => {
     studio.ready = false;
-    const why = event.code === 1009 ? "a request was too large" : event.reason || "connection lost";
+    const why = event.code === 1009 ? `a request was over ${studio.info.max_message.toLocaleString("en")} bytes`
+      : event.reason || "connection lost";
     setConnection(false, `${why}; reconnecting`);
     setTimeout(connect, event.code === 1013 ? 5000 : 1000);
   };
@@ -80,9 +85,15 @@ function setConnection(on, text) {
 function request(mode, fields, t0) {
   if (!studio.ws || studio.ws.readyState !== WebSocket.OPEN) return;
   const id = ++studio.nextId;
+  const message = JSON.stringify({ id, mode, ...fields });
   studio.latest[mode] = id;
+  if (message.length > studio.info.max_message) {  // ASCII: characters are bytes
+    showStatus(`this request has ${message.length.toLocaleString("en")} bytes; the studio accepts at most ` +
+      `${studio.info.max_message.toLocaleString("en")}`, true);
+    return;
+  }
   studio.sent.set(id, { mode, t0 });
-  studio.ws.send(JSON.stringify({ id, mode, ...fields }));
+  studio.ws.send(message);
 }
 
 async function onReply(reply) {
@@ -262,7 +273,7 @@ async function fetchSource(url, options, t0) {
   status.textContent = "loading...";
   status.className = "status";
   try {
-    const response = await fetch(url, options);
+    const response = await fetch(withToken(url), options);
     const reply = await response.json();
     if (!response.ok) throw new Error(reply.error || `HTTP ${response.status}`);
     if (reply.index !== undefined) {
@@ -321,7 +332,7 @@ function buildControls(info) {
 }
 
 async function main() {
-  const response = await fetch("/api/info");
+  const response = await fetch(withToken("/api/info"));
   studio.info = await response.json();
   buildControls(studio.info);
   setUpDraw();
