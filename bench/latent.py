@@ -1,0 +1,167 @@
+"""Latent models (docs/latent.md): the autoencoder's reconstruction FID, the guided latent teacher's FID at 35
+evaluations with and without guidance, and sampling images/s in latent space (decode included) against pixel space.
+
+Each part adds its rows to bench/results/latent.json (the others are kept):
+    python bench/latent.py recon AE_RUN [--n 10000] [--n-inception 2000]
+    python bench/latent.py teacher LATENT_RUN [--n 2000] [--guidance 1 2] [--n-inception 500]
+    python bench/latent.py speed AE_RUN [--batch 64] [--repeats 5]
+``recon`` scores decode(encode(x)) of the first N Fashion-MNIST test images against the training images;
+``teacher`` runs Heun with 18 levels (35 network evaluations per scale, twice that with guidance w != 1);
+``speed`` times fresh networks (speed does not depend on the weights) interleaved, median of the repeats: 1 step
+and Heun-35 of the fmnist-edm network on pixels against the fmnist-latent-edm network on the autoencoder's latent
+plus the decoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cmkit import data
+from cmkit.autoencoder import EXPORT_NAME, load_autoencoder
+from cmkit.checkpoint import build_model, load_export
+from cmkit.codec import data_codec, resolve_codec
+from cmkit.eval.evaluate import evaluate_model, image_features, reference_features
+from cmkit.eval.features import get_extractor
+from cmkit.eval.metrics import compute_metrics
+from cmkit.images import save_images, to_numpy_images
+from cmkit.methods import model_spec
+from cmkit.presets import preset
+from cmkit.sampling import default_sigmas, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "latent.json"
+GRIDS = ROOT / "docs" / "img" / "latent"
+
+
+def _update(key: str, value: dict) -> None:
+    """Merge ``{key: value}`` into the results file, with the command, commit and date."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    results[key] = {**value, "command": "python bench/latent.py " + " ".join(sys.argv[1:]),
+                    "commit": commit.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def recon(args: argparse.Namespace) -> None:
+    ae = load_autoencoder(Path(args.model) / EXPORT_NAME, what="recon")
+    c = ae.config
+    test = data.load_dataset(c.source, resolution=c.resolution, channels=c.channels, split="test").images
+    rows = {}
+    for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
+        x = data.to_model_range(test[:n])
+        with torch.no_grad():
+            out = torch.cat([ae.decoder(ae.encoder(x[i:i + 500])[0]).clamp(-1, 1) for i in range(0, n, 500)])
+        extractor = get_extractor(metric)
+        reference = reference_features(c.source, extractor, n=n, resolution=c.resolution, channels=c.channels)
+        fake = image_features(data.to_uint8(out), extractor, batch=500, desc=f"reconstructions, {metric}")
+        real = image_features(test[:n], extractor, batch=500, desc=f"test images, {metric}")
+        rows[metric] = {"n": n, "reconstructions": compute_metrics(reference, fake),
+                        "test_images": compute_metrics(reference, real)}
+        print(metric, rows[metric])
+    _update("autoencoder", {"model": str(args.model), "latent": list(c.latent_shape),
+                            "values": {"image": c.channels * c.resolution ** 2,
+                                       "latent": c.latent_shape[0] * c.latent_shape[1] * c.latent_shape[2]},
+                            "scale": ae.scale.item(), "config": c.to_dict(), **rows})
+
+
+def teacher(args: argparse.Namespace) -> None:
+    model, config, spec = load_export(args.model)
+    codec, d = data_codec(config.data), config.data
+    rows = []
+    for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
+        extractor = get_extractor(metric)
+        reference = reference_features(d.source, extractor, n=n, resolution=d.resolution, channels=d.channels)
+        for w in args.guidance:
+            start = time.perf_counter()
+            row = evaluate_model(model, spec, steps=[18], n=n, extractor=extractor, reference=reference,
+                                 batch=500, codec=codec, guidance=None if w == 1 else w)[0]
+            rows.append({"metric": metric, "n": n, "guidance": w, **row, "seconds": time.perf_counter() - start})
+            print(rows[-1])
+    GRIDS.mkdir(parents=True, exist_ok=True)
+    for w in args.guidance:
+        x = torch.cat(list(generate(model, range(64), sigmas=default_sigmas(spec, 18), sampler="heun",
+                                    batch_size=64, guidance=None if w == 1 else w)))
+        save_images(to_numpy_images(codec.to_images(x)), GRIDS / f"teacher-w{w:g}.png")
+    _update("teacher", {"model": str(args.model), "config": config.to_dict(), "rows": rows})
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def speed(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    latent_config = replace(preset("fmnist-latent-edm"), data=resolve_codec(
+        replace(preset("fmnist-latent-edm").data, codec=str(args.model))))
+    pixel = build_model(preset("fmnist-edm")).eval().requires_grad_(False)
+    latent = build_model(latent_config).eval().requires_grad_(False)
+    codec = data_codec(latent_config.data)
+    n = args.batch
+    variants = {}
+    for name, model, decode in (("pixel", pixel, lambda x: x), ("latent", latent, codec.decode)):
+        for steps, sampler in ((1, "euler"), (18, "heun")):
+            sigmas = default_sigmas(model_spec(model), steps)
+
+            def run(model=model, sigmas=sigmas, sampler=sampler, decode=decode):
+                with torch.no_grad():
+                    for x in generate(model, range(n), sigmas=sigmas, sampler=sampler, batch_size=n):
+                        decode(x)
+
+            variants[f"{name} {steps} step(s) {sampler}"] = run
+    with torch.no_grad():
+        z = torch.randn(n, *codec.shape)
+        variants["decode alone"] = lambda: codec.decode(z)
+    seconds = {k: [] for k in variants}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every variant alike
+        for k, fn in variants.items():
+            seconds[k].append(_timed(fn, 1))
+    rows = {k: {"seconds": statistics.median(v), "images_per_s": n / statistics.median(v)} for k, v in seconds.items()}
+    for k, v in rows.items():
+        print(f"{k:>28}: {v['images_per_s']:8.1f} images/s")
+    rows["ratios"] = {"latent/pixel 1 step": rows["latent 1 step(s) euler"]["images_per_s"]
+                      / rows["pixel 1 step(s) euler"]["images_per_s"],
+                      "latent/pixel heun-35": rows["latent 18 step(s) heun"]["images_per_s"]
+                      / rows["pixel 18 step(s) heun"]["images_per_s"]}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("pixel", pixel), ("latent", latent))}
+    _update("speed", {"batch": n, "threads": torch.get_num_threads(), "parameters": params, "rows": rows})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    p = sub.add_parser("recon")
+    p.add_argument("model")
+    p.add_argument("--n", type=int, default=10_000)
+    p.add_argument("--n-inception", type=int, default=2_000)
+    p.set_defaults(func=recon)
+    p = sub.add_parser("teacher")
+    p.add_argument("model")
+    p.add_argument("--n", type=int, default=2_000)
+    p.add_argument("--n-inception", type=int, default=500)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
+    p.set_defaults(func=teacher)
+    p = sub.add_parser("speed")
+    p.add_argument("model")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.set_defaults(func=speed)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
