@@ -1,7 +1,8 @@
 """Latent models (docs/latent.md): the autoencoder's reconstruction FID, the guided latent teacher's FID at 35
 evaluations with and without guidance, and sampling images/s in latent space (decode included) against pixel space.
 
-Each part adds its rows to bench/results/latent.json (the others are kept):
+Each part adds its rows to bench/results/latent.json (the other parts are kept; ``teacher`` keeps the rows of other
+guidance scales of the same model):
     python bench/latent.py recon AE_RUN [--n 10000] [--n-inception 2000]
     python bench/latent.py teacher LATENT_RUN [--n 2000] [--guidance 1 2] [--n-inception 500]
     python bench/latent.py speed AE_RUN [--batch 64] [--repeats 5]
@@ -84,14 +85,19 @@ def teacher(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             row = evaluate_model(model, spec, steps=[18], n=n, extractor=extractor, reference=reference,
                                  batch=500, codec=codec, guidance=None if w == 1 else w)[0]
-            rows.append({"metric": metric, "n": n, "guidance": w, **row, "seconds": time.perf_counter() - start})
+            rows.append({"metric": metric, "n": n, "guidance": w, **row, "seconds": time.perf_counter() - start,
+                         "command": "python bench/latent.py " + " ".join(sys.argv[1:])})
             print(rows[-1])
     GRIDS.mkdir(parents=True, exist_ok=True)
     for w in args.guidance:
         x = torch.cat(list(generate(model, range(64), sigmas=default_sigmas(spec, 18), sampler="heun",
                                     batch_size=64, guidance=None if w == 1 else w)))
         save_images(to_numpy_images(codec.to_images(x)), GRIDS / f"teacher-w{w:g}.png")
-    _update("teacher", {"model": str(args.model), "config": config.to_dict(), "rows": rows})
+    old = json.loads(RESULTS.read_text()).get("teacher", {}) if RESULTS.exists() else {}
+    key = lambda r: (r["metric"], r["n"], r["guidance"])  # noqa: E731
+    kept = [r for r in old.get("rows", []) if old.get("model") == str(args.model) and key(r) not in set(map(key, rows))]
+    _update("teacher", {"model": str(args.model), "config": config.to_dict(),
+                        "rows": sorted(kept + rows, key=lambda r: (r["metric"], r["guidance"]))})
 
 
 def _timed(fn, repeats: int) -> float:
