@@ -10,7 +10,7 @@ guidance scales of the same model):
 ``teacher`` runs Heun with 18 levels (35 network evaluations per scale, twice that with guidance w != 1);
 ``speed`` times fresh networks (speed does not depend on the weights) interleaved, median of the repeats: 1 step
 and Heun-35 of the fmnist-edm network on pixels against the fmnist-latent-edm network on the autoencoder's latent
-plus the decoder.
+plus the decoder, and one training step of each preset (batch 64; the latent one encodes its batch).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from cmkit.images import save_images, to_numpy_images
 from cmkit.methods import model_spec
 from cmkit.presets import preset
 from cmkit.sampling import default_sigmas, generate
+from cmkit.train import Run, load_training_data, local_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latent.json"
@@ -109,6 +110,13 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _training_step(config):
+    """A function running one optimiser step of ``config`` (batch ``train.batch``), its batch's encoding included."""
+    dataset, device = load_training_data(config), torch.device("cpu")
+    run = Run(config, device)
+    return lambda: run.optimizer_step(*local_batch(config, dataset, run.step, device))
+
+
 def speed(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     latent_config = replace(preset("fmnist-latent-edm"), data=resolve_codec(
@@ -131,17 +139,23 @@ def speed(args: argparse.Namespace) -> None:
     with torch.no_grad():
         z = torch.randn(n, *codec.shape)
         variants["decode alone"] = lambda: codec.decode(z)
+    for name, config in (("pixel", preset("fmnist-edm")), ("latent", latent_config)):
+        variants[f"{name} training step"] = _training_step(config)
     seconds = {k: [] for k in variants}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits every variant alike
         for k, fn in variants.items():
             seconds[k].append(_timed(fn, 1))
-    rows = {k: {"seconds": statistics.median(v), "images_per_s": n / statistics.median(v)} for k, v in seconds.items()}
+    images = {k: 64 if "training" in k else n for k in seconds}  # the presets' training batch is 64
+    rows = {k: {"seconds": statistics.median(v), "images_per_s": images[k] / statistics.median(v)}
+            for k, v in seconds.items()}
     for k, v in rows.items():
         print(f"{k:>28}: {v['images_per_s']:8.1f} images/s")
     rows["ratios"] = {"latent/pixel 1 step": rows["latent 1 step(s) euler"]["images_per_s"]
                       / rows["pixel 1 step(s) euler"]["images_per_s"],
                       "latent/pixel heun-35": rows["latent 18 step(s) heun"]["images_per_s"]
-                      / rows["pixel 18 step(s) heun"]["images_per_s"]}
+                      / rows["pixel 18 step(s) heun"]["images_per_s"],
+                      "latent/pixel training": rows["latent training step"]["images_per_s"]
+                      / rows["pixel training step"]["images_per_s"]}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("pixel", pixel), ("latent", latent))}
     _update("speed", {"batch": n, "threads": torch.get_num_threads(), "parameters": params, "rows": rows})
 

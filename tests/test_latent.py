@@ -5,6 +5,7 @@ of another shape, changed autoencoder files and latent models where pixels are e
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 
@@ -201,3 +202,28 @@ def test_editing_serving_and_diffusers_export_refuse_latent_models(latent_ict, t
         err = capsys.readouterr().err
         assert "not on latent models" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "e.png").exists() and not (tmp_path / "d").exists()
+
+
+def test_eval_scores_the_decoded_images_that_sample_writes(latent_run, fmnist_subset, classifier, tmp_path,
+                                                           monkeypatch):
+    """cmkit eval of a latent model decodes through its autoencoder: its FID equals the FID of the images
+    cmkit sample writes for the same seeds and guidance."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    samples, a, b = tmp_path / "s.npz", tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["sample", str(latent_run), "--n", "20", "--steps", "2", "--guidance", "2", "--out",
+                 str(samples)]) == 0
+    common = ["--n", "20", "--weights", str(classifier), "--ref", str(fmnist_subset)]
+    assert main(["eval", str(samples), *common, "--out", str(a)]) == 0
+    assert main(["eval", str(latent_run), "--steps", "2", "--guidance", "2", *common, "--out", str(b)]) == 0
+    fid_npz, fid_model = (json.loads(p.read_text())["results"][0]["fid"] for p in (a, b))
+    assert fid_npz == pytest.approx(fid_model, rel=1e-6)
+
+
+def test_tune_steps_scores_a_latent_consistency_model(latent_ict, fmnist_subset, classifier, tmp_path,
+                                                      monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model.safetensors"
+    shutil.copy(latent_ict / "model.safetensors", model)
+    assert main(["tune-steps", str(model), "--n", "8", "--iters", "0", "--weights", str(classifier), "--ref",
+                 str(fmnist_subset)]) == 0
+    assert 2 in load_export(model).spec.tuned
