@@ -227,3 +227,14 @@ def test_tune_steps_scores_a_latent_consistency_model(latent_ict, fmnist_subset,
     assert main(["tune-steps", str(model), "--n", "8", "--iters", "0", "--weights", str(classifier), "--ref",
                  str(fmnist_subset)]) == 0
     assert 2 in load_export(model).spec.tuned
+
+
+def test_autoencoder_and_model_presets_point_to_their_commands(tmp_path, capsys):
+    for argv, message in ((["train", "--preset", "fmnist-ae"], "train it with 'cmkit train-ae --preset fmnist-ae'"),
+                          (["train-ae", "--preset", "fmnist-edm"], "train it with 'cmkit train --preset fmnist-edm'"),
+                          (["train-ae", "--preset", "fmnist-ae", "--set", "z_channels=0"], "positive integers"),
+                          (["train-ae", "--preset", "fmnist-ae", "--set", "depth=3"], "KEY one of source")):
+        assert exit_status([*argv, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
