@@ -6,6 +6,7 @@ guidance scales of the same model):
     python bench/latent.py recon AE_RUN [--n 10000] [--n-inception 2000]
     python bench/latent.py teacher LATENT_RUN [--n 2000] [--guidance 1 2] [--n-inception 500]
     python bench/latent.py speed AE_RUN [--batch 64] [--repeats 5]
+    python bench/latent.py report        # the "Latent models" section of docs/benchmarks.md from the results
 ``recon`` scores decode(encode(x)) of the first N Fashion-MNIST test images against the training images;
 ``teacher`` runs Heun with 18 levels (35 network evaluations per scale, twice that with guidance w != 1);
 ``speed`` times fresh networks (speed does not depend on the weights) interleaved, median of the repeats: 1 step
@@ -160,6 +161,56 @@ def speed(args: argparse.Namespace) -> None:
     _update("speed", {"batch": n, "threads": torch.get_num_threads(), "parameters": params, "rows": rows})
 
 
+PIXEL_TEACHER = ("teacher (EDM), fmnist-edm, 48k images: FID 30.44 at 35 NFE (fid-fmnist, 10,000 samples; "
+                 "the quick ladder above)")
+
+
+def report(args: argparse.Namespace) -> None:
+    """Render bench/results/latent.json as the "Latent models" section of docs/benchmarks.md."""
+    from throughput import machine, write_docs_section
+
+    r, m = json.loads(RESULTS.read_text()), machine()
+    ae, t, sp = r["autoencoder"], r["teacher"], r["speed"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores shared with other sessions' jobs, torch {m['torch']}, "
+             "1 torch thread per process (OMP_NUM_THREADS=1). Commands and commits: bench/results/latent.json.", "",
+             f"**Autoencoder** `fmnist-ae` ({ae['config']['kimg']:g}k images): latent "
+             f"{'x'.join(map(str, ae['latent']))} "
+             f"({ae['values']['latent']} values for {ae['values']['image']} pixels), scale {ae['scale']:.4f}. "
+             "Reconstructions decode(encode(x)) of the first n test images, and the test images themselves, against "
+             "the training images:", "",
+             "| metric | n | reconstructions FID | precision | recall | test images FID | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for metric in ("fid-fmnist", "fid-inception"):
+        if metric in ae:
+            a, b = ae[metric]["reconstructions"], ae[metric]["test_images"]
+            lines.append(f"| {metric} | {ae[metric]['n']} | {a['fid']:.2f} | {a['precision']:.3f} | {a['recall']:.3f} "
+                         f"| {b['fid']:.2f} | {b['precision']:.3f} | {b['recall']:.3f} |")
+    c = t["config"]
+    lines += ["", f"**Guided latent teacher** `fmnist-latent-edm` ({c['train']['kimg']:g}k images, p_uncond "
+              f"{c['train']['p_uncond']:g}), Heun with 18 levels (35 network evaluations; twice that with "
+              "guidance w != 1). Pixel-space reference: " + PIXEL_TEACHER + ".", "",
+              "| metric | n | guidance w | NFE | FID | precision | recall | sampling wall |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in t["rows"]:
+        nfe = row["nfe"] * (1 if row["guidance"] == 1 else 2)
+        lines.append(f"| {row['metric']} | {row['n']} | {row['guidance']:g} | {nfe} | {row['fid']:.2f} | "
+                     f"{row['precision']:.3f} | {row['recall']:.3f} | {row['seconds'] / 60:.1f} min |")
+    rows, ratios = sp["rows"], sp["rows"]["ratios"]
+    lines += ["", f"**Speed**, fresh networks (pixel fmnist-edm {sp['parameters']['pixel'] / 1e6:.2f}M parameters, "
+              f"latent fmnist-latent-edm {sp['parameters']['latent'] / 1e6:.2f}M plus the decoder), batch "
+              f"{sp['batch']} (training: 64), fp32, medians of interleaved repeats; latent sampling includes the "
+              "decode:", "", "| variant | images/s |", "|---|---|"]
+    lines += [f"| {k} | {v['images_per_s']:.1f} |" for k, v in rows.items() if k != "ratios"]
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
+    lines += ["", "![autoencoder: test images (rows 1-2, 5-6) above their reconstructions (rows 3-4, 7-8)]"
+              "(img/latent/ae-reconstructions.png)"]
+    lines += [f"![latent teacher, Heun 35 NFE, guidance {w:g}](img/latent/teacher-w{w:g}.png)"
+              for w in sorted({row["guidance"] for row in t["rows"]})]
+    write_docs_section("latent", "\n".join(lines), heading="## Latent models (`bench/latent.py`)\n\nThe "
+                       "autoencoder's reconstruction FID, the guided latent teacher at 35 evaluations with and "
+                       "without guidance, and latent against pixel speed (docs/latent.md).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="part", required=True)
@@ -179,6 +230,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=speed)
+    sub.add_parser("report").set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
 
