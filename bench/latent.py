@@ -11,7 +11,8 @@ guidance scales of the same model):
 ``teacher`` runs Heun with 18 levels (35 network evaluations per scale, twice that with guidance w != 1);
 ``speed`` times fresh networks (speed does not depend on the weights) interleaved, median of the repeats: 1 step
 and Heun-35 of the fmnist-edm network on pixels against the fmnist-latent-edm network on the autoencoder's latent
-plus the decoder, and one training step of each preset (batch 64; the latent one encodes its batch).
+plus the decoder, the 1-step sampling of `make demo`'s pixel network (fmnist-ict, 16 channels), and one training
+step of each preset (batch 64; the latent one encodes its batch).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cmkit import data
 from cmkit.autoencoder import EXPORT_NAME, load_autoencoder
 from cmkit.checkpoint import build_model, load_export
 from cmkit.codec import data_codec, resolve_codec
+from cmkit.config import apply_overrides
 from cmkit.eval.evaluate import evaluate_model, image_features, reference_features
 from cmkit.eval.features import get_extractor
 from cmkit.eval.metrics import compute_metrics
@@ -81,6 +83,8 @@ def teacher(args: argparse.Namespace) -> None:
     codec, d = data_codec(config.data), config.data
     rows = []
     for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
+        if n == 0:  # --n-inception 0: fid-fmnist alone
+            continue
         extractor = get_extractor(metric)
         reference = reference_features(d.source, extractor, n=n, resolution=d.resolution, channels=d.channels)
         for w in args.guidance:
@@ -137,6 +141,14 @@ def speed(args: argparse.Namespace) -> None:
                         decode(x)
 
             variants[f"{name} {steps} step(s) {sampler}"] = run
+    demo = build_model(apply_overrides(preset("fmnist-ict"), ["net.model_channels=16"])).eval().requires_grad_(False)
+    sigmas = default_sigmas(model_spec(demo), 1)
+
+    def run_demo():
+        with torch.no_grad():
+            list(generate(demo, range(n), sigmas=sigmas, sampler="consistency", batch_size=n))
+
+    variants["pixel demo net (make demo) 1 step(s) consistency"] = run_demo
     with torch.no_grad():
         z = torch.randn(n, *codec.shape)
         variants["decode alone"] = lambda: codec.decode(z)
@@ -153,11 +165,14 @@ def speed(args: argparse.Namespace) -> None:
         print(f"{k:>28}: {v['images_per_s']:8.1f} images/s")
     rows["ratios"] = {"latent/pixel 1 step": rows["latent 1 step(s) euler"]["images_per_s"]
                       / rows["pixel 1 step(s) euler"]["images_per_s"],
+                      "latent/pixel demo net 1 step": rows["latent 1 step(s) euler"]["images_per_s"]
+                      / rows["pixel demo net (make demo) 1 step(s) consistency"]["images_per_s"],
                       "latent/pixel heun-35": rows["latent 18 step(s) heun"]["images_per_s"]
                       / rows["pixel 18 step(s) heun"]["images_per_s"],
                       "latent/pixel training": rows["latent training step"]["images_per_s"]
                       / rows["pixel training step"]["images_per_s"]}
-    params = {k: sum(p.numel() for p in m.parameters()) for k, m in (("pixel", pixel), ("latent", latent))}
+    nets = {"pixel": pixel, "latent": latent, "pixel demo": demo, "decoder": codec.autoencoder.decoder}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     _update("speed", {"batch": n, "threads": torch.get_num_threads(), "parameters": params, "rows": rows})
 
 
@@ -196,8 +211,9 @@ def report(args: argparse.Namespace) -> None:
         lines.append(f"| {row['metric']} | {row['n']} | {row['guidance']:g} | {nfe} | {row['fid']:.2f} | "
                      f"{row['precision']:.3f} | {row['recall']:.3f} | {row['seconds'] / 60:.1f} min |")
     rows, ratios = sp["rows"], sp["rows"]["ratios"]
-    lines += ["", f"**Speed**, fresh networks (pixel fmnist-edm {sp['parameters']['pixel'] / 1e6:.2f}M parameters, "
-              f"latent fmnist-latent-edm {sp['parameters']['latent'] / 1e6:.2f}M plus the decoder), batch "
+    pm = {k: f"{v / 1e6:.2f}M" for k, v in sp["parameters"].items()}
+    lines += ["", f"**Speed**, fresh networks (pixel fmnist-edm {pm['pixel']} parameters, make demo's pixel network "
+              f"{pm['pixel demo']}, latent fmnist-latent-edm {pm['latent']} plus the decoder's {pm['decoder']}), batch "
               f"{sp['batch']} (training: 64), fp32, medians of interleaved repeats; latent sampling includes the "
               "decode:", "", "| variant | images/s |", "|---|---|"]
     lines += [f"| {k} | {v['images_per_s']:.1f} |" for k, v in rows.items() if k != "ratios"]
@@ -222,7 +238,7 @@ def main() -> None:
     p = sub.add_parser("teacher")
     p.add_argument("model")
     p.add_argument("--n", type=int, default=2_000)
-    p.add_argument("--n-inception", type=int, default=500)
+    p.add_argument("--n-inception", type=int, default=500, help="0: no fid-inception rows")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     p.set_defaults(func=teacher)
     p = sub.add_parser("speed")
