@@ -1,5 +1,6 @@
 """The codec between images and the model (cmkit.codec): identity round trip, its shape and dimension, the
-clamp on decoded images only, and the refusals of unknown codecs and of codecs editing and the studio cannot use."""
+clamp on decoded images only, and the refusals of unpinned codecs and of codec kinds editing and the studio cannot
+use (latent codecs: tests/test_latent.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from cmkit import editing
 from cmkit.checkpoint import load_export
-from cmkit.codec import CODECS, data_codec, make_codec
+from cmkit.codec import KINDS, data_codec, make_codec
 from cmkit.config import DataConfig, validate
 from cmkit.errors import CmkitError
 from cmkit.studio.engine import Models, check_models
@@ -31,17 +32,18 @@ def test_only_decoded_images_are_clamped():
     assert codec.decode(x).flatten().tolist() == [-3.0, -1.0, 0.25, 5.0]
 
 
-def test_unknown_codecs_are_refused_with_the_known_ones(tiny_config):
-    assert set(CODECS) == {"identity"}
-    with pytest.raises(CmkitError, match=r"data.codec: unknown codec 'vae'; expected one of identity"):
+def test_unknown_codecs_are_refused(tiny_config):
+    assert KINDS == ("identity", "latent")
+    with pytest.raises(CmkitError, match=r"data.codec=vae: the autoencoder this model was trained with is gone"):
         make_codec("vae", channels=1, resolution=28)
-    with pytest.raises(CmkitError, match=r"data.codec: unknown value 'vae'; expected one of identity"):
+    with pytest.raises(CmkitError, match=r"data.codec=vae: expected identity or an autoencoder pinned by its absolute"):
         validate(replace(tiny_config, data=replace(tiny_config.data, codec="vae")))
 
 
 def test_editing_and_the_studio_say_which_codecs_they_take(studio_files):
     editing.check_codec("identity")
-    with pytest.raises(CmkitError, match="data.codec=vae: zero-shot editing works on models with codec identity"):
+    with pytest.raises(CmkitError, match="data.codec=vae: zero-shot editing works on models with codec identity only, "
+                                         "not on latent models"):
         editing.check_codec("vae")
     model, config, _ = load_export(studio_files["gray"])
     check_models(Models(model, config))

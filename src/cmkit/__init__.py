@@ -11,7 +11,8 @@ The public API:
 - :func:`consistency_sample`, :func:`heun_sample`, :func:`euler_sample`, :func:`default_sigmas`,
   :func:`generate` -- samplers with one signature ``(model, sigmas, noise, cond)``, returning the model's space;
 - :class:`Cond`, :class:`ClassifierFree` -- the conditioning every model call takes, and classifier-free guidance;
-- :func:`make_codec` -- the map between images and the model's space (``data.codec``);
+- :func:`make_codec`, :class:`LatentCodec` -- the map between images and the model's space (``data.codec``): pixels, or
+  the latent of an autoencoder ``cmkit train-ae`` trained (:mod:`cmkit.autoencoder`);
 - :mod:`cmkit.methods` -- the method registry: one entry per method (config, loss, wrapper, sampling policy,
   teacher role, capabilities);
 - :class:`ConsistencyFunction`, :class:`EDMDenoiser` -- the parameterisations;
@@ -21,7 +22,7 @@ The public API:
 """
 
 from cmkit.checkpoint import build_model, load_export
-from cmkit.codec import make_codec
+from cmkit.codec import LatentCodec, make_codec
 from cmkit.cond import ClassifierFree, Cond
 from cmkit.config import Config, apply_overrides, validate
 from cmkit.data import load_dataset
@@ -40,8 +41,9 @@ from cmkit.sampling import (
 from cmkit.train import train
 
 __all__ = [
-    "ClassifierFree", "CmkitError", "Cond", "Config", "ConsistencyFunction", "EDMDenoiser", "SamplingSpec",
-    "SeededNoise", "apply_overrides", "build_model", "consistency_sample", "default_sigmas", "euler_sample",
-    "generate", "heun_sample", "load_dataset", "load_export", "make_codec", "preset", "train", "validate",
+    "ClassifierFree", "CmkitError", "Cond", "Config", "ConsistencyFunction", "EDMDenoiser", "LatentCodec",
+    "SamplingSpec", "SeededNoise", "apply_overrides", "build_model", "consistency_sample", "default_sigmas",
+    "euler_sample", "generate", "heun_sample", "load_dataset", "load_export", "make_codec", "preset", "train",
+    "validate",
 ]
 __version__ = "0.2.0"

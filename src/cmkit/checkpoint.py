@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
+from cmkit.codec import data_codec
 from cmkit.config import Config
 from cmkit.errors import CmkitError
 from cmkit.files import atomic_write
@@ -39,18 +40,21 @@ _PARTIAL = re.compile(r"\.(state-\d+|model|model-best)\.\w+\.(pt|safetensors)") 
 
 def build_model(config: Config) -> Preconditioned:
     """The wrapped network a config describes: the method's wrapper (:attr:`cmkit.methods.MethodEntry.wrapper`)
-    around the U-Net of ``config.net``, naming the method (``method_name``) so callers can ask its entry."""
-    n, d, m = config.net, config.data, config.method
+    around the U-Net of ``config.net``, naming the method (``method_name``) so callers can ask its entry. Its
+    input and output have the shape of the model space (:attr:`cmkit.codec.Codec.shape` of ``data.codec``: a
+    latent model's network is sized by its autoencoder's latent, which is loaded and checked)."""
+    n, m = config.net, config.method
     entry = method_entry(m.name)
+    channels, resolution, _ = data_codec(config.data).shape
     try:
-        net = UNet(resolution=d.resolution, in_channels=d.channels, out_channels=d.channels,
+        net = UNet(resolution=resolution, in_channels=channels, out_channels=channels,
                    model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
                    attn_resolutions=n.attn_resolutions, dropout=n.dropout, embedding=n.embedding,
                    fourier_scale=n.fourier_scale, num_classes=n.num_classes, double_norm=n.double_norm,
                    logvar_head=entry.logvar_head, **n.family_options())
     except ValueError as e:
         raise CmkitError(f"net: {e}") from None
-    model = entry.wrapper(net, resolution=d.resolution, channels=d.channels, num_classes=n.num_classes,
+    model = entry.wrapper(net, resolution=resolution, channels=channels, num_classes=n.num_classes,
                           sigma_min=m.sigma_min, sigma_max=m.sigma_max, sigma_data=m.sigma_data,
                           **m.wrapper_options())
     model.method_name = m.name

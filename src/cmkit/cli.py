@@ -26,10 +26,13 @@ def build_config(args: argparse.Namespace) -> Config:
     """Preset, then --data (known datasets bring their native size), then --kimg/--ckpt-kimg/--seed/--keep/
     --precision/--accum/--until-fid, then --set, then --teacher (for the method --set chose; a cmkit teacher
     brings its network, on which the --set net.* values are applied again, so they still win and
-    :func:`cmkit.teacher.load_teacher` refuses a student_net=teacher network that differs); validated once, at
+    :func:`cmkit.teacher.load_teacher` refuses a student_net=teacher network that differs; a student whose codec is
+    identity adopts a latent teacher's autoencoder); a data.codec naming an autoencoder is pinned by its absolute
+    path and sha256 (:func:`cmkit.codec.resolve_codec`) before the teacher is read; validated once, at
     the end. The precedence is fixed, so the order of the options on the command line never matters. A data
     folder is stored as an absolute path. --until-fid turns evaluation on (:func:`default_eval_kimg`) when
     train.eval_kimg is still 0, and says so."""
+    from cmkit.codec import resolve_codec
     from cmkit.data import KNOWN_DATASETS
     from cmkit.teacher import with_teacher
 
@@ -45,6 +48,7 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.minutes is not None and any(kv.partition("=")[0].strip() == "train.kimg" for kv in overrides):
         raise CmkitError(f"--minutes {args.minutes:g} sets the training length: drop --set train.kimg, or --minutes")
     config = apply_overrides(config, overrides)
+    config = replace(config, data=resolve_codec(config.data))  # an autoencoder pinned by absolute path and sha256
     if args.teacher is not None:
         net_overrides = [kv for kv in overrides if kv.strip().startswith("net.")]
         config = apply_overrides(with_teacher(config, args.teacher), net_overrides)
@@ -150,6 +154,31 @@ def _fit_minutes(config: Config, minutes: float, device, stored: Config | None, 
     if chose:
         _say(chose)
     return replace(config, train=replace(t, kimg=kimg))
+
+
+def cmd_train_ae(args: argparse.Namespace) -> int:
+    import typing
+
+    from cmkit.autoencoder import AEConfig, train_autoencoder
+    from cmkit.config import _parse_text
+    from cmkit.presets import ae_preset
+
+    values, hints = ae_preset(args.preset).to_dict(), typing.get_type_hints(AEConfig)
+    for item in (kv for group in args.set for kv in group):
+        key, _, text = (part.strip() for part in item.partition("="))
+        if key not in values or key == "preset":
+            raise CmkitError(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(list(values)[1:])}")
+        values[key] = _parse_text(text, hints[key], key)
+    if args.kimg is not None:
+        values["kimg"] = args.kimg
+    config = AEConfig.from_dict(values, where="--set")
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    path = train_autoencoder(config, Path(args.out), log=lambda m: print(f"cmkit: {m}", file=sys.stderr))
+    print(f"autoencoder: {path}")
+    print(f"use it as a codec: cmkit train --preset ... --set data.codec={path.parent}")
+    return 0
 
 
 def parse_sigmas(text: str) -> list[float]:
@@ -320,6 +349,7 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     """Under torchrun every process samples its share of each candidate; rank 0 alone writes and prints."""
     from cmkit import dist
     from cmkit.checkpoint import load_export, resolve_model_path, save_export
+    from cmkit.codec import data_codec
     from cmkit.eval.evaluate import tune_two_step_sigma
     from cmkit.methods import Capability, method_entry, require
 
@@ -330,9 +360,10 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     model, config, spec = load_export(path, device=dist.init())
     require(method_entry(config.method.name), Capability.TUNE_STEPS, f"{path}: tune-steps")
-    extractor, reference = _scorer(args, model.resolution, model.channels, args.ref or config.data.source)
+    d = config.data  # the decoded images are scored
+    extractor, reference = _scorer(args, d.resolution, d.channels, args.ref or d.source)
     best, history = tune_two_step_sigma(model, n=args.n, extractor=extractor, reference=reference,
-                                        batch=args.batch, iters=args.iters)
+                                        batch=args.batch, iters=args.iters, codec=data_codec(d))
     tuned = spec.with_tuned(2, [spec.sigma_max, best])
     dist.on_main(lambda: save_export(model, config, path, spec=tuned))
     if not dist.is_main():
@@ -347,9 +378,12 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from cmkit.checkpoint import load_export
+    from cmkit.codec import check_codec
     from cmkit.export import export_diffusers, tuned_schedules  # imports diffusers: only this command needs it
 
     model, config, spec = load_export(args.model)
+    check_codec(config.data.codec, ("identity",), what="cmkit export --diffusers (a ConsistencyModelPipeline has no "
+                "autoencoder)")
     out = export_diffusers(model, config, args.diffusers, spec=spec)
     print(f"wrote a diffusers ConsistencyModelPipeline to {out}; load it with diffusers alone (no cmkit needed):")
     print("    from diffusers import ConsistencyModelPipeline")
@@ -417,9 +451,13 @@ def _guidance_option(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    width = max(map(len, PRESETS))
+    from cmkit.presets import AE_PRESETS
+
+    width = max(map(len, {**PRESETS, **AE_PRESETS}))
     for name, (description, _) in PRESETS.items():
         print(f"{name:<{width}}  {description}")
+    for name, (description, _) in AE_PRESETS.items():
+        print(f"{name:<{width}}  {description} (cmkit train-ae)")
     return 0
 
 
@@ -475,6 +513,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-ae", help="train the autoencoder of latent models (a codec: --set data.codec=RUN)")
+    p.add_argument("--preset", required=True, help="an autoencoder preset: fmnist-ae or cifar10-ae")
+    p.add_argument("--out", required=True, help="run directory (new)")
+    p.add_argument("--kimg", action=_Positive, type=float, help="training length in thousands of images")
+    p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="override fields of the autoencoder config, e.g. kl_weight=1e-5 model_channels=64")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train_ae)
 
     p = sub.add_parser("sample", help="sample images from a trained model")
     p.add_argument("model", help="a run directory or a .safetensors export")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from cmkit.augment import AUGMENT_DIM
-from cmkit.codec import CODECS
+from cmkit.codec import KINDS
 from cmkit.errors import CmkitError
 from cmkit.methods import (
     REGISTRY,
@@ -38,7 +39,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adam", "radam"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.loss_reduction": ("mean", "sum"),
-    "data.codec": tuple(CODECS),
 }
 
 
@@ -91,7 +91,10 @@ class DataConfig:
     (``net.augment_dim`` = 9). The pipeline does its own x-flips (a fair coin for every image, labelled, EDM's
     replacement of dataset flips), so ``augment > 0`` requires ``xflip = false``.
 
-    ``codec`` names the map between images and the model's space (:mod:`cmkit.codec`; "identity": pixels).
+    ``codec`` names the map between images and the model's space (:mod:`cmkit.codec`): "identity" (pixels), or
+    the absolute path of an autoencoder file of ``cmkit train-ae`` with ``codec_digest`` its sha256
+    (:func:`cmkit.codec.resolve_codec` pins both), or "latent", a preset's placeholder for an autoencoder still to
+    be named. ``resolution`` and ``channels`` are the images' size either way; the model's is the codec's shape.
     """
 
     source: str = "fashion-mnist"
@@ -100,6 +103,7 @@ class DataConfig:
     xflip: bool = False
     augment: float = 0.0
     codec: str = "identity"
+    codec_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -360,7 +364,17 @@ def _problems(config: Config) -> list[str]:
          "is a function of the whole sample's norm; set train.loss_reduction=mean"),
     ]
     out += method_entry(config.method.name).problems(config)  # the method's own constraints (compile, dropout)
-    return out + [message for ok, message in checks if not ok] + _eval_problems(t) + _augment_problems(config)
+    return (out + [message for ok, message in checks if not ok] + _eval_problems(t) + _augment_problems(config)
+            + _codec_problems(d))
+
+
+def _codec_problems(d: DataConfig) -> list[str]:
+    """``data.codec``: a kind's name (without a digest) or a pinned autoencoder file (see :class:`DataConfig`)."""
+    if d.codec in KINDS:
+        return [] if not d.codec_digest else [f"data.codec_digest: expected empty for data.codec={d.codec}"]
+    pinned = os.path.isabs(d.codec) and len(d.codec_digest) == 64
+    return [] if pinned else [f"data.codec={d.codec}: expected identity or an autoencoder pinned by its absolute "
+                              "path and sha256 (data.codec_digest), as cmkit.codec.resolve_codec writes them"]
 
 
 def _augment_problems(config: Config) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cmkit.augment import AUGMENT_DIM
+from cmkit.autoencoder import AEConfig
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.errors import CmkitError
 from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCDConfig, SCTConfig
@@ -16,6 +17,9 @@ from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, S
 # ---------------------------------------------------------------------------------------------- presets
 
 _FMNIST_NET = NetConfig(model_channels=32, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(7,))
+# The latent network of Fashion-MNIST (4x7x7 latents of fmnist-ae): one level, class-conditional.
+_FMNIST_LATENT_NET = NetConfig(model_channels=64, channel_mult=(1,), num_blocks=2, attn_resolutions=(7,),
+                               num_classes=10)
 # DDPM++ as in EDM's CIFAR-10 setup (55.7M parameters), with the positional noise embedding.
 _CIFAR_NET = NetConfig(model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
                        dropout=0.13)
@@ -119,6 +123,17 @@ PRESETS: dict[str, tuple[str, Config]] = {
         Config(preset="fmnist-scd", net=_FMNIST_NET, method=replace(_SCD, tangent_warmup_kimg=10),
                train=replace(_FMNIST_TRAIN, betas=(0.9, 0.99))),
     ),
+    # The guided latent teacher (docs/latent.md): EDM on the 4x7x7 latents of an fmnist-ae autoencoder (data.codec),
+    # class-conditional with 10% label dropout for classifier-free guidance (Ho and Salimans 2022: p_uncond 0.1-0.2).
+    # The latent is 7x7, which does not halve evenly: a one-level U-Net of 64 channels with attention (0.93M
+    # parameters; about a fifth of fmnist-edm's compute per sample). sigma_data = 1: the autoencoder scales its latents
+    # to unit standard deviation (LDM's scale factor), and EDM's sigma_data is the data's standard deviation.
+    "fmnist-latent-edm": (
+        "Guided latent EDM teacher on an fmnist-ae latent (--set data.codec=AE_RUN), class-conditional, p_uncond 0.1",
+        Config(preset="fmnist-latent-edm", net=_FMNIST_LATENT_NET, data=DataConfig(codec="latent"),
+               method=replace(_EDM, sigma_data=1.0),
+               train=replace(_FMNIST_TRAIN, optimizer="adam", lr=1e-3, p_uncond=0.1)),
+    ),
     "cifar10-edm": (
         "EDM teacher as published: DDPM++ 56M, 200 Mimg, batch 512, Adam 1e-3, EDM's augmentation p=0.12, summed loss",
         _CIFAR_EDM,
@@ -204,7 +219,38 @@ PRESETS: dict[str, tuple[str, Config]] = {
 
 def preset(name: str) -> Config:
     """The named preset; an unknown name raises CmkitError listing the known ones."""
+    if name in AE_PRESETS:
+        raise CmkitError(f"--preset {name}: an autoencoder preset; train it with 'cmkit train-ae --preset {name}'")
     if name not in PRESETS:
         raise CmkitError(f"unknown preset '{name}'; known presets: {', '.join(PRESETS)}")
     return PRESETS[name][1]
 
+
+
+# ------------------------------------------------------------------------------------ autoencoder presets
+
+# The autoencoders of latent models (cmkit train-ae, cmkit.autoencoder): LDM's KL autoencoder at CPU size, f = 4
+# (two halvings), 4 latent channels (LDM's KL-f4 has 3; 4 as its f8 and Stable Diffusion's), kl_weight 1e-6 (LDM's
+# configs), Adam 1e-3 (a CPU budget of a few epochs; LDM trains for far longer at 4.5e-6 x batch).
+AE_PRESETS: dict[str, tuple[str, AEConfig]] = {
+    "fmnist-ae": (
+        "KL autoencoder (LDM style) for Fashion-MNIST: 28x28x1 -> latent 4x7x7, L1 + 1e-6 KL, 30k images",
+        AEConfig(preset="fmnist-ae", model_channels=16, channel_mult=(1, 2, 4), kimg=30, batch=64, lr=1e-3),
+    ),
+    "cifar10-ae": (
+        "KL autoencoder (LDM style) for CIFAR-10: 32x32x3 -> latent 4x8x8, L1 + 1e-6 KL, 1M images",
+        AEConfig(preset="cifar10-ae", source="cifar10", resolution=32, channels=3, model_channels=64,
+                 channel_mult=(1, 2, 2), kimg=1000, batch=128, lr=1e-3),
+    ),
+}
+
+
+def ae_preset(name: str) -> AEConfig:
+    """The named autoencoder preset; CmkitError listing the known ones otherwise (and pointing a model preset
+    to ``cmkit train``)."""
+    if name in PRESETS:
+        raise CmkitError(f"--preset {name}: a model preset; train it with 'cmkit train --preset {name}' "
+                         f"(autoencoder presets: {', '.join(AE_PRESETS)})")
+    if name not in AE_PRESETS:
+        raise CmkitError(f"unknown autoencoder preset '{name}'; known: {', '.join(AE_PRESETS)}")
+    return AE_PRESETS[name][1]

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from cmkit import checkpoint
-from cmkit.config import Config
+from cmkit.codec import IDENTITY, KINDS, LATENT, codec_kind, data_codec
+from cmkit.config import Config, DataConfig
 from cmkit.errors import CmkitError
 from cmkit.methods import Capability, TeacherRole, method_entry, methods_that, teacher_methods
 from cmkit.precond import EDMDenoiser
@@ -29,9 +30,9 @@ def is_cmkit_model(path: Path) -> bool:
 
 
 def with_teacher(config: Config, teacher: str | Path) -> Config:
-    """``config`` distilling/tuning ``teacher``: the path made absolute (so resuming works from anywhere)
-    and, for a cmkit teacher and ``method.student_net=teacher``, the teacher's network (the student's dropout is
-    kept)."""
+    """``config`` distilling/tuning ``teacher``: the path made absolute (so resuming works from anywhere),
+    the teacher's codec (:func:`adopt_codec`) and, for a cmkit teacher and ``method.student_net=teacher``, the
+    teacher's network (the student's dropout is kept)."""
     path = Path(teacher).resolve()
     if not method_entry(config.method.name).teacher.takes_teacher:
         raise CmkitError(f"--teacher: the {config.method.name} method trains without a teacher; "
@@ -39,10 +40,36 @@ def with_teacher(config: Config, teacher: str | Path) -> Config:
     if not path.exists():
         raise CmkitError(f"--teacher {teacher}: no such file or directory")
     config = replace(config, method=replace(config.method, teacher=str(path)))
-    if is_cmkit_model(path) and config.method.student_net == "teacher":
-        net = checkpoint.export_config(path).net
-        config = replace(config, net=replace(net, dropout=config.net.dropout))
+    if not is_cmkit_model(path):
+        _check_codec(config.data, DataConfig(), path)  # a diffusers UNet works on pixels
+        return config
+    stored = checkpoint.export_config(path)
+    config = replace(config, data=adopt_codec(config.data, stored.data, path))
+    if config.method.student_net == "teacher":
+        config = replace(config, net=replace(stored.net, dropout=config.net.dropout))
     return config
+
+
+def adopt_codec(student: DataConfig, teacher: DataConfig, path: Path) -> DataConfig:
+    """The student's data with its teacher's codec: a student whose codec is the default identity, or the
+    placeholder "latent", takes a latent teacher's autoencoder (a student works in its teacher's space); any other
+    pair must already agree (:func:`_check_codec`)."""
+    if student.codec in KINDS and codec_kind(teacher.codec) == LATENT and teacher.codec != LATENT:
+        return replace(student, codec=teacher.codec, codec_digest=teacher.codec_digest)
+    _check_codec(student, teacher, path)
+    return student
+
+
+def _check_codec(student: DataConfig, teacher: DataConfig, path: Path) -> None:
+    """A student and its teacher work in one space: the same codec, pinned to the same file."""
+    ours, theirs = (student.codec, student.codec_digest), (teacher.codec, teacher.codec_digest)
+    if ours == theirs:
+        return
+    where = {IDENTITY: "pixel space", LATENT: "an autoencoder's latent space"}
+    raise CmkitError(f"--teacher {path}: the teacher works in {where[codec_kind(teacher.codec)]} (data.codec="
+                     f"{teacher.codec}), the student in {where[codec_kind(student.codec)]} (data.codec={student.codec})"
+                     "; a student must work in its teacher's space: leave data.codec at identity to adopt the "
+                     "teacher's, or choose a teacher trained with the same autoencoder")
 
 
 def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
@@ -64,11 +91,13 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
             raise CmkitError(f"--teacher {path}: a model trained with {stored.method.name}; a teacher must have the "
                              f"'teach' capability (trained with {', '.join(methods_that(Capability.TEACH))}: a "
                              "diffusion model, an *-edm preset)")
+        _check_codec(config.data, stored.data, path)
         if m.student_net == "teacher":
             _check_same_net(stored, config, path)
     elif path.is_dir():
         from cmkit.nets.foreign import check_noise_range, is_diffusers_folder, load_diffusers_teacher
 
+        _check_codec(config.data, DataConfig(), path)
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
@@ -93,12 +122,14 @@ def _grid_range(config: Config) -> tuple[float, float]:
 
 
 def _check_fit(teacher: nn.Module, config: Config, path: Path) -> None:
-    d, classes = config.data, config.net.num_classes
+    """The teacher's model space (its resolution and channels) is the student's (the codec's shape)."""
+    classes = config.net.num_classes
+    channels, resolution, _ = data_codec(config.data).shape
     got = (teacher.resolution, teacher.channels, teacher.num_classes)
-    if got != (d.resolution, d.channels, classes):
+    if got != (resolution, channels, classes):
         raise CmkitError(f"--teacher {path}: a {got[0]}x{got[0]} model with {got[1]} channel(s) and {got[2]} "
-                         f"classes does not fit the data ({d.resolution}x{d.resolution}, {d.channels} channel(s)) "
-                         f"and net.num_classes={classes}")
+                         f"classes does not fit the data ({resolution}x{resolution}, {channels} channel(s) in model "
+                         f"space) and net.num_classes={classes}")
 
 
 def _check_same_net(stored: Config, config: Config, path: Path) -> None:

@@ -278,8 +278,10 @@ FINALISTS = 2  # the search's best sigmas, scored again on every sample by tune_
 
 def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor, reference: np.ndarray,
                         batch: int, iters: int = 5, lo: float | None = None, hi: float | None = None,
-                        precision: str = "fp32", search_n: int | None = None) -> tuple[float, list[dict[str, float]]]:
-    """The intermediate sigma of 2-step sampling with the lowest FID, in two rounds sized for a CPU.
+                        precision: str = "fp32", search_n: int | None = None,
+                        codec: Codec | None = None) -> tuple[float, list[dict[str, float]]]:
+    """The intermediate sigma of 2-step sampling with the lowest FID, in two rounds sized for a CPU (samples
+    decoded by ``codec``, as in :func:`sample_features`).
 
     1. Search: :func:`golden_section_search` in log sigma over [lo, hi] (default [sigma_min, sigma_max / 2]) on
        FIDs of ``search_n`` samples (default ``n // 4``, at least ``extractor.min_count``): ``iters + 2`` FIDs.
@@ -303,7 +305,7 @@ def tune_two_step_sigma(model: nn.Module, *, n: int, extractor: FeatureExtractor
             sigma = round(math.exp(log_sigma), 6)
             feats = sample_features(model, n=count, sigmas=[t, sigma], sampler="consistency", batch=batch,
                                     extractor=extractor, desc=f"sigma {sigma:.4g}, n={count}", precision=precision,
-                                    leave=False)
+                                    leave=False, codec=codec)
             value = frechet_distance(*ref_stats, *feature_stats(feats))
             bar.update()
             bar.set_postfix_str(f"sigma {sigma:.4g}: FID {value:.3f} (n={count})")
