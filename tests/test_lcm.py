@@ -329,3 +329,11 @@ def test_a_teacher_that_cannot_be_guided_is_refused(tiny_config, fmnist_subset, 
     assert _train(tmp_path / "r", fmnist_subset, teacher) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "r").exists()
+
+
+def test_an_lcm_model_is_not_exported_to_diffusers(lcm_run, tmp_path, capsys):
+    """ConsistencyModelPipeline cannot pass w: one line naming the capability, no folder."""
+    assert main(["export", str(lcm_run / "run"), "--diffusers", str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'export' capability" in err and "trained with lcm" in err
+    assert not (tmp_path / "pipe").exists()
