@@ -313,9 +313,11 @@ def test_a_tiny_lcm_model_samples_the_same_images_at_any_batch_size(lcm_run, tmp
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_a_scale_outside_the_trained_range_is_one_line_and_writes_nothing(lcm_run, tmp_path, capsys):
-    out = tmp_path / "x.png"
-    assert main(["sample", str(lcm_run / "run"), "--out", str(out), "--guidance", "4"]) == 2
+@pytest.mark.parametrize(("command", "suffix"), [("sample", ".png"), ("eval", ".json")])
+def test_a_scale_outside_the_trained_range_is_one_line_and_writes_nothing(lcm_run, tmp_path, capsys, command,
+                                                                          suffix):
+    out = tmp_path / f"x{suffix}"
+    assert main([command, str(lcm_run / "run"), "--out", str(out), "--guidance", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--guidance 4: this model was trained for guidance scales in [1, 3]" in err
     assert not out.exists()
