@@ -28,12 +28,17 @@ from cmkit.sampling import SAMPLERS, default_sigmas
 from cmkit.teacher import load_teacher, with_teacher
 from conftest import GaussianOracle
 
-# The consistency models of the CM, iCT, ECT and sCM papers; EDM trains their diffusion teachers.
-CONSISTENCY = ["ct", "ict", "cd", "ect", "sct", "scd"]
+# The consistency models of the CM, iCT, ECT, sCM and LCM papers; EDM trains their diffusion teachers.
+CONSISTENCY = ["ct", "ict", "cd", "ect", "sct", "scd", "lcm"]
 
 
 def _config(tiny_config: Config, name: str) -> Config:
-    return replace(tiny_config, method=switch_method(tiny_config.method, name))
+    """``tiny_config`` with method ``name``; a method whose model takes a guidance scale (LCM) gets a
+    class-conditional network with a guidance input, as it requires."""
+    config = replace(tiny_config, method=switch_method(tiny_config.method, name))
+    if config.method.guidance_range is not None:
+        config = replace(config, net=replace(config.net, num_classes=10, guidance_dim=8))
+    return config
 
 
 # ------------------------------------------------------------------------------------- every entry
@@ -70,13 +75,15 @@ def test_an_entrys_sampling_policy_is_valid(name):
 @pytest.mark.parametrize("name", REGISTRY)
 def test_an_entrys_capabilities_fit_its_wrapper(name):
     """Only diffusion denoisers teach and take EDM's augmentation; only consistency functions are edited,
-    exported, tuned, served and scored by the consistency metric."""
+    exported, tuned, served and scored by the consistency metric (exported to diffusers' ConsistencyModelPipeline
+    only when they take no guidance scale, which it cannot pass)."""
     entry = REGISTRY[name]
     diffusion = entry.wrapper is EDMDenoiser
     assert entry.can(Capability.TEACH) == entry.can(Capability.AUGMENT) == diffusion
-    for capability in (Capability.EDIT, Capability.EXPORT, Capability.TUNE_STEPS, Capability.SERVE,
-                       Capability.CONSISTENCY_METRIC):
+    for capability in (Capability.EDIT, Capability.TUNE_STEPS, Capability.SERVE, Capability.CONSISTENCY_METRIC):
         assert entry.can(capability) != diffusion
+    guided = entry.config().guidance_range is not None
+    assert entry.can(Capability.EXPORT) == (not diffusion and not guided)
     assert not (diffusion and entry.teacher.takes_teacher)  # a teacher is never itself taught
 
 
@@ -108,7 +115,7 @@ def test_an_entry_has_a_preset_and_its_teacher_role_is_what_training_asks(tiny_c
 def test_the_capability_tables():
     assert methods_that(Capability.EDIT) == methods_that(Capability.SERVE) == CONSISTENCY
     assert methods_that(Capability.TEACH) == ["edm"]
-    assert [n for n, e in REGISTRY.items() if e.teacher.takes_teacher] == ["cd", "ect", "sct", "scd"]
+    assert [n for n, e in REGISTRY.items() if e.teacher.takes_teacher] == ["cd", "ect", "sct", "scd", "lcm"]
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -131,7 +138,7 @@ def test_editing_an_edm_model_names_the_capability_and_every_editable_method(edm
     assert main(["edit", "denoise", str(edm_export), "--image", str(tmp_path / "x.png"), "--sigma", "0.5",
                  "--out", str(tmp_path / "y.png")]) == 2
     assert "zero-shot editing needs a model with the 'edit' capability (one trained with ct, ict, cd, ect, sct, " \
-           "scd); this model was trained with edm" in _refusal(capsys)
+           "scd, lcm); this model was trained with edm" in _refusal(capsys)
     assert not (tmp_path / "y.png").exists()
     with pytest.raises(CmkitError, match="'edit' capability .*; this model was trained with edm"):
         from cmkit import editing

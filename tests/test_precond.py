@@ -88,17 +88,21 @@ def test_wrapper_feeds_scaled_input_to_backbone():
     torch.testing.assert_close(out[0], x[0] * 0.25 / 1.25)
 
 
-@pytest.mark.parametrize("wrapper", sorted({entry.wrapper for entry in REGISTRY.values()}, key=lambda w: w.__name__))
+WRAPPERS = {entry.wrapper: entry for entry in REGISTRY.values()}  # one method of each wrapper
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS, key=lambda w: w.__name__))
 def test_the_backbone_sees_the_batch_as_it_is_in_both_modes(wrapper):
-    """Padding for batch invariance belongs to sampling (cmkit.sampling.BatchInvariant), not to the wrapper."""
+    """Padding for batch invariance belongs to sampling (cmkit.sampling.BatchInvariant), not to the wrapper.
+    (A wrapper's own options come from its method's config, e.g. LCM's guidance range.)"""
     class Probe(torch.nn.Module):
-        def forward(self, x, c_noise, labels):
-            self.rows = (x.shape[0], c_noise.shape[0], labels.shape[0])
+        def forward(self, x, c_noise, labels, **inputs):
+            self.rows = (x.shape[0], c_noise.shape[0], labels.shape[0], *(v.shape[0] for v in inputs.values()))
             return x
 
     probe = Probe()
-    model = wrapper(probe, resolution=2, channels=1, num_classes=3)
+    model = wrapper(probe, resolution=2, channels=1, num_classes=3, **WRAPPERS[wrapper].config().wrapper_options())
     x, labels = torch.randn(5, 1, 2, 2), torch.arange(5) % 3
     for train_mode in (True, False):
         assert model.train(train_mode)(x, 1.0, Cond(labels=labels)).shape == x.shape
-        assert probe.rows == (5, 5, 5)
+        assert len(probe.rows) >= 3 and set(probe.rows) == {5}

@@ -327,7 +327,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = [{"images": len(images), **compute_metrics(reference, fake)}]
     else:
         model, config, spec = load_export(source, device=dist.init())
-        check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond)
+        check_guidance(args.guidance, num_classes=model.num_classes, p_uncond=config.train.p_uncond,
+                       trained_range=model.guidance_range)
         steps = _parse_steps(args.steps) if args.steps else list(spec.eval_steps)
         d = config.data  # the decoded images are scored
         extractor, reference = _scorer(args, d.resolution, d.channels, args.ref or d.source)
@@ -447,7 +448,9 @@ def _write_json(obj: dict, path: Path) -> None:
 
 def _guidance_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, metavar="W",
-                   help="classifier-free guidance scale (1: none, the default; models trained with train.p_uncond > 0)")
+                   help="classifier-free guidance scale (1: none, the default; models trained with "
+                        "train.p_uncond > 0); an lcm model takes it as its w input, inside its trained range "
+                        "(default: its method.w_default)")
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -94,11 +94,13 @@ def drop_labels(labels: Tensor, drop: Tensor) -> Tensor:
 class ClassifierFree:
     """Classifier-free guidance over any denoiser ``model(x, sigma, cond) -> x0`` (Ho and Salimans 2022, eq. 6
     written on x0): ``D = D_uncond + w (D_cond - D_uncond)`` (``torch.lerp``), with ``w = scale``: 1 is the
-    plain conditional model, 0 the unconditional one (diffusers' ``guidance_scale`` convention). D_uncond is
+    plain conditional model, 0 the unconditional one (diffusers' ``guidance_scale`` convention; LCM's omega is
+    w - 1). ``scale`` is one number, or float [N], one scale per sample (LCM's teacher step). D_uncond is
     ``model`` at ``cond.unconditional()``. Every other attribute is ``model``'s."""
 
-    def __init__(self, model: nn.Module, scale: float) -> None:
-        self.model, self.scale = model, float(scale)
+    def __init__(self, model: nn.Module, scale: float | Tensor) -> None:
+        self.model = model
+        self.scale = scale.view(-1, 1, 1, 1) if isinstance(scale, Tensor) else float(scale)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -111,10 +113,13 @@ class ClassifierFree:
         return torch.lerp(d_uncond, d_cond, self.scale)
 
 
-def check_guidance(guidance: float | None, *, num_classes: int, p_uncond: float | None) -> None:
+def check_guidance(guidance: float | None, *, num_classes: int, p_uncond: float | None,
+                   trained_range: tuple[float, float] | None = None) -> None:
     """A guidance scale needs a class-conditional model that learnt the null label: refuse it for an
     unconditional model (``num_classes`` 0) and for one trained with ``p_uncond`` 0 (None: not known, e.g. a
-    plain module given to :func:`cmkit.sampling.generate`); and refuse a non-finite scale."""
+    plain module given to :func:`cmkit.sampling.generate`); and refuse a non-finite scale. A model that takes the
+    scale as an input (LCM: ``trained_range`` = its [w_min, w_max]) needs no null label but a scale inside that
+    range."""
     if guidance is None:
         return
     if not torch.isfinite(torch.tensor(float(guidance))):
@@ -122,6 +127,12 @@ def check_guidance(guidance: float | None, *, num_classes: int, p_uncond: float 
     if not num_classes:
         raise CmkitError(f"--guidance {guidance:g}: this model is not class-conditional, so it has nothing to "
                          "guide with")
+    if trained_range is not None:
+        lo, hi = trained_range
+        if not lo <= guidance <= hi:
+            raise CmkitError(f"--guidance {guidance:g}: this model was trained for guidance scales in [{lo:g}, "
+                             f"{hi:g}] (its w input); expected a scale in that range")
+        return
     if p_uncond == 0:
         raise CmkitError(f"--guidance {guidance:g}: this model was trained with train.p_uncond=0, so it never "
                          "learnt the unconditional branch guidance needs; train with train.p_uncond > 0 (e.g. 0.1)")

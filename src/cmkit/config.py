@@ -56,7 +56,9 @@ class NetConfig:
     ``embedding="fourier"``, ``channel_mult_noise=2``, ``encoder_type="residual"``, ``resample_filter=(1, 3, 3,
     1)`` (:data:`_CIFAR_NCSNPP`). ``attn_heads`` splits attention into heads (EDM: 1; 0, which configs written
     before the field read as: 64-channel heads, cmkit's old rule); ``augment_dim > 0`` makes the network take EDM's
-    augmentation labels of that width.
+    augmentation labels of that width; ``guidance_dim > 0`` makes it take a guidance scale w, embedded at that width
+    (LCM's w conditioning; the methods that train with w as an input only: ``lcm``). Configs written before
+    ``guidance_dim`` read it as 0, so their checkpoints load unchanged.
     """
 
     model_channels: int = 32
@@ -74,6 +76,7 @@ class NetConfig:
     channel_mult_noise: int = 1
     attn_heads: int = 1
     augment_dim: int = 0
+    guidance_dim: int = 0
 
     def family_options(self) -> dict[str, Any]:
         """The :data:`FAMILY_FIELDS` as keyword arguments of :class:`cmkit.nets.UNet` (and of the diffusers export's
@@ -364,6 +367,9 @@ def _problems(config: Config) -> list[str]:
          "is a function of the whole sample's norm; set train.loss_reduction=mean"),
     ]
     out += method_entry(config.method.name).problems(config)  # the method's own constraints (compile, dropout)
+    if config.net.guidance_dim and config.method.guidance_range is None:
+        out.append(f"net.guidance_dim={config.net.guidance_dim}: the {config.method.name} method does not train with "
+                   "the guidance scale as an input (lcm does); set net.guidance_dim=0")
     return (out + [message for ok, message in checks if not ok] + _eval_problems(t) + _augment_problems(config)
             + _codec_problems(d))
 
@@ -406,6 +412,8 @@ def _family_checks(n: NetConfig) -> list[tuple[bool, str]]:
         (n.attn_heads >= 0, f"net.attn_heads: expected a positive integer (0: 64-channel heads, the networks of "
                             f"configs written before attn_heads), got {n.attn_heads}"),
         (n.augment_dim >= 0, f"net.augment_dim: expected >= 0 (0: no augmentation labels), got {n.augment_dim}"),
+        (n.guidance_dim == 0 or (n.guidance_dim >= 4 and n.guidance_dim % 2 == 0),
+         f"net.guidance_dim: expected 0 (no guidance input) or an even width >= 4, got {n.guidance_dim}"),
         (len(taps) >= 2 and len(taps) % 2 == 0 and min(taps) >= 0 and sum(taps) > 0,
          f"net.resample_filter: expected an even number of integers >= 0 with a positive sum, such as 1,1 or "
          f"1,3,3,1; got {','.join(map(str, taps))}"),

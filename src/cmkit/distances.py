@@ -24,6 +24,13 @@ def pseudo_huber(a: Tensor, b: Tensor, *, c: float) -> Tensor:
     return (sq + c**2).sqrt() - c
 
 
+def huber(a: Tensor, b: Tensor, *, c: float) -> Tensor:
+    """The pseudo-Huber function of each value, averaged over the sample: mean of sqrt((a - b)^2 + c^2) - c
+    (LCM's ``huber`` loss, diffusers' ``train_lcm_distill_sd_wds.py``, c = 0.001 there); c = 0 is the mean
+    absolute difference."""
+    return ((a - b).float().pow(2) + c**2).sqrt().sub(c).flatten(1).mean(1)
+
+
 def huber_c(dim: int) -> float:
     """iCT's c = 0.00054 sqrt(D) for samples of D values (0.03 on CIFAR-10)."""
     return 0.00054 * math.sqrt(dim)

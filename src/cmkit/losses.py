@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from cmkit import schedules
 from cmkit.augment import augment as augment_images
-from cmkit.cond import Cond
+from cmkit.cond import ClassifierFree, Cond
 from cmkit.distances import Distance
 from cmkit.nets import forward_mode
 from cmkit.precond import trigflow_velocity
@@ -131,6 +131,37 @@ class GridPairs:
         return {"num_scales": self.num_scales(images_seen)}
 
 
+class SkipPairs:
+    """LCM's skipping-step pairs (Luo et al. 2023, Sec. 4.3): levels k points apart on the ascending Karras grid of
+    ``num_scales`` points, the upper level on the grid's every k-th point counted down from sigma_max.
+
+    As diffusers' ``train_lcm_distill_sd_wds.py`` (its DDIM timesteps ``T - 1, T - 1 - k, ...``, the lower
+    timestep ``t - k`` clamped at 0): index ``hi = num_scales - 1 - m k`` with m uniform over the
+    ``ceil((num_scales - 1) / k)`` such points above index 0, ``lo = max(hi - k, 0)`` (index 0 is sigma_min, the
+    consistency boundary). When k divides ``num_scales - 1`` these are the adjacent pairs of the Karras grid of
+    ``(num_scales - 1) / k + 1`` points (the grid is uniform in sigma^(1/rho)).
+    """
+
+    def __init__(self, *, num_scales: int, skip: int, sigma_min: float, sigma_max: float, rho: float) -> None:
+        self.num_scales, self.skip = num_scales, skip
+        self.grid = schedules.karras_sigmas(num_scales, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).float()
+
+    @property
+    def starts(self) -> int:
+        """How many upper levels there are: ``ceil((num_scales - 1) / skip)``."""
+        return -(-(self.num_scales - 1) // self.skip)
+
+    def __call__(self, n: int, images_seen: int, noise: RowNoise, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(sigma_lo, sigma_hi), float32 [n] each on ``device``."""
+        hi = self.num_scales - 1 - noise.randint(self.starts, n) * self.skip
+        lo = (hi - self.skip).clamp(min=0)
+        grid = self.grid.to(device)
+        return grid[lo.to(device)], grid[hi.to(device)]
+
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return {"num_scales": self.num_scales}
+
+
 class ECTPairs:
     """ECT's continuous pairs (Geng et al. 2024): ln t ~ N(P_mean, P_std^2) clamped to [sigma_min, sigma_max],
     r = r(t) of the stage reached after ``images_seen`` images (:func:`cmkit.schedules.ect_r`; r may be 0)."""
@@ -162,15 +193,24 @@ def data_point(x0: Tensor, x_hi: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: 
 
 class TeacherStep:
     """x at the lower level by one Euler or Heun step of the teacher's probability-flow ODE from ``x_hi``
-    (CD, CM paper Alg. 2); the teacher is a diffusion denoiser ``(x, sigma, cond) -> x0``."""
+    (CD, CM paper Alg. 2); the teacher is a diffusion denoiser ``(x, sigma, cond) -> x0``.
 
-    def __init__(self, teacher: nn.Module, *, heun: bool) -> None:
-        self.teacher, self.heun = teacher, heun
+    ``guided``: the step of the guided (augmented) PF-ODE (LCM, Luo et al. 2023, eq. 9 and Alg. 1): the teacher's
+    denoiser replaced by classifier-free guidance at each sample's scale w = ``cond.guidance`` (float [N]),
+    ``D_w = D(x, sigma, uncond) + w (D(x, sigma, c) - D(x, sigma, uncond))`` (:class:`cmkit.cond.ClassifierFree`,
+    LCM's omega = w - 1); the teacher itself sees ``cond`` without the scale. The Euler step in sigma is DDIM's
+    (Karras et al. 2022, Sec. 3: DDIM is Euler's method on dx/dsigma = (x - D) / sigma), LCM's default solver."""
+
+    def __init__(self, teacher: nn.Module, *, heun: bool, guided: bool = False) -> None:
+        self.teacher, self.heun, self.guided = teacher, heun, guided
 
     @torch.no_grad()
     def __call__(self, x0: Tensor, x_hi: Tensor, z: Tensor, sigma_lo: Tensor, sigma_hi: Tensor,
                  cond: Cond | None) -> Tensor:
-        return ode_step(self.teacher, x_hi, sigma_hi, sigma_lo, cond, heun=self.heun)
+        if not self.guided:
+            return ode_step(self.teacher, x_hi, sigma_hi, sigma_lo, cond, heun=self.heun)
+        guided = ClassifierFree(self.teacher, cond.guidance)
+        return ode_step(guided, x_hi, sigma_hi, sigma_lo, replace(cond, guidance=None), heun=self.heun)
 
 
 # ------------------------------------------------------------------------- weightings lambda(lo, hi) [N]
@@ -195,8 +235,8 @@ class ConsistencyLoss:
     targets x_lo itself). Both forward passes see the same dropout mask.
     """
 
-    def __init__(self, *, pairs: GridPairs | ECTPairs, point: TargetPoint, weight: Weighting, distance: Distance,
-                 target_decay: Callable[[int], float | None], sigma_min: float) -> None:
+    def __init__(self, *, pairs: GridPairs | SkipPairs | ECTPairs, point: TargetPoint, weight: Weighting,
+                 distance: Distance, target_decay: Callable[[int], float | None], sigma_min: float) -> None:
         self.pairs, self.point, self.weight, self.distance = pairs, point, weight, distance
         self._target_decay, self.sigma_min = target_decay, sigma_min
 
@@ -219,6 +259,28 @@ class ConsistencyLoss:
 
     def stats(self, images_seen: int) -> dict[str, float]:
         return {**self.pairs.stats(images_seen), "target_decay": self.target_decay(images_seen) or 0.0}
+
+
+class GuidanceDrawn:
+    """LCM's loss (Luo et al. 2023, Alg. 1): ``loss`` (a :class:`ConsistencyLoss` with a guided teacher step)
+    with a guidance scale ``w ~ U[w_min, w_max]`` drawn per sample (from ``noise``, before the loss's own numbers)
+    and given to student, target and teacher step as ``cond.guidance`` (float [N])."""
+
+    def __init__(self, loss: ConsistencyLoss, *, w_min: float, w_max: float) -> None:
+        self.loss, self.w_min, self.w_max = loss, w_min, w_max
+
+    def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
+                 target: nn.Module | None = None, noise: RowNoise | None = None) -> Tensor:
+        noise = noise or GlobalNoise()
+        w = self.w_min + (self.w_max - self.w_min) * noise.rand(x0.shape[0], device=x0.device)
+        cond = replace(cond or Cond(), guidance=w)
+        return self.loss(model, x0, cond, images_seen=images_seen, target=target, noise=noise)
+
+    def target_decay(self, images_seen: int) -> float | None:
+        return self.loss.target_decay(images_seen)
+
+    def stats(self, images_seen: int) -> dict[str, float]:
+        return self.loss.stats(images_seen)
 
 
 # ------------------------------------------------------------------ continuous time: sCT and sCD (TrigFlow)
@@ -309,7 +371,7 @@ class WarmStarted:
     the teacher's denoiser (``warm``, an :class:`EDMLoss` with a teacher); then ``loss`` takes over, its
     schedules (stages, tangent warm-up, target rate) counting the images seen since the warm-start ended."""
 
-    def __init__(self, loss: ConsistencyLoss | SCMLoss, *, warm: EDMLoss, images: int) -> None:
+    def __init__(self, loss: ConsistencyLoss | SCMLoss | GuidanceDrawn, *, warm: EDMLoss, images: int) -> None:
         self.loss, self.warm, self.images = loss, warm, images
 
     def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
@@ -329,7 +391,7 @@ class WarmStarted:
         return max(0, images_seen - self.images)
 
 
-Loss = EDMLoss | ConsistencyLoss | SCMLoss | WarmStarted
+Loss = EDMLoss | ConsistencyLoss | SCMLoss | GuidanceDrawn | WarmStarted
 
 # A student's warm-start regresses its teacher at EDM's noise levels (Karras et al. 2022, Table 1),
 # ln sigma ~ N(-1.2, 1.2^2).

@@ -11,6 +11,8 @@ not depend on ``self.training``: the consistency boundary condition (``f(x, sigm
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +35,7 @@ class Preconditioned(nn.Module):
     """
 
     method_name = ""
+    guidance_range: tuple[float, float] | None = None  # [w_min, w_max] of a model that takes w (GuidedConsistency)
 
     def __init__(self, net: nn.Module, *, resolution: int, channels: int, num_classes: int = 0,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> None:
@@ -46,20 +49,21 @@ class Preconditioned(nn.Module):
         raise NotImplementedError
 
     def adopt_backbone(self, teacher: EDMDenoiser) -> None:
-        """Start from an EDM ``teacher``'s backbone weights (CD, ECT, sCT, sCD students); a log-variance head
-        the teacher lacks starts at zero."""
+        """Start from an EDM ``teacher``'s backbone weights (CD, ECT, sCT, sCD, LCM students); a log-variance head
+        or a guidance embedding (``map_guidance``) the teacher lacks starts at zero."""
         self._load_backbone(teacher.net.state_dict())
 
     def _load_backbone(self, state: dict[str, Tensor]) -> None:
         missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if unexpected or any(not key.startswith("map_logvar.") for key in missing):
+        if unexpected or any(not key.startswith(("map_logvar.", "map_guidance.")) for key in missing):
             raise CmkitError(f"the teacher's network does not match the student's (missing {missing}, "
                              f"unexpected {unexpected})")
 
     def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
         """Denoise. x: [N, C, H, W] float; sigma: [N] or scalar > 0; cond: the class labels (int64 [N], required
-        by a class-conditional model) and EDM's augmentation labels ([N, augment_dim] float, for a backbone built
-        with augment_dim > 0; none at sampling), or None.
+        by a class-conditional model), EDM's augmentation labels ([N, augment_dim] float, for a backbone built
+        with augment_dim > 0; none at sampling) and the guidance scale (float [N], for a backbone built with
+        guidance_dim > 0: :class:`GuidedConsistency`), or None.
 
         Returns the estimate of x0, [N, C, H, W] float32. The coefficients are computed in float32 even
         under autocast.
@@ -71,15 +75,15 @@ class Preconditioned(nn.Module):
         return c_skip * x + c_out * out.to(torch.float32)
 
     def _net(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
-        """The backbone; augmentation labels reach it as a keyword only when given, so a backbone without
-        them keeps the plain ``net(x, c_noise, labels)`` signature."""
+        """The backbone; augmentation labels and the guidance scale reach it as keywords only when given, so a
+        backbone without them keeps the plain ``net(x, c_noise, labels)`` signature."""
         if cond is None:
             cond = Cond()
         elif not isinstance(cond, Cond):
             raise TypeError(f"cond: expected a cmkit.cond.Cond or None, got {type(cond).__name__}")
-        if cond.augment is None:
-            return self.net(x, c_noise, cond.labels)
-        return self.net(x, c_noise, cond.labels, augment_labels=cond.augment)
+        extra = {key: value for key, value in (("augment_labels", cond.augment), ("guidance", cond.guidance))
+                 if value is not None}
+        return self.net(x, c_noise, cond.labels, **extra)
 
 
 class EDMDenoiser(Preconditioned):
@@ -102,6 +106,29 @@ class ConsistencyFunction(Preconditioned):
         c_out = sd * (sigma - eps) / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
         return c_skip, c_out, c_in, sigma.log() / 4
+
+
+class GuidedConsistency(ConsistencyFunction):
+    """A consistency function that takes the guidance scale w as an input (LCM, Luo et al. 2023): ``f(x, w, c,
+    sigma)``, the CM paper's parameterisation (:class:`ConsistencyFunction`) around a backbone built with
+    ``guidance_dim > 0``; w arrives as ``cond.guidance`` (float [N]).
+
+    ``guidance_range``: the [w_min, w_max] it was trained on (what :func:`cmkit.sampling.generate` accepts);
+    ``guidance_default``: the w a call without ``cond.guidance`` uses (training snapshots, evaluations during
+    training, ``cmkit sample`` without ``--guidance``, editing).
+    """
+
+    def __init__(self, net: nn.Module, *, guidance_range: tuple[float, float], guidance_default: float,
+                 **kw) -> None:
+        super().__init__(net, **kw)
+        self.guidance_range = (float(guidance_range[0]), float(guidance_range[1]))
+        self.guidance_default = float(guidance_default)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
+        if cond is None or cond.guidance is None:
+            w = torch.full((x.shape[0],), self.guidance_default, dtype=torch.float32, device=x.device)
+            cond = replace(cond or Cond(), guidance=w)
+        return super().forward(x, sigma, cond)
 
 
 C_NOISE = ("t", "log-sigma")

@@ -12,7 +12,7 @@ from cmkit.augment import AUGMENT_DIM
 from cmkit.autoencoder import AEConfig
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.errors import CmkitError
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCDConfig, SCTConfig
+from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, LCMConfig, SCDConfig, SCTConfig
 
 # ---------------------------------------------------------------------------------------------- presets
 
@@ -97,6 +97,15 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "Consistency distillation (CD) from an fmnist-edm teacher (--teacher): N=18, Heun, mu=0.95, pseudo-Huber",
         Config(preset="fmnist-cd", net=_FMNIST_NET, method=replace(_CD, distance="pseudo-huber", mu=0.95),
                train=_FMNIST_TRAIN),
+    ),
+    # LCM (Luo et al. 2023; diffusers' train_lcm_distill_sd_wds.py): N = 1000 grid points skipped k = 20 at a time,
+    # the DDIM (Euler) step of the guided teacher, per-value pseudo-Huber c = 0.001, EMA target 0.95. The guidance
+    # range is Fashion-MNIST's, not SD's [6, 16] (docs/methods.md); the student is the teacher's network plus a w input
+    # of the noise embedding's width. The teacher: a class-conditional EDM model trained with label dropout.
+    "fmnist-lcm": (
+        "Latent consistency distillation (LCM) of a guided class-conditional teacher (--teacher): w in [1, 3], k=20",
+        Config(preset="fmnist-lcm", net=replace(_FMNIST_NET, num_classes=10, guidance_dim=32),
+               method=LCMConfig(w_min=1.0, w_max=3.0, w_default=2.0), train=_FMNIST_TRAIN),
     ),
     # The small student: fmnist-cd's recipe on a network of a quarter the teacher's parameters. Its shape differs from
     # the teacher's, so it starts from fresh weights and first regresses the teacher's denoiser for 8k images.

@@ -252,30 +252,38 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
     Class-conditional models use ``label`` for every image, or a label drawn from each seed when None
     (:func:`cmkit.cond.seed_labels`). ``guidance = w`` samples with classifier-free guidance
     (:class:`cmkit.cond.ClassifierFree`; None or 1: none), checked by :func:`cmkit.cond.check_guidance` with
-    the model's ``p_uncond`` when the caller knows it (``train.p_uncond`` of its config). ``precision="bf16"``
-    runs the network under bfloat16 autocast (the sampler's arithmetic stays fp32). A seed's image does not
-    depend on ``batch_size`` (:class:`BatchInvariant`). ``label`` and ``guidance`` are checked when this is
-    called, before any batch is asked for.
+    the model's ``p_uncond`` when the caller knows it (``train.p_uncond`` of its config). A model that takes the
+    scale as an input (``model.guidance_range`` set: :class:`cmkit.precond.GuidedConsistency`, LCM) is given w as
+    ``Cond.guidance`` instead, one network evaluation per step, and refuses a w outside its trained range (None:
+    its ``guidance_default``). ``precision="bf16"`` runs the network under bfloat16 autocast (the sampler's
+    arithmetic stays fp32). A seed's image does not depend on ``batch_size`` (:class:`BatchInvariant`). ``label``
+    and ``guidance`` are checked when this is called, before any batch is asked for.
     """
+    trained_range = getattr(model, "guidance_range", None)
     check_labels(model.num_classes, label)
-    check_guidance(guidance, num_classes=model.num_classes, p_uncond=p_uncond)
+    check_guidance(guidance, num_classes=model.num_classes, p_uncond=p_uncond, trained_range=trained_range)
     net = BatchInvariant(model)
-    if guidance is not None and guidance != 1:
+    w_input = guidance if trained_range is not None else None
+    if trained_range is None and guidance is not None and guidance != 1:
         net = ClassifierFree(net, guidance)
     return _batches(model, net, seeds, sigmas=sigmas, sampler=sampler, batch_size=batch_size, label=label,
-                    precision=precision)
+                    w_input=w_input, precision=precision)
 
 
 @torch.no_grad()
 def _batches(model: nn.Module, net: BatchInvariant | ClassifierFree, seeds: Sequence[int], *,
              sigmas: Sequence[float] | Tensor, sampler: str, batch_size: int, label: int | None,
-             precision: str) -> Iterator[Tensor]:
-    """:func:`generate`'s batches of ``model``'s samples, computed by ``net`` (``model`` wrapped)."""
+             w_input: float | None, precision: str) -> Iterator[Tensor]:
+    """:func:`generate`'s batches of ``model``'s samples, computed by ``net`` (``model`` wrapped); ``w_input``:
+    the guidance scale given to the network as ``Cond.guidance`` (None: none)."""
     device = next(model.parameters()).device
     shape = (model.channels, model.resolution, model.resolution)
     for start in range(0, len(seeds), batch_size):
         noise = SeededNoise(seeds[start:start + batch_size], shape, device)
         cond = of_labels(seed_labels(noise, model.num_classes, label))
+        if w_input is not None:
+            w = torch.full((len(noise.generators),), float(w_input), device=device)
+            cond = replace(cond or Cond(), guidance=w)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             x = SAMPLERS[sampler](net, sigmas, noise, cond)
         yield x.float()

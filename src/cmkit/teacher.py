@@ -32,7 +32,8 @@ def is_cmkit_model(path: Path) -> bool:
 def with_teacher(config: Config, teacher: str | Path) -> Config:
     """``config`` distilling/tuning ``teacher``: the path made absolute (so resuming works from anywhere),
     the teacher's codec (:func:`adopt_codec`) and, for a cmkit teacher and ``method.student_net=teacher``, the
-    teacher's network (the student's dropout is kept)."""
+    teacher's network (the student's dropout and guidance input, ``net.guidance_dim``, are kept: an LCM student is
+    the teacher's network plus the w input)."""
     path = Path(teacher).resolve()
     if not method_entry(config.method.name).teacher.takes_teacher:
         raise CmkitError(f"--teacher: the {config.method.name} method trains without a teacher; "
@@ -46,7 +47,8 @@ def with_teacher(config: Config, teacher: str | Path) -> Config:
     stored = checkpoint.export_config(path)
     config = replace(config, data=adopt_codec(config.data, stored.data, path))
     if config.method.student_net == "teacher":
-        config = replace(config, net=replace(stored.net, dropout=config.net.dropout))
+        config = replace(config, net=replace(stored.net, dropout=config.net.dropout,
+                                             guidance_dim=config.net.guidance_dim))
     return config
 
 
@@ -94,6 +96,8 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         _check_codec(config.data, stored.data, path)
         if m.student_net == "teacher":
             _check_same_net(stored, config, path)
+        if m.guidance_range is not None:
+            _check_guidable(stored, path)
     elif path.is_dir():
         from cmkit.nets.foreign import check_noise_range, is_diffusers_folder, load_diffusers_teacher
 
@@ -101,9 +105,10 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
-        if role.seeds_only:
-            raise CmkitError(f"--teacher {path}: {m.name.upper()} starts from the teacher's own weights, which needs "
-                             "a cmkit EDM model; a diffusers teacher can be distilled with a cd or scd preset instead")
+        if role.seeds_only or m.guidance_range is not None:
+            why = "starts from the teacher's own weights" if role.seeds_only else "guides its teacher's labels"
+            raise CmkitError(f"--teacher {path}: {m.name.upper()} {why}, which needs a cmkit EDM model; a diffusers "
+                             "teacher can be distilled with a cd or scd preset instead")
         if config.train.p_uncond > 0:  # CD hands the student's labels to the teacher, null labels included
             raise CmkitError(f"--teacher {path}: a diffusers UNet has no null class label for the labels that "
                              f"train.p_uncond={config.train.p_uncond:g} drops; distil it with train.p_uncond=0")
@@ -114,6 +119,16 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         raise CmkitError(f"--teacher {path}: no such file or directory")
     _check_fit(teacher, config, path)
     return teacher
+
+
+def _check_guidable(stored: Config, path: Path) -> None:
+    """A teacher sampled with classifier-free guidance (LCM) must be class-conditional and have learnt the null
+    label (``train.p_uncond > 0``)."""
+    if stored.net.num_classes == 0 or stored.train.p_uncond == 0:
+        raise CmkitError(f"--teacher {path}: LCM samples its teacher with classifier-free guidance, which needs a "
+                         f"class-conditional teacher trained with label dropout; this one has net.num_classes="
+                         f"{stored.net.num_classes} and train.p_uncond={stored.train.p_uncond:g} (train it with "
+                         "--set net.num_classes=10 train.p_uncond=0.1)")
 
 
 def _grid_range(config: Config) -> tuple[float, float]:
@@ -142,8 +157,10 @@ def _check_same_net(stored: Config, config: Config, path: Path) -> None:
 
 
 def _net_diff(stored: Config, config: Config) -> str:
-    """``net.key: teacher's (teacher) vs student's`` for each field where the networks differ, dropout aside."""
-    theirs, ours = asdict(replace(stored.net, dropout=config.net.dropout)), asdict(config.net)
+    """``net.key: teacher's (teacher) vs student's`` for each field where the networks differ, dropout and the
+    guidance input aside."""
+    theirs = asdict(replace(stored.net, dropout=config.net.dropout, guidance_dim=config.net.guidance_dim))
+    ours = asdict(config.net)
     return ", ".join(f"net.{k}: {theirs[k]} (teacher) vs {ours[k]}" for k in ours if ours[k] != theirs[k])
 
 

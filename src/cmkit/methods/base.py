@@ -65,6 +65,13 @@ class MethodConfig:
         return 0
 
     @property
+    def guidance_range(self) -> tuple[float, float] | None:
+        """[w_min, w_max] of the guidance scale w the method trains its model to take as an input (its network has
+        ``net.guidance_dim > 0`` and its teacher is sampled with classifier-free guidance at w: LCM); None for a
+        method whose model takes no guidance scale."""
+        return None
+
+    @property
     def loss_averages_values(self) -> bool:
         """True when the loss of one sample is a mean over its D values (EDM's weighted squared error, the l2
         distance, sCM's ``||.||^2 / D``), so that ``train.loss_reduction=sum`` can sum them instead."""

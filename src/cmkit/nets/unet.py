@@ -5,7 +5,9 @@ Architectures after Song et al. 2021, "Score-Based Generative Modeling through S
 Models" (EDM) give them in one module with options, ``SongUNet`` (EDM's ``training/networks.py``):
 
 * noise embedding (:mod:`.layers`) of width ``channel_mult_noise * model_channels``, plus EDM's augmentation
-  labels through a bias-free linear layer, then a two-layer SiLU MLP; class labels are added after it;
+  labels through a bias-free linear layer, plus optionally a guidance scale's sinusoidal embedding through a
+  bias-free, zero-initialised linear layer (LCM's ``w`` input, Luo et al. 2023), then a two-layer SiLU MLP; class
+  labels are added after it;
 * an encoder that keeps every intermediate output as a skip connection, optionally with NCSN++'s progressive
   input path (``encoder_type``), a middle pair at the lowest resolution, and a decoder that pops one skip per
   residual block, optionally with NCSN++'s progressive output path (``decoder_type``);
@@ -75,6 +77,7 @@ def _validate(
     num_classes: int,
     channel_mult_noise: int,
     augment_dim: int,
+    guidance_dim: int,
 ) -> None:
     """Raise ValueError naming the first bad constructor argument (the choices: :func:`_check_choices`)."""
     positives = {
@@ -108,6 +111,8 @@ def _validate(
         raise ValueError(f"UNet: num_classes must be >= 0 (0 = unconditional), got {num_classes}")
     if augment_dim < 0:
         raise ValueError(f"UNet: augment_dim must be >= 0 (0 = no augmentation labels), got {augment_dim}")
+    if guidance_dim != 0 and (guidance_dim < 4 or guidance_dim % 2):
+        raise ValueError(f"UNet: guidance_dim must be 0 (no guidance input) or even and >= 4, got {guidance_dim}")
 
 
 class UNet(nn.Module):
@@ -148,12 +153,18 @@ class UNet(nn.Module):
             (:class:`.layers.AttentionBlock`).
         augment_dim: width of EDM's augmentation labels (0: none), mapped by a bias-free linear layer
             (``map_augment``) and added to the noise embedding's features, as in EDM's ``SongUNet``.
+        guidance_dim: width of the guidance scale's sinusoidal embedding (0: the network takes no guidance scale).
+            As LCM's ``w`` conditioning (Luo et al. 2023; diffusers' ``time_cond_proj_dim``): the scale ``w`` is
+            embedded (:class:`.layers.PositionalEmbedding` of w itself, on the scale of the noise labels), mapped by a
+            bias-free linear layer (``map_guidance``, zero at initialisation, so a network that adopts a teacher's
+            weights starts as the teacher at every w) and added to the noise embedding's features.
 
-    ``forward(x, noise_labels, class_labels=None, augment_labels=None)``: ``x`` ``[N, in_channels, R, R]`` float,
-    ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``), ``class_labels`` ``[N]`` int64 in
-    ``[0, num_classes)`` or -1, "no class", a zero one-hot (required iff ``num_classes > 0``), ``augment_labels``
-    ``[N, augment_dim]`` float or None (only with ``augment_dim > 0``; None means zeros: no augmentation, as when
-    sampling). Returns ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
+    ``forward(x, noise_labels, class_labels=None, augment_labels=None, guidance=None)``: ``x``
+    ``[N, in_channels, R, R]`` float, ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``),
+    ``class_labels`` ``[N]`` int64 in ``[0, num_classes)`` or -1, "no class", a zero one-hot (required iff
+    ``num_classes > 0``), ``augment_labels`` ``[N, augment_dim]`` float or None (only with ``augment_dim > 0``; None
+    means zeros: no augmentation, as when sampling), ``guidance`` ``[N]`` float, the guidance scale w (required iff
+    ``guidance_dim > 0``). Returns ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
     ``logvar(noise_labels)``: ``[N]`` float32, zeros without the head.
     ``output_layers``: the names of the last convolutions, whose outputs sum to the network's output.
     """
@@ -181,6 +192,7 @@ class UNet(nn.Module):
         channel_mult_noise: int = 1,
         attn_heads: int = 1,
         augment_dim: int = 0,
+        guidance_dim: int = 0,
     ) -> None:
         super().__init__()
         channel_mult, resample_filter = tuple(channel_mult), tuple(resample_filter)
@@ -188,13 +200,14 @@ class UNet(nn.Module):
         _validate(resolution=resolution, in_channels=in_channels, out_channels=out_channels,
                   model_channels=model_channels, channel_mult=channel_mult, num_blocks=num_blocks, dropout=dropout,
                   embedding=embedding, fourier_scale=fourier_scale, num_classes=num_classes,
-                  channel_mult_noise=channel_mult_noise, augment_dim=augment_dim)
+                  channel_mult_noise=channel_mult_noise, augment_dim=augment_dim, guidance_dim=guidance_dim)
         check_taps(resample_filter)
         self.resolution = resolution
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.num_classes = num_classes
         self.augment_dim = augment_dim
+        self.guidance_dim = guidance_dim
         self._opts = BlockOptions(emb_ch=4 * model_channels, dropout=dropout, adaptive_scale=adaptive_scale,
                                   double_norm=double_norm, taps=resample_filter, heads=attn_heads)
         noise_ch = channel_mult_noise * model_channels
@@ -215,6 +228,8 @@ class UNet(nn.Module):
         else:
             self.map_noise = FourierEmbedding(width, scale=fourier_scale)
         self.map_augment = make_linear(self.augment_dim, width, bias=False) if self.augment_dim else None
+        self.embed_guidance = PositionalEmbedding(self.guidance_dim) if self.guidance_dim else None
+        self.map_guidance = make_linear(self.guidance_dim, width, bias=False, scale=0.0) if self.guidance_dim else None
         self.map_layer0 = make_linear(width, emb_ch)
         self.map_layer1 = make_linear(emb_ch, emb_ch)
         self.map_label = make_linear(self.num_classes, emb_ch, bias=False) if self.num_classes else None
@@ -284,12 +299,15 @@ class UNet(nn.Module):
 
     # -- forward
 
-    def _embed(self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
-        """``[N]`` noise labels (+ ``[N]`` class ids, ``[N, augment_dim]`` augmentation labels) ->
-        ``[N, 4 * model_channels]`` embedding."""
+    def _embed(self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None,
+               guidance: Tensor | None) -> Tensor:
+        """``[N]`` noise labels (+ ``[N]`` class ids, ``[N, augment_dim]`` augmentation labels, ``[N]`` guidance
+        scales) -> ``[N, 4 * model_channels]`` embedding."""
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
+        if self.map_guidance is not None:
+            emb = emb + self.map_guidance(self.embed_guidance(guidance).to(emb.dtype))
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
             assert class_labels is not None
@@ -308,7 +326,7 @@ class UNet(nn.Module):
             return self.map_logvar(self.map_noise(noise_labels.float())).squeeze(1)
 
     def _check_inputs(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None,
-                      augment_labels: Tensor | None) -> None:
+                      augment_labels: Tensor | None, guidance: Tensor | None) -> None:
         n, expected = x.shape[0], (self.in_channels, self.resolution, self.resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             shape = ", ".join(map(str, expected))
@@ -326,6 +344,11 @@ class UNet(nn.Module):
         if augment_labels is not None and (self.augment_dim == 0 or augment_labels.shape != (n, self.augment_dim)):
             raise ValueError(f"UNet: augment_labels must have shape [{n}, augment_dim={self.augment_dim}] (and "
                              f"augment_dim > 0), got {list(augment_labels.shape)}")
+        if self.guidance_dim > 0 and (guidance is None or guidance.shape != (n,)):
+            got = "none" if guidance is None else list(guidance.shape)
+            raise ValueError(f"UNet: guidance must have shape [{n}] (guidance_dim={self.guidance_dim}), got {got}")
+        if self.guidance_dim == 0 and guidance is not None:
+            raise ValueError("UNet: guidance given but the network takes no guidance scale (guidance_dim=0)")
 
     def _encode(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The encoder with its input path: the lowest-resolution features and every skip, in push order."""
@@ -339,10 +362,10 @@ class UNet(nn.Module):
         return h, skips
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
-                augment_labels: Tensor | None = None) -> Tensor:
+                augment_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
         """See the class docstring for the shape and dtype contract."""
-        self._check_inputs(x, noise_labels, class_labels, augment_labels)
-        emb = self._embed(noise_labels, class_labels, augment_labels)
+        self._check_inputs(x, noise_labels, class_labels, augment_labels, guidance)
+        emb = self._embed(noise_labels, class_labels, augment_labels, guidance)
         h, skips = self._encode(x, emb)
         for stage in self.mid:
             h = stage(h, emb)
