@@ -277,7 +277,8 @@ def _teacher(tiny_config, path, *, num_classes=10, p_uncond=0.1):
 def _train(out, data, teacher, *extra):
     return main(["train", "--preset", "fmnist-lcm", "--out", str(out), "--data", str(data), "--kimg", "0.064",
                  "--ckpt-kimg", "0.032", "--seed", "2", "--teacher", str(teacher), "--set", *TINY[4:5],
-                 "train.batch=16", "train.log_kimg=0.032", "train.snap_kimg=0.064", "net.guidance_dim=8", *extra])
+                 "train.batch=16", "train.log_kimg=0.032", "train.snap_kimg=0.064", "net.guidance_dim=8",
+                 "data.codec=identity", *extra])  # the preset's latent student, here in the pixel teacher's space
 
 
 @pytest.fixture(scope="module")

@@ -102,10 +102,13 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # the DDIM (Euler) step of the guided teacher, per-value pseudo-Huber c = 0.001, EMA target 0.95. The guidance
     # range is Fashion-MNIST's, not SD's [6, 16] (docs/methods.md); the student is the teacher's network plus a w input
     # of the noise embedding's width. The teacher: a class-conditional EDM model trained with label dropout.
+    # LCM of fmnist-latent-edm: the student adopts the teacher's autoencoder and network (plus the w input) and,
+    # like the teacher, takes the scaled latents' standard deviation, 1, as sigma_data.
     "fmnist-lcm": (
-        "Latent consistency distillation (LCM) of a guided class-conditional teacher (--teacher): w in [1, 3], k=20",
+        "Latent consistency distillation (LCM) of a guided latent teacher (--teacher fmnist-latent-edm): w in [1, 3]",
         Config(preset="fmnist-lcm", net=replace(_FMNIST_NET, num_classes=10, guidance_dim=32),
-               method=LCMConfig(w_min=1.0, w_max=3.0, w_default=2.0), train=_FMNIST_TRAIN),
+               data=DataConfig(codec="latent"), method=LCMConfig(w_min=1.0, w_max=3.0, w_default=2.0, sigma_data=1.0),
+               train=_FMNIST_TRAIN),
     ),
     # The small student: fmnist-cd's recipe on a network of a quarter the teacher's parameters. Its shape differs from
     # the teacher's, so it starts from fresh weights and first regresses the teacher's denoiser for 8k images.
