@@ -44,7 +44,7 @@ TASKS: tuple[str, ...] = ("inpaint", "colorize", "superres", "stroke", "denoise"
 IMAGE_TASKS: tuple[str, ...] = TASKS[:-1]  # the tasks that edit input images (run_task, edit_files)
 EDIT_STEPS = 40  # the paper edits with N = 40 Karras-spaced levels (App. D)
 STROKE_SIGMAS: tuple[float, ...] = (5.38, 2.24)  # the paper's two levels for stroke-guided generation (App. D)
-CODECS: tuple[str, ...] = ("identity",)  # the codecs (data.codec) of the models editing works on: pixel space
+CODECS: tuple[str, ...] = ("identity",)  # the codec kinds (cmkit.codec.codec_kind) editing works on: pixels
 
 
 # ---------------------------------------------------------------------------------------------- Alg. 4
@@ -97,7 +97,7 @@ def check_editable(model: nn.Module) -> None:
 
 
 def check_codec(name: str) -> None:
-    """Editing needs a model whose codec (``data.codec``) is one of :data:`CODECS`: it edits pixels."""
+    """Editing needs a model whose codec (``data.codec``) is of a kind in :data:`CODECS`: it edits pixels."""
     codec.check_codec(name, CODECS, what="zero-shot editing")
 
 

@@ -41,7 +41,7 @@ TEACHER_STEPS = 18  # the teacher samples with EDM's Heun at 18 levels (35 evalu
 STROKE_RATIO = editing.STROKE_SIGMAS[1] / editing.STROKE_SIGMAS[0]  # the paper's second stroke level / first
 MAX_SEED = 2**31 - 1
 MAX_UPLOAD_PIXELS = 40_000_000  # an upload of more pixels is refused before it is decoded
-CODECS = editing.CODECS  # the codecs (data.codec) of the models the studio serves: it edits pixels
+CODECS = editing.CODECS  # the codec kinds (cmkit.codec.codec_kind) the studio serves: it edits pixels
 
 
 class Superseded(Exception):
