@@ -92,7 +92,7 @@ def test_wrapper_feeds_scaled_input_to_backbone():
 def test_the_backbone_sees_the_batch_as_it_is_in_both_modes(wrapper):
     """Padding for batch invariance belongs to sampling (cmkit.sampling.BatchInvariant), not to the wrapper."""
     class Probe(torch.nn.Module):
-        def forward(self, x, c_noise, labels):
+        def forward(self, x, c_noise, labels, time2_labels=None):  # MeanFlow's backbone takes a second time
             self.rows = (x.shape[0], c_noise.shape[0], labels.shape[0])
             return x
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,18 +54,19 @@ def replayed_randomness(device: torch.device) -> Iterator[None]:
         yield
 
 
-def raw_call(model: nn.Module, x_in: Tensor, t: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
-    """``raw(x_in, t, cond)`` of ``model`` (:meth:`cmkit.precond.TrigFlow.raw`), ``model`` DDP-wrapped or not.
+def raw_call(model: nn.Module, *args: Tensor | Cond | None) -> Any:
+    """``raw(*args)`` of ``model`` (:meth:`cmkit.precond.TrigFlow.raw`, :meth:`cmkit.precond.MeanFlow.raw`),
+    ``model`` DDP-wrapped or not.
 
     DDP averages the gradients of a pass only when the pass goes through its ``forward``, so for a wrapped
     model the call goes through DDP with the module's ``raw`` standing in for its ``forward`` for that call.
     """
     module = getattr(model, "module", None)
     if module is None:
-        return model.raw(x_in, t, cond)
+        return model.raw(*args)
     module.forward = module.raw
     try:
-        return model(x_in, t, cond)
+        return model(*args)
     finally:
         del module.forward
 

@@ -4,7 +4,8 @@
   :class:`TaughtConfig` (the fields of the methods that take a teacher), :class:`MethodEntry`,
   :class:`TeacherRole`, :class:`Capability` and the sampling policies;
 - :mod:`~cmkit.methods.edm`, :mod:`~cmkit.methods.ct`, :mod:`~cmkit.methods.ict`, :mod:`~cmkit.methods.cd`,
-  :mod:`~cmkit.methods.ect`, :mod:`~cmkit.methods.scm` (sCT and sCD): the methods;
+  :mod:`~cmkit.methods.ect`, :mod:`~cmkit.methods.scm` (sCT and sCD), :mod:`~cmkit.methods.meanflow`: the
+  methods;
 - :mod:`~cmkit.methods.registry`: :data:`REGISTRY` and its lookups; :func:`make_loss`;
 - :mod:`~cmkit.methods.legacy`: method sections written before per-method configs.
 
@@ -18,6 +19,7 @@ from cmkit.methods.ect import ECTConfig
 from cmkit.methods.edm import EDMConfig
 from cmkit.methods.ict import ICTConfig
 from cmkit.methods.legacy import convert_flat, is_flat
+from cmkit.methods.meanflow import MeanFlowConfig
 from cmkit.methods.registry import (
     REGISTRY,
     make_loss,
@@ -33,7 +35,7 @@ from cmkit.methods.registry import (
 )
 from cmkit.methods.scm import SCDConfig, SCTConfig
 
-__all__ = ["REGISTRY", "CDConfig", "CTConfig", "Capability", "ECTConfig", "EDMConfig", "ICTConfig", "MethodConfig",
-           "MethodEntry", "SCDConfig", "SCTConfig", "TaughtConfig", "TeacherRole", "convert_flat", "init_fields",
-           "is_flat", "make_loss", "method_class", "method_entry", "methods_that", "model_entry", "model_spec",
-           "require", "sampling_spec", "switch_method", "teacher_methods"]
+__all__ = ["REGISTRY", "CDConfig", "CTConfig", "Capability", "ECTConfig", "EDMConfig", "ICTConfig", "MeanFlowConfig",
+           "MethodConfig", "MethodEntry", "SCDConfig", "SCTConfig", "TaughtConfig", "TeacherRole", "convert_flat",
+           "init_fields", "is_flat", "make_loss", "method_class", "method_entry", "methods_that", "model_entry",
+           "model_spec", "require", "sampling_spec", "switch_method", "teacher_methods"]

@@ -188,7 +188,8 @@ class MethodEntry:
     total_images, teacher, augment)``: its loss (:func:`cmkit.methods.make_loss` adds a warm-start);
     ``wrapper``: the parameterisation its model is; ``policy``: how its models sample by default;
     ``teacher``: its teacher role; ``logvar_head``: whether its loss learns the network's log-variance head
-    (so the head is built, and rests unused during a warm-start); ``capabilities``; ``checks``: its own
+    (so the head is built, and rests unused during a warm-start); ``time2_embedding``: whether its network takes a
+    second time input (:class:`cmkit.nets.UNet`, MeanFlow's ``t - r``); ``capabilities``; ``checks``: its own
     constraints on a whole config (beyond its method section's :meth:`MethodConfig.problems`).
     """
 
@@ -199,6 +200,7 @@ class MethodEntry:
     teacher: TeacherRole
     capabilities: frozenset[Capability]
     logvar_head: bool = False
+    time2_embedding: bool = False
     checks: tuple[ConfigCheck, ...] = ()
 
     @property

@@ -10,7 +10,7 @@ from torch import nn
 
 from cmkit.errors import CmkitError
 from cmkit.losses import WARM_START_LEVELS, EDMLoss, Loss, WarmStarted
-from cmkit.methods import cd, ct, ect, edm, ict, scm
+from cmkit.methods import cd, ct, ect, edm, ict, meanflow, scm
 from cmkit.methods.base import Capability, MethodConfig, MethodEntry, TeacherRole, init_fields
 from cmkit.sampling import SamplingSpec
 
@@ -22,6 +22,7 @@ REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
     ect.ENTRY,
     scm.SCT,
     scm.SCD,
+    meanflow.ENTRY,
 )}
 
 
