@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from cmkit.checkpoint import build_model, list_states, load_export, load_state
-from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
+from cmkit.config import Config, DataConfig, NetConfig, TrainConfig, apply_overrides, validate
 from cmkit.errors import CmkitError
-from cmkit.methods import MeanFlowConfig, make_loss
+from cmkit.losses import JVP, JVP_MODES
+from cmkit.methods import MeanFlowConfig, SCTConfig, make_loss
 from cmkit.methods.meanflow import MeanFlowLoss, TimePairs
 from cmkit.nets import UNet
 from cmkit.precond import MeanFlow
+from cmkit.presets import preset
 from cmkit.rng import GlobalNoise, SeededNoise
 from cmkit.sampling import generate, meanflow_sample
 from conftest import TINY, GaussianMeanFlow, exit_status, train_tiny
@@ -177,7 +179,7 @@ def test_one_step_sample_is_e_minus_u_at_0_1():
 
 def test_denoiser_contract_and_two_step_sample_follow_the_paper():
     """x0_hat at sigma = 1 (t = 1/2) is z - u(z, 0, 1/2)/2 with z = x/2; two steps through sigma = 1 are
-    z = e - u(e, 1/2, 1)/2, then x = z - u(z, 0, 1/2)/2 (Alg. 2)."""
+    z = e - u(e, 1/2, 1)/2, then x = z - u(z, 0, 1/2)/2."""
     model = tiny_meanflow().eval()
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     half, one = torch.full((2,), 0.5), torch.ones(2)
@@ -255,3 +257,59 @@ def test_bad_input_is_refused_in_one_line(meanflow_run, tmp_path, capsys):
     model, _, _ = load_export(meanflow_run)
     with pytest.raises(CmkitError, match="expected the first level to be 80"):
         meanflow_sample(model, [79.0], SeededNoise([0], (1, 28, 28)))
+
+
+# ------------------------------------------------------------------------------------ the JVP options
+
+def test_both_jvp_modes_give_the_closed_form_derivative():
+    """fn(x, t) = sin(x) t^2 along (a, b): cos(x) a t^2 + 2 sin(x) t b, by forward mode and central differences."""
+    x, t = torch.linspace(-2, 2, 12).view(3, 4), torch.tensor([0.5, 1.0, 1.5])
+    a, b = torch.full((3, 4), 0.7), torch.tensor([1.0, -2.0, 0.5])
+
+    def fn(y, s):
+        return y.sin() * (s**2).view(-1, 1)
+
+    exact = x.cos() * a * (t**2).view(-1, 1) + 2 * x.sin() * (t * b).view(-1, 1)
+    for mode in JVP_MODES:
+        value, derivative = JVP(mode, step=1e-3)(fn, (x, t), (a, b))
+        torch.testing.assert_close(value, fn(x, t))
+        torch.testing.assert_close(derivative, exact, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["meanflow", "sct"])
+def test_finite_differences_agree_with_forward_mode_in_the_losses(method):
+    """MeanFlow's target and sCT's tangent from a U-Net with dropout in train mode: central differences (each
+    call replaying the dropout mask of the single forward-mode call) agree with forward mode."""
+    if method == "meanflow":
+        model = tiny_meanflow(dropout=0.3).train()
+        z, v = (torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+        t, r = torch.tensor([0.8, 0.6, 0.3]), torch.tensor([0.1, 0.5, 0.0])
+
+        def result(mode):
+            torch.manual_seed(7)
+            return _loss(jvp=mode, jvp_step=1e-2).target(model, z, r, t, v, None)
+    else:
+        config = Config(preset="test", net=NetConfig(model_channels=8, channel_mult=(1, 2), num_blocks=1,
+                                                     attn_resolutions=(14,), dropout=0.3),
+                        data=DataConfig(source="fake", resolution=28, channels=1),
+                        method=SCTConfig(c_noise="t", tangent_warmup_kimg=0), train=TrainConfig(kimg=0.256, batch=32))
+        model = build_model(config).train()
+        with torch.no_grad():
+            model.net.out_conv.weight.normal_(0, 0.3)
+        x_t, dxdt = (torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+        t = torch.tensor([0.3, 0.8, 1.2])
+
+        def result(mode):
+            torch.manual_seed(7)
+            loss = make_loss(replace(config.method, jvp=mode, jvp_step=1e-2), dim=784, total_images=1000)
+            return loss.tangent(model, x_t, t, dxdt, None, images_seen=0)
+    forward, finite = result("forward"), result("finite-difference")
+    assert (forward - finite).abs().max() < 3e-3 * forward.abs().max()
+
+
+def test_a_bad_jvp_option_is_refused_in_one_line():
+    for item, what in (("method.jvp=reverse", "method.jvp: unknown value 'reverse'"),
+                       ("method.jvp_step=0", "method.jvp_step: expected a positive number, got 0")):
+        with pytest.raises(CmkitError, match=what) as error:
+            validate(apply_overrides(preset("fmnist-meanflow"), [item]))
+        assert len(str(error.value).splitlines()) == 1

@@ -195,7 +195,7 @@ class MeanFlow(Preconditioned):
     """A MeanFlow model (Geng et al. 2025, arXiv 2505.13447): the average velocity ``u(z_t, r, t)`` of the linear
     path ``z_t = (1 - t) x0 + t e`` (t = 1 is noise) over [r, t], as a denoiser.
 
-    The backbone is fed ``(t, t - r)`` (the paper's best time input, Table 1c): ``net(z_t, t, labels,
+    The backbone is fed ``(t, t - r)`` (the best time input of the paper's ablation, Table 1): ``net(z_t, t, labels,
     time2_labels=t - r)``, a network built with ``time2_embedding=True``. :meth:`raw` is ``u`` itself.
 
     In the denoiser contract, the EDM-scaled ``x = x0 + sigma e`` is ``z_t (1 + sigma)`` with ``t = sigma / (1 +

@@ -119,8 +119,9 @@ def check_meanflow_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float,
 
 def meanflow_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
                     cond: Cond | None = None) -> Tensor:
-    """MeanFlow's sampler (Geng et al. 2025, Alg. 2) through ``sigmas`` and then 0: from ``z_1 = e``, each step
-    jumps ``z_r = z_t - (t - r) u(z_t, r, t)`` from the current level to the next with one evaluation.
+    """MeanFlow's sampler (Geng et al. 2025; its Alg. 2 is the one-step case) through ``sigmas`` and then 0: from
+    ``z_1 = e``, each step jumps ``z_r = z_t - (t - r) u(z_t, r, t)`` from the current level to the next with one
+    evaluation.
 
     ``model`` is a :class:`cmkit.precond.MeanFlow` (or wraps one) in the denoiser contract, told the next level
     as ``cond.time2``; it returns ``D = z_t - t u(z_t, r, t)``, and the jump is the straight line through x and

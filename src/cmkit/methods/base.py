@@ -127,6 +127,11 @@ class TaughtConfig(MethodConfig):
         return super().problems() + [message for ok, message in checks if not ok]
 
 
+def jvp_step(step: float) -> tuple[bool, str]:
+    """(holds, message): a finite-difference JVP's step ``method.jvp_step`` is positive and finite."""
+    return step > 0 and math.isfinite(step), f"method.jvp_step: expected a positive number, got {step}"
+
+
 def grid_sizes(s0: int, s1: int) -> tuple[bool, str]:
     """(holds, message): a curriculum's final grid size ``s1`` is at least its first, ``s0``."""
     return s1 >= s0, f"method.s1: expected >= s0 ({s0}), got {s1}"

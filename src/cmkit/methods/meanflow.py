@@ -12,16 +12,16 @@ from torch import Tensor, nn
 
 from cmkit.augment import augment as augment_images
 from cmkit.cond import Cond
-from cmkit.losses import raw_call, replayed_randomness
+from cmkit.losses import JVP, JVP_MODES, raw_call, replayed_randomness
 from cmkit.methods.base import (
     Capability,
     MethodConfig,
     MethodEntry,
     TeacherRole,
     forward_mode_loss,
+    jvp_step,
     shared_dropout,
 )
-from cmkit.nets import forward_mode
 from cmkit.precond import MeanFlow
 from cmkit.rng import GlobalNoise, RowNoise
 from cmkit.sampling import SamplingPolicy
@@ -39,9 +39,10 @@ class MeanFlowConfig(MethodConfig):
 
     ``t = sigmoid(N(t_mean, t_std^2))`` and ``r = sigmoid(N(r_mean, r_std^2))`` paired as ``pairing`` says
     (:data:`PAIRINGS`), ``ratio`` the share of rows with ``r != t`` before the pairing; the adaptive loss weight
-    ``1 / stopgrad(||delta||^2 + norm_c)^norm_p`` (Sec. 4.3; p = 0.75 and c = 1e-3 on CIFAR-10). The noise range
-    only places the model in EDM's sigma scale for sampling (:class:`cmkit.precond.MeanFlow`); training draws t
-    in (0, 1) directly.
+    ``1 / stopgrad(||delta||^2 + norm_c)^norm_p`` (the paper's adaptive weighting; p = 0.75 and c = 1e-3 on
+    CIFAR-10). ``jvp``, ``jvp_step``: how the JVP is computed, as sCM's (:class:`cmkit.methods.scm.SCMConfig`).
+    The noise range only places the model in EDM's sigma scale for sampling
+    (:class:`cmkit.precond.MeanFlow`); training draws t in (0, 1) directly.
     """
 
     name: str = field(default="meanflow", init=False)
@@ -53,8 +54,10 @@ class MeanFlowConfig(MethodConfig):
     pairing: str = "sorted"
     norm_p: float = 0.75
     norm_c: float = 1e-3
+    jvp: str = "forward"
+    jvp_step: float = 1e-3
 
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"pairing": PAIRINGS}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"pairing": PAIRINGS, "jvp": JVP_MODES}
 
     @property
     def loss_averages_values(self) -> bool:
@@ -68,7 +71,8 @@ class MeanFlowConfig(MethodConfig):
         return [(0 <= self.ratio <= 1, f"method.ratio: expected a share in [0, 1], got {self.ratio}"),
                 (self.norm_p >= 0 and math.isfinite(self.norm_p), f"method.norm_p: expected >= 0, got {self.norm_p}"),
                 (math.isfinite(self.t_mean) and math.isfinite(self.r_mean),
-                 f"method.t_mean/r_mean: expected finite numbers, got {self.t_mean}, {self.r_mean}")]
+                 f"method.t_mean/r_mean: expected finite numbers, got {self.t_mean}, {self.r_mean}"),
+                jvp_step(self.jvp_step)]
 
 
 class TimePairs:
@@ -90,22 +94,25 @@ class TimePairs:
 
 
 class MeanFlowLoss:
-    """The MeanFlow loss (Geng et al. 2025, eq. 9-10 and Alg. 1) of a :class:`cmkit.precond.MeanFlow` model.
+    """The MeanFlow loss (Geng et al. 2025, Alg. 1) of a :class:`cmkit.precond.MeanFlow` model.
 
-    For (r, t) from ``times`` and ``e ~ N(0, I)``: ``z = (1 - t) x0 + t e``, ``v = e - x0``. One forward-mode JVP
-    of the unwrapped network (no gradients, fp32, plain math attention, the same dropout mask as the gradient
-    pass) gives the total derivative ``du/dt = v . d_z u + d_t u`` with tangent ``(v, 0, 1)`` on ``(z, r, t)``
-    (the network sees ``t - r``, which moves with t). The target ``u_tgt = v - (t - r) du/dt`` carries no
-    gradient; the gradient pass through ``model`` (DDP-wrapped or not) gives ``u``, and the loss per sample is
-    ``||delta||^2 / stopgrad((||delta||^2 + c)^p)`` with ``delta = u - u_tgt`` (the squared norm a sum over the
-    sample's values, as the paper's code). Rows with ``r = t`` are plain flow matching (``u_tgt = v``).
+    For (r, t) from ``times`` and ``e ~ N(0, I)``: ``z = (1 - t) x0 + t e``, ``v = e - x0``. One JVP (``jvp``,
+    :class:`cmkit.losses.JVP`: forward mode by default) of the unwrapped network (no gradients, fp32, the same
+    dropout mask as the gradient pass) gives the total derivative ``du/dt = v . d_z u + d_t u`` with tangent
+    ``(v, 0, 1)`` on ``(z, r, t)`` (the network sees ``t - r``, which moves with t). The target
+    ``u_tgt = v - (t - r) du/dt`` carries no gradient; the gradient pass through ``model`` (DDP-wrapped or not)
+    gives ``u``, and the loss per sample is ``||delta||^2 / stopgrad((||delta||^2 + c)^p)`` with
+    ``delta = u - u_tgt`` (the squared norm a sum over the sample's values, as the paper's code). Rows with
+    ``r = t`` are plain flow matching (``u_tgt = v``).
 
     ``augment = p > 0``: the clean images first go through EDM's augmentation pipeline (:mod:`cmkit.augment`, as
     the paper's CIFAR-10 run) and the network gets its labels.
     """
 
-    def __init__(self, times: TimePairs, *, norm_p: float, norm_c: float, augment: float = 0.0) -> None:
+    def __init__(self, times: TimePairs, *, norm_p: float, norm_c: float, augment: float = 0.0,
+                 jvp: JVP | None = None) -> None:
         self.times, self.norm_p, self.norm_c, self.augment = times, norm_p, norm_c, augment
+        self.jvp = jvp or JVP()
 
     def target(self, net: nn.Module, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Cond | None) -> Tensor:
         """``u_tgt = v - (t - r) du/dt`` [N, C, H, W] float32 (no gradients) from the unwrapped ``net``."""
@@ -113,8 +120,8 @@ class MeanFlowLoss:
         def u(y: Tensor, time: Tensor) -> Tensor:
             return net.raw(y, r, time, cond)
 
-        with torch.no_grad(), torch.autocast(z.device.type, enabled=False), forward_mode():
-            _, dudt = torch.func.jvp(u, (z, t), (v, torch.ones_like(t)))
+        with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+            _, dudt = self.jvp(u, (z, t), (v, torch.ones_like(t)))
         return v - (t - r).view(-1, 1, 1, 1) * dudt
 
     def __call__(self, model: nn.Module, x0: Tensor, cond: Cond | None, *, images_seen: int,
@@ -143,7 +150,8 @@ def build_loss(method: MeanFlowConfig, *, augment: float = 0.0, **_) -> MeanFlow
     """MeanFlow (Geng et al. 2025)."""
     times = TimePairs(t_mean=method.t_mean, t_std=method.t_std, r_mean=method.r_mean, r_std=method.r_std,
                       ratio=method.ratio, pairing=method.pairing)
-    return MeanFlowLoss(times, norm_p=method.norm_p, norm_c=method.norm_c, augment=augment)
+    return MeanFlowLoss(times, norm_p=method.norm_p, norm_c=method.norm_c, augment=augment,
+                        jvp=JVP(method.jvp, method.jvp_step))
 
 
 # One step from t = 1 (the paper's 1-NFE); 2 steps through t = 1/2 (sigma = 1, cmkit's choice: the midpoint of the
