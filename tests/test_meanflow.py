@@ -313,3 +313,19 @@ def test_a_bad_jvp_option_is_refused_in_one_line():
         with pytest.raises(CmkitError, match=what) as error:
             validate(apply_overrides(preset("fmnist-meanflow"), [item]))
         assert len(str(error.value).splitlines()) == 1
+
+
+def test_a_class_conditional_model_samples_with_guidance():
+    """Classifier-free guidance at sampling wraps the MeanFlow denoiser like any other: one step at scale w is
+    D_uncond + w (D_cond - D_uncond), so scale 2 lies as far beyond scale 1 as scale 0 lies before it; two steps
+    (r = t/2 reaching both branches through cond.time2) run too."""
+    model = tiny_meanflow(num_classes=3).eval()
+
+    def sample(guidance, sigmas=(80.0,)):
+        return torch.cat(list(generate(model, [1, 2], sigmas=list(sigmas), sampler="meanflow", batch_size=2,
+                                       label=1, guidance=guidance, p_uncond=0.1)))
+
+    unconditional, plain, guided = sample(0.0), sample(None), sample(2.0)
+    assert (plain - unconditional).abs().max() > 1e-6
+    torch.testing.assert_close(guided - plain, plain - unconditional, rtol=0, atol=1e-6)
+    assert torch.isfinite(sample(2.0, (80.0, 1.0))).all()

@@ -190,7 +190,6 @@ def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond | 
     return (cos * x_t - x0) / sin
 
 
-
 class MeanFlow(Preconditioned):
     """A MeanFlow model (Geng et al. 2025, arXiv 2505.13447): the average velocity ``u(z_t, r, t)`` of the linear
     path ``z_t = (1 - t) x0 + t e`` (t = 1 is noise) over [r, t], as a denoiser.
