@@ -87,6 +87,30 @@ class GaussianTrigFlow(GaussianOracle):
         return out, self.logvar.expand(x.shape[0])
 
 
+class GaussianMeanFlow(GaussianOracle):
+    """The exact average velocity of N(0, s^2 I) data on MeanFlow's linear path (Geng et al. 2025), with
+    ``raw(z, r, t, cond)`` as :class:`cmkit.precond.MeanFlow`'s.
+
+    z_t = (1 - t) x0 + t e is N(0, m(t)^2 I) with m(t)^2 = (1 - t)^2 s^2 + t^2; the flow of a Gaussian scales by
+    m: z_r = z_t m(r) / m(t). So u(z, r, t) = (z_t - z_r) / (t - r) = z (m(t)^2 - m(r)^2) / ((t - r) m(t) (m(t) +
+    m(r))), and m(t)^2 - m(r)^2 = (t - r) ((t + r)(1 + s^2) - 2 s^2): u = z ((t + r)(1 + s^2) - 2 s^2) / (m(t)
+    (m(t) + m(r))), which at r = t is the instantaneous velocity v(z, t) = z (t - (1 - t) s^2) / m(t)^2.
+    """
+
+    def __init__(self, s: float, **kw) -> None:
+        super().__init__(s, kind="consistency", **kw)
+        self.method_name = "meanflow"
+
+    def scale(self, t: torch.Tensor) -> torch.Tensor:
+        """m(t) [N] (see the class docstring)."""
+        s2 = self.log_s.exp() ** 2
+        return ((1 - t) ** 2 * s2 + t**2).sqrt()
+
+    def raw(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        s2, m_t, m_r = self.log_s.exp() ** 2, self.scale(t), self.scale(r)
+        return z * (((t + r) * (1 + s2) - 2 * s2) / (m_t * (m_t + m_r))).view(-1, 1, 1, 1)
+
+
 # ------------------------------------------------------------- missing datasets, weights and packages
 
 

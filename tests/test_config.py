@@ -157,7 +157,8 @@ def test_unknown_preset():
 # The loss reduction of each CIFAR-10 preset: what its paper's official code does (docs/methods.md, CIFAR-10 presets).
 CIFAR_REDUCTION = {"cifar10-edm": "sum", "cifar10-edm-ncsnpp": "sum", "cifar10-ct": "mean", "cifar10-ict": "mean",
                    "cifar10-cd": "mean",
-                   "cifar10-cd-small": "mean", "cifar10-ect": "mean", "cifar10-sct": "mean", "cifar10-scd": "mean"}
+                   "cifar10-cd-small": "mean", "cifar10-ect": "mean", "cifar10-sct": "mean", "cifar10-scd": "mean",
+                   "cifar10-meanflow": "mean"}  # its loss is a function of the squared norm, a sum over values
 
 
 def test_every_cifar_preset_has_its_papers_loss_reduction():

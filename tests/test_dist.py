@@ -32,7 +32,17 @@ from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.data import ImageData
 from cmkit.errors import CmkitError
 from cmkit.eval.evaluate import evaluate_model, image_features
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, SCTConfig, method_entry, model_spec
+from cmkit.methods import (
+    CDConfig,
+    CTConfig,
+    ECTConfig,
+    EDMConfig,
+    ICTConfig,
+    MeanFlowConfig,
+    SCTConfig,
+    method_entry,
+    model_spec,
+)
 from cmkit.sampling import generate
 from cmkit.train import Run, local_batch, save_run
 
@@ -46,6 +56,8 @@ METHODS = {
     # sCM: the JVP pass runs on the module DDP wraps, the gradient pass through DDP. sCD differs from sCT in its
     # velocity source alone (a frozen teacher, no process group): one of the two, as an sCM step costs 2.5 others'.
     "sct": SCTConfig(tangent_warmup_kimg=0.032),
+    # MeanFlow: the same JVP-then-gradient pattern, through its own raw call (u(z, r, t)).
+    "meanflow": MeanFlowConfig(),
 }
 STEPS = 3
 IMAGES = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

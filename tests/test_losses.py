@@ -23,13 +23,14 @@ from cmkit.methods import (
     make_loss,
     method_entry,
 )
-from cmkit.precond import ConsistencyFunction, EDMDenoiser, TrigFlow
+from cmkit.precond import ConsistencyFunction, EDMDenoiser, MeanFlow, TrigFlow
 from cmkit.rng import BatchNoise
-from conftest import GaussianOracle, GaussianTrigFlow
+from conftest import GaussianMeanFlow, GaussianOracle, GaussianTrigFlow
 
 S = 0.5  # the Gaussian data's standard deviation in these tests
 METHODS = {name: entry.config for name, entry in REGISTRY.items()}
-CONSISTENCY = [name for name, entry in REGISTRY.items() if entry.wrapper is not EDMDenoiser]
+# MeanFlow's loss has its own tests (tests/test_meanflow.py).
+CONSISTENCY = [name for name, entry in REGISTRY.items() if entry.wrapper not in (EDMDenoiser, MeanFlow)]
 SCM = [name for name, entry in REGISTRY.items() if entry.wrapper is TrigFlow]  # sCT, sCD
 
 
@@ -54,6 +55,8 @@ def oracle_for(name: str, s: float = S) -> GaussianOracle:
     wrapper = REGISTRY[name].wrapper
     if wrapper is TrigFlow:
         return GaussianTrigFlow(s)
+    if wrapper is MeanFlow:
+        return GaussianMeanFlow(s)
     return GaussianOracle(s, kind="edm" if wrapper is EDMDenoiser else "consistency")
 
 
@@ -115,9 +118,10 @@ def test_loss_is_float32_per_sample(name):
     assert out.shape == (6,) and out.dtype == torch.float32 and torch.isfinite(out).all() and (out > 0).all()
 
 
-@pytest.mark.parametrize("name", [name for name in METHODS if name not in SCM])
+@pytest.mark.parametrize("name", [name for name in METHODS if name not in [*SCM, "meanflow"]])
 def test_loss_is_zero_when_target_equals_prediction(name):
-    """sCT and sCD have no target prediction to compare with: their statement is the next test's."""
+    """sCT and sCD have no target prediction to compare with: their statement is the next test's (MeanFlow's:
+    tests/test_meanflow.py)."""
     x0 = torch.rand(6, 1, 4, 4) * 2 - 1
     assert torch.equal(loss_for(METHODS[name]())(Cheat(x0), x0, None, images_seen=0), torch.zeros(6))
 

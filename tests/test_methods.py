@@ -22,7 +22,7 @@ from cmkit.methods import (
     sampling_spec,
     switch_method,
 )
-from cmkit.precond import EDMDenoiser
+from cmkit.precond import EDMDenoiser, MeanFlow
 from cmkit.presets import PRESETS
 from cmkit.sampling import SAMPLERS, default_sigmas
 from cmkit.teacher import load_teacher, with_teacher
@@ -62,22 +62,26 @@ def test_an_entry_builds_its_wrapper_naming_it(tiny_config, name):
 @pytest.mark.parametrize("name", REGISTRY)
 def test_an_entrys_sampling_policy_is_valid(name):
     """Its default sampler is one it allows, every sampler it allows exists, and every default step count has a
-    schedule within the noise range; a 2-step level exactly for the consistency sampler."""
+    schedule within the noise range; a 2-step level exactly for the one-step samplers (consistency, MeanFlow)."""
     policy = REGISTRY[name].policy
     assert policy.sampler in policy.samplers and set(policy.samplers) <= set(SAMPLERS)
     spec = sampling_spec(REGISTRY[name].config())
     for steps in (policy.steps, *policy.eval_steps):
         sigmas = default_sigmas(spec, steps)
         assert len(sigmas) == steps and sigmas[0] == spec.sigma_max and sigmas[-1] >= spec.sigma_min
-    assert (policy.two_step_level is None) == (policy.sampler != "consistency")
+    assert (policy.two_step_level is None) == (policy.sampler not in ("consistency", "meanflow"))
 
 
 @pytest.mark.parametrize("name", REGISTRY)
 def test_an_entrys_capabilities_fit_its_wrapper(name):
-    """Only diffusion denoisers teach and take EDM's augmentation; only consistency functions are edited,
-    exported, tuned, served and scored by the consistency metric (exported to diffusers' ConsistencyModelPipeline
-    only when they take no guidance scale, which it cannot pass)."""
+    """Only diffusion denoisers teach; only they and MeanFlow take EDM's augmentation; consistency functions are
+    edited, exported, tuned, served and scored by the consistency metric (exported to diffusers'
+    ConsistencyModelPipeline only when they take no guidance scale, which it cannot pass); MeanFlow models are
+    edited and served."""
     entry = REGISTRY[name]
+    if entry.wrapper is MeanFlow:
+        assert entry.capabilities == {Capability.EDIT, Capability.SERVE, Capability.AUGMENT}
+        return
     diffusion = entry.wrapper is EDMDenoiser
     assert entry.can(Capability.TEACH) == entry.can(Capability.AUGMENT) == diffusion
     for capability in (Capability.EDIT, Capability.TUNE_STEPS, Capability.SERVE, Capability.CONSISTENCY_METRIC):
@@ -113,7 +117,7 @@ def test_an_entry_has_a_preset_and_its_teacher_role_is_what_training_asks(tiny_c
 
 
 def test_the_capability_tables():
-    assert methods_that(Capability.EDIT) == methods_that(Capability.SERVE) == CONSISTENCY
+    assert methods_that(Capability.EDIT) == methods_that(Capability.SERVE) == [*CONSISTENCY, "meanflow"]
     assert methods_that(Capability.TEACH) == ["edm"]
     assert [n for n, e in REGISTRY.items() if e.teacher.takes_teacher] == ["cd", "ect", "sct", "scd", "lcm"]
 
@@ -138,7 +142,7 @@ def test_editing_an_edm_model_names_the_capability_and_every_editable_method(edm
     assert main(["edit", "denoise", str(edm_export), "--image", str(tmp_path / "x.png"), "--sigma", "0.5",
                  "--out", str(tmp_path / "y.png")]) == 2
     assert "zero-shot editing needs a model with the 'edit' capability (one trained with ct, ict, cd, ect, sct, " \
-           "scd, lcm); this model was trained with edm" in _refusal(capsys)
+           "scd, lcm, meanflow); this model was trained with edm" in _refusal(capsys)
     assert not (tmp_path / "y.png").exists()
     with pytest.raises(CmkitError, match="'edit' capability .*; this model was trained with edm"):
         from cmkit import editing

@@ -51,7 +51,8 @@ def build_model(config: Config) -> Preconditioned:
                    model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
                    attn_resolutions=n.attn_resolutions, dropout=n.dropout, embedding=n.embedding,
                    fourier_scale=n.fourier_scale, num_classes=n.num_classes, double_norm=n.double_norm,
-                   logvar_head=entry.logvar_head, guidance_dim=n.guidance_dim, **n.family_options())
+                   logvar_head=entry.logvar_head, guidance_dim=n.guidance_dim,
+                   time2_embedding=entry.time2_embedding, **n.family_options())
     except ValueError as e:
         raise CmkitError(f"net: {e}") from None
     model = entry.wrapper(net, resolution=resolution, channels=channels, num_classes=n.num_classes,

@@ -217,7 +217,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     codec = data_codec(config.data)
     seeds = dist.shard(range(args.seed, args.seed + args.n))  # under torchrun each rank samples its block
     batches = generate(model, seeds, sigmas=sigmas, sampler=sampler, batch_size=args.batch, label=args.label,
-                       guidance=args.guidance, p_uncond=config.train.p_uncond)  # checks the label and guidance
+                       guidance=args.guidance, p_uncond=config.train.p_uncond)  # checks label, guidance, sigmas
     empty = np.zeros((0, config.data.resolution, config.data.resolution, config.data.channels), np.uint8)
     bar = tqdm(batches, total=-(-len(seeds) // args.batch), unit="batch", disable=not dist.is_main())
     images = dist.gather_in_order(np.concatenate([empty, *(to_numpy_images(codec.to_images(b)) for b in bar)]))
@@ -533,8 +533,9 @@ def make_parser() -> argparse.ArgumentParser:
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", action=_Positive, help="sampling steps (default: 1 for consistency, 18 Heun for EDM)")
     steps.add_argument("--sigmas", help="descending noise levels, e.g. 80,0.821")
-    p.add_argument("--sampler", choices=("consistency", "heun", "euler"),
-                   help="default: consistency for consistency models, heun for diffusion models")
+    p.add_argument("--sampler", choices=("consistency", "heun", "euler", "meanflow"),
+                   help="default: consistency for consistency models, heun for diffusion models, meanflow for "
+                        "MeanFlow models")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed S + i (default 0)")
     p.add_argument("--batch", action=_Positive, default=256, help="images per forward pass (default 256)")
     p.add_argument("--label", type=int, help="class label for class-conditional models (default: per seed)")

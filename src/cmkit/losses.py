@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,18 +54,52 @@ def replayed_randomness(device: torch.device) -> Iterator[None]:
         yield
 
 
-def raw_call(model: nn.Module, x_in: Tensor, t: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor]:
-    """``raw(x_in, t, cond)`` of ``model`` (:meth:`cmkit.precond.TrigFlow.raw`), ``model`` DDP-wrapped or not.
+JVP_MODES = ("forward", "finite-difference")
+
+
+class JVP:
+    """Jacobian-vector products of a network function, the way a run asks for them (``method.jvp``).
+
+    ``forward``: one forward-mode pass (``torch.func.jvp`` inside :func:`cmkit.nets.forward_mode`: the math
+    attention path, which has a forward-mode rule). ``finite-difference``: central differences
+    ``(fn(p + h t) - fn(p - h t)) / 2h`` at ``step`` h, for kernels without a forward-mode rule (fused attention,
+    sharded parameters); truncation error O(h^2), rounding error about eps(float32) |fn| / h. Every call of ``fn``
+    replays the random state it started with, so all of them draw the dropout mask of a plain forward pass at the
+    same point. The caller sets no_grad and the precision.
+    """
+
+    def __init__(self, mode: str = "forward", step: float = 1e-3) -> None:
+        if mode not in JVP_MODES:
+            raise ValueError(f"JVP: mode must be one of {', '.join(JVP_MODES)}, got {mode!r}")
+        self.mode, self.step = mode, step
+
+    def __call__(self, fn: Callable[..., Tensor], primals: tuple[Tensor, ...],
+                 tangents: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """(fn(*primals), the derivative of fn(primals + e tangents) in e at 0), each shaped like fn's output."""
+        if self.mode == "forward":
+            with forward_mode():
+                return torch.func.jvp(fn, primals, tangents)
+        device, h = primals[0].device, self.step
+        values = []
+        for shift in (0.0, h, -h):
+            with replayed_randomness(device):
+                values.append(fn(*(p + shift * t for p, t in zip(primals, tangents, strict=True))))
+        return values[0], (values[1] - values[2]) / (2 * h)
+
+
+def raw_call(model: nn.Module, *args: Tensor | Cond | None) -> Any:
+    """``raw(*args)`` of ``model`` (:meth:`cmkit.precond.TrigFlow.raw`, :meth:`cmkit.precond.MeanFlow.raw`),
+    ``model`` DDP-wrapped or not.
 
     DDP averages the gradients of a pass only when the pass goes through its ``forward``, so for a wrapped
     model the call goes through DDP with the module's ``raw`` standing in for its ``forward`` for that call.
     """
     module = getattr(model, "module", None)
     if module is None:
-        return model.raw(x_in, t, cond)
+        return model.raw(*args)
     module.forward = module.raw
     try:
-        return model(x_in, t, cond)
+        return model(*args)
     finally:
         del module.forward
 
@@ -314,14 +349,16 @@ class SCMLoss:
     then ``g = -cos^2 t (sigma_d F- - dx_t/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF-/dt)`` with the
     warm-up ``r = min(1, images_seen / warmup_images)``, normalised ``g / (||g|| + c)``. The gradient pass through
     ``model`` (DDP-wrapped or not) gives ``F`` and the log-variance ``w``; the loss per sample is
-    ``e^w / D ||F - stopgrad(F) - g||^2 - w``, whose gradient moves F along ``g``. A non-finite tangent makes
+    ``e^w / D ||F - stopgrad(F) - g||^2 - w``, whose gradient moves F along ``g``. ``jvp`` computes the JVP
+    (:class:`JVP`: forward mode by default, or central differences). A non-finite tangent makes
     the loss non-finite, and the training loop skips and counts that step.
     """
 
     def __init__(self, velocity: Velocity, *, p_mean: float, p_std: float, sigma_data: float, t_min: float,
-                 t_max: float, warmup_images: float, tangent_c: float) -> None:
+                 t_max: float, warmup_images: float, tangent_c: float, jvp: JVP | None = None) -> None:
         self.velocity, self.p_mean, self.p_std, self.sigma_data = velocity, p_mean, p_std, sigma_data
         self.t_min, self.t_max, self.warmup_images, self.tangent_c = t_min, t_max, warmup_images, tangent_c
+        self.jvp = jvp or JVP()
 
     def warmup(self, images_seen: int) -> float:
         """The tangent warm-up factor r after ``images_seen`` images."""
@@ -341,8 +378,8 @@ class SCMLoss:
         def velocity_net(y: Tensor, time: Tensor) -> Tensor:
             return net.raw(y, time, cond)[0]
 
-        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False), forward_mode():
-            f_minus, cs_df_dt = torch.func.jvp(velocity_net, (x_t / sd, t), (cs4 * dxdt / sd, cs))
+        with torch.no_grad(), torch.autocast(x_t.device.type, enabled=False):
+            f_minus, cs_df_dt = self.jvp(velocity_net, (x_t / sd, t), (cs4 * dxdt / sd, cs))
         g = -cos**2 * (sd * f_minus - dxdt) - self.warmup(images_seen) * (cs4 * x_t + sd * cs_df_dt)
         return g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + self.tangent_c)
 

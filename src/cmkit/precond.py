@@ -74,14 +74,16 @@ class Preconditioned(nn.Module):
         out = self._net(x * c_in, c_noise.flatten(), cond)
         return c_skip * x + c_out * out.to(torch.float32)
 
-    def _net(self, x: Tensor, c_noise: Tensor, cond: Cond | None) -> Tensor:
-        """The backbone; augmentation labels and the guidance scale reach it as keywords only when given, so a
-        backbone without them keeps the plain ``net(x, c_noise, labels)`` signature."""
+    def _net(self, x: Tensor, c_noise: Tensor, cond: Cond | None, time2: Tensor | None = None) -> Tensor:
+        """The backbone; augmentation labels, the guidance scale and a second time input (``time2`` [N],
+        :class:`MeanFlow`) reach it as keywords only when given, so a backbone without them keeps the plain
+        ``net(x, c_noise, labels)`` signature."""
         if cond is None:
             cond = Cond()
         elif not isinstance(cond, Cond):
             raise TypeError(f"cond: expected a cmkit.cond.Cond or None, got {type(cond).__name__}")
-        extra = {key: value for key, value in (("augment_labels", cond.augment), ("guidance", cond.guidance))
+        extra = {name: value for name, value in (("augment_labels", cond.augment), ("guidance", cond.guidance),
+                                                 ("time2_labels", time2))
                  if value is not None}
         return self.net(x, c_noise, cond.labels, **extra)
 
@@ -215,3 +217,46 @@ def trigflow_velocity(denoiser: nn.Module, x_t: Tensor, t: Tensor, cond: Cond | 
     x0 = denoiser(x_t / cos, sd * t.tan(), cond)
     return (cos * x_t - x0) / sin
 
+
+class MeanFlow(Preconditioned):
+    """A MeanFlow model (Geng et al. 2025, arXiv 2505.13447): the average velocity ``u(z_t, r, t)`` of the linear
+    path ``z_t = (1 - t) x0 + t e`` (t = 1 is noise) over [r, t], as a denoiser.
+
+    The backbone is fed ``(t, t - r)`` (the best time input of the paper's ablation, Table 1): ``net(z_t, t, labels,
+    time2_labels=t - r)``, a network built with ``time2_embedding=True``. :meth:`raw` is ``u`` itself.
+
+    In the denoiser contract, the EDM-scaled ``x = x0 + sigma e`` is ``z_t (1 + sigma)`` with ``t = sigma / (1 +
+    sigma)``, and the model returns the endpoint of the straight line its average velocity draws:
+    ``x0_hat = z_t - t u(z_t, r, t)``, with ``r`` the time of ``cond.time2`` (an EDM sigma: the level the sampler
+    steps to, :func:`cmkit.sampling.meanflow_sample`) or 0 when ``cond.time2`` is None (a one-step jump to the
+    data, what editing and the consistency sampler ask for).
+
+    ``t = 1`` (pure noise) has no finite sigma: the top of the noise range, ``sigma >= sigma_max``, stands for it.
+    Samplers start there from ``sigma_max e``, which carries no data (every consistency model's convention), so
+    the model reads it as ``z_1 = x / sigma = e`` at ``t = 1``: the one-step sample is exactly the paper's
+    ``e - u(e, 0, 1)``. Below ``sigma_max`` (t < sigma_max / (1 + sigma_max), 0.988 at 80) the map is exact.
+    """
+
+    def raw(self, z: Tensor, r: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        """``u(z, r, t)``: ``z`` [N, C, H, W] on the linear path, times ``0 <= r <= t <= 1`` [N]; returns float32
+        [N, C, H, W]. Differentiable in all three (forward mode too). Losses call it through
+        :func:`cmkit.losses.raw_call` (so DDP sees the call)."""
+        return self._net(z, t, cond, time2=t - r).to(torch.float32)
+
+    def path_time(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(t, scale) [N] float32 for EDM levels ``sigma`` [N]: ``z_t = scale x``; ``t = 1`` and ``scale = 1 /
+        sigma`` at and above ``sigma_max``, else ``t = sigma / (1 + sigma)`` and ``scale = 1 / (1 + sigma)``."""
+        top = sigma >= self.sigma_max
+        t = torch.where(top, torch.ones_like(sigma), sigma / (1 + sigma))
+        return t, torch.where(top, 1 / sigma, 1 / (1 + sigma))
+
+    def forward(self, x: Tensor, sigma: Tensor | float, cond: Cond | None = None) -> Tensor:
+        """``x0_hat = z_t - t u(z_t, r, t)`` [N, C, H, W] float32 (see the class docstring); ``cond.time2`` [N],
+        when given, is the EDM level of r (0 <= it <= sigma)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        t, scale = self.path_time(sigma)
+        r = torch.zeros_like(t)
+        if cond is not None and cond.time2 is not None:
+            r = torch.minimum(self.path_time(cond.time2.to(t))[0], t)
+        z = x.to(torch.float32) * scale.view(-1, 1, 1, 1)
+        return z - t.view(-1, 1, 1, 1) * self.raw(z, r, t, cond)

@@ -12,7 +12,17 @@ from cmkit.augment import AUGMENT_DIM
 from cmkit.autoencoder import AEConfig
 from cmkit.config import Config, DataConfig, NetConfig, TrainConfig
 from cmkit.errors import CmkitError
-from cmkit.methods import CDConfig, CTConfig, ECTConfig, EDMConfig, ICTConfig, LCMConfig, SCDConfig, SCTConfig
+from cmkit.methods import (
+    CDConfig,
+    CTConfig,
+    ECTConfig,
+    EDMConfig,
+    ICTConfig,
+    LCMConfig,
+    MeanFlowConfig,
+    SCDConfig,
+    SCTConfig,
+)
 
 # ---------------------------------------------------------------------------------------------- presets
 
@@ -50,6 +60,12 @@ _ECT = ECTConfig(p_mean=-1.1, p_std=2.0, q=2.0, distance="pseudo-huber")
 # iterations (at batch 512: 5,120 kimg), g / (||g|| + 0.1); log-sigma time input so that a cmkit EDM teacher seeds
 # the student exactly.
 _SCT, _SCD = SCTConfig(), SCDConfig()
+# MeanFlow (Geng et al. 2025): MeanFlowConfig's defaults are the paper's CIFAR-10 run (Gsunshine/py-meanflow,
+# scripts/cifar10_v0.sh: t, r ~ logit-normal(-2, 2), sorted, 75% with r != t, p = 0.75, c = 1e-3); "v1" is the
+# repository's later default sampler (train_arg_parser.py, scripts/cifar10_v1.sh): t ~ LN(-0.6, 1.6), r ~ LN(-4, 1.6),
+# clipped, the rest equal.
+_MEANFLOW = MeanFlowConfig()
+_MEANFLOW_V1 = replace(_MEANFLOW, t_mean=-0.6, t_std=1.6, r_mean=-4.0, r_std=1.6, pairing="clipped")
 
 # The training loop of the Fashion-MNIST presets (batch 64, 150k images; RAdam 4e-4 unless a preset says otherwise),
 # in bf16 where the machine computes it natively, else fp32 (cmkit.machine; emulated bf16 is ~5x slower).
@@ -146,6 +162,14 @@ PRESETS: dict[str, tuple[str, Config]] = {
                method=replace(_EDM, sigma_data=1.0),
                train=replace(_FMNIST_TRAIN, optimizer="adam", lr=1e-3, p_uncond=0.1)),
     ),
+    # MeanFlow at CPU size: the fmnist-* network and loop with the paper's optimiser (Adam 6e-4, betas (0.9, 0.999),
+    # py-meanflow's train_arg_parser.py) and no warm-up (the paper's 200 epochs would be 10M images), the later "v1"
+    # time sampler (cmkit's choice for short runs: it puts more of t near 1, where one-step sampling starts).
+    "fmnist-meanflow": (
+        "MeanFlow (Geng et al. 2025), one-step from scratch, average velocity by a JVP, Adam 6e-4, Fashion-MNIST",
+        Config(preset="fmnist-meanflow", net=_FMNIST_NET, method=_MEANFLOW_V1,
+               train=replace(_FMNIST_TRAIN, optimizer="adam", lr=6e-4)),
+    ),
     "cifar10-edm": (
         "EDM teacher as published: DDPM++ 56M, 200 Mimg, batch 512, Adam 1e-3, EDM's augmentation p=0.12, summed loss",
         _CIFAR_EDM,
@@ -225,6 +249,23 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "sCD, the paper's CIFAR-10 recipe, from a cifar10-edm teacher (--teacher): batch 512, RAdam 1e-4, no dropout",
         Config(preset="cifar10-scd", net=replace(_CIFAR_EDM.net, dropout=0.0), data=_CIFAR_DATA, method=_SCD,
                train=_SCM_CIFAR_TRAIN),
+    ),
+    # MeanFlow's CIFAR-10 run (Geng et al. 2025, App. A; Gsunshine/py-meanflow, scripts/cifar10_v0.sh and
+    # models/model_configs.py): EDM's DDPM++ U-Net with channel_mult_noise 2 and FIR filter (1, 3, 3, 1) (its
+    # model_configs.py; 55M), dropout 0.2, EDM's augmentation at p = 0.12 with its labels as a condition (train.py;
+    # cmkit's pipeline is EDM's CIFAR-10 one, 9 labels, where the paper's turns y-flips and rotations off: 6 labels),
+    # no dataset x-flips, batch 1024 (8 x 128), 16,000 epochs (800 Mimg, ~780k iterations), Adam lr 6e-4 with betas
+    # (0.9, 0.999), a linear warm-up over 200 epochs (10 Mimg) then constant, EMA 0.9999 per iteration (a half-life of
+    # 6,931 iterations at batch 1024: 7,098 kimg). The method: MeanFlowConfig's defaults (the paper's sampler "v0").
+    "cifar10-meanflow": (
+        "MeanFlow as published: DDPM++ 55M, batch 1024, Adam 6e-4, dropout 0.2, EDM augmentation p=0.12, 800 Mimg",
+        Config(preset="cifar10-meanflow",
+               net=replace(_CIFAR_NET, channel_mult_noise=2, resample_filter=(1, 3, 3, 1), dropout=0.2,
+                           augment_dim=AUGMENT_DIM),
+               data=replace(_CIFAR_DATA, xflip=False, augment=0.12), method=_MEANFLOW,
+               train=TrainConfig(kimg=800_000, batch=1024, optimizer="adam", lr=6e-4, warmup_kimg=10_000,
+                                 ema_halflife_kimg=7_098, ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000,
+                                 log_kimg=100)),
     ),
 }
 

@@ -108,8 +108,39 @@ def euler_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: Nois
     return _ode_sample(model, sigmas, noise, cond, heun=False)
 
 
+def check_meanflow_sigmas(sigmas: Sequence[float] | Tensor, *, sigma_min: float, sigma_max: float) -> Tensor:
+    """:func:`check_sigmas`, and the first level is ``sigma_max`` (MeanFlow's t = 1, where sampling starts)."""
+    s = check_sigmas(sigmas, sigma_min=sigma_min, sigma_max=sigma_max)
+    if s[0] < sigma_max:
+        raise CmkitError(f"sigmas {','.join(f'{v:g}' for v in s.tolist())}: a MeanFlow model starts from pure "
+                         f"noise at t = 1, its sigma_max; expected the first level to be {sigma_max:g}")
+    return s
+
+
+def meanflow_sample(model: nn.Module, sigmas: Sequence[float] | Tensor, noise: NoiseSource,
+                    cond: Cond | None = None) -> Tensor:
+    """MeanFlow's sampler (Geng et al. 2025; its Alg. 2 is the one-step case) through ``sigmas`` and then 0: from
+    ``z_1 = e``, each step jumps ``z_r = z_t - (t - r) u(z_t, r, t)`` from the current level to the next with one
+    evaluation.
+
+    ``model`` is a :class:`cmkit.precond.MeanFlow` (or wraps one) in the denoiser contract, told the next level
+    as ``cond.time2``; it returns ``D = z_t - t u(z_t, r, t)``, and the jump is the straight line through x and
+    D in EDM's scale, ``x_r = D + sigma_r e_hat``, with ``e_hat = (x - D) / sigma`` (``x / sigma`` at
+    ``sigma_max``, where x is pure noise). ``sigmas`` must start at the model's ``sigma_max`` (t = 1): the
+    first step starts from noise alone. One level is one step: ``e - u(e, 0, 1)``.
+    """
+    s = check_meanflow_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max).tolist()
+    x = s[0] * noise()
+    for cur, nxt in zip(s, [*s[1:], 0.0], strict=True):
+        step = replace(cond or Cond(), time2=torch.full((len(x),), nxt, device=x.device))
+        d = model(x, cur, step)
+        e_hat = (x if cur >= model.sigma_max else x - d) / cur
+        x = d + nxt * e_hat
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "consistency": consistency_sample, "heun": heun_sample, "euler": euler_sample,
+    "consistency": consistency_sample, "heun": heun_sample, "euler": euler_sample, "meanflow": meanflow_sample,
 }
 
 
@@ -257,11 +288,14 @@ def generate(model: nn.Module, seeds: Sequence[int], *, sigmas: Sequence[float] 
     ``Cond.guidance`` instead, one network evaluation per step, and refuses a w outside its trained range (None:
     its ``guidance_default``). ``precision="bf16"`` runs the network under bfloat16 autocast (the sampler's
     arithmetic stays fp32). A seed's image does not depend on ``batch_size`` (:class:`BatchInvariant`). ``label``
-    and ``guidance`` are checked when this is called, before any batch is asked for.
+    and ``guidance`` (and a MeanFlow schedule's start) are checked when this is called, before any batch is asked
+    for.
     """
     trained_range = getattr(model, "guidance_range", None)
     check_labels(model.num_classes, label)
     check_guidance(guidance, num_classes=model.num_classes, p_uncond=p_uncond, trained_range=trained_range)
+    if sampler == "meanflow":
+        check_meanflow_sigmas(sigmas, sigma_min=model.sigma_min, sigma_max=model.sigma_max)
     net = BatchInvariant(model)
     w_input = guidance if trained_range is not None else None
     if trained_range is None and guidance is not None and guidance != 1:

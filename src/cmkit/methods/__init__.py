@@ -4,7 +4,8 @@
   :class:`TaughtConfig` (the fields of the methods that take a teacher), :class:`MethodEntry`,
   :class:`TeacherRole`, :class:`Capability` and the sampling policies;
 - :mod:`~cmkit.methods.edm`, :mod:`~cmkit.methods.ct`, :mod:`~cmkit.methods.ict`, :mod:`~cmkit.methods.cd`,
-  :mod:`~cmkit.methods.ect`, :mod:`~cmkit.methods.scm` (sCT and sCD), :mod:`~cmkit.methods.lcm`: the methods;
+  :mod:`~cmkit.methods.ect`, :mod:`~cmkit.methods.scm` (sCT and sCD), :mod:`~cmkit.methods.lcm`,
+  :mod:`~cmkit.methods.meanflow`: the methods;
 - :mod:`~cmkit.methods.registry`: :data:`REGISTRY` and its lookups; :func:`make_loss`;
 - :mod:`~cmkit.methods.legacy`: method sections written before per-method configs.
 
@@ -19,6 +20,7 @@ from cmkit.methods.edm import EDMConfig
 from cmkit.methods.ict import ICTConfig
 from cmkit.methods.lcm import LCMConfig
 from cmkit.methods.legacy import convert_flat, is_flat
+from cmkit.methods.meanflow import MeanFlowConfig
 from cmkit.methods.registry import (
     REGISTRY,
     make_loss,
@@ -35,6 +37,7 @@ from cmkit.methods.registry import (
 from cmkit.methods.scm import SCDConfig, SCTConfig
 
 __all__ = ["REGISTRY", "CDConfig", "CTConfig", "Capability", "ECTConfig", "EDMConfig", "ICTConfig", "LCMConfig",
+           "MeanFlowConfig",
            "MethodConfig", "MethodEntry", "SCDConfig", "SCTConfig", "TaughtConfig", "TeacherRole", "convert_flat",
            "init_fields", "is_flat", "make_loss", "method_class", "method_entry", "methods_that", "model_entry",
            "model_spec", "require", "sampling_spec", "switch_method", "teacher_methods"]

@@ -134,6 +134,11 @@ class TaughtConfig(MethodConfig):
         return super().problems() + [message for ok, message in checks if not ok]
 
 
+def jvp_step(step: float) -> tuple[bool, str]:
+    """(holds, message): a finite-difference JVP's step ``method.jvp_step`` is positive and finite."""
+    return step > 0 and math.isfinite(step), f"method.jvp_step: expected a positive number, got {step}"
+
+
 def grid_sizes(s0: int, s1: int) -> tuple[bool, str]:
     """(holds, message): a curriculum's final grid size ``s1`` is at least its first, ``s0``."""
     return s1 >= s0, f"method.s1: expected >= s0 ({s0}), got {s1}"
@@ -195,7 +200,8 @@ class MethodEntry:
     total_images, teacher, augment)``: its loss (:func:`cmkit.methods.make_loss` adds a warm-start);
     ``wrapper``: the parameterisation its model is; ``policy``: how its models sample by default;
     ``teacher``: its teacher role; ``logvar_head``: whether its loss learns the network's log-variance head
-    (so the head is built, and rests unused during a warm-start); ``capabilities``; ``checks``: its own
+    (so the head is built, and rests unused during a warm-start); ``time2_embedding``: whether its network takes a
+    second time input (:class:`cmkit.nets.UNet`, MeanFlow's ``t - r``); ``capabilities``; ``checks``: its own
     constraints on a whole config (beyond its method section's :meth:`MethodConfig.problems`).
     """
 
@@ -206,6 +212,7 @@ class MethodEntry:
     teacher: TeacherRole
     capabilities: frozenset[Capability]
     logvar_head: bool = False
+    time2_embedding: bool = False
     checks: tuple[ConfigCheck, ...] = ()
 
     @property

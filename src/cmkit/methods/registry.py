@@ -10,7 +10,7 @@ from torch import nn
 
 from cmkit.errors import CmkitError
 from cmkit.losses import WARM_START_LEVELS, EDMLoss, Loss, WarmStarted
-from cmkit.methods import cd, ct, ect, edm, ict, lcm, scm
+from cmkit.methods import cd, ct, ect, edm, ict, lcm, meanflow, scm
 from cmkit.methods.base import Capability, MethodConfig, MethodEntry, TeacherRole, init_fields
 from cmkit.sampling import SamplingSpec
 
@@ -23,6 +23,7 @@ REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
     scm.SCT,
     scm.SCD,
     lcm.ENTRY,
+    meanflow.ENTRY,
 )}
 
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from cmkit.losses import SCMLoss, TeacherVelocity, Velocity, data_velocity
+from cmkit.losses import JVP, JVP_MODES, SCMLoss, TeacherVelocity, Velocity, data_velocity
 from cmkit.methods.base import (
     CONSISTENCY_CAPABILITIES,
     TRIGFLOW_POLICY,
@@ -16,6 +16,7 @@ from cmkit.methods.base import (
     TaughtConfig,
     TeacherRole,
     forward_mode_loss,
+    jvp_step,
     shared_dropout,
 )
 from cmkit.precond import C_NOISE, TrigFlow
@@ -28,7 +29,9 @@ class SCMConfig(TaughtConfig):
     ``tau ~ N(p_mean, p_std^2)``, ``t = arctan(e^tau / sigma_data)`` (kept within the model's
     [sigma_min, sigma_max]); the tangent ``g`` is warmed up over ``tangent_warmup_kimg`` thousand images and
     normalised as ``g / (||g|| + tangent_c)``; ``c_noise`` is the network's time input (:class:`TrigFlow`):
-    ``log-sigma`` lets a cmkit EDM ``teacher`` seed the student exactly, ``t`` is the paper's.
+    ``log-sigma`` lets a cmkit EDM ``teacher`` seed the student exactly, ``t`` is the paper's. ``jvp``: how the
+    JVP is computed (:class:`cmkit.losses.JVP`): ``forward`` mode, or ``finite-difference`` (central differences
+    at step ``jvp_step``, three forward passes) for kernels without a forward-mode rule.
     """
 
     p_mean: float = -1.0
@@ -36,8 +39,10 @@ class SCMConfig(TaughtConfig):
     tangent_warmup_kimg: float = 5_120.0
     tangent_c: float = 0.1
     c_noise: str = "log-sigma"
+    jvp: str = "forward"
+    jvp_step: float = 1e-3
 
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {"c_noise": C_NOISE}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"c_noise": C_NOISE, "jvp": JVP_MODES}
 
     def wrapper_options(self) -> dict[str, Any]:
         return {"c_noise": self.c_noise}
@@ -47,7 +52,8 @@ class SCMConfig(TaughtConfig):
 
     def _checks(self) -> list[tuple[bool, str]]:
         ok = self.tangent_warmup_kimg >= 0 and math.isfinite(self.tangent_warmup_kimg)
-        return [(ok, f"method.tangent_warmup_kimg: expected >= 0, got {self.tangent_warmup_kimg}")]
+        return [(ok, f"method.tangent_warmup_kimg: expected >= 0, got {self.tangent_warmup_kimg}"),
+                jvp_step(self.jvp_step)]
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ def _loss(method: SCMConfig, velocity: Velocity) -> SCMLoss:
     sd = method.sigma_data
     return SCMLoss(velocity, p_mean=method.p_mean, p_std=method.p_std, sigma_data=sd,
                    t_min=math.atan(method.sigma_min / sd), t_max=math.atan(method.sigma_max / sd),
-                   warmup_images=method.tangent_warmup_kimg * 1000, tangent_c=method.tangent_c)
+                   warmup_images=method.tangent_warmup_kimg * 1000, tangent_c=method.tangent_c,
+                   jvp=JVP(method.jvp, method.jvp_step))
 
 
 def build_sct_loss(method: SCTConfig, **_) -> SCMLoss:

@@ -13,7 +13,10 @@ Models" (EDM) give them in one module with options, ``SongUNet`` (EDM's ``traini
   residual block, optionally with NCSN++'s progressive output path (``decoder_type``);
 * residual blocks and self-attention (``attn_heads`` heads) from :mod:`.layers`, resampling with the FIR filter
   ``resample_filter``;
-* optionally a log-variance head ``w(c_noise)`` (sCM's adaptive loss weighting, Lu and Song 2024).
+* optionally a log-variance head ``w(c_noise)`` (sCM's adaptive loss weighting, Lu and Song 2024);
+* optionally a second time input (``time2_embedding``: MeanFlow's ``t - r``, Geng et al. 2025), embedded like the
+  first and summed with it after its own first linear layer (a concatenation of the two embeddings into one linear
+  layer, as MeanFlow's U-Net does).
 
 Settings of the papers' CIFAR-10 networks (EDM's ``train.py``; parameter counts in tests/test_ncsnpp.py):
 DDPM++ is the defaults; NCSN++ is ``embedding="fourier", channel_mult_noise=2, encoder_type="residual",
@@ -158,13 +161,17 @@ class UNet(nn.Module):
             embedded (:class:`.layers.PositionalEmbedding` of w itself, on the scale of the noise labels), mapped by a
             bias-free linear layer (``map_guidance``, zero at initialisation, so a network that adopts a teacher's
             weights starts as the teacher at every w) and added to the noise embedding's features.
+        time2_embedding: take a second time ``time2_labels`` (MeanFlow's ``t - r``): the same sinusoidal or
+            Fourier features, through a linear layer of its own (``map_time2``) added to ``map_layer0``'s output.
+            Off by default: networks without it have the same parameters as before.
 
-    ``forward(x, noise_labels, class_labels=None, augment_labels=None, guidance=None)``: ``x``
+    ``forward(x, noise_labels, class_labels=None, augment_labels=None, guidance=None, time2_labels=None)``: ``x``
     ``[N, in_channels, R, R]`` float, ``noise_labels`` ``[N]`` float (EDM's ``c_noise = ln(sigma) / 4``),
     ``class_labels`` ``[N]`` int64 in ``[0, num_classes)`` or -1, "no class", a zero one-hot (required iff
     ``num_classes > 0``), ``augment_labels`` ``[N, augment_dim]`` float or None (only with ``augment_dim > 0``; None
     means zeros: no augmentation, as when sampling), ``guidance`` ``[N]`` float, the guidance scale w (required iff
-    ``guidance_dim > 0``). Returns ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
+    ``guidance_dim > 0``), ``time2_labels`` ``[N]`` float (required iff ``time2_embedding``). Returns
+    ``[N, out_channels, R, R]`` in ``x``'s dtype (also under ``torch.autocast``).
     ``logvar(noise_labels)``: ``[N]`` float32, zeros without the head.
     ``output_layers``: the names of the last convolutions, whose outputs sum to the network's output.
     """
@@ -193,6 +200,7 @@ class UNet(nn.Module):
         attn_heads: int = 1,
         augment_dim: int = 0,
         guidance_dim: int = 0,
+        time2_embedding: bool = False,
     ) -> None:
         super().__init__()
         channel_mult, resample_filter = tuple(channel_mult), tuple(resample_filter)
@@ -212,6 +220,7 @@ class UNet(nn.Module):
                                   double_norm=double_norm, taps=resample_filter, heads=attn_heads)
         noise_ch = channel_mult_noise * model_channels
         self._build_embedding(noise_ch, embedding=embedding, fourier_scale=fourier_scale)
+        self.map_time2 = make_linear(noise_ch, self._opts.emb_ch) if time2_embedding else None
         self.map_logvar = make_linear(noise_ch, 1, scale=0.0) if logvar_head else None
         attn = set(attn_resolutions)
         skips = self._build_encoder(model_channels, channel_mult=channel_mult, num_blocks=num_blocks, attn=attn,
@@ -300,15 +309,18 @@ class UNet(nn.Module):
     # -- forward
 
     def _embed(self, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None,
-               guidance: Tensor | None) -> Tensor:
+               guidance: Tensor | None, time2_labels: Tensor | None) -> Tensor:
         """``[N]`` noise labels (+ ``[N]`` class ids, ``[N, augment_dim]`` augmentation labels, ``[N]`` guidance
-        scales) -> ``[N, 4 * model_channels]`` embedding."""
+        scales, ``[N]`` second times) -> ``[N, 4 * model_channels]`` embedding."""
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         if self.map_guidance is not None:
             emb = emb + self.map_guidance(self.embed_guidance(guidance).to(emb.dtype))
-        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        emb = self.map_layer0(emb)
+        if self.map_time2 is not None:
+            emb = emb + self.map_time2(self.map_noise(time2_labels))
+        emb = self.map_layer1(F.silu(emb))
         if self.map_label is not None:
             assert class_labels is not None
             # The null label (cmkit.cond.NULL_LABEL, < 0) means "no class": a zero one-hot.
@@ -326,7 +338,7 @@ class UNet(nn.Module):
             return self.map_logvar(self.map_noise(noise_labels.float())).squeeze(1)
 
     def _check_inputs(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None,
-                      augment_labels: Tensor | None, guidance: Tensor | None) -> None:
+                      augment_labels: Tensor | None, guidance: Tensor | None, time2_labels: Tensor | None) -> None:
         n, expected = x.shape[0], (self.in_channels, self.resolution, self.resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             shape = ", ".join(map(str, expected))
@@ -349,6 +361,11 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: guidance must have shape [{n}] (guidance_dim={self.guidance_dim}), got {got}")
         if self.guidance_dim == 0 and guidance is not None:
             raise ValueError("UNet: guidance given but the network takes no guidance scale (guidance_dim=0)")
+        if (time2_labels is None) != (self.map_time2 is None) or (time2_labels is not None
+                                                                  and time2_labels.shape != (n,)):
+            got = "none" if time2_labels is None else list(time2_labels.shape)
+            raise ValueError(f"UNet: time2_labels must have shape [{n}] exactly when the network has "
+                             f"time2_embedding (it has {'one' if self.map_time2 is not None else 'none'}), got {got}")
 
     def _encode(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The encoder with its input path: the lowest-resolution features and every skip, in push order."""
@@ -362,10 +379,11 @@ class UNet(nn.Module):
         return h, skips
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None,
-                augment_labels: Tensor | None = None, guidance: Tensor | None = None) -> Tensor:
+                augment_labels: Tensor | None = None, guidance: Tensor | None = None,
+                time2_labels: Tensor | None = None) -> Tensor:
         """See the class docstring for the shape and dtype contract."""
-        self._check_inputs(x, noise_labels, class_labels, augment_labels, guidance)
-        emb = self._embed(noise_labels, class_labels, augment_labels, guidance)
+        self._check_inputs(x, noise_labels, class_labels, augment_labels, guidance, time2_labels)
+        emb = self._embed(noise_labels, class_labels, augment_labels, guidance, time2_labels)
         h, skips = self._encode(x, emb)
         for stage in self.mid:
             h = stage(h, emb)
