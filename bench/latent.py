@@ -6,10 +6,13 @@ guidance scales of the same model):
     python bench/latent.py recon AE_RUN [--n 10000] [--n-inception 2000]
     python bench/latent.py teacher LATENT_RUN [--n 2000] [--guidance 1 2] [--n-inception 500]
     python bench/latent.py speed AE_RUN [--batch 64] [--repeats 5]
+    python bench/latent.py lcm LCM_RUN [--n 2000] [--n-inception 500] [--guidance 2]
     python bench/latent.py report        # the "Latent models" section of docs/benchmarks.md from the results
 ``recon`` scores decode(encode(x)) of the first N Fashion-MNIST test images against the training images;
 ``teacher`` runs Heun with 18 levels (35 network evaluations per scale, twice that with guidance w != 1);
-``speed`` times fresh networks (speed does not depend on the weights) interleaved, median of the repeats: 1 step
+``lcm`` scores an LCM student of the teacher at 1, 2 and 4 steps at one guidance scale (its w input), with its
+ratios to the teacher's row of the same metric, n and scale; ``speed`` times fresh networks (speed does not
+depend on the weights) interleaved, median of the repeats: 1 step
 and Heun-35 of the fmnist-edm network on pixels against the fmnist-latent-edm network on the autoencoder's latent
 plus the decoder, the 1-step sampling of `make demo`'s pixel network (fmnist-ict, 16 channels), and one training
 step of each preset (batch 64; the latent one encodes its batch).
@@ -180,6 +183,27 @@ PIXEL_TEACHER = ("teacher (EDM), fmnist-edm, 48k images: FID 30.44 at 35 NFE (fi
                  "the quick ladder above)")
 
 
+def lcm(args: argparse.Namespace) -> None:
+    model, config, spec = load_export(args.model)
+    codec, d = data_codec(config.data), config.data
+    rows = []
+    for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
+        extractor = get_extractor(metric)
+        reference = reference_features(d.source, extractor, n=n, resolution=d.resolution, channels=d.channels)
+        start = time.perf_counter()
+        for row in evaluate_model(model, spec, steps=[1, 2, 4], n=n, extractor=extractor, reference=reference,
+                                  batch=500, codec=codec, guidance=args.guidance):
+            rows.append({"metric": metric, "n": n, "guidance": args.guidance, **row})
+            print(rows[-1])
+        rows[-1]["seconds"] = time.perf_counter() - start
+    GRIDS.mkdir(parents=True, exist_ok=True)
+    for k in (1, 4):
+        x = torch.cat(list(generate(model, range(64), sigmas=default_sigmas(spec, k), sampler=spec.sampler,
+                                    batch_size=64, guidance=args.guidance)))
+        save_images(to_numpy_images(codec.to_images(x)), GRIDS / f"lcm-w{args.guidance:g}-{k}step.png")
+    _update("lcm", {"model": str(args.model), "config": config.to_dict(), "rows": rows})
+
+
 def report(args: argparse.Namespace) -> None:
     """Render bench/results/latent.json as the "Latent models" section of docs/benchmarks.md."""
     from throughput import machine, write_docs_section
@@ -210,6 +234,7 @@ def report(args: argparse.Namespace) -> None:
         nfe = row["nfe"] * (1 if row["guidance"] == 1 else 2)
         lines.append(f"| {row['metric']} | {row['n']} | {row['guidance']:g} | {nfe} | {row['fid']:.2f} | "
                      f"{row['precision']:.3f} | {row['recall']:.3f} | {row['seconds'] / 60:.1f} min |")
+    lines += _lcm_lines(r["lcm"], t) if "lcm" in r else []
     rows, ratios = sp["rows"], sp["rows"]["ratios"]
     pm = {k: f"{v / 1e6:.2f}M" for k, v in sp["parameters"].items()}
     lines += ["", f"**Speed**, fresh networks (pixel fmnist-edm {pm['pixel']} parameters, make demo's pixel network "
@@ -222,9 +247,29 @@ def report(args: argparse.Namespace) -> None:
               "(img/latent/ae-reconstructions.png)"]
     lines += [f"![latent teacher, Heun 35 NFE, guidance {w:g}](img/latent/teacher-w{w:g}.png)"
               for w in sorted({row["guidance"] for row in t["rows"]})]
+    if "lcm" in r:
+        w = r["lcm"]["rows"][0]["guidance"]
+        lines += [f"![LCM, {k} step(s), w = {w:g}](img/latent/lcm-w{w:g}-{k}step.png)" for k in (1, 4)]
     write_docs_section("latent", "\n".join(lines), heading="## Latent models (`bench/latent.py`)\n\nThe "
                        "autoencoder's reconstruction FID, the guided latent teacher at 35 evaluations with and "
                        "without guidance, and latent against pixel speed (docs/latent.md).")
+
+
+def _lcm_lines(lcm_result: dict, teacher_result: dict) -> list[str]:
+    """The LCM table: each row's FID and its ratio to the teacher's at 35 evaluations (same metric, n, scale)."""
+    c = lcm_result["config"]
+    teacher = {(r["metric"], r["n"], r["guidance"]): r["fid"] for r in teacher_result["rows"]}
+    lines = ["", f"**LCM** `fmnist-lcm` of that teacher ({c['train']['kimg']:g}k images, w in "
+             f"[{c['method']['w_min']:g}, {c['method']['w_max']:g}], skip {c['method']['skip']}), sampled at the "
+             "teacher's guidance scale given as its w input (one evaluation per step):", "",
+             "| metric | n | w | steps | FID | / teacher at 35 NFE | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in lcm_result["rows"]:
+        base = teacher.get((row["metric"], row["n"], row["guidance"]))
+        ratio = f"{row['fid'] / base:.2f}x" if base else "-"
+        lines.append(f"| {row['metric']} | {row['n']} | {row['guidance']:g} | {row['steps']} | {row['fid']:.2f} | "
+                     f"{ratio} | {row['precision']:.3f} | {row['recall']:.3f} |")
+    return lines
 
 
 def main() -> None:
@@ -246,6 +291,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=speed)
+    p = sub.add_parser("lcm")
+    p.add_argument("model")
+    p.add_argument("--n", type=int, default=2_000)
+    p.add_argument("--n-inception", type=int, default=500)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.set_defaults(func=lcm)
     sub.add_parser("report").set_defaults(func=report)
     args = parser.parse_args()
     args.func(args)
