@@ -299,7 +299,7 @@ def table(result: dict) -> str:
                          for lb in labels) + ". P / R: precision / recall.", "",
              "| condition | " + " | ".join(f"{lb} | KID | P / R" for lb in labels) + " |",
              "|---" * (1 + 3 * len(labels)) + "|"]
-    for name in scores["fid-inception"]["degradations"]:
+    for name in dict.fromkeys(k for label in labels for k in scores[label]["degradations"]):
         cells = []
         for label in labels:
             r = scores[label]["degradations"].get(name)
@@ -379,8 +379,8 @@ def main() -> None:
                                                   cached_only=args.cached_only)
     result["scores"][args.label] = score_all("fid-fmnist", args.conditions, list(GRID_SETS), args.work,
                                              cached_only=False)
-    label = f" --label {args.label}" if args.label != "fid-fmnist" else ""
-    result.update(command=f"python bench/metric_calibration.py{label}", machine=machine(), sizes=SIZES, grid_n=GRID_N)
+    flags = (f" --label {args.label}" if args.label != "fid-fmnist" else "") + " --cached-only" * args.cached_only
+    result.update(command=f"python bench/metric_calibration.py{flags}", machine=machine(), sizes=SIZES, grid_n=GRID_N)
     summarise(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_docs:
