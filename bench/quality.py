@@ -5,8 +5,10 @@ On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same trai
 2. from it: consistency distillation (fmnist-cd) and easy consistency tuning (fmnist-ect);
 3. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct);
    and the continuous-time sCT (fmnist-sct) and sCD (fmnist-scd), both from the teacher;
-4. each model is evaluated on N samples with fid-fmnist: students at 1, 2 and 4 steps (2 steps with the
-   intermediate sigma found by golden-section search), the teacher with Heun at 18 steps (35 evaluations).
+4. each model is evaluated on N samples with fid-fmnist and on N_INCEPTION with fid-inception (the metric the
+   benchmarks decide on: "Metric calibration" in docs/benchmarks.md): students at 1, 2 and 4 steps (2 steps with
+   the intermediate sigma found by golden-section search on fid-fmnist, the affordable metric on 2 cores), the
+   teacher with Heun at 18 steps (35 evaluations).
 
 Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
 docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
@@ -41,8 +43,8 @@ from throughput import machine, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
-    "quick": {"kimg": 48, "n": 10_000, "tune_n": 2_000, "tune_iters": 8},
-    "full": {"kimg": 200, "n": 10_000, "tune_n": 5_000, "tune_iters": 12},
+    "quick": {"kimg": 48, "n": 10_000, "n_inception": 500, "tune_n": 2_000, "tune_iters": 8},
+    "full": {"kimg": 200, "n": 10_000, "n_inception": 2_000, "tune_n": 5_000, "tune_iters": 12},
 }
 # label: (preset, the preset of its teacher or None, --set overrides); the small rows: a quarter of the teacher's
 # parameters, distilled (fmnist-cd-small) and trained from scratch (iCT on the same network)
@@ -112,8 +114,10 @@ def grid(model: torch.nn.Module, spec: SamplingSpec, steps: int, path: Path) -> 
     return str(path.relative_to(ROOT))
 
 
-def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.ndarray, img_dir: Path) -> dict:
-    """Tune, evaluate and draw one model, or return its stored results when the settings are unchanged."""
+def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.ndarray, inception,
+             inception_reference: np.ndarray, img_dir: Path) -> dict:
+    """Tune, evaluate (fid-fmnist: ``rows``; fid-inception: ``inception_rows``) and draw one model, or return its
+    stored results when the settings are unchanged."""
     record = run_dir / "ladder-eval.json"
     if record.exists() and json.loads(record.read_text())["size"] == size:
         return json.loads(record.read_text())["entry"]
@@ -127,6 +131,8 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
     steps = STUDENT_STEPS if tunable else TEACHER_STEPS
     entry["rows"] = evaluate_model(model, spec, steps=steps, n=size["n"], extractor=extractor, reference=reference,
                                    batch=BATCH, precision="bf16")
+    entry["inception_rows"] = evaluate_model(model, spec, steps=steps, n=size["n_inception"], extractor=inception,
+                                             reference=inception_reference, batch=BATCH, precision="bf16")
     slug = re.sub(r"[^a-z0-9]+", "-", label.split(" (")[0].lower()).strip("-")
     entry["grids"] = {k: grid(model, spec, k, img_dir / f"{slug}-{k}step.png") for k in steps}
     record.write_text(json.dumps({"size": size, "entry": entry}, indent=2) + "\n")
@@ -136,21 +142,26 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
 def table(result: dict) -> str:
     teacher = result["models"]["teacher (EDM)"]["rows"][0]["fid"]
     lines = [f"Command: `{result['command']}` -- {result['machine']['date']}, commit {result['machine']['commit']}, "
-             f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metric: {result['metric']} on "
-             f"{result['n']} samples against {result['n']} training images; bf16 autocast for training and "
+             f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metrics: {result['metric']} on "
+             f"{result['n']} samples against {result['n']} training images, and fid-inception (which decides) on "
+             f"{result.get('n_inception', '-')} against as many (- where a row predates it; precision and recall are "
+             "fid-fmnist's); bf16 autocast for "
+             "training and "
              "sampling, all models alike. CD, ECT, sCT and sCD start from the teacher, and the small CD student "
              "learns from it (its warm-start counted among its images): their images seen do not count the "
              "teacher's. The small rows' network has a quarter of the parameters (0.44M against 1.75M). "
              "A row marked with a commit comes from that earlier run of this ladder: its "
              "student learnt from that run's teacher (the same config and seed), and its FID / teacher is "
              "relative to that teacher's FID.", "",
-             "| model | steps | NFE | FID | FID / teacher | precision | recall | images seen | train wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | steps | NFE | fid-inception | fid-fmnist | fid-fmnist / teacher | precision | recall | "
+             "images seen | train wall time |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, entry in result["models"].items():
         name = f"{label} ({entry['from_commit']})" if "from_commit" in entry else label
         reference = entry.get("teacher_fid", teacher)
+        inception = {row["steps"]: f"{row['fid']:.1f}" for row in entry.get("inception_rows", [])}
         for row in entry["rows"]:
-            lines.append(f"| {name} | {row['steps']} | {row['nfe']} | {row['fid']:.2f} | "
+            lines.append(f"| {name} | {row['steps']} | {row['nfe']} | {inception.get(row['steps'], '-')} | "
+                         f"{row['fid']:.2f} | "
                          f"{row['fid'] / reference:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | "
                          f"{entry['images_seen']:,} | {entry['train_seconds'] / 60:.1f} min |")
     sigmas = ", ".join(f"{k}: {v['two_step_sigma']:.3g}" for k, v in result["models"].items() if "two_step_sigma" in v)
@@ -189,19 +200,22 @@ def main() -> None:
     seconds = {label: train_model(label, size["kimg"], runs) for label in MODELS if label in chosen}
     extractor = get_extractor("fid-fmnist")
     reference = reference_features("fashion-mnist", extractor, n=size["n"], resolution=28, channels=1)
+    inception = get_extractor("fid-inception")
+    inception_reference = reference_features("fashion-mnist", inception, n=size["n_inception"], resolution=28,
+                                             channels=1)
     earlier = kept_rows(out, chosen)
     models = {}
     for label in MODELS:
         if label in chosen:
-            models[label] = {**evaluate(label, runs / run_name(label), size, extractor, reference, img_dir),
-                             "train_seconds": seconds[label]}
+            models[label] = {**evaluate(label, runs / run_name(label), size, extractor, reference, inception,
+                                        inception_reference, img_dir), "train_seconds": seconds[label]}
         elif label in earlier:
             models[label] = earlier[label]
     plot = img_dir / "quality.png"
     plot_quality({label: [(r["nfe"], r["fid"]) for r in e["rows"]] for label, e in models.items()}, plot,
                  metric=extractor.name)
     result = {"command": f"python bench/quality.py {args.size}", "machine": machine(), "metric": extractor.name,
-              "n": size["n"], "plot": str(plot.relative_to(ROOT)), "models": models}
+              "n": size["n"], "n_inception": size["n_inception"], "plot": str(plot.relative_to(ROOT)), "models": models}
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_docs_section(f"quality-{args.size}", table(result),
                        heading=f"## Quality ladder, {args.size} (`bench/quality.py {args.size}`)")
