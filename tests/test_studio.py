@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,11 +23,11 @@ import torch
 from PIL import Image
 
 from cmkit import editing
-from cmkit.checkpoint import load_export
+from cmkit.checkpoint import build_model, load_export
 from cmkit.data import read_image
 from cmkit.errors import CmkitError
 from cmkit.images import grid, to_numpy_images
-from cmkit.methods import sampling_spec
+from cmkit.methods import sampling_spec, switch_method
 from cmkit.rng import SeededNoise
 from cmkit.sampling import default_sigmas, generate
 from cmkit.studio import engine
@@ -111,6 +112,50 @@ def test_generate_class_label(rgb):
                       batch_size=GRID, label=3))
     np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
     assert not np.array_equal(got, ask(rgb, mode="generate", seed=0, label=4)["result"])
+
+
+def test_a_model_trained_with_label_dropout_is_guided_as_cmkit_sample_guides_it(rgb):
+    """Classifier-free guidance in the page's range [1, 4], the teacher guided alike; a model without label dropout
+    offers no guidance control and refuses the field."""
+    config = rgb.models.config
+    guided = Studio(replace(rgb.models, config=replace(config, train=replace(config.train, p_uncond=0.1)),
+                            teacher_config=replace(rgb.models.teacher_config, train=replace(
+                                rgb.models.teacher_config.train, p_uncond=0.1))))
+    assert guided.info()["guidance"] == {"min": 1.0, "max": 4.0, "default": 1.0} and rgb.info()["guidance"] is None
+    got = ask(guided, mode="generate", seed=3, guidance=2.5)["result"]
+    x = next(generate(rgb.model, range(3, 3 + GRID), sigmas=default_sigmas(rgb.spec, 1), sampler="consistency",
+                      batch_size=GRID, guidance=2.5))
+    np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
+    assert not np.array_equal(got, ask(guided, mode="generate", seed=3)["result"])
+    teacher = ask(guided, mode="teacher", seed=3, guidance=2.5)["result"]
+    spec = sampling_spec(rgb.models.teacher_config.method)
+    x = next(generate(rgb.models.teacher, range(3, 3 + GRID), sigmas=default_sigmas(spec, engine.TEACHER_STEPS),
+                      sampler="heun", batch_size=GRID, guidance=2.5))
+    np.testing.assert_array_equal(teacher, grid(to_numpy_images(x)))
+    assert guided.reply({"id": 1, "mode": "generate", "guidance": 4.5})["error"] == (
+        "request field 'guidance': 4.5 outside [1, 4]")
+    assert "this model takes no guidance scale" in rgb.reply({"id": 1, "mode": "generate", "guidance": 2})["error"]
+
+
+def test_an_lcm_model_takes_the_pages_scale_as_its_w_input(tiny_config):
+    config = replace(tiny_config, method=replace(switch_method(tiny_config.method, "lcm"), w_min=1.0, w_max=3.0,
+                                                 w_default=2.0), net=replace(tiny_config.net, num_classes=10,
+                                                                             guidance_dim=8))
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():  # as if trained: the w input and the output layer start at zero
+        for parameter in model.net.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    studio = Studio(Models(model, config))
+    assert studio.info()["guidance"] == {"min": 1.0, "max": 3.0, "default": 2.0}
+    got = ask(studio, mode="generate", seed=0, guidance=1.5)["result"]
+    x = next(generate(model, range(GRID), sigmas=default_sigmas(studio.spec, 1), sampler="consistency",
+                      batch_size=GRID, guidance=1.5))
+    np.testing.assert_array_equal(got, grid(to_numpy_images(x)))
+    np.testing.assert_array_equal(ask(studio, mode="generate", seed=0)["result"],
+                                  ask(studio, mode="generate", seed=0, guidance=2.0)["result"])  # the default w
+    assert not np.array_equal(got, ask(studio, mode="generate", seed=0, guidance=2.0)["result"])
+    assert "outside [1, 3]" in studio.reply({"id": 1, "mode": "generate", "guidance": 3.5})["error"]
 
 
 def test_teacher_samples_the_same_seeds_with_heun(rgb):

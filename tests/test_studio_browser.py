@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cmkit.checkpoint import load_export, save_export
 from cmkit.errors import CmkitError
 from conftest import import_or_missing, missing_requirement, studio_server
 
@@ -216,3 +218,20 @@ def test_another_sites_page_cannot_use_the_studio(browser, gray_url, gray_page):
     assert outcome == ["refused", "refused"]
     gray_page.fill("#seed", "5")
     settle(gray_page, "generate")
+
+
+def test_a_guided_model_has_a_guidance_slider_that_changes_the_grid(browser, studio_files, tmp_path):
+    """A class-conditional model trained with label dropout: the page shows the guidance control at 1 (none);
+    moving it sends the scale, and the grid is the guided one."""
+    model, config, spec = load_export(studio_files["rgb"])
+    guided = replace(config, train=replace(config.train, p_uncond=0.1))
+    save_export(model, guided, tmp_path / "guided.safetensors", spec=spec)
+    with studio_server(tmp_path / "guided.safetensors", "--data", str(studio_files["rgb_data"])) as (url, _):
+        page = next(open_page(browser, url))
+        assert page.locator("#guidance-control").is_visible() and page.input_value("#guidance") == "1"
+        first = shown(page, "generate")
+        page.fill("#guidance", "3")
+        settle(page, "generate")
+        assert page.inner_text("#guidance-value") == "3.0" and not np.array_equal(shown(page, "generate"), first)
+        assert page.evaluate("studio.stats.errors") == []
+        page.close()

@@ -44,6 +44,21 @@ MAX_UPLOAD_PIXELS = 40_000_000  # an upload of more pixels is refused before it 
 CODECS = editing.CODECS  # the codec kinds (cmkit.codec.codec_kind) the studio serves: it edits pixels
 
 
+CFG_RANGE = (1.0, 4.0)  # the classifier-free guidance scales offered for a model trained with label dropout
+
+
+def guidance_control(model: nn.Module, config: Config | None) -> dict[str, float] | None:
+    """The guidance scales the page may ask ``model`` (trained with ``config``) for: a model that takes the scale
+    as its input (LCM: ``guidance_range``), its trained range and default; a class-conditional model trained with
+    label dropout (``train.p_uncond > 0``), classifier-free guidance in :data:`CFG_RANGE` from 1 (none); else None."""
+    trained = getattr(model, "guidance_range", None)
+    if trained is not None:
+        return {"min": trained[0], "max": trained[1], "default": model.guidance_default}
+    if model.num_classes and config is not None and config.train.p_uncond > 0:
+        return {"min": CFG_RANGE[0], "max": CFG_RANGE[1], "default": 1.0}
+    return None
+
+
 class Superseded(Exception):
     """A newer request of the same client arrived while this one was being computed."""
 
@@ -211,6 +226,9 @@ class Studio:
         self.modes = ("generate", "draw", "inpaint", "interpolate", *(("colorize",) if m.channels == 3 else ()),
                       *(("superres",) if self.factors else ()), *(("teacher",) if models.teacher else ()))
         self.data_source = data or models.config.data.source
+        self.guidance = guidance_control(m, models.config)
+        self.teacher_guidance = (None if models.teacher is None
+                                 else guidance_control(models.teacher, models.teacher_config))
         self._data: ImageData | None = None
         self.data_error = ""
         self._data_lock = threading.Lock()
@@ -222,7 +240,7 @@ class Studio:
                 "channels": m.channels, "classes": m.num_classes, "parameters": _count(m), "modes": self.modes,
                 "steps": STEPS, "grid": GRID, "factors": self.factors, "sigma_min": m.sigma_min,
                 "sigma_max": m.sigma_max, "stroke_sigma": editing.STROKE_SIGMAS[0], "max_seed": MAX_SEED,
-                "data": self.data_source, "precision": self.precision, "teacher": None}
+                "data": self.data_source, "precision": self.precision, "guidance": self.guidance, "teacher": None}
         if self.models.teacher is not None:
             info["teacher"] = {"preset": self.models.teacher_config.preset,
                                "parameters": _count(self.models.teacher), "evaluations": 2 * TEACHER_STEPS - 1}
@@ -290,20 +308,39 @@ class Studio:
     # Each returns ({name: uint8 [H, W, C]}, seconds spent in the model).
 
     def _generate(self, request: dict[str, Any], stale) -> tuple[dict[str, np.ndarray], float]:
-        return self._grid(self.model, self.spec, request, steps=choice_field(request, "steps", STEPS, 1))
+        guidance = self._guidance(request, self.guidance)
+        return self._grid(self.model, self.spec, request, steps=choice_field(request, "steps", STEPS, 1),
+                          guidance=guidance)
 
     def _teacher(self, request: dict[str, Any], stale) -> tuple[dict[str, np.ndarray], float]:
+        """The teacher's grid of the same seeds, guided at the request's scale where the teacher can be (one
+        trained with label dropout; outside its range, or for an unguidable teacher, unguided)."""
         spec = sampling_spec(self.models.teacher_config.method)
-        return self._grid(Cancellable(self.models.teacher, stale), spec, request, steps=TEACHER_STEPS)
+        w, control = self._guidance(request, self.guidance), self.teacher_guidance
+        guidance = w if control and w is not None and control["min"] <= w <= control["max"] else None
+        return self._grid(Cancellable(self.models.teacher, stale), spec, request, steps=TEACHER_STEPS,
+                          guidance=guidance)
 
-    def _grid(self, model, spec: SamplingSpec, request: dict[str, Any], *, steps: int) -> tuple[dict, float]:
-        """A grid of ``model``'s samples with ``spec``'s default sampler and schedule of ``steps`` steps."""
+    @staticmethod
+    def _guidance(request: dict[str, Any], control: dict[str, float] | None) -> float | None:
+        """The request's ``guidance`` scale, inside ``control``'s range (:func:`guidance_control`), or None."""
+        if request.get("guidance") is None:
+            return None
+        if control is None:
+            raise CmkitError("request field 'guidance': this model takes no guidance scale (it is not "
+                             "class-conditional with label dropout, nor trained with a w input)")
+        return float_field(request, "guidance", control["min"], control["max"])
+
+    def _grid(self, model, spec: SamplingSpec, request: dict[str, Any], *, steps: int,
+              guidance: float | None) -> tuple[dict, float]:
+        """A grid of ``model``'s samples with ``spec``'s default sampler and schedule of ``steps`` steps, at the
+        guidance scale ``guidance`` (None: the model's own default)."""
         seed = int_field(request, "seed", 0, MAX_SEED - GRID + 1, 0)
         label = self._label(request)
         start = time.perf_counter()
         sigmas = default_sigmas(spec, steps)
         x = next(generate(model, range(seed, seed + GRID), sigmas=sigmas, sampler=spec.sampler, batch_size=GRID,
-                          label=label, precision=self.precision))
+                          label=label, guidance=guidance, precision=self.precision))
         return {"result": grid(to_numpy_images(self.codec.to_images(x)))}, time.perf_counter() - start
 
     @torch.no_grad()

@@ -143,6 +143,7 @@ function showStatus(text, error) {
 function sampling() {
   const fields = { steps: Number($("#steps").value), seed: Math.max(0, Number($("#seed").value) || 0) };
   if ($("#label").value !== "") fields.label = Number($("#label").value);
+  if (studio.info.guidance) fields.guidance = Number($("#guidance").value);
   return fields;
 }
 
@@ -321,8 +322,16 @@ function buildControls(info) {
   for (const f of info.factors) $("#factor").append(new Option(`${f}x`, f));
   for (let c = 0; c < info.classes; c++) $("#label").append(new Option(`${c}`, c));
   $("#class-control").hidden = !info.classes;
+  if (info.guidance) {  // a guided model: classifier-free guidance, or the w input of an LCM model
+    const g = $("#guidance");
+    [g.min, g.max, g.value] = [info.guidance.min, info.guidance.max, info.guidance.default];
+    const show = () => { $("#guidance-value").textContent = Number(g.value).toFixed(1); };
+    g.addEventListener("input", show);
+    show();
+  }
+  $("#guidance-control").hidden = !info.guidance;
   $("#teacher-figure").hidden = !info.teacher;
-  for (const id of ["#steps", "#seed", "#label", "#factor", "#seed-a", "#seed-b", "#slider"]) {
+  for (const id of ["#steps", "#seed", "#label", "#guidance", "#factor", "#seed-a", "#seed-b", "#slider"]) {
     $(id).addEventListener("input", (e) => run(e.timeStamp));
   }
   $("#generate-next").addEventListener("click", (e) => {
