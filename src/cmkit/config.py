@@ -309,6 +309,18 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
     return config
 
 
+def override_fields(values: dict[str, Any], hints: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``values`` (the fields of a flat config, e.g. :class:`cmkit.autoencoder.AEConfig`) with ``key=value``
+    strings applied, each parsed by its annotation in ``hints`` as ``--set`` parses :class:`Config` keys; a key
+    not in ``hints`` is an error naming the keys. Nothing is validated here."""
+    values = dict(values)
+    for key, text in map(_split, overrides):
+        if key not in hints:
+            raise CmkitError(f"--set {key}={text}: expected KEY=VALUE with KEY one of {', '.join(hints)}")
+        values[key] = _parse_text(text, hints[key], key)
+    return values
+
+
 def _split(item: str) -> tuple[str, str]:
     key, sep, text = item.partition("=")
     if not sep:
