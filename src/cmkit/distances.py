@@ -37,11 +37,13 @@ def huber_c(dim: int) -> float:
 
 
 def make_distance(name: str, *, dim: int, c: float | None = None) -> Distance:
-    """``l2`` or ``pseudo-huber`` with constant ``c`` (None selects :func:`huber_c` of ``dim``; 0 is the plain
-    l2 norm, as ECT's CIFAR-10 run uses)."""
+    """``l2``; ``pseudo-huber`` on whole samples with constant ``c`` (None selects :func:`huber_c` of ``dim``; 0 is
+    the plain l2 norm, as ECT's CIFAR-10 run uses); or ``huber``, the per-value pseudo-Huber averaged over the
+    sample (LCM), with constant ``c`` (None: :func:`huber_c` of ``dim``)."""
     if name == "l2":
         return l2
-    if name == "pseudo-huber":
+    if name in ("pseudo-huber", "huber"):
         c = huber_c(dim) if c is None else c
-        return lambda a, b: pseudo_huber(a, b, c=c)
-    raise ValueError(f"unknown distance '{name}'; expected l2 or pseudo-huber")
+        per_sample = pseudo_huber if name == "pseudo-huber" else huber
+        return lambda a, b: per_sample(a, b, c=c)
+    raise ValueError(f"unknown distance '{name}'; expected l2, pseudo-huber or huber")

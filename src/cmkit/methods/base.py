@@ -265,8 +265,9 @@ def grid_pairs(method: Any, num_scales: Callable[[int], int], **kw: Any) -> Grid
     return GridPairs(num_scales, sigma_min=method.sigma_min, sigma_max=method.sigma_max, rho=method.rho, **kw)
 
 
-def distance_of(method: ConsistencyDistance, dim: int) -> Distance:
-    """The distance a consistency method's config names, for samples of ``dim`` values."""
+def distance_of(method: Any, dim: int) -> Distance:
+    """The distance a consistency method's config names (its ``distance`` and ``huber_c``: a
+    :class:`ConsistencyDistance`, or LCM's), for samples of ``dim`` values."""
     return make_distance(method.distance, dim=dim, c=method.huber_c)
 
 

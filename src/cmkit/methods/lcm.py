@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
-from cmkit.distances import Distance, huber, l2
 from cmkit.losses import ConsistencyLoss, GuidanceDrawn, SkipPairs, TeacherStep, uniform_weight
 from cmkit.methods.base import (
     CONSISTENCY_CAPABILITIES,
@@ -23,6 +22,7 @@ from cmkit.methods.base import (
     MethodEntry,
     TaughtConfig,
     TeacherRole,
+    distance_of,
     ema_rate,
     shared_dropout,
 )
@@ -93,19 +93,12 @@ def guided_student(config: Config) -> tuple[bool, str]:
             "(e.g. 32)")
 
 
-def distance_of(method: LCMConfig) -> Distance:
-    """LCM's distance: the per-value pseudo-Huber of constant ``huber_c``, or the mean squared difference."""
-    if method.distance == "l2":
-        return l2
-    return lambda a, b: huber(a, b, c=method.huber_c)
-
-
-def build_loss(method: LCMConfig, *, teacher: nn.Module, **_) -> GuidanceDrawn:
+def build_loss(method: LCMConfig, *, dim: int, teacher: nn.Module, **_) -> GuidanceDrawn:
     """LCM (Alg. 1): w ~ U[w_min, w_max], skipping pairs, the guided teacher step, weight 1, target EMA mu."""
     pairs = SkipPairs(num_scales=method.num_scales, skip=method.skip, sigma_min=method.sigma_min,
                       sigma_max=method.sigma_max, rho=method.rho)
     loss = ConsistencyLoss(pairs=pairs, point=TeacherStep(teacher, heun=method.solver == "heun", guided=True),
-                           weight=uniform_weight, distance=distance_of(method),
+                           weight=uniform_weight, distance=distance_of(method, dim),
                            target_decay=lambda images_seen: method.mu if method.mu > 0 else None,
                            sigma_min=method.sigma_min)
     return GuidanceDrawn(loss, w_min=method.w_min, w_max=method.w_max)
