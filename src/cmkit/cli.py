@@ -295,12 +295,15 @@ def _guidance_option(p: argparse.ArgumentParser) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     from cmkit.presets import AE_PRESETS
+    from cmkit.sd.config import SD_PRESETS
 
-    width = max(map(len, {**PRESETS, **AE_PRESETS}))
+    width = max(map(len, {**PRESETS, **AE_PRESETS, **SD_PRESETS}))
     for name, (description, _) in PRESETS.items():
         print(f"{name:<{width}}  {description}")
     for name, (description, _) in AE_PRESETS.items():
         print(f"{name:<{width}}  {description} (cmkit train-ae)")
+    for name, (description, _) in SD_PRESETS.items():
+        print(f"{name:<{width}}  {description}")
     return 0
 
 

@@ -75,6 +75,10 @@ def default_eval_kimg(config: Config) -> float:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cmkit import dist
+    from cmkit.sd.cli import cmd_train_sd, is_sd_preset
+
+    if is_sd_preset(args.preset):  # the SD route (diffusers pipelines): cmkit.sd
+        return cmd_train_sd(args)
     from cmkit.machine import resolve_precision, run_config
 
     config = build_config(args)

@@ -1,0 +1,136 @@
+"""Captioned image folders and their cache of latents and text embeddings.
+
+A folder of images (.png, .jpg, .jpeg, .webp, .bmp) with captions either in a ``metadata.jsonl`` (one JSON object
+a line with ``file_name`` and ``text``: the Hugging Face image-folder convention) or in a ``.txt`` file beside
+each image (``cat.png`` and ``cat.txt``, UTF-8). Captions may be empty or hold any Unicode; an image without a
+caption is refused in one line naming it. Images are converted to RGB, resized (shorter side, Lanczos) to the
+resolution and centre-cropped.
+
+The cache (``latents.safetensors`` in the run directory) holds, per image, the mean and standard deviation of the
+VAE's q(z | x) and the text encoder's embedding of its caption, plus the empty caption's (the unconditional
+embedding), all float32; it is computed once and reused on ``--resume`` when its key (the image files' names,
+sizes and modification times, the captions, the resolution and the teacher's VAE and text encoder files) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from cmkit.errors import CmkitError
+from cmkit.files import atomic_write
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CACHE_NAME = "latents.safetensors"
+
+
+def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of a captioned folder, sorted by file name; CmkitError for a missing folder,
+    a malformed metadata.jsonl, a row naming no image, or an image without a caption."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CmkitError(f"--data {folder}: no such folder; expected a folder of captioned images")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise CmkitError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    meta = folder / "metadata.jsonl"
+    captions = _metadata(meta, folder) if meta.is_file() else {}
+    pairs = []
+    for image in images:
+        if image.name in captions:
+            pairs.append((image, captions[image.name]))
+        elif image.with_suffix(".txt").is_file():
+            pairs.append((image, image.with_suffix(".txt").read_text(encoding="utf-8").strip()))
+        else:
+            raise CmkitError(f"{image}: no caption (no row in {meta.name} and no {image.with_suffix('.txt').name}); "
+                             "every image needs one (an empty caption is fine)")
+    return pairs
+
+
+def _metadata(path: Path, folder: Path) -> dict[str, str]:
+    """file_name -> text of a metadata.jsonl."""
+    captions = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+        except (ValueError, KeyError, TypeError):
+            raise CmkitError(f"{path}, line {n}: expected a JSON object with file_name and text") from None
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise CmkitError(f"{path}, line {n}: file_name and text must be strings")
+        if not (folder / name).is_file():
+            raise CmkitError(f"{path}, line {n}: file_name {name!r} is not a file in {folder}")
+        captions[name] = text
+    return captions
+
+
+def load_image(path: Path, resolution: int) -> Tensor:
+    """float32 [3, resolution, resolution] in [-1, 1]: RGB, shorter side resized (Lanczos), centre-cropped."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = resolution / min(im.size)
+            size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
+            im = im.resize(size, Image.LANCZOS)
+            left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+            im = im.crop((left, top, left + resolution, top + resolution))
+            array = np.asarray(im, dtype=np.float32)
+    except OSError as e:
+        raise CmkitError(f"{path}: not a readable image ({e})") from None
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def cache_key(pairs: list[tuple[Path, str]], resolution: int, teacher: Path) -> str:
+    """sha256 over what the cache depends on (see the module docstring)."""
+    h = hashlib.sha256(f"{resolution}".encode())
+    for path, text in pairs:
+        st = path.stat()
+        h.update(json.dumps([path.name, st.st_size, st.st_mtime_ns, text]).encode())
+    for part in ("vae", "text_encoder", "tokenizer"):
+        for f in sorted((teacher / part).iterdir()):
+            st = f.stat()
+            h.update(json.dumps([part, f.name, st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()
+
+
+def read_cache(path: Path, key: str) -> dict[str, Tensor] | None:
+    """The cached tensors when ``path`` holds a cache of ``key``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError):
+        return None
+
+
+def build_cache(teacher, pairs: list[tuple[Path, str]], resolution: int, *, batch: int = 32) -> dict[str, Tensor]:
+    """{"mean", "std": float32 [N, C, h, w], "text": float32 [N, L, D], "null": float32 [L, D]} of ``pairs``
+    through ``teacher`` (:class:`cmkit.sd.pipeline.TextToImage`), in batches of ``batch``."""
+    means, stds, texts = [], [], []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        mean, std = teacher.encode_images(torch.stack([load_image(p, resolution) for p, _ in chunk]))
+        means.append(mean.cpu())
+        stds.append(std.cpu())
+        texts.append(teacher.encode_text([t for _, t in chunk]).cpu())
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "text": torch.cat(texts),
+            "null": teacher.encode_text([""])[0].cpu()}
+
+
+def write_cache(path: Path, tensors: dict[str, Tensor], key: str) -> None:
+    blob = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": key})
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(blob)
