@@ -218,6 +218,12 @@ def cmd_tune_steps(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from cmkit.sd.model import is_sd_run
+
+    if is_sd_run(args.model):  # an SD-route run: a LoRA folder or an LCM pipeline (cmkit.sd.export)
+        from cmkit.sd.cli import cmd_export_sd
+
+        return cmd_export_sd(args)
     from cmkit.checkpoint import load_export
     from cmkit.codec import check_codec
     from cmkit.export import export_diffusers, tuned_schedules  # imports diffusers: only this command needs it

@@ -61,5 +61,18 @@ def cmd_train_sd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_sd(args: argparse.Namespace) -> int:
+    from cmkit.sd.export import export_sd, usage
+    from cmkit.sd.model import load_sd_model
+
+    model = load_sd_model(args.model)
+    out = export_sd(model, args.diffusers)
+    kind = "an LCM-LoRA adapter (diffusers LoRA format)" if model.config.lora else "a LatentConsistencyModelPipeline"
+    print(f"wrote {kind} to {out}; load it with diffusers alone (no cmkit needed):")
+    for line in usage(model, out):
+        print(f"    {line}")
+    return 0
+
+
 def is_sd_preset(name: str) -> bool:
     return name in SD_PRESETS

@@ -42,7 +42,7 @@ class SDMethod:
     k = num_train_timesteps / ``ddim_steps`` timesteps; its guidance scale is drawn per sample from U[``w_min``,
     ``w_max``] in diffusers' ``guidance_scale`` convention (1: no guidance; LCM's omega = w - 1), and the full student
     is told ``w - 1``. ``w_default`` is the scale a full student samples at. Boundary scalings as LCMScheduler's with
-    ``sigma_data`` and ``timestep_scaling``; ``distance`` ``huber`` (per value, constant ``huber_c``) or ``l2``.
+    its sigma_data 0.5 and ``timestep_scaling``; ``distance`` ``huber`` (per value, constant ``huber_c``) or ``l2``.
     """
 
     name: str = "sd-lcm"
@@ -54,7 +54,6 @@ class SDMethod:
     time_cond_proj_dim: int = 256
     lora_rank: int = 64
     lora_alpha: float = 64.0
-    sigma_data: float = 0.5
     timestep_scaling: float = 10.0
     distance: str = "huber"
     huber_c: float = 0.001
@@ -193,7 +192,7 @@ def _problems(c: SDConfig) -> list[str]:
         (m.time_cond_proj_dim >= 2, f"method.time_cond_proj_dim: expected >= 2, got {m.time_cond_proj_dim}"),
         (m.lora_rank >= 1, f"method.lora_rank: expected a positive rank, got {m.lora_rank}"),
         (m.lora_alpha > 0, f"method.lora_alpha: expected > 0, got {m.lora_alpha}"),
-        (m.sigma_data > 0 and m.timestep_scaling > 0, "method.sigma_data and method.timestep_scaling: expected > 0"),
+        (m.timestep_scaling > 0, f"method.timestep_scaling: expected > 0, got {m.timestep_scaling}"),
         (m.huber_c >= 0, f"method.huber_c: expected >= 0, got {m.huber_c}"),
         (0 <= m.mu < 1, f"method.mu: expected an EMA rate in [0, 1), got {m.mu}"),
         (m.student == "full" or m.mu == 0, f"method.mu={m.mu:g}: LCM-LoRA trains without a target network (its "

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 PREDICTIONS = ("epsilon", "v_prediction")
+SIGMA_DATA = 0.5  # LCMScheduler's (a constant there: an exported scheduler cannot carry another)
 
 
 def ddim_grid(num_train_timesteps: int, ddim_steps: int) -> Tensor:
@@ -65,10 +66,11 @@ def ddim_step(x0: Tensor, eps: Tensor, t_prev: Tensor, alphas_cumprod: Tensor) -
     return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
 
 
-def boundary_scalings(t: Tensor, *, sigma_data: float, timestep_scaling: float) -> tuple[Tensor, Tensor]:
+def boundary_scalings(t: Tensor, *, timestep_scaling: float) -> tuple[Tensor, Tensor]:
     """(c_skip, c_out) float32 [N, 1, 1, 1] at integer timesteps ``t`` [N] (LCMScheduler's discrete form)."""
     st = timestep_scaling * t.float().view(-1, 1, 1, 1)
-    return sigma_data**2 / (st**2 + sigma_data**2), st / (st**2 + sigma_data**2).sqrt()
+    sd = SIGMA_DATA
+    return sd**2 / (st**2 + sd**2), st / (st**2 + sd**2).sqrt()
 
 
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:
@@ -98,15 +100,15 @@ Predict = Callable[[Tensor, Tensor], Tensor]
 
 
 def consistency(predict: Predict, x: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction: str, *,
-                sigma_data: float, timestep_scaling: float) -> Tensor:
+                timestep_scaling: float) -> Tensor:
     """The consistency function ``f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)``, float32 [N, C, H, W]."""
-    c_skip, c_out = boundary_scalings(t, sigma_data=sigma_data, timestep_scaling=timestep_scaling)
+    c_skip, c_out = boundary_scalings(t, timestep_scaling=timestep_scaling)
     x0, _ = x0_and_eps(predict(x, t), x, t, alphas_cumprod, prediction)
     return c_skip * x.float() + c_out * x0
 
 
 def lcm_sample(predict: Predict, latents: Tensor, timesteps: list[int], alphas_cumprod: Tensor, prediction: str, *,
-               sigma_data: float, timestep_scaling: float, generator: torch.Generator | None = None) -> Tensor:
+               timestep_scaling: float, generator: torch.Generator | None = None) -> Tensor:
     """Multistep LCM sampling (LCM Alg. 3, as ``LCMScheduler.step``) from ``latents`` [N, C, H, W] (standard normal,
     the noise at the first timestep) over DESCENDING ``timesteps``: at each, ``x0 = f(x, t)``; before the next one
     ``x = sqrt(abar_next) x0 + sqrt(1 - abar_next) z`` with ``z = torch.randn(x.shape, generator=generator)`` drawn
@@ -114,8 +116,7 @@ def lcm_sample(predict: Predict, latents: Tensor, timesteps: list[int], alphas_c
     x = latents.float()
     for i, t in enumerate(timesteps):
         ts = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        denoised = consistency(predict, x, ts, alphas_cumprod, prediction, sigma_data=sigma_data,
-                               timestep_scaling=timestep_scaling)
+        denoised = consistency(predict, x, ts, alphas_cumprod, prediction, timestep_scaling=timestep_scaling)
         if i == len(timesteps) - 1:
             return denoised
         nxt = torch.full_like(ts, timesteps[i + 1])

@@ -35,10 +35,10 @@ from cmkit.machine import auto_precision
 from cmkit.rng import BatchNoise, derive_seed
 from cmkit.sd import captions, lcm
 from cmkit.sd.config import LORA_TARGETS, SDConfig, validate
+from cmkit.sd.model import FORMAT, STUDENT_NAME
 from cmkit.sd.pipeline import TextToImage, load_pipeline
 from cmkit.train import TrainingStopped, config_diff, ema_update, stop_requests
 
-STUDENT_NAME = "student.safetensors"  # the trained weights: the full UNet, or the LoRA weights (peft names)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -141,7 +141,7 @@ class SDRun:
                 return unet(x_in, t_in, encoder_hidden_states=text, timestep_cond=w_emb).sample
 
         return lcm.consistency(predict, x, t, self.teacher.alphas_cumprod, self.teacher.prediction,
-                               sigma_data=m.sigma_data, timestep_scaling=m.timestep_scaling)
+                               timestep_scaling=m.timestep_scaling)
 
     @torch.no_grad()
     def teacher_step(self, x: Tensor, t: Tensor, s: Tensor, text: Tensor, w: Tensor) -> Tensor:
@@ -233,7 +233,7 @@ class SDRun:
 def save_student(student: nn.Module, config: SDConfig, path: Path) -> None:
     """The trained weights (:func:`trained_state`) with the config in the metadata, atomically."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in trained_state(student).items()}
-    blob = save(tensors, metadata={"format": "cmkit-sd-1", "config": json.dumps(config.to_dict())})
+    blob = save(tensors, metadata={"format": FORMAT, "config": json.dumps(config.to_dict())})
     with atomic_write(path) as tmp:
         tmp.write_bytes(blob)
 
