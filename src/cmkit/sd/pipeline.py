@@ -136,8 +136,13 @@ def load_pipeline(folder: str | Path, *, device: torch.device | str = "cpu",
     from cmkit.nets.foreign import import_diffusers
 
     import_diffusers()
+    import diffusers
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    for library in (diffusers, transformers):  # their loading bars would bury cmkit's one-line messages
+        library.utils.logging.disable_progress_bar()
 
     folder = Path(folder).resolve()
     check_layout(folder)

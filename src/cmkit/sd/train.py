@@ -275,11 +275,11 @@ def sd_train(config: SDConfig, out: Path, *, resume: bool = False, device: str |
     own = dist.init()
     dev = torch.device(device) if device else own
     config = resolve_precision(config, dev)
+    captions.read_captions(config.data.source)  # bad input is refused before the run directory exists
     teacher = load_pipeline(config.teacher, device=dev, dtype=DTYPES[config.train.precision])
     _check_resolution(config, teacher)
     if config.lora:
         check_lora_rank(teacher.unet, config.method.lora_rank)
-    captions.read_captions(config.data.source)  # refused before the run directory exists
     resume_from = rundir.prepare_run_dir(config, out, resume=resume)
     run = SDRun(config, teacher, prepare_cache(config, teacher, out), dev)
     if resume_from is not None:
