@@ -132,7 +132,9 @@ def _check_fit(folder: Path, unet: dict[str, Any], vae: dict[str, Any], schedule
 
 def load_pipeline(folder: str | Path, *, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> TextToImage:
-    """Load and check the pipeline folder (see the module docstring); modules in ``dtype`` on ``device``."""
+    """Load and check the pipeline folder (see the module docstring) onto ``device``: the UNet and the text encoder
+    in ``dtype``, the VAE in float32 (it only fills the latent cache, once; in half precision it can overflow, as
+    diffusers' LCM scripts note)."""
     from cmkit.nets.foreign import import_diffusers
 
     import_diffusers()
@@ -154,7 +156,7 @@ def load_pipeline(folder: str | Path, *, device: torch.device | str = "cpu",
     kw = {"local_files_only": True, "use_safetensors": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **{**kw, "torch_dtype": torch.float32})
         text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True,
                                                      use_safetensors=True, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)

@@ -147,11 +147,10 @@ class SDRun:
     def teacher_step(self, x: Tensor, t: Tensor, s: Tensor, text: Tensor, w: Tensor) -> Tensor:
         """The guided DDIM step of the teacher from (x, t) to timesteps s at guidance scales w [N], float32."""
         n, th = x.shape[0], self.teacher
-        null = th.text_encoder.dtype
+        both = torch.cat([text, self.cache["null"].to(x.device).expand_as(text)])  # conditional, then unconditional
         with self._autocast():
             out = th.unet(torch.cat([x, x]).to(th.unet.dtype), torch.cat([t, t]),
-                          encoder_hidden_states=torch.cat([text, self.cache["null"].to(x.device).expand_as(text)]).to(
-                              null)).sample
+                          encoder_hidden_states=both.to(th.unet.dtype)).sample
         x0, eps = lcm.x0_and_eps(out, torch.cat([x, x]), torch.cat([t, t]), th.alphas_cumprod, th.prediction)
         w = w.view(-1, 1, 1, 1)
         x0 = x0[n:] + w * (x0[:n] - x0[n:])
