@@ -7,9 +7,10 @@ caption is refused in one line naming it. Images are converted to RGB, resized (
 resolution and centre-cropped.
 
 The cache (``latents.safetensors`` in the run directory) holds, per image, the mean and standard deviation of the
-VAE's q(z | x) and the text encoder's embedding of its caption, plus the empty caption's (the unconditional
-embedding), all float32; it is computed once and reused on ``--resume`` when its key (the image files' names,
-sizes and modification times, the captions, the resolution and the teacher's VAE and text encoder files) matches.
+VAE's q(z | x) and the index of its caption; the text encoder's embedding of each distinct caption once; and the
+empty caption's (the unconditional embedding), all float32. It is computed once and reused on ``--resume`` when its
+key (the image files' names, sizes and modification times, the captions, the resolution and the teacher's VAE, text
+encoder and tokenizer files) matches.
 """
 
 from __future__ import annotations
@@ -117,16 +118,19 @@ def read_cache(path: Path, key: str) -> dict[str, Tensor] | None:
 
 
 def build_cache(teacher, pairs: list[tuple[Path, str]], resolution: int, *, batch: int = 32) -> dict[str, Tensor]:
-    """{"mean", "std": float32 [N, C, h, w], "text": float32 [N, L, D], "null": float32 [L, D]} of ``pairs``
-    through ``teacher`` (:class:`cmkit.sd.pipeline.TextToImage`), in batches of ``batch``."""
-    means, stds, texts = [], [], []
+    """{"mean", "std": float32 [N, C, h, w], "caption": int64 [N] (an index into "text"), "text": float32 [U, L, D]
+    (the U distinct captions' embeddings, in sorted order), "null": float32 [L, D]} of ``pairs`` through ``teacher``
+    (:class:`cmkit.sd.pipeline.TextToImage`), in batches of ``batch``."""
+    means, stds = [], []
     for i in range(0, len(pairs), batch):
-        chunk = pairs[i:i + batch]
-        mean, std = teacher.encode_images(torch.stack([load_image(p, resolution) for p, _ in chunk]))
+        mean, std = teacher.encode_images(torch.stack([load_image(p, resolution) for p, _ in pairs[i:i + batch]]))
         means.append(mean.cpu())
         stds.append(std.cpu())
-        texts.append(teacher.encode_text([t for _, t in chunk]).cpu())
+    distinct = sorted({text for _, text in pairs})
+    index = {text: i for i, text in enumerate(distinct)}
+    texts = [teacher.encode_text(distinct[i:i + batch]).cpu() for i in range(0, len(distinct), batch)]
     return {"mean": torch.cat(means), "std": torch.cat(stds), "text": torch.cat(texts),
+            "caption": torch.tensor([index[text] for _, text in pairs], dtype=torch.int64),
             "null": teacher.encode_text([""])[0].cpu()}
 
 

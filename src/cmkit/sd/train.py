@@ -169,7 +169,7 @@ class SDRun:
         s = (t - self.k).clamp(min=0)
         eps = noise.randn(n, *shape).to(dev)
         w = (m.w_min + (m.w_max - m.w_min) * noise.rand(n)).to(dev)
-        text = c["text"][idx].to(dev)
+        text = c["text"][c["caption"][idx]].to(dev)
         abar = self.teacher.alphas_cumprod.to(dev)[t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
         w_emb = lcm.guidance_embedding(w - 1, self.w_dim) if self.w_dim else None
