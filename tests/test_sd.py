@@ -293,3 +293,19 @@ def test_a_v_prediction_teacher_distils(tmp_path, captioned):
     pipe = build_pipeline(tmp_path / "pipe", prediction_type="v_prediction")
     assert train("sd-lcm", pipe, captioned, tmp_path / "run", "--kimg", "0.004") == 0
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["loss"] > 0
+
+
+def test_torchrun_trains_as_one_process(runs, sd_pipeline, captioned, tmp_path):
+    """``torchrun --nproc_per_node=2 -m cmkit train`` (gloo, two rows of the global batch 4 per process) logs the
+    1-process run's losses: every sample's noise, timestep and guidance scale are functions of (seed, step, row)."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cmkit",
+               "train", "--preset", "sd-lcm", "--teacher", str(sd_pipeline), "--data", str(captioned), "--out",
+               str(out), *FAST]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("model: ") == 1  # rank 0 alone reports
+    one, two = ([json.loads(ln)["loss"] for ln in (r / "metrics.jsonl").read_text().splitlines()]
+                for r in (runs["sd-lcm"], out))
+    assert two == pytest.approx(one, rel=1e-4)
