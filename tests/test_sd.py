@@ -231,6 +231,19 @@ def test_refuses_a_resolution_the_unet_cannot_halve(sd_pipeline, captioned, tmp_
              tmp_path / "run", "data.resolution=18", "multiple of 4")
 
 
+def test_dry_run_prints_the_config_and_writes_nothing(sd_pipeline, captioned, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*_args("sd-lcm-lora", sd_pipeline, captioned, out, "method.lora_alpha=8"), "--dry-run"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["method"]["student"] == "lora" and config["method"]["lora_alpha"] == 8
+    assert config["teacher"] == str(sd_pipeline.resolve()) and config["data"]["resolution"] == RESOLUTION
+    assert not out.exists()
+    minutes = ["train", "--preset", "sd-lcm", "--teacher", str(sd_pipeline), "--data", str(captioned), "--out",
+               str(out), "--minutes", "1"]
+    _refused(capsys, minutes, out, "--minutes")
+    _refused(capsys, _args("sd-lcm-lora", sd_pipeline, captioned, out, "method.mu=0.95"), out, "method.mu=0.95")
+
+
 def test_captions_from_txt_files_metadata_unicode_and_empty(tmp_path):
     from cmkit.sd.captions import read_captions
 
