@@ -8,5 +8,11 @@ scalings), so what is trained loads into plain diffusers. Modules: :mod:`.config
 ``sd-lcm`` / ``sd-lcm-lora`` presets), :mod:`.pipeline` (loading and checking the teacher folder), :mod:`.captions`
 (captioned image folders and their latent cache), :mod:`.lcm` (the LCM formulas on a discrete schedule, torch
 only), :mod:`.train` (the training loop) and :mod:`.export` (the diffusers folders). Everything but :mod:`.config`
-and :mod:`.lcm` imports diffusers, transformers or peft (``pip install "cmkit[sd]"``).
+and :mod:`.lcm` imports diffusers, transformers or peft (``pip install "cmkit[sd]"``), only when called.
+
+A trained run as a model: ``load_sd_model(RUN).sample(prompts, latents, steps=4)`` (:mod:`.model`).
 """
+
+from cmkit.sd.model import SDModel, load_sd_model
+
+__all__ = ["SDModel", "load_sd_model"]

@@ -43,8 +43,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(config: SDConfig, device: torch.device) -> SDConfig:
-    """``train.precision=auto`` made concrete: bf16 where ``device`` computes it natively, else fp32; fp16 and bf16
-    are refused on a CPU (emulated there)."""
+    """``train.precision=auto`` made concrete: bf16 where ``device`` computes it natively, else fp32; fp16 is
+    refused off CUDA (no CPU computes it natively)."""
     p = config.train.precision
     if p == "auto":
         p = auto_precision(device)[0]
@@ -237,6 +237,19 @@ def save_student(student: nn.Module, config: SDConfig, path: Path) -> None:
         tmp.write_bytes(blob)
 
 
+def save_run(run: SDRun, out: Path) -> None:
+    """Check that every process holds the same weights, then write the training state (the newest
+    ``train.keep_ckpts`` kept) and ``student.safetensors`` into ``out`` (rank 0)."""
+    dist.check_same_weights(run.student)
+    state, t = run.state_dict(), run.config.train
+
+    def write() -> None:
+        checkpoint.save_state(state, out, images_seen=run.step * t.batch, keep=t.keep_ckpts)
+        save_student(run.student, run.config, out / STUDENT_NAME)
+
+    dist.on_main(write)
+
+
 def _check_resolution(config: SDConfig, teacher: TextToImage) -> None:
     """The images' size must give latents the UNet can halve down to its lowest level."""
     r, f = config.data.resolution, teacher.factor
@@ -303,11 +316,7 @@ def sd_train(config: SDConfig, out: Path, *, resume: bool = False, device: str |
                            "skipped_steps": len(losses) - len(finite), "lr": run.optimizer.param_groups[0]["lr"]})
                 losses = []
             if run.step % ckpt == 0 or last or stopping:
-                dist.check_same_weights(run.student)
-                state = run.state_dict()
-                dist.on_main(lambda state=state: (
-                    checkpoint.save_state(state, out, images_seen=run.step * t.batch, keep=t.keep_ckpts),
-                    save_student(run.student, config, out / STUDENT_NAME)))
+                save_run(run, out)
             if stopping and not last:
                 signum = stop[0] if stop else signal.SIGTERM
                 raise TrainingStopped(signum, run.step * t.batch, checkpoint.list_states(out)[-1])
