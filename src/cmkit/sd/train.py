@@ -40,6 +40,7 @@ from cmkit.sd.pipeline import TextToImage, load_pipeline
 from cmkit.train import TrainingStopped, config_diff, ema_update, stop_requests
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_NONFINITE = 10  # non-finite steps in a row that stop a run (as train.max_nonfinite's default)
 
 
 def resolve_precision(config: SDConfig, device: torch.device) -> SDConfig:
@@ -301,12 +302,17 @@ def sd_train(config: SDConfig, out: Path, *, resume: bool = False, device: str |
         1, round(t.log_kimg * 1000 / t.batch))
     log = rundir.MetricsLog(out, resume_step=run.step) if main else None
     losses: list[float | None] = []
+    nonfinite = 0  # skipped steps in a row
     bar = tqdm(total=total, initial=run.step, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not main)
     with bar, stop_requests() as stop:
         while run.step < total:
             # 2. One optimiser step (all randomness a function of seed, step and row).
             losses.append(run.optimizer_step())
             bar.update(1)
+            nonfinite = nonfinite + 1 if losses[-1] is None else 0
+            if nonfinite == MAX_NONFINITE:
+                raise CmkitError(f"stopped at step {run.step}: {MAX_NONFINITE} steps in a row had a non-finite "
+                                 "loss or gradients (all skipped): lower train.lr or set train.precision=fp32")
             stopping, last = dist.any_rank(bool(stop)), run.step == total
             # 3. Log, then checkpoint and the trained weights at their interval, at the end and on a stop request.
             if (run.step % log_every == 0 or last) and log is not None:
