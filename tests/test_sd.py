@@ -96,6 +96,8 @@ def test_the_exports_sample_in_plain_diffusers_as_in_cmkit(runs, sd_pipeline, tm
         model = load_sd_model(out)
         lora = model.config.lora
         ours.append(model.sample(prompts, latents, steps=4, generator=torch.Generator().manual_seed(7)))
+        images = model.pipeline.decode(ours[-1])
+        assert images.shape == (3, 3, RESOLUTION, RESOLUTION) and images.abs().max() <= 1
         jobs.append({"export": str(export), "teacher": str(sd_pipeline) if lora else None, "prompts": prompts,
                      "latents": latents, "guidance_scale": 1.0 if lora else model.config.method.w_default})
     torch.save(jobs, tmp_path / "jobs.pt")

@@ -123,11 +123,6 @@ def _section(cls: type, values: dict[str, Any]) -> Any:
     return cls(**{k: tuple(v) if typing.get_origin(hints[k]) is tuple else v for k, v in values.items()})
 
 
-def is_sd_config(data: dict[str, Any]) -> bool:
-    """True for the dict of an :class:`SDConfig` (a run's config.json)."""
-    return isinstance(data.get("method"), dict) and str(data["method"].get("name", "")).startswith("sd-")
-
-
 # ---------------------------------------------------------------------------------------------- presets
 
 # diffusers' examples/consistency_distillation/README.md (SD 1.5 on LAION-A6+): fp16, resolution 512, lr 1e-6, Huber,

@@ -53,10 +53,6 @@ class TextToImage:
     def num_train_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
-    @property
-    def latent_channels(self) -> int:
-        return self.vae.config.latent_channels
-
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Tensor:
         """float32 [N, L, D]: the text encoder's last hidden states of ``texts`` padded to the tokenizer's
