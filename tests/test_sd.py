@@ -223,6 +223,19 @@ def test_refuses_images_without_captions(sd_pipeline, tmp_path, capsys):
              str(data / "001.png"), "no caption")
 
 
+@pytest.mark.parametrize(("line", "says"), [
+    ('{"file_name": "000.png"}', "line 3: expected a JSON object with file_name and text"),
+    ('{"file_name": "gone.png", "text": "a bag"}', "line 3: file_name 'gone.png' is not a file"),
+    ("not json", "line 3: expected a JSON object"),
+])
+def test_refuses_a_malformed_metadata_line(line, says, sd_pipeline, tmp_path, capsys):
+    data = captioned_folder(tmp_path / "data", ["a bag", "a coat"])
+    with open(data / "metadata.jsonl", "a") as f:
+        f.write(line + "\n")
+    _refused(capsys, _args("sd-lcm", sd_pipeline, data, tmp_path / "run"), tmp_path / "run",
+             str(data / "metadata.jsonl"), says)
+
+
 def test_refuses_a_lora_rank_that_does_not_fit(sd_pipeline, captioned, tmp_path, capsys):
     _refused(capsys, _args("sd-lcm-lora", sd_pipeline, captioned, tmp_path / "run", "method.lora_rank=64"),
              tmp_path / "run", "method.lora_rank=64", "at most 32")
