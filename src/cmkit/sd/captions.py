@@ -31,6 +31,7 @@ from cmkit.files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_NAME = "latents.safetensors"
+CACHE_KEYS = ("caption", "mean", "null", "std", "text")  # what build_cache returns
 
 
 def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
@@ -105,12 +106,12 @@ def cache_key(pairs: list[tuple[Path, str]], resolution: int, teacher: Path) -> 
 
 
 def read_cache(path: Path, key: str) -> dict[str, Tensor] | None:
-    """The cached tensors when ``path`` holds a cache of ``key``, else None."""
+    """The cached tensors when ``path`` holds a cache of ``key`` with :data:`CACHE_KEYS`, else None."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
+            if (f.metadata() or {}).get("key") != key or tuple(sorted(f.keys())) != CACHE_KEYS:
                 return None
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError):
