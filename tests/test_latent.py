@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cmkit import data, editing
-from cmkit.autoencoder import EXPORT_NAME, load_autoencoder
+from cmkit.autoencoder import EXPORT_NAME, AEConfig, Autoencoder, load_autoencoder, save_autoencoder
 from cmkit.checkpoint import export_config, list_states, load_export, load_state
 from cmkit.cli import main
 from cmkit.codec import LatentCodec, data_codec, make_codec, resolve_codec
@@ -77,6 +77,25 @@ def test_exported_autoencoder_is_the_codec_it_was_trained_as(ae_run, fmnist_subs
     again = load_autoencoder(ae_run / EXPORT_NAME, what="test")
     torch.testing.assert_close(again.decoder(z / again.scale), codec.decode(z), rtol=0, atol=0)
     assert codec.to_images(z).abs().max() <= 1
+
+
+def test_a_narrower_decoder_round_trips_and_older_configs_load_unchanged(tmp_path):
+    """``decoder_channels`` sets the decoder's width alone (the encoder, hence the latent, keeps ``model_channels``);
+    its export loads back bit for bit; a config written before the field means a mirror-image decoder; a width
+    GroupNorm cannot split is refused."""
+    config = AEConfig(model_channels=16, channel_mult=(1, 2, 4), decoder_channels=8)
+    model = Autoencoder(config)
+    widths = lambda m: {p.shape[0] for n, p in m.named_parameters() if n.endswith("conv1.weight")}  # noqa: E731
+    assert widths(model.decoder) == {8, 16, 32} and widths(model.encoder) == {16, 32, 64}
+    save_autoencoder(model, tmp_path / EXPORT_NAME)
+    loaded = load_autoencoder(tmp_path / EXPORT_NAME, what="test")
+    assert loaded.config == config
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    older = {k: v for k, v in config.to_dict().items() if k != "decoder_channels"}
+    assert AEConfig.from_dict(older).decoder_width == 16
+    with pytest.raises(CmkitError, match="decoder_channels"):
+        AEConfig.from_dict({**older, "decoder_channels": 12})
 
 
 def test_scaled_training_latents_have_unit_std(ae_run, fmnist_subset):
