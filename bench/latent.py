@@ -252,13 +252,17 @@ def report(args: argparse.Namespace) -> None:
              f"({ae['values']['latent']} values for {ae['values']['image']} pixels), scale {ae['scale']:.4f}. "
              "Reconstructions decode(encode(x)) of the first n test images, and the test images themselves, against "
              "the training images:", "",
-             "| metric | n | reconstructions FID | precision | recall | test images FID | precision | recall |",
-             "|---|---|---|---|---|---|---|---|"]
-    for metric in ("fid-fmnist", "fid-inception"):
-        if metric in ae:
-            a, b = ae[metric]["reconstructions"], ae[metric]["test_images"]
-            lines.append(f"| {metric} | {ae[metric]['n']} | {a['fid']:.2f} | {a['precision']:.3f} | {a['recall']:.3f} "
-                         f"| {b['fid']:.2f} | {b['precision']:.3f} | {b['recall']:.3f} |")
+             "| autoencoder | metric | n | reconstructions FID | precision | recall | test images FID | precision "
+             "| recall |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(k for k in r if k.startswith("autoencoder")):
+        c = r[key]["config"]
+        name = f"{c['preset']}, decoder {c.get('decoder_channels') or c['model_channels']} channels"
+        for metric in ("fid-fmnist", "fid-inception"):
+            if metric in r[key]:
+                row = r[key][metric]
+                a, b = row["reconstructions"], row["test_images"]
+                lines.append(f"| {name} | {metric} | {row['n']} | {a['fid']:.2f} | {a['precision']:.3f} | "
+                             f"{a['recall']:.3f} | {b['fid']:.2f} | {b['precision']:.3f} | {b['recall']:.3f} |")
     c = t["config"]
     lines += ["", f"**Guided latent teacher** `fmnist-latent-edm` ({c['train']['kimg']:g}k images, p_uncond "
               f"{c['train']['p_uncond']:g}), Heun with 18 levels (35 network evaluations; twice that with "
