@@ -208,7 +208,7 @@ class Plan:
     split: float
 
     def name(self) -> str:
-        slug = self.label.lower()
+        slug = self.label.lower().replace(" ", "-")
         if self.route.kimg is not None:
             return slug
         return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.teacher else "")
@@ -282,7 +282,7 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
     seconds += train_run(bench_run(student, student_kimg), runs / plan.name())
     described = " ".join((route.preset, *route.overrides))
     if ae_dir is not None:
-        described = f"{route.autoencoder} -> {route.teacher} (guided) -> {described}"
+        described = f"{route.autoencoder} ({ae_kimg * 1000:,.0f} images) -> {route.teacher} (guided) -> {described}"
     return {"route": plan.label, "config": described, "budget": plan.budget, "split": plan.split,
             "autoencoder_kimg": ae_kimg, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
             "minutes": minutes, "wall_seconds": seconds}
