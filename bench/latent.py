@@ -256,7 +256,8 @@ def report(args: argparse.Namespace) -> None:
              "| recall |", "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(k for k in r if k.startswith("autoencoder")):
         c = r[key]["config"]
-        name = f"{c['preset']}, decoder {c.get('decoder_channels') or c['model_channels']} channels"
+        width = c.get("decoder_channels") or c["model_channels"]
+        name = f"{c['preset']}, decoder {width} channels, {c['kimg']:g}k images"
         for metric in ("fid-fmnist", "fid-inception"):
             if metric in r[key]:
                 row = r[key][metric]
