@@ -3,9 +3,9 @@ evaluations with and without guidance, and sampling images/s in latent space (de
 
 Each part adds its rows to bench/results/latent.json (the other parts are kept; ``teacher`` keeps the rows of other
 guidance scales of the same model):
-    python bench/latent.py recon AE_RUN [--n 10000] [--n-inception 2000]
+    python bench/latent.py recon AE_RUN [--n 10000] [--n-inception 2000] [--key autoencoder-NAME]
     python bench/latent.py teacher LATENT_RUN [--n 2000] [--guidance 1 2] [--n-inception 500]
-    python bench/latent.py speed AE_RUN [--batch 64] [--repeats 5]
+    python bench/latent.py speed AE_RUN [--batch 64] [--repeats 5] [--decoders AE_RUN ...] [--latent-channels 64 32]
     python bench/latent.py lcm LCM_RUN [--n 2000] [--n-inception 500] [--guidance 2]
     python bench/latent.py report        # the "Latent models" section of docs/benchmarks.md from the results
 ``recon`` scores decode(encode(x)) of the first N Fashion-MNIST test images against the training images;
@@ -15,7 +15,9 @@ ratios to the teacher's row of the same metric, n and scale; ``speed`` times fre
 depend on the weights) interleaved, median of the repeats: 1 step
 and Heun-35 of the fmnist-edm network on pixels against the fmnist-latent-edm network on the autoencoder's latent
 plus the decoder, the 1-step sampling of `make demo`'s pixel network (fmnist-ict, 16 channels), and one training
-step of each preset (batch 64; the latent one encodes its batch).
+step of each preset (batch 64; the latent one encodes its batch); with ``--decoders``, 1-step latent sampling
+with each of those autoencoders' decoders (e.g. a narrower one, ``decoder_channels``) and each latent network width
+of ``--latent-channels``, as ratios to the demo net.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def _update(key: str, value: dict) -> None:
 def recon(args: argparse.Namespace) -> None:
     ae = load_autoencoder(Path(args.model) / EXPORT_NAME, what="recon")
     c = ae.config
+    earlier = json.loads(RESULTS.read_text()).get("autoencoder", {}) if RESULTS.exists() else {}
     test = data.load_dataset(c.source, resolution=c.resolution, channels=c.channels, split="test").images
     rows = {}
     for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
@@ -71,11 +74,14 @@ def recon(args: argparse.Namespace) -> None:
         extractor = get_extractor(metric)
         reference = reference_features(c.source, extractor, n=n, resolution=c.resolution, channels=c.channels)
         fake = image_features(data.to_uint8(out), extractor, batch=500, desc=f"reconstructions, {metric}")
-        real = image_features(test[:n], extractor, batch=500, desc=f"test images, {metric}")
-        rows[metric] = {"n": n, "reconstructions": compute_metrics(reference, fake),
-                        "test_images": compute_metrics(reference, real)}
+        if earlier.get(metric, {}).get("n") == n:  # the test images' scores do not depend on the autoencoder
+            real = earlier[metric]["test_images"]
+        else:
+            real = compute_metrics(reference, image_features(test[:n], extractor, batch=500,
+                                                             desc=f"test images, {metric}"))
+        rows[metric] = {"n": n, "reconstructions": compute_metrics(reference, fake), "test_images": real}
         print(metric, rows[metric])
-    _update("autoencoder", {"model": str(args.model), "latent": list(c.latent_shape),
+    _update(args.key, {"model": str(args.model), "latent": list(c.latent_shape),
                             "values": {"image": c.channels * c.resolution ** 2,
                                        "latent": c.latent_shape[0] * c.latent_shape[1] * c.latent_shape[2]},
                             "scale": ae.scale.item(), "config": c.to_dict(), **rows})
@@ -155,6 +161,8 @@ def speed(args: argparse.Namespace) -> None:
     with torch.no_grad():
         z = torch.randn(n, *codec.shape)
         variants["decode alone"] = lambda: codec.decode(z)
+    lighter = _lighter_variants(args, latent_config, n)
+    variants.update(lighter)
     for name, config in (("pixel", preset("fmnist-edm")), ("latent", latent_config)):
         variants[f"{name} training step"] = _training_step(config)
     seconds = {k: [] for k in variants}
@@ -174,9 +182,36 @@ def speed(args: argparse.Namespace) -> None:
                       / rows["pixel 18 step(s) heun"]["images_per_s"],
                       "latent/pixel training": rows["latent training step"]["images_per_s"]
                       / rows["pixel training step"]["images_per_s"]}
+    rows["ratios"].update({f"latent/pixel demo net 1 step, {k.split(', ', 1)[1]}": rows[k]["images_per_s"]
+                           / rows["pixel demo net (make demo) 1 step(s) consistency"]["images_per_s"]
+                           for k in lighter if k.startswith("latent 1 step")})
     nets = {"pixel": pixel, "latent": latent, "pixel demo": demo, "decoder": codec.autoencoder.decoder}
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     _update("speed", {"batch": n, "threads": torch.get_num_threads(), "parameters": params, "rows": rows})
+
+
+def _lighter_variants(args: argparse.Namespace, latent_config, n: int) -> dict:
+    """1-step latent sampling (decode included) with each decoder of ``--decoders`` and each latent network width
+    of ``--latent-channels`` (fmnist-latent-edm with ``net.model_channels`` changed), and each decoder alone."""
+    variants = {}
+    for ae in args.decoders:
+        codec = data_codec(resolve_codec(replace(latent_config.data, codec=str(ae))))
+        width = codec.autoencoder.config.decoder_width
+        with torch.no_grad():
+            z = torch.randn(n, *codec.shape)
+            variants[f"decode alone, decoder {width} ch"] = lambda codec=codec, z=z: codec.decode(z)
+        for channels in args.latent_channels:
+            config = apply_overrides(latent_config, [f"net.model_channels={channels}"])
+            model = build_model(config).eval().requires_grad_(False)
+            sigmas = default_sigmas(model_spec(model), 1)
+
+            def run(model=model, sigmas=sigmas, codec=codec):
+                with torch.no_grad():
+                    for x in generate(model, range(n), sigmas=sigmas, sampler="euler", batch_size=n):
+                        codec.decode(x)
+
+            variants[f"latent 1 step(s) euler, decoder {width} ch, latent net {channels} ch"] = run
+    return variants
 
 
 PIXEL_TEACHER = ("teacher (EDM), fmnist-edm, 48k images: FID 30.44 at 35 NFE (fid-fmnist, 10,000 samples; "
@@ -217,13 +252,18 @@ def report(args: argparse.Namespace) -> None:
              f"({ae['values']['latent']} values for {ae['values']['image']} pixels), scale {ae['scale']:.4f}. "
              "Reconstructions decode(encode(x)) of the first n test images, and the test images themselves, against "
              "the training images:", "",
-             "| metric | n | reconstructions FID | precision | recall | test images FID | precision | recall |",
-             "|---|---|---|---|---|---|---|---|"]
-    for metric in ("fid-fmnist", "fid-inception"):
-        if metric in ae:
-            a, b = ae[metric]["reconstructions"], ae[metric]["test_images"]
-            lines.append(f"| {metric} | {ae[metric]['n']} | {a['fid']:.2f} | {a['precision']:.3f} | {a['recall']:.3f} "
-                         f"| {b['fid']:.2f} | {b['precision']:.3f} | {b['recall']:.3f} |")
+             "| autoencoder | metric | n | reconstructions FID | precision | recall | test images FID | precision "
+             "| recall |", "|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(k for k in r if k.startswith("autoencoder")):
+        c = r[key]["config"]
+        width = c.get("decoder_channels") or c["model_channels"]
+        name = f"{c['preset']}, decoder {width} channels, {c['kimg']:g}k images"
+        for metric in ("fid-fmnist", "fid-inception"):
+            if metric in r[key]:
+                row = r[key][metric]
+                a, b = row["reconstructions"], row["test_images"]
+                lines.append(f"| {name} | {metric} | {row['n']} | {a['fid']:.2f} | {a['precision']:.3f} | "
+                             f"{a['recall']:.3f} | {b['fid']:.2f} | {b['precision']:.3f} | {b['recall']:.3f} |")
     c = t["config"]
     lines += ["", f"**Guided latent teacher** `fmnist-latent-edm` ({c['train']['kimg']:g}k images, p_uncond "
               f"{c['train']['p_uncond']:g}), Heun with 18 levels (35 network evaluations; twice that with "
@@ -279,6 +319,8 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--n", type=int, default=10_000)
     p.add_argument("--n-inception", type=int, default=2_000)
+    p.add_argument("--key", default="autoencoder", help="the results' entry: autoencoder, or autoencoder-* for "
+                   "another one (e.g. a narrower decoder), shown beside it")
     p.set_defaults(func=recon)
     p = sub.add_parser("teacher")
     p.add_argument("model")
@@ -290,6 +332,9 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decoders", nargs="*", default=[], metavar="AE_RUN",
+                   help="autoencoders (of the same latent shape) whose decoders are timed too")
+    p.add_argument("--latent-channels", type=int, nargs="*", default=[64], help="latent network widths with them")
     p.set_defaults(func=speed)
     p = sub.add_parser("lcm")
     p.add_argument("model")

@@ -14,7 +14,11 @@ Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img
 docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
 in its run directory, ladder-eval.json). ``--only LABEL ...`` trains and evaluates those models (with the teacher
 they need) and keeps the other rows of the committed results file, marked with the commit they come from.
+The latent rows (``LATENT_MODELS``; docs/latent.md) train an fmnist-ae autoencoder first, then the guided latent
+teacher on its latent and LCM from it at the ladder's budget, and score decoded images: the teacher at 35
+evaluations without guidance and with w = 2 (twice the evaluations), LCM at 1, 2 and 4 steps at w = 2.
 Usage: python bench/quality.py quick|full [--runs runs/ladder] [--only sCT sCD]
+       python bench/quality.py quick --only "latent teacher (EDM)" "latent teacher (EDM), w=2" "LCM (latent), w=2"
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import numpy as np
 import torch
 
 from cmkit import checkpoint
+from cmkit.autoencoder import AEConfig, train_autoencoder
+from cmkit.codec import Codec, data_codec, resolve_codec
 from cmkit.config import Config, apply_overrides
 from cmkit.eval.evaluate import evaluate_model, plot_quality, reference_features, tune_two_step_sigma
 from cmkit.eval.features import get_extractor
 from cmkit.images import save_images, to_numpy_images
 from cmkit.methods import Capability, method_entry
-from cmkit.presets import preset
+from cmkit.presets import ae_preset, preset
 from cmkit.sampling import SamplingSpec, default_sigmas, generate
 from cmkit.teacher import with_teacher
 from cmkit.train import train
@@ -53,6 +59,14 @@ MODELS = {"teacher (EDM)": ("fmnist-edm", None, ()), "CD": ("fmnist-cd", "fmnist
           "sCT": ("fmnist-sct", "fmnist-edm", ()), "sCD": ("fmnist-scd", "fmnist-edm", ()),
           "CD small": ("fmnist-cd-small", "fmnist-edm", ()),
           "iCT small": ("fmnist-ict", None, ("net.model_channels=16",))}
+# The latent rows (docs/latent.md): an autoencoder (its preset's images, trained once in the runs folder), the guided
+# latent teacher on its latent and LCM from that teacher, both at the ladder's budget, scored decoded; label: (preset,
+# the label of its teacher or None, the guidance scale w it samples at or None). The teacher rows share one run; LCM
+# is sampled at the teacher's w given as its input, and its FID / teacher is relative to the teacher at that w.
+AUTOENCODER = "fmnist-ae"
+LATENT_MODELS = {"latent teacher (EDM)": ("fmnist-latent-edm", None, None),
+                 "latent teacher (EDM), w=2": ("fmnist-latent-edm", None, 2.0),
+                 "LCM (latent), w=2": ("fmnist-lcm", "latent teacher (EDM)", 2.0)}
 BATCH = 128  # fastest sampling batch for this net on 2 CPU cores
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (18,)
@@ -96,32 +110,64 @@ def train_model(label: str, kimg: float, runs: Path) -> float:
     return train_run(bench_run(config, kimg), runs / run_name(label))
 
 
+def train_ae_run(config: AEConfig, run_dir: Path) -> float:
+    """Train the autoencoder ``config`` into ``run_dir``, resuming an interrupted run; returns the training's wall
+    seconds (a finished one is kept: its seconds are in ``ladder-train.json``)."""
+    record = run_dir / "ladder-train.json"
+    if record.exists():
+        return json.loads(record.read_text())["seconds"]
+    start = time.perf_counter()
+    train_autoencoder(config, run_dir, resume=(run_dir / "config.json").exists())
+    seconds = time.perf_counter() - start
+    record.write_text(json.dumps({"seconds": seconds, "kimg": config.kimg}) + "\n")
+    return seconds
+
+
+def train_latent_model(label: str, kimg: float, runs: Path) -> float:
+    """Train the latent row ``label`` for ``kimg`` (its teacher's run, or the autoencoder, trained first when
+    missing); returns its wall seconds."""
+    name, teacher, _ = LATENT_MODELS[label]
+    if teacher is not None:
+        train_latent_model(teacher, kimg, runs)
+        config = model_config(name, (), runs / LATENT_MODELS[teacher][0])
+    else:
+        train_ae_run(ae_preset(AUTOENCODER), runs / AUTOENCODER)
+        config = replace(preset(name), data=resolve_codec(replace(preset(name).data, codec=str(runs / AUTOENCODER))))
+    return train_run(bench_run(config, kimg), runs / name)
+
+
 def tune_two_step(model: torch.nn.Module, config: Config, spec: SamplingSpec, run_dir: Path, *, n: int, iters: int,
                   extractor, reference: np.ndarray) -> tuple[float, list[dict[str, float]], SamplingSpec]:
     """Tune the model's 2-step intermediate sigma on FID (bf16) and store it in the run's export, as
     ``cmkit tune-steps`` does; returns the search's best sigma, its history and the tuned spec."""
     best, history = tune_two_step_sigma(model, n=n, extractor=extractor, reference=reference, batch=BATCH,
-                                        iters=iters, precision="bf16")
+                                        iters=iters, precision="bf16", codec=data_codec(config.data))
     spec = spec.with_tuned(2, [spec.sigma_max, best])
     checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME, spec=spec)
     return best, history, spec
 
 
-def grid(model: torch.nn.Module, spec: SamplingSpec, steps: int, path: Path) -> str:
-    images = np.concatenate([to_numpy_images(b) for b in generate(
-        model, range(64), sigmas=default_sigmas(spec, steps), sampler=spec.sampler, batch_size=64)])
+def grid(model: torch.nn.Module, spec: SamplingSpec, steps: int, path: Path, *, codec: Codec | None = None,
+         guidance: float | None = None) -> str:
+    """An 8x8 grid of seeds 0-63 at ``steps`` steps, decoded by ``codec`` (None: pixels), at ``guidance``."""
+    codec = codec or Codec("identity", model.channels, model.resolution)
+    images = np.concatenate([to_numpy_images(codec.to_images(b)) for b in generate(
+        model, range(64), sigmas=default_sigmas(spec, steps), sampler=spec.sampler, batch_size=64,
+        guidance=guidance)])
     save_images(images, path)
     return str(path.relative_to(ROOT))
 
 
 def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.ndarray, inception,
-             inception_reference: np.ndarray, img_dir: Path) -> dict:
-    """Tune, evaluate (fid-fmnist: ``rows``; fid-inception: ``inception_rows``) and draw one model, or return its
-    stored results when the settings are unchanged."""
-    record = run_dir / "ladder-eval.json"
+             inception_reference: np.ndarray, img_dir: Path, *, guidance: float | None = None) -> dict:
+    """Tune, evaluate (fid-fmnist: ``rows``; fid-inception: ``inception_rows``) and draw one model, decoded by its
+    codec and sampled at ``guidance`` (None: none, or an LCM's default w, the w its 2-step sigma is tuned at), or
+    return its stored results when the settings are unchanged."""
+    record = run_dir / ("ladder-eval.json" if guidance is None else f"ladder-eval-w{guidance:g}.json")
     if record.exists() and json.loads(record.read_text())["size"] == size:
         return json.loads(record.read_text())["entry"]
     model, config, spec = checkpoint.load_export(run_dir)
+    common = {"batch": BATCH, "precision": "bf16", "codec": data_codec(config.data), "guidance": guidance}
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
     tunable = method_entry(config.method.name).can(Capability.TUNE_STEPS)
     if tunable:
@@ -130,11 +176,16 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
         entry.update(two_step_sigma=best, tune_history=history)
     steps = STUDENT_STEPS if tunable else TEACHER_STEPS
     entry["rows"] = evaluate_model(model, spec, steps=steps, n=size["n"], extractor=extractor, reference=reference,
-                                   batch=BATCH, precision="bf16")
+                                   **common)
     entry["inception_rows"] = evaluate_model(model, spec, steps=steps, n=size["n_inception"], extractor=inception,
-                                             reference=inception_reference, batch=BATCH, precision="bf16")
+                                             reference=inception_reference, **common)
+    if guidance not in (None, 1) and getattr(model, "guidance_range", None) is None:  # classifier-free: 2 per step
+        for row in entry["rows"] + entry["inception_rows"]:
+            row["nfe"] *= 2
     slug = re.sub(r"[^a-z0-9]+", "-", label.split(" (")[0].lower()).strip("-")
-    entry["grids"] = {k: grid(model, spec, k, img_dir / f"{slug}-{k}step.png") for k in steps}
+    slug += f"-w{guidance:g}" if guidance else ""
+    entry["grids"] = {k: grid(model, spec, k, img_dir / f"{slug}-{k}step.png", codec=common["codec"],
+                              guidance=guidance) for k in steps}
     record.write_text(json.dumps({"size": size, "entry": entry}, indent=2) + "\n")
     return entry
 
@@ -188,16 +239,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("size", choices=SIZES)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "ladder"), help="where the models are trained")
-    parser.add_argument("--only", nargs="+", choices=MODELS, metavar="LABEL",
-                        help=f"train and evaluate only these models (and their teacher): {', '.join(MODELS)}")
+    parser.add_argument("--only", nargs="+", choices=[*MODELS, *LATENT_MODELS], metavar="LABEL",
+                        help="train and evaluate only these models (and their teacher): "
+                             f"{', '.join([*MODELS, *LATENT_MODELS])}")
     args = parser.parse_args()
     size, runs = SIZES[args.size], Path(args.runs) / args.size
     out = ROOT / "bench" / "results" / f"quality-{args.size}.json"
     img_dir = ROOT / "docs" / "img" / f"ladder-{args.size}"
     img_dir.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or MODELS)
-    chosen |= {label for label, (name, _, _) in MODELS.items() if any(MODELS[c][1] == name for c in chosen)}
+    chosen = set(args.only or [*MODELS, *LATENT_MODELS])
+    chosen |= {label for label, (name, _, _) in MODELS.items()
+               if any(MODELS[c][1] == name for c in chosen if c in MODELS)}
+    chosen |= {LATENT_MODELS[c][1] for c in chosen if c in LATENT_MODELS and LATENT_MODELS[c][1]}
     seconds = {label: train_model(label, size["kimg"], runs) for label in MODELS if label in chosen}
+    seconds |= {label: train_latent_model(label, size["kimg"], runs) for label in LATENT_MODELS if label in chosen}
     extractor = get_extractor("fid-fmnist")
     reference = reference_features("fashion-mnist", extractor, n=size["n"], resolution=28, channels=1)
     inception = get_extractor("fid-inception")
@@ -211,6 +266,16 @@ def main() -> None:
                                         inception_reference, img_dir), "train_seconds": seconds[label]}
         elif label in earlier:
             models[label] = earlier[label]
+    for label, (name, _, w) in LATENT_MODELS.items():
+        if label in chosen:
+            models[label] = {**evaluate(label, runs / name, size, extractor, reference, inception,
+                                        inception_reference, img_dir, guidance=w), "train_seconds": seconds[label]}
+        elif label in earlier:
+            models[label] = earlier[label]
+    for label, (_, teacher, w) in LATENT_MODELS.items():  # FID / teacher: the latent teacher's at the same w
+        if teacher and label in chosen and "latent teacher (EDM)" in chosen:
+            guided = next(k for k, v in LATENT_MODELS.items() if v[1] is None and v[2] == w)
+            models[label]["teacher_fid"] = models[guided]["rows"][0]["fid"]
     plot = img_dir / "quality.png"
     plot_quality({label: [(r["nfe"], r["fid"]) for r in e["rows"]] for label, e in models.items()}, plot,
                  metric=extractor.name)

@@ -19,7 +19,17 @@ the rows of the committed results file are kept (a later session adds its runs t
 bench/results/time-to-quality.json, docs/img/time-to-quality.png, sample grids under docs/img/time-to-quality/
 and the table in docs/benchmarks.md from whatever runs are finished.
 
+The latent route ("latent LCM", docs/latent.md) trains three models: the autoencoder (``cmkit train-ae``,
+``AE_SHARE`` of the budget), the guided latent teacher on its latent, then LCM from that teacher (the rest split
+between them as for the other teacher routes), all their minutes counted. Its students are evaluated decoded, at
+the LCM's default guidance scale (w = 2). Its rates were not timed on the idle machine that calibrated the other
+routes: ``calibrate-relative`` times them in one process between two timings of the reference route (fmnist-edm,
+whose calibrated rate is known) and stores each as its measured ratio to the reference times the reference's
+calibrated rate (the ratios, the reference's measured rates and the load average are kept in the rates file under
+``relative``), so a busy machine slows both sides alike.
+
 Usage: python bench/time_to_quality.py calibrate
+       python bench/time_to_quality.py calibrate-relative [--routes "latent LCM"]
        python bench/time_to_quality.py run [--budgets 10] [--routes iCT CD] [--splits 0.5] [--runs runs/time]
        python bench/time_to_quality.py report
 Several ``run`` processes with disjoint routes may work at once (OMP_NUM_THREADS=1 each).
@@ -32,16 +42,20 @@ import fcntl
 import json
 import os
 import shutil
+import statistics
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cmkit import checkpoint
+from cmkit.autoencoder import train_autoencoder
+from cmkit.codec import data_codec, resolve_codec
 from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
-from cmkit.presets import preset
+from cmkit.presets import ae_preset, preset
 from cmkit.train import train
-from quality import BATCH, bench_run, grid, model_config, train_run, tune_two_step
+from quality import BATCH, bench_run, grid, model_config, train_ae_run, train_run, tune_two_step
 from throughput import machine, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +68,7 @@ SEARCH_BUDGET, SPLITS, DEFAULT_SPLIT = 10, (0.3, 0.5, 0.7), 0.5
 EVAL = {"n": 2_000, "tune_n": 500, "tune_iters": 5, "inception_n": 500}
 CALIBRATE_KIMG = 4.0  # a log line every 1k images
 TEACHER = "fmnist-edm"
+AE_SHARE = 0.05  # a latent route's autoencoder: this share of the budget (at 10 minutes, about fmnist-ae's 30k images)
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class Route:
     teacher: str | None = None
     kimg: float | None = None
     speed_of: tuple[str, ...] | None = None  # the overrides that change its speed, when not all of them do
+    autoencoder: str | None = None  # a latent route: this ``cmkit train-ae`` preset first, AE_SHARE of the budget
 
     @property
     def key(self) -> str:
@@ -85,7 +101,13 @@ ROUTES = {
     "CT-mu0-huber": Route("fmnist-ct", ("method.mu0=0", "method.distance=pseudo-huber")),
     "demo-before": Route("fmnist-ict", kimg=48),
     "iCT-small": Route("fmnist-ict", ("net.model_channels=16",)),  # fmnist-cd-small's network, a quarter the size
+    "latent LCM": Route("fmnist-lcm", teacher="fmnist-latent-edm", autoencoder="fmnist-ae"),
 }
+
+
+def ae_key(name: str) -> str:
+    """The rates file's key of the ``cmkit train-ae`` preset ``name``."""
+    return f"train-ae {name}"
 
 
 # ------------------------------------------------------------------------------------------- calibration
@@ -107,14 +129,60 @@ def calibrate(keys: dict[str, Route]) -> dict[str, float]:
             config = bench_run(config, CALIBRATE_KIMG)
             out = teacher if key == TEACHER else Path(scratch) / "run"
             train(config, out)
-            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            spans = [((r["step"] - prev["step"]) * config.train.batch, r["images_per_s"])
-                     for prev, r in zip(logged, logged[1:], strict=False)]
-            rates[key] = sum(n for n, _ in spans) / sum(n / speed for n, speed in spans)
+            rates[key] = steady_rate(out, config.train.batch)
             print(f"{key}: {rates[key]:.1f} images/s")
             if out != teacher:
                 shutil.rmtree(out)
     return rates
+
+
+def steady_rate(run_dir: Path, batch: int) -> float:
+    """Images/s of a run's training steps after its first log line (``metrics.jsonl``: ``step``, ``images_per_s``
+    of the span since the previous line), ``batch`` images a step."""
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    spans = [((r["step"] - prev["step"]) * batch, r["images_per_s"])
+             for prev, r in zip(logged, logged[1:], strict=False)]
+    return sum(n for n, _ in spans) / sum(n / speed for n, speed in spans)
+
+
+def calibrate_relative(labels: list[str], rates: dict[str, float]) -> tuple[dict[str, float], dict]:
+    """The rates of the routes ``labels`` (their autoencoder's, teacher's and student's configs) on a busy machine:
+    each timed as in :func:`calibrate`, in one process, after and before a timing of the reference ``TEACHER``;
+    a rate is its measured images/s over the mean of the reference's two, times the reference's calibrated rate.
+    Returns the rates and the record of the measurement (ratios, measured rates, load average)."""
+    measured: dict[str, float] = {}
+    reference: list[float] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+
+        def timed(config, out: Path) -> float:
+            train(config, out)
+            return steady_rate(out, config.train.batch)
+
+        reference.append(timed(bench_run(preset(TEACHER), CALIBRATE_KIMG), scratch / "reference"))
+        for label in labels:
+            route, ae_dir, teacher_dir = ROUTES[label], None, scratch / "reference"
+            if route.autoencoder:
+                ae_dir = scratch / f"ae-{label}"
+                ae = replace(ae_preset(route.autoencoder), kimg=CALIBRATE_KIMG, log_kimg=1.0)
+                train_autoencoder(ae, ae_dir)
+                measured[ae_key(route.autoencoder)] = steady_rate(ae_dir, ae.batch)
+            if route.teacher and route.teacher != TEACHER:
+                config = bench_run(preset(route.teacher), CALIBRATE_KIMG)
+                if ae_dir is not None:
+                    config = replace(config, data=resolve_codec(replace(config.data, codec=str(ae_dir))))
+                teacher_dir = scratch / f"teacher-{label}"
+                measured[route.teacher] = timed(config, teacher_dir)
+            student = model_config(route.preset, route.overrides, teacher_dir if route.teacher else None)
+            measured[route.key] = timed(bench_run(student, CALIBRATE_KIMG), scratch / f"student-{label}")
+        reference.append(timed(bench_run(preset(TEACHER), CALIBRATE_KIMG), scratch / "reference-2"))
+    base = statistics.mean(reference)
+    ratios = {key: value / base for key, value in measured.items()}
+    for key, ratio in ratios.items():
+        print(f"{key}: {ratio:.3f}x {TEACHER} -> {ratio * rate(TEACHER, rates):.1f} images/s")
+    record = {"reference": TEACHER, "reference_measured": reference, "measured": measured, "ratios": ratios,
+              "load_average": os.getloadavg()[0], "machine": machine()}
+    return {key: ratio * rate(TEACHER, rates) for key, ratio in ratios.items()}, record
 
 
 def load_rates() -> dict[str, float]:
@@ -140,19 +208,22 @@ class Plan:
     split: float
 
     def name(self) -> str:
-        slug = self.label.lower()
+        slug = self.label.lower().replace(" ", "-")
         if self.route.kimg is not None:
             return slug
         return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.teacher else "")
 
-    def kimg(self, rates: dict[str, float]) -> tuple[float, float]:
-        """(teacher kimg, student kimg) of the budget."""
+    def kimg(self, rates: dict[str, float]) -> tuple[float, float, float]:
+        """(autoencoder kimg, teacher kimg, student kimg) of the budget."""
         if self.route.kimg is not None:
-            return 0.0, self.route.kimg
-        seconds = self.budget * 60
+            return 0.0, 0.0, self.route.kimg
+        seconds, ae = self.budget * 60, 0.0
+        if self.route.autoencoder:
+            ae = seconds * AE_SHARE * rate(ae_key(self.route.autoencoder), rates) / 1000
+            seconds *= 1 - AE_SHARE
         if self.route.teacher is None:
-            return 0.0, seconds * rate(self.route.key, rates) / 1000
-        return (seconds * self.split * rate(TEACHER, rates) / 1000,
+            return ae, 0.0, seconds * rate(self.route.key, rates) / 1000
+        return (ae, seconds * self.split * rate(self.route.teacher, rates) / 1000,
                 seconds * (1 - self.split) * rate(self.route.key, rates) / 1000)
 
 
@@ -184,23 +255,46 @@ def plans(labels: list[str], budget: float, known: dict[str, float], search: tup
 
 
 def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
-    """Train the plan's teacher (shared by the plans with the same teacher images; a lock keeps concurrent
-    processes from training it twice) and its student; their sizes, minutes and wall seconds."""
-    teacher_kimg, student_kimg = plan.kimg(rates)
-    teacher_dir, teacher_seconds, minutes = None, 0.0, student_kimg * 1000 / rate(plan.route.key, rates) / 60
-    if plan.route.teacher:
+    """Train the plan's autoencoder and teacher (each shared by the plans with the same images; a lock keeps
+    concurrent processes from training one twice) and its student; their sizes, minutes and wall seconds."""
+    route = plan.route
+    ae_kimg, teacher_kimg, student_kimg = plan.kimg(rates)
+    teacher_dir, ae_dir, seconds = None, None, 0.0
+    minutes = student_kimg * 1000 / rate(route.key, rates) / 60
+    if route.autoencoder:
+        ae_kimg = round(ae_kimg, 1)
+        ae_dir = runs / f"{route.autoencoder}-{ae_kimg:g}k"
+        with _lock(runs, ae_dir.name):
+            seconds += train_ae_run(replace(ae_preset(route.autoencoder), kimg=ae_kimg), ae_dir)
+        minutes += ae_kimg * 1000 / rate(ae_key(route.autoencoder), rates) / 60
+    if route.teacher:
         teacher_kimg = round(teacher_kimg, 1)
-        teacher_dir = runs / f"teacher-{teacher_kimg:g}k"
-        runs.mkdir(parents=True, exist_ok=True)
-        with open(runs / f"{teacher_dir.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            teacher_seconds = train_run(bench_run(preset(plan.route.teacher), teacher_kimg), teacher_dir)
-        minutes += teacher_kimg * 1000 / rate(TEACHER, rates) / 60
-    student = model_config(plan.route.preset, plan.route.overrides, teacher_dir)
-    seconds = train_run(bench_run(student, student_kimg), runs / plan.name())
-    return {"route": plan.label, "config": " ".join((plan.route.preset, *plan.route.overrides)),
-            "budget": plan.budget, "split": plan.split, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
-            "minutes": minutes, "wall_seconds": teacher_seconds + seconds}
+        config = bench_run(preset(route.teacher), teacher_kimg)
+        if ae_dir is None:
+            teacher_dir = runs / f"teacher-{teacher_kimg:g}k"
+        else:
+            teacher_dir = runs / f"{route.teacher}-{ae_dir.name}-{teacher_kimg:g}k"
+            config = replace(config, data=resolve_codec(replace(config.data, codec=str(ae_dir))))
+        with _lock(runs, teacher_dir.name):
+            seconds += train_run(config, teacher_dir)
+        minutes += teacher_kimg * 1000 / rate(route.teacher, rates) / 60
+    student = model_config(route.preset, route.overrides, teacher_dir)
+    seconds += train_run(bench_run(student, student_kimg), runs / plan.name())
+    described = " ".join((route.preset, *route.overrides))
+    if ae_dir is not None:
+        described = f"{route.autoencoder} ({ae_kimg * 1000:,.0f} images) -> {route.teacher} (guided) -> {described}"
+    return {"route": plan.label, "config": described, "budget": plan.budget, "split": plan.split,
+            "autoencoder_kimg": ae_kimg, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
+            "minutes": minutes, "wall_seconds": seconds}
+
+
+@contextmanager
+def _lock(runs: Path, name: str):
+    """An exclusive lock on ``runs/name.lock`` while the block runs (one process trains a shared model)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -214,13 +308,14 @@ def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> d
     fmnist, inception = extractors["fid-fmnist"], extractors["fid-inception"]
     best, _, spec = tune_two_step(model, config, spec, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"],
                                   extractor=fmnist, reference=references["fid-fmnist"])
-    common = {"batch": BATCH, "precision": "bf16"}
+    codec = data_codec(config.data)  # latent models are scored and drawn decoded
+    common = {"batch": BATCH, "precision": "bf16", "codec": codec}
     entry = {"two_step_sigma": best,
              "fid_fmnist": evaluate_model(model, spec, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
                                           reference=references["fid-fmnist"], **common),
              "fid_inception": evaluate_model(model, spec, steps=(1,), n=EVAL["inception_n"], extractor=inception,
                                              reference=references["fid-inception"], **common),
-             "grids": {k: grid(model, spec, k, GRIDS / f"{plan.name()}-{k}step.png") for k in (1, 2)}}
+             "grids": {k: grid(model, spec, k, GRIDS / f"{plan.name()}-{k}step.png", codec=codec) for k in (1, 2)}}
     record.write_text(json.dumps({"settings": EVAL, "entry": entry}, indent=2) + "\n")
     return entry
 
@@ -312,7 +407,7 @@ def report(runs: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("calibrate", "run", "report"))
+    parser.add_argument("command", choices=("calibrate", "calibrate-relative", "run", "report"))
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "time", help="where the models are trained")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="minutes")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), metavar="ROUTE",
@@ -323,6 +418,13 @@ def main() -> None:
     if args.command == "calibrate":
         rates = {**load_rates(), **calibrate({ROUTES[r].key: ROUTES[r] for r in args.routes})}
         RATES.write_text(json.dumps({"machine": machine(), "kimg": CALIBRATE_KIMG, "rates": rates}, indent=2) + "\n")
+        return
+    if args.command == "calibrate-relative":
+        stored = json.loads(RATES.read_text())
+        rates, record = calibrate_relative(args.routes, stored["rates"])
+        stored["rates"].update(rates)
+        stored.setdefault("relative", {}).update({label: record for label in args.routes})
+        RATES.write_text(json.dumps(stored, indent=2) + "\n")
         return
     if args.command == "run":
         rates, (extractors, references) = load_rates(), load_references()

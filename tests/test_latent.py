@@ -6,7 +6,12 @@ of another shape, changed autoencoder files and latent models where pixels are e
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +19,7 @@ import pytest
 import torch
 
 from cmkit import data, editing
-from cmkit.autoencoder import EXPORT_NAME, load_autoencoder
+from cmkit.autoencoder import EXPORT_NAME, AEConfig, Autoencoder, load_autoencoder, save_autoencoder
 from cmkit.checkpoint import export_config, list_states, load_export, load_state
 from cmkit.cli import main
 from cmkit.codec import LatentCodec, data_codec, make_codec, resolve_codec
@@ -74,6 +79,25 @@ def test_exported_autoencoder_is_the_codec_it_was_trained_as(ae_run, fmnist_subs
     assert codec.to_images(z).abs().max() <= 1
 
 
+def test_a_narrower_decoder_round_trips_and_older_configs_load_unchanged(tmp_path):
+    """``decoder_channels`` sets the decoder's width alone (the encoder, hence the latent, keeps ``model_channels``);
+    its export loads back bit for bit; a config written before the field means a mirror-image decoder; a width
+    GroupNorm cannot split is refused."""
+    config = AEConfig(model_channels=16, channel_mult=(1, 2, 4), decoder_channels=8)
+    model = Autoencoder(config)
+    widths = lambda m: {p.shape[0] for n, p in m.named_parameters() if n.endswith("conv1.weight")}  # noqa: E731
+    assert widths(model.decoder) == {8, 16, 32} and widths(model.encoder) == {16, 32, 64}
+    save_autoencoder(model, tmp_path / EXPORT_NAME)
+    loaded = load_autoencoder(tmp_path / EXPORT_NAME, what="test")
+    assert loaded.config == config
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    older = {k: v for k, v in config.to_dict().items() if k != "decoder_channels"}
+    assert AEConfig.from_dict(older).decoder_width == 16
+    with pytest.raises(CmkitError, match="decoder_channels"):
+        AEConfig.from_dict({**older, "decoder_channels": 12})
+
+
 def test_scaled_training_latents_have_unit_std(ae_run, fmnist_subset):
     """LDM's scale factor: the scaled latent means of the training images have standard deviation 1."""
     codec = _codec(ae_run, fmnist_subset)
@@ -95,6 +119,73 @@ def test_latent_edm_resumes_bit_exact(latent_run, ae_run, fmnist_subset, tmp_pat
     straight, resumed = load_state(list_states(latent_run)[-1]), load_state(list_states(half)[-1])
     for key in ("model", "ema", "optimizer"):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0)
+
+
+# The child trains through the CLI and holds before step ``at`` (its batch noise is asked for) until SIGKILL.
+AE_CHILD = """
+import sys, time
+from pathlib import Path
+from cmkit import autoencoder
+from cmkit.cli import main
+
+at, marker, noise = int(sys.argv[1]), Path(sys.argv[2]), autoencoder._batch_noise
+
+def held(config, step):
+    if step == at:
+        marker.touch()
+        while True:
+            time.sleep(0.01)
+    return noise(config, step)
+
+autoencoder._batch_noise = held
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _killed_ae_run(out, source, at: int) -> None:
+    """``train_ae`` (states after steps 2 and 4) in a child process, killed with SIGKILL before step ``at``."""
+    marker = out.parent / "held"
+    argv = ["train-ae", "--preset", "fmnist-ae", "--out", str(out), "--set", f"source={source}", *TINY_AE,
+            "log_kimg=0.064"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same arithmetic as this process
+    child = subprocess.Popen([sys.executable, "-c", AE_CHILD, str(at), str(marker), *argv], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            pytest.fail(f"the child never reached step {at}: {child.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_train_ae_resumes_bit_exact_after_sigkill(fmnist_subset, tmp_path, capsys):
+    """Killed between its checkpoints (after step 2's, before step 3), ``train-ae --resume`` redoes step 3 on and
+    writes the same autoencoder, bit for bit, as a run never stopped; without --resume, or with other
+    options, it is refused in one line and nothing changes."""
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    assert train_ae(straight, fmnist_subset, "log_kimg=0.064") == 0
+    _killed_ae_run(out, fmnist_subset, at=3)
+    assert [load_state(p)["step"] for p in list_states(out)] == [2] and not (out / EXPORT_NAME).exists()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    capsys.readouterr()
+    for extra, message in ((("log_kimg=0.064",), "already holds a run; pass --resume"),
+                           (("log_kimg=0.064", "lr=0.002", "--resume"), "different config (lr:")):
+        assert train_ae(out, fmnist_subset, *extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    assert train_ae(out, fmnist_subset, "log_kimg=0.064", "--resume") == 0
+    resumed, kept = load_autoencoder(out / EXPORT_NAME, what="test"), load_autoencoder(straight / EXPORT_NAME, what="")
+    assert resumed.config == kept.config
+    for key, value in kept.state_dict().items():  # the scale included
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+    assert train_ae(out, fmnist_subset, "log_kimg=0.064", "--resume") == 2  # finished: nothing to resume
+    assert "already holds an autoencoder" in capsys.readouterr().err
 
 
 def test_latent_export_samples_decoded_images_at_any_batch_size(latent_run, tmp_path):

@@ -1,7 +1,8 @@
 """LCM (Luo et al. 2023): the guided teacher step, the skipping pairs, the w input, sampling at a scale, a run.
 
 - The guided ODE step against hand-computed values, and chained on Gaussian data against the closed-form guided
-  probability-flow ODE (two Gaussians' exact denoisers make the guided denoiser affine, so the ODE is solvable).
+  probability-flow ODE (two Gaussians' exact denoisers make the guided denoiser affine, so the ODE is solvable),
+  in pixel space and in the latent space of a linear codec, decoded.
 - The LCM loss of the exact guided consistency function is ~0 and grows when the student ignores w.
 - The U-Net's w input: zero at initialisation (the student starts as its teacher), then it changes the output;
   configs written before it load unchanged.
@@ -15,14 +16,18 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from cmkit.autoencoder import AEConfig, latent_scale
 from cmkit.checkpoint import build_model, list_states, load_export, load_state, save_export
 from cmkit.cli import main
+from cmkit.codec import LatentCodec
 from cmkit.cond import Cond
 from cmkit.config import Config, NetConfig
 from cmkit.errors import CmkitError
@@ -121,6 +126,44 @@ def test_the_guided_step_follows_the_closed_form_guided_ode_with_unequal_varianc
     x = torch.ones(3, 1, 2, 2, dtype=torch.float64) * 7
     out = _solve(teacher, x, w, sigmas=torch.linspace(8.0, 0.2, 2000, dtype=torch.float64), heun=True)
     torch.testing.assert_close(out, x * (phi(0.2) / phi(8.0)).view(-1, 1, 1, 1), rtol=5e-4, atol=0)
+
+
+def _linear_codec(images: torch.Tensor) -> LatentCodec:
+    """A linear codec of 1 x 4 x 4 images: ``encode(x) = scale * Q unshuffle(x)`` (each 2 x 2 patch's 4 pixels
+    mixed by a random orthogonal Q into 4 latent channels of 2 x 2), ``decode`` its inverse; the latent scale set from
+    ``images`` by :func:`cmkit.autoencoder.latent_scale`, as ``cmkit train-ae`` sets it."""
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(2)))
+    ae = SimpleNamespace(config=AEConfig(resolution=4, z_channels=4, model_channels=8, channel_mult=(1, 2)),
+                         scale=torch.ones(()),
+                         encoder=lambda x: (torch.einsum("ij,njhw->nihw", q, F.pixel_unshuffle(x, 2)), None),
+                         decoder=lambda z: F.pixel_shuffle(torch.einsum("ji,njhw->nihw", q, z), 2))
+    ae.scale = torch.tensor(latent_scale(ae, images))
+    return LatentCodec("linear", 1, 4, ae)
+
+
+def test_the_guided_step_in_a_linear_codecs_latent_decodes_to_the_closed_form_guided_ode():
+    """Pixels: class N(m_c, S^2 I), null class N(m_u, S^2 I). Through a linear codec z = scale Q x (Q orthogonal) the
+    latents are N(scale Q m, (scale S)^2 I), whose exact denoisers make the latent teacher; Heun steps of the guided
+    latent ODE from sigma 10 to 0.5, decoded, must equal the pixel-space closed form: the guided ODE of N(m_w, S^2 I),
+    m_w = m_u + w (m_c - m_u), at the pixel noise levels sigma / scale, which keeps (x - m_w) / sqrt(S^2 + sigma^2)
+    constant."""
+    m_c = torch.linspace(-0.8, 0.8, 16).view(1, 1, 4, 4)
+    m_u = torch.full((1, 1, 4, 4), 0.3)
+    images = m_c + S * torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    codec = _linear_codec(images)
+    scale = codec.autoencoder.scale.item()
+    assert codec.shape == (4, 2, 2) and scale != pytest.approx(1.0, abs=0.05)
+    torch.testing.assert_close(codec.decode(codec.encode(images[:8])), images[:8], rtol=0, atol=1e-5)
+    teacher = TwoGaussians(m_c=codec.encode(m_c)[0].double(), s_c=scale * S, m_u=codec.encode(m_u)[0].double(),
+                           s_u=scale * S)
+    w = torch.tensor([0.0, 1.0, 2.5], dtype=torch.float64).view(-1, 1, 1, 1)
+    z = torch.randn(3, 4, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 10
+    out = codec.decode(_solve(teacher, z, w.flatten(), sigmas=torch.linspace(10.0, 0.5, 400, dtype=torch.float64),
+                              heun=True))
+    m_w = m_u + w * (m_c - m_u)
+    x = codec.decode(z).double()
+    expected = m_w + (x - m_w) * math.sqrt(S**2 + (0.5 / scale) ** 2) / math.sqrt(S**2 + (10.0 / scale) ** 2)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-3)
 
 
 class GuidedOracle(nn.Module):

@@ -52,7 +52,9 @@ class AEConfig:
     """An autoencoder run: data, network and training loop (lengths in thousands of images, kimg).
 
     The encoder has ``len(channel_mult)`` levels of ``model_channels * mult`` channels, halving the resolution
-    between levels, and ends in ``2 * z_channels`` maps (mean and log-variance); the decoder mirrors it.
+    between levels, and ends in ``2 * z_channels`` maps (mean and log-variance); the decoder mirrors it,
+    ``decoder_channels * mult`` channels wide (None: ``model_channels``; a narrower decoder decodes faster, and
+    sampling a latent model decodes every image).
     """
 
     preset: str = "custom"
@@ -62,6 +64,7 @@ class AEConfig:
     z_channels: int = 4
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 2)
+    decoder_channels: int | None = None
     kl_weight: float = 1e-6
     kimg: float = 120.0
     batch: int = 64
@@ -73,6 +76,11 @@ class AEConfig:
     def factor(self) -> int:
         """f, the downsampling factor from image to latent."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def decoder_width(self) -> int:
+        """The decoder's ``model_channels``."""
+        return self.model_channels if self.decoder_channels is None else self.decoder_channels
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -102,8 +110,10 @@ class AEConfig:
              "z_channels, model_channels, batch and channel_mult: expected positive integers"),
             (self.resolution > 0 and self.resolution % self.factor == 0,
              f"resolution {self.resolution}: expected a multiple of 2 ** (len(channel_mult) - 1) = {self.factor}"),
-            (all(self.model_channels * m % 8 == 0 for m in self.channel_mult),
-             "model_channels * channel_mult: expected multiples of 8 (GroupNorm groups of 8 channels)"),
+            (all(c * m % 8 == 0 and c > 0 for c in (self.model_channels, self.decoder_width)
+                 for m in self.channel_mult),
+             "model_channels and decoder_channels * channel_mult: expected positive multiples of 8 (GroupNorm groups "
+             "of 8 channels)"),
             (self.kl_weight >= 0 and math.isfinite(self.kl_weight), f"kl_weight: expected >= 0, got {self.kl_weight}"),
             (self.kimg > 0 and self.lr > 0 and self.log_kimg > 0, "kimg, lr, log_kimg: expected positive numbers"),
         ]
@@ -158,7 +168,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: AEConfig) -> None:
         super().__init__()
-        widths = [config.model_channels * m for m in config.channel_mult][::-1]
+        widths = [config.decoder_width * m for m in config.channel_mult][::-1]
         layers: list[nn.Module] = [nn.Conv2d(config.z_channels, widths[0], 3, padding=1),
                                    _ResBlock(widths[0], widths[0])]
         for i, width in enumerate(widths):
@@ -204,11 +214,19 @@ def _batch_noise(config: AEConfig, step: int) -> Tensor:
     return torch.randn((config.batch, *config.latent_shape), generator=g)
 
 
-def train_autoencoder(config: AEConfig, out: Path, *, log=print) -> Path:
-    """Train the autoencoder ``config`` describes into folder ``out`` (refused when it already holds one): Adam,
-    a constant learning rate, batches drawn as :func:`cmkit.data.batch_indices`; then the latent scale, the export
-    ``autoencoder.safetensors``, ``config.json``, ``metrics.jsonl`` and ``reconstructions.png`` (32 test images
-    in 8 rows: two rows of images, then their two rows of reconstructions, twice). Returns the export's path."""
+def train_autoencoder(config: AEConfig, out: Path, *, resume: bool = False, log=print) -> Path:
+    """Train the autoencoder ``config`` describes into folder ``out``: Adam, a constant learning rate, batches drawn
+    as :func:`cmkit.data.batch_indices`; a training state (weights, optimiser, step) in ``out/checkpoints`` at every
+    log line (every ``log_kimg``, the newest two kept); then the latent scale, the export
+    ``autoencoder.safetensors``, ``config.json``, ``metrics.jsonl`` and ``reconstructions.png`` (32 test images in
+    8 rows: two rows of images, then their two rows of reconstructions, twice). Returns the export's path.
+
+    ``resume`` continues from the newest training state (from the start when there is none), and ends bit-identical
+    to an uninterrupted run: a step's batch and noise are functions of (seed, step) alone. Refused (CmkitError,
+    nothing written): a folder with a finished autoencoder; without ``resume``, one holding a run; with it, a
+    state of another config."""
+    from cmkit.rundir import prepare_run_dir  # the run directory of cmkit train (it imports the codec, hence this)
+
     problems = config.problems()
     if problems:
         raise CmkitError(problems[0])
@@ -216,15 +234,40 @@ def train_autoencoder(config: AEConfig, out: Path, *, log=print) -> Path:
     path = out / EXPORT_NAME
     if path.exists():
         raise CmkitError(f"{out} already holds an autoencoder ({EXPORT_NAME}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     torch.manual_seed(config.seed)
     model = Autoencoder(config).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    total, every = math.ceil(config.kimg * 1000 / config.batch), max(1, round(config.log_kimg * 1000 / config.batch))
+    resume_from = prepare_run_dir(config, out, resume=resume)
+    first = _load_training_state(resume_from, config, model, optimizer) if resume_from else 0
+    seconds = _train_steps(config, model, optimizer, dataset, out, first=first)
+    model.eval().requires_grad_(False)
+    model.scale.fill_(latent_scale(model, data.to_model_range(dataset.images[:SCALE_IMAGES])))
+    save_autoencoder(model, path)
+    x = data.to_model_range(_grid_images(config, dataset))
+    recon = model.decoder(model.encoder(x)[0]).clamp(-1, 1)
+    save_images(to_numpy_images(torch.cat([x[:16], recon[:16], x[16:], recon[16:]])), out / "reconstructions.png")
+    images = (_total_steps(config) - first) * config.batch
+    log(f"trained {images:,} images in {seconds / 60:.1f} min ({images / max(seconds, 1e-9):.0f} images/s)"
+        f"{f', resumed at step {first:,}' if first else ''}; latent {'x'.join(map(str, config.latent_shape))}, "
+        f"scale {model.scale.item():.4g}")
+    return path
+
+
+def _total_steps(config: AEConfig) -> int:
+    return math.ceil(config.kimg * 1000 / config.batch)
+
+
+def _train_steps(config: AEConfig, model: Autoencoder, optimizer: torch.optim.Optimizer, dataset: data.ImageData,
+                 out: Path, *, first: int) -> float:
+    """Steps ``first`` .. the last, a metrics line and a training state every ``log_kimg``; returns the seconds."""
+    from cmkit.checkpoint import save_state  # imports the codec, which imports this module
+    from cmkit.rundir import MetricsLog
+
+    total, every = _total_steps(config), max(1, round(config.log_kimg * 1000 / config.batch))
+    metrics = MetricsLog(out, resume_step=first)
     losses, start, tick = [], time.perf_counter(), time.perf_counter()
-    with (out / "metrics.jsonl").open("w") as metrics, tqdm(total=total, unit="step", mininterval=1.0) as bar:
-        for step in range(total):
+    with tqdm(total=total, initial=first, unit="step", mininterval=1.0) as bar:
+        for step in range(first, total):
             idx = data.batch_indices(len(dataset.images), config.batch, seed=config.seed, start=step * config.batch)
             x = data.to_model_range(dataset.images[idx])
             loss = ae_loss(x, *model(x, _batch_noise(config, step)), kl_weight=config.kl_weight).mean()
@@ -237,20 +280,28 @@ def train_autoencoder(config: AEConfig, out: Path, *, log=print) -> Path:
                 rate = len(losses) * config.batch / (time.perf_counter() - tick)
                 record = {"step": step + 1, "kimg": (step + 1) * config.batch / 1000, "loss": float(np.mean(losses)),
                           "images_per_s": rate}
-                metrics.write(json.dumps(record) + "\n")
+                save_state({"step": step + 1, "config": config.to_dict(), "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict()}, out, images_seen=(step + 1) * config.batch, keep=2)
+                metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{rate:.0f}")
                 losses, tick = [], time.perf_counter()
-    seconds = time.perf_counter() - start
-    model.eval().requires_grad_(False)
-    model.scale.fill_(latent_scale(model, data.to_model_range(dataset.images[:SCALE_IMAGES])))
-    save_autoencoder(model, path)
-    x = data.to_model_range(_grid_images(config, dataset))
-    recon = model.decoder(model.encoder(x)[0]).clamp(-1, 1)
-    save_images(to_numpy_images(torch.cat([x[:16], recon[:16], x[16:], recon[16:]])), out / "reconstructions.png")
-    log(f"trained {total * config.batch:,} images in {seconds / 60:.1f} min "
-        f"({total * config.batch / seconds:.0f} images/s); latent {'x'.join(map(str, config.latent_shape))}, "
-        f"scale {model.scale.item():.4g}")
-    return path
+    return time.perf_counter() - start
+
+
+def _load_training_state(path: Path, config: AEConfig, model: Autoencoder, optimizer: torch.optim.Optimizer) -> int:
+    """Load the training state at ``path`` into ``model`` and ``optimizer``; returns its step. CmkitError when it
+    was written by a run of another config."""
+    from cmkit.checkpoint import load_state  # imports the codec, which imports this module
+    from cmkit.train import config_diff
+
+    state = load_state(path)
+    if state.get("config") != config.to_dict():
+        raise CmkitError(f"--resume: {path} was trained with a different config "
+                         f"({config_diff(state.get('config') or {}, config.to_dict())}); resume with the same "
+                         "options or choose another --out")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
 
 
 def _grid_images(config: AEConfig, train: data.ImageData) -> Tensor:

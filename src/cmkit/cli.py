@@ -368,10 +368,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-ae", help="train the autoencoder of latent models (a codec: --set data.codec=RUN)")
     p.add_argument("--preset", required=True, help="an autoencoder preset: fmnist-ae or cifar10-ae")
-    p.add_argument("--out", required=True, help="run directory (new)")
+    p.add_argument("--out", required=True, help="run directory (new, or the run to --resume)")
     p.add_argument("--kimg", action=_Positive, type=float, help="training length in thousands of images")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override fields of the autoencoder config, e.g. kl_weight=1e-5 model_channels=64")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train_ae)
 

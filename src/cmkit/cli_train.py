@@ -168,7 +168,8 @@ def cmd_train_ae(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    path = train_autoencoder(config, Path(args.out), log=lambda m: print(f"cmkit: {m}", file=sys.stderr))
+    path = train_autoencoder(config, Path(args.out), resume=args.resume,
+                             log=lambda m: print(f"cmkit: {m}", file=sys.stderr))
     print(f"autoencoder: {path}")
     print(f"use it as a codec: cmkit train --preset ... --set data.codec={path.parent}")
     return 0
