@@ -160,9 +160,11 @@ def build_models(tokenizer) -> dict:
 
 def _train(name: str, params: list[torch.nn.Parameter], modules: dict[str, torch.nn.Module],
            loss_of: Callable[[int], torch.Tensor], *, steps: int, lr: float, path: Path, ema: dict | None = None,
-           ema_decay: float = 0.999) -> None:
-    """``steps`` AdamW steps (lr warmed up over 100, gradients clipped to norm 1) of ``loss_of(step)``; resumes from
-    and checkpoints to ``path`` (modules, EMA copies, optimiser, step), atomically."""
+           ema_decay: float = 0.995) -> None:
+    """``steps`` AdamW steps (lr warmed up over 100, gradients clipped to norm 1) of ``loss_of(step)``, EMA copies
+    updated at rate min(``ema_decay``, (1 + step) / (10 + step)) (diffusers' EMAModel warm-up, so the copies forget
+    the initial weights); resumes from and checkpoints to ``path`` (modules, EMA copies, optimiser, step),
+    atomically."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start = 0
     if path.exists():
@@ -181,8 +183,9 @@ def _train(name: str, params: list[torch.nn.Parameter], modules: dict[str, torch
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
+            decay = min(ema_decay, (1 + step) / (10 + step))
             for k, e in (ema or {}).items():
-                torch._foreach_lerp_(list(e.parameters()), list(modules[k].parameters()), 1 - ema_decay)
+                torch._foreach_lerp_(list(e.parameters()), list(modules[k].parameters()), 1 - decay)
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
             state = {k: m.state_dict() for k, m in modules.items()}
             state.update({f"ema_{k}": m.state_dict() for k, m in (ema or {}).items()})
@@ -335,8 +338,10 @@ def score(args: argparse.Namespace) -> None:
                          **compute_metrics(reference, fake), "sampling_seconds": seconds, "samples": len(images)})
             print(rows[-1], flush=True)
         save_images(images[:64].permute(0, 2, 3, 1).numpy(), GRIDS / f"sd-small-{args.kind}-{steps}step.png")
-    key = args.kind if args.key is None else args.key
-    _update(key, {"model": str(args.model), "kind": args.kind, "teacher": args.teacher, "rows": rows})
+    run = {"run": args.run, "config": json.loads((Path(args.run) / "config.json").read_text()),
+           "train_command": args.train_command} if args.run else {}
+    _update(args.key or args.kind, {"model": str(args.model), "kind": args.kind, "teacher": args.teacher, **run,
+                                    "rows": rows})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -372,8 +377,12 @@ def report(args: argparse.Namespace) -> None:
                          f"{row['n']} | {row['fid']:.2f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
                          f"{row['precision']:.3f} | {row['recall']:.3f} |")
     for key in ("lcm", "lcm-lora"):
-        if key in r and "train_command" in r[key]:
-            lines += ["", f"{key}: `{r[key]['train_command']}`"]
+        if r.get(key, {}).get("config"):
+            c, m = r[key]["config"]["train"], r[key]["config"]["method"]
+            lora = f", LoRA rank {m['lora_rank']} alpha {m['lora_alpha']:g}" if m["student"] == "lora" else ""
+            lines += ["", f"{key}: {c['kimg']:g}k images at batch {c['batch']}, lr {c['lr']:g}, teacher guidance "
+                      f"w ~ U[{m['w_min']:g}, {m['w_max']:g}], DDIM skip {1000 // m['ddim_steps']}, "
+                      f"{m['distance']} distance{lora}: `{r[key]['train_command']}`"]
     lines += [""] + [f"![{key}, {s} step(s)](img/sd-small-{key}-{s}step.png)"
                      for key in ("teacher", "lcm", "lcm-lora") if key in r for s in sorted({x["steps"] for x in
                                                                                       r[key]["rows"]})]
@@ -401,6 +410,8 @@ def main() -> None:
     p.add_argument("--kind", choices=("teacher", "lcm", "lcm-lora"), required=True)
     p.add_argument("--teacher", help="the teacher pipeline folder (lcm-lora: the LoRA is loaded into it)")
     p.add_argument("--key", help="the results key (default: the kind)")
+    p.add_argument("--run", help="the cmkit run the export came from (its config.json goes into the results)")
+    p.add_argument("--train-command", help="the cmkit train command of --run, for the docs")
     p.add_argument("--steps", type=int, nargs="+", default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--n", type=int, default=2_000)
