@@ -5,6 +5,7 @@ captioned Fashion-MNIST, its guided 25-step DDIM samples scored, and its LCM and
     python bench/sd_small.py data CAPTIONED [--n 60000]      # 32x32 RGB PNGs + metadata.jsonl (file_name, text)
     python bench/sd_small.py teacher PIPE --data CAPTIONED --work WORK [--vae-kimg 24] [--unet-kimg 96]
     python bench/sd_small.py score PIPE --kind teacher [--steps 25] [--guidance 2]
+    python bench/sd_small.py score PIPE --kind teacher --steps 1 2 4 --key teacher-few   # DDIM at the students' steps
     cmkit train --preset sd-lcm --teacher PIPE --data CAPTIONED --out RUN_LCM [--set ...]
     cmkit train --preset sd-lcm-lora --teacher PIPE --data CAPTIONED --out RUN_LORA [--set ...]
     cmkit export RUN_LCM --diffusers LCM_DIR;  cmkit export RUN_LORA --diffusers LORA_DIR
@@ -322,26 +323,30 @@ def load_pipeline(path: str, kind: str, teacher_path: str | None):
 
 
 def score(args: argparse.Namespace) -> None:
+    """Samples for every step count first, then each metric over them in turn (the cheap fid-fmnist first), the
+    results file updated after every row, so a run stopped early keeps what it measured."""
     pipe = load_pipeline(args.model, args.kind, args.teacher)
-    rows = []
-    for steps in args.steps:
-        start = time.perf_counter()
-        images = sample(pipe, range(max(args.n, args.n_inception, 64)), steps=steps, guidance=args.guidance)
-        seconds = time.perf_counter() - start
-        for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
-            if n == 0:
-                continue
-            extractor = get_extractor(metric)
-            reference = reference_features("fashion-mnist", extractor, n=n, resolution=28, channels=1)
-            fake = image_features(images[:n], extractor, batch=500, desc=f"{args.kind} {steps} steps, {metric}")
-            rows.append({"metric": metric, "n": n, "steps": steps, "guidance": args.guidance,
-                         **compute_metrics(reference, fake), "sampling_seconds": seconds, "samples": len(images)})
-            print(rows[-1], flush=True)
-        save_images(images[:64].permute(0, 2, 3, 1).numpy(), GRIDS / f"sd-small-{args.kind}-{steps}step.png")
     run = {"run": args.run, "config": json.loads((Path(args.run) / "config.json").read_text()),
            "train_command": args.train_command} if args.run else {}
-    _update(args.key or args.kind, {"model": str(args.model), "kind": args.kind, "teacher": args.teacher, **run,
-                                    "rows": rows})
+    images, seconds, rows = {}, {}, []
+    for steps in args.steps:
+        start = time.perf_counter()
+        images[steps] = sample(pipe, range(max(args.n, args.n_inception, 64)), steps=steps, guidance=args.guidance)
+        seconds[steps] = time.perf_counter() - start
+        save_images(images[steps][:64].permute(0, 2, 3, 1).numpy(), GRIDS / f"sd-small-{args.kind}-{steps}step.png")
+    for metric, n in (("fid-fmnist", args.n), ("fid-inception", args.n_inception)):
+        if n == 0:
+            continue
+        extractor = get_extractor(metric)
+        reference = reference_features("fashion-mnist", extractor, n=n, resolution=28, channels=1)
+        for steps in args.steps:
+            fake = image_features(images[steps][:n], extractor, batch=500, desc=f"{args.kind} {steps} steps, {metric}")
+            rows.append({"metric": metric, "n": n, "steps": steps, "guidance": args.guidance,
+                         **compute_metrics(reference, fake), "sampling_seconds": seconds[steps],
+                         "samples": len(images[steps])})
+            print(rows[-1], flush=True)
+            _update(args.key or args.kind, {"model": str(args.model), "kind": args.kind, "teacher": args.teacher,
+                                            **run, "rows": sorted(rows, key=lambda r: (r["metric"], r["steps"]))})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,8 +373,8 @@ def report(args: argparse.Namespace) -> None:
              "| model | sampler | steps | guidance | NFE | metric | n | FID | / teacher 25 steps | precision "
              "| recall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, label, sampler in (("teacher", "teacher", "DDIM"), ("lcm", "LCM (full)", "LCMScheduler"),
-                                ("lcm-lora", "LCM-LoRA", "LCMScheduler")):
+    for key, label, sampler in (("teacher", "teacher", "DDIM"), ("teacher-few", "teacher", "DDIM"),
+                                ("lcm", "LCM (full)", "LCMScheduler"), ("lcm-lora", "LCM-LoRA", "LCMScheduler")):
         for row in r.get(key, {}).get("rows", []):
             nfe = row["steps"] * (2 if key != "lcm" and row["guidance"] > 1 else 1)
             ratio = row["fid"] / base[(row["metric"], row["n"])] if (row["metric"], row["n"]) in base else None
@@ -384,8 +389,8 @@ def report(args: argparse.Namespace) -> None:
                       f"w ~ U[{m['w_min']:g}, {m['w_max']:g}], DDIM skip {1000 // m['ddim_steps']}, "
                       f"{m['distance']} distance{lora}: `{r[key]['train_command']}`"]
     lines += [""] + [f"![{key}, {s} step(s)](img/sd-small-{key}-{s}step.png)"
-                     for key in ("teacher", "lcm", "lcm-lora") if key in r for s in sorted({x["steps"] for x in
-                                                                                      r[key]["rows"]})]
+                     for key in ("teacher", "lcm", "lcm-lora") if key in r
+                     for s in sorted({x["steps"] for x in r[key]["rows"] + r.get(f"{key}-few", {}).get("rows", [])})]
     write_docs_section("sd-small", "\n".join(lines), heading="## Stable Diffusion route (`bench/sd_small.py`)\n\n"
                        "A small text-to-image pipeline of diffusers' classes trained here, its 25-step guided "
                        "samples, and its LCM and LCM-LoRA distillations by `cmkit train` loaded by plain diffusers.")
