@@ -11,6 +11,8 @@ captioned Fashion-MNIST, its guided 25-step DDIM samples scored, and its LCM and
     cmkit export RUN_LCM --diffusers LCM_DIR;  cmkit export RUN_LORA --diffusers LORA_DIR
     python bench/sd_small.py score LCM_DIR --kind lcm --guidance 2      # the full student's w input
     python bench/sd_small.py score LORA_DIR --kind lcm-lora --teacher PIPE
+    python bench/sd_small.py repro --teacher PIPE --lcm RUN_LCM --lcm-export LCM_DIR --lora RUN_LORA \\
+        --lora-export LORA_DIR         # plain diffusers (a process without cmkit) against cmkit's own sampler
     python bench/sd_small.py report        # the "Stable Diffusion route" section of docs/benchmarks.md
 
 The pipeline works at 32x32 RGB: Fashion-MNIST's 28x28 images padded by 2 black pixels and the gray copied to three
@@ -349,6 +351,51 @@ def score(args: argparse.Namespace) -> None:
                                             **run, "rows": sorted(rows, key=lambda r: (r["metric"], r["steps"]))})
 
 
+# Run in a fresh interpreter that never imports cmkit: plain diffusers on the exports, latents out as an npz.
+DIFFUSERS_SIDE = """
+import json, sys, numpy as np, torch
+from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline
+kind, export, teacher, guidance, out = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+prompts, latents = json.loads(sys.argv[6]), torch.from_numpy(np.load(sys.argv[7]))
+if kind == "lcm":
+    pipe = DiffusionPipeline.from_pretrained(export, local_files_only=True)
+else:
+    pipe = StableDiffusionPipeline.from_pretrained(teacher, local_files_only=True)
+    pipe.scheduler = LCMScheduler.from_pretrained(export, subfolder="scheduler")
+    pipe.load_lora_weights(export)
+x = {str(k): pipe(prompts, num_inference_steps=k, guidance_scale=guidance, latents=latents.clone(),
+                  output_type="latent", generator=torch.Generator().manual_seed(123)).images.numpy() for k in (1, 4)}
+assert "cmkit" not in sys.modules
+np.savez(out, **x)
+"""
+
+
+def repro(args: argparse.Namespace) -> None:
+    """The issue's reproduction check: each export sampled by plain diffusers in a process that does not import
+    cmkit, against cmkit's own sampler of the run (cmkit.sd.model.load_sd_model), same prompts, latents and
+    between-step noise; 16 samples at 1 and 4 steps, largest absolute difference of the final latents."""
+    import tempfile
+
+    from cmkit.sd.model import load_sd_model
+
+    prompts, latents = [PROMPT.format(CLASSES[s % 10]) for s in range(16)], seed_latents(range(16))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/latents.npy", latents.numpy())
+        for kind, run, export, w in (("lcm", args.lcm, args.lcm_export, args.guidance),
+                                     ("lcm-lora", args.lora, args.lora_export, 1.0)):
+            subprocess.run([sys.executable, "-c", DIFFUSERS_SIDE, kind, export, args.teacher, str(w),
+                            f"{tmp}/{kind}.npz", json.dumps(prompts), f"{tmp}/latents.npy"], check=True)
+            theirs, model = np.load(f"{tmp}/{kind}.npz"), load_sd_model(run)
+            for k in (1, 4):
+                ours = model.sample(prompts, latents.clone(), steps=k, guidance_scale=None if kind == "lcm-lora" else w,
+                                    generator=torch.Generator().manual_seed(123)).numpy()
+                rows.append({"kind": kind, "steps": k, "max_abs_diff": float(np.abs(ours - theirs[str(k)]).max()),
+                             "max_abs_latent": float(np.abs(ours).max())})
+                print(rows[-1], flush=True)
+    _update("repro", {"rows": rows})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 5. The docs table
 
@@ -388,6 +435,17 @@ def report(args: argparse.Namespace) -> None:
             lines += ["", f"{key}: {c['kimg']:g}k images at batch {c['batch']}, lr {c['lr']:g}, teacher guidance "
                       f"w ~ U[{m['w_min']:g}, {m['w_max']:g}], DDIM skip {1000 // m['ddim_steps']}, "
                       f"{m['distance']} distance{lora}: `{r[key]['train_command']}`"]
+    goals = {"lcm-lora": 1.3, "lcm": 1.2}  # issue 28's goal: 4-step FID within this factor of the teacher's
+    for key, goal in goals.items():
+        for row in [x for x in r.get(key, {}).get("rows", []) if x["steps"] == 4]:
+            ratio = row["fid"] / base[(row["metric"], row["n"])]
+            lines += ["", f"Goal, {key} at 4 steps within {goal}x of the teacher's 25 steps ({row['metric']}): "
+                      f"{ratio:.2f}x, {'met' if ratio <= goal else 'not met'}."]
+    if "repro" in r:
+        diffs = ", ".join(f"{x['kind']} {x['steps']} step(s) {x['max_abs_diff']:.2g}" for x in r["repro"]["rows"])
+        lines += ["", "Exports against cmkit's own sampler (`bench/sd_small.py repro`: plain diffusers in a process "
+                  "that does not import cmkit, same prompts, latents and noise, 16 samples; largest absolute "
+                  f"difference of the final latents): {diffs}."]
     lines += [""] + [f"![{key}, {s} step(s)](img/sd-small-{key}-{s}step.png)"
                      for key in ("teacher", "lcm", "lcm-lora") if key in r
                      for s in sorted({x["steps"] for x in r[key]["rows"] + r.get(f"{key}-few", {}).get("rows", [])})]
@@ -422,6 +480,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2_000)
     p.add_argument("--n-inception", type=int, default=500)
     p.set_defaults(func=score)
+    p = sub.add_parser("repro")
+    for flag in ("--teacher", "--lcm", "--lcm-export", "--lora", "--lora-export"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.set_defaults(func=repro)
     sub.add_parser("report").set_defaults(func=report)
     args = parser.parse_args()
     if args.part == "score":
