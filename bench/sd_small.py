@@ -400,6 +400,15 @@ def repro(args: argparse.Namespace) -> None:
 # 5. The docs table
 
 
+SD_CODE = ("`cmkit train`, `cmkit export` and `repro` ran with the `sd` branch's cmkit (PYTHONPATH=/work/wt-sd/src, "
+           "before its merge): training at its commit 91ff305, export and repro at fc43d4b.")
+SEEN = ("In the grids (same prompts and noise in every grid, 8 columns over the 10 cycling classes): the students' "
+        "4-step samples are recognisable clothing like the teacher's 25-step ones; the full LCM's are brighter and "
+        "higher in contrast than the teacher's. Both students trade recall for precision "
+        "against the teacher (fid-fmnist 4 steps). 2-step samples are rough shapes and 1-step ones noise-like blobs "
+        "at these budgets.")
+
+
 def report(args: argparse.Namespace) -> None:
     """Render bench/results/sd-small.json as the "Stable Diffusion route" section of docs/benchmarks.md."""
     from throughput import machine, write_docs_section
@@ -416,7 +425,8 @@ def report(args: argparse.Namespace) -> None:
              f"its own {len(CLASSES)}-class BPE vocabulary, UNet2DConditionModel {pm['unet']} "
              f"({p['unet_kimg']:g}k images, epsilon, SD 1.x betas, 10% empty captions). Samples: \"a photo of a "
              "{class}\" over the ten classes, "
-             "decoded, cropped to 28x28 gray, against the training images.", "",
+             "decoded, cropped to 28x28 gray, against the training images." + (f" Note: {p['note']}." if "note" in p
+                                                                               else ""), "",
              "| model | sampler | steps | guidance | NFE | metric | n | FID | / teacher 25 steps | precision "
              "| recall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -446,6 +456,7 @@ def report(args: argparse.Namespace) -> None:
         lines += ["", "Exports against cmkit's own sampler (`bench/sd_small.py repro`: plain diffusers in a process "
                   "that does not import cmkit, same prompts, latents and noise, 16 samples; largest absolute "
                   f"difference of the final latents): {diffs}."]
+    lines += ["", SD_CODE, "", SEEN]
     lines += [""] + [f"![{key}, {s} step(s)](img/sd-small-{key}-{s}step.png)"
                      for key in ("teacher", "lcm", "lcm-lora") if key in r
                      for s in sorted({x["steps"] for x in r[key]["rows"] + r.get(f"{key}-few", {}).get("rows", [])})]
