@@ -10,7 +10,9 @@ Schedules depend on a run's length, so each budget is its own run.
 Budgets count images, not seconds, so that the result does not depend on what else the machine was doing:
 ``calibrate [--routes ...]`` (run it alone on the machine, all cores) times a short real training run of each
 route's config and stores its images/s in bench/results/time-rates.json; a budget of M minutes then trains
-``M * 60 * images/s`` images. Each run's actual wall time is recorded beside it.
+``M * 60 * images/s`` images. Each run's actual wall time is recorded beside it. Routes added later, on a machine
+that is not idle, get ``relative`` rates: the calibrated rate of iCT-small times the ratio of their step speeds,
+measured side by side in one process (``relative`` entries of the rates file).
 
 Each model is evaluated with fid-fmnist on N samples at 1 and 2 steps (the 2-step intermediate sigma tuned by
 golden-section search on FID) and with fid-inception on a subset at 1 step (the Inception network runs at about
@@ -20,6 +22,7 @@ bench/results/time-to-quality.json, docs/img/time-to-quality.png, sample grids u
 and the table in docs/benchmarks.md from whatever runs are finished.
 
 Usage: python bench/time_to_quality.py calibrate
+       python bench/time_to_quality.py relative --routes MeanFlow TCM [--repeats 7]
        python bench/time_to_quality.py run [--budgets 10] [--routes iCT CD] [--splits 0.5] [--runs runs/time]
        python bench/time_to_quality.py report
 Several ``run`` processes with disjoint routes may work at once (OMP_NUM_THREADS=1 each).
@@ -33,7 +36,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cmkit import checkpoint
@@ -53,6 +56,9 @@ BUDGETS = (5, 10, 20)  # minutes
 SEARCH_BUDGET, SPLITS, DEFAULT_SPLIT = 10, (0.3, 0.5, 0.7), 0.5
 EVAL = {"n": 2_000, "tune_n": 500, "tune_iters": 5, "inception_n": 500}
 CALIBRATE_KIMG = 4.0  # a log line every 1k images
+# bf16 autocast, as the calibration; ``--precision fp32`` where the CPU would emulate bf16 (about 5x slower): the
+# budgets stay the calibrated images, only the wall time and the arithmetic of training and sampling change.
+PRECISIONS = ("bf16", "fp32")
 TEACHER = "fmnist-edm"
 
 
@@ -85,7 +91,12 @@ ROUTES = {
     "CT-mu0-huber": Route("fmnist-ct", ("method.mu0=0", "method.distance=pseudo-huber")),
     "demo-before": Route("fmnist-ict", kimg=48),
     "iCT-small": Route("fmnist-ict", ("net.model_channels=16",)),  # fmnist-cd-small's network, a quarter the size
+    "MeanFlow": Route("fmnist-meanflow"),
+    "MeanFlow-small": Route("fmnist-meanflow", ("net.model_channels=16",)),
 }
+# The reference of ``relative``: routes added after the idle calibration get its calibrated rate times the ratio of
+# their step speed to its, measured side by side in one process (the machine need not be idle).
+REFERENCE = "iCT-small"
 
 
 # ------------------------------------------------------------------------------------------- calibration
@@ -115,6 +126,30 @@ def calibrate(keys: dict[str, Route]) -> dict[str, float]:
             if out != teacher:
                 shutil.rmtree(out)
     return rates
+
+
+def sized(config, kimg: float, precision: str):
+    """:func:`quality.bench_run` of ``config`` for ``kimg`` in ``precision`` (bf16 autocast or fp32)."""
+    config = bench_run(config, kimg)
+    return replace(config, train=replace(config.train, precision=precision))
+
+
+def relative(keys: dict[str, Route], rates: dict[str, float], repeats: int,
+             precision: str) -> dict[str, dict[str, float]]:
+    """Images/s of each route's config as ``rates[REFERENCE's key]`` times the ratio of the reference's seconds per
+    optimiser step to the route's (interleaved medians of ``repeats`` steps on random data in this process, both at
+    their own batch: bench/throughput.py's timers), so that a busy machine slows both alike."""
+    from throughput import interleaved, train_step_timer
+
+    reference = ROUTES[REFERENCE]
+    configs = {key: sized(model_config(route.preset, route.overrides, None), CALIBRATE_KIMG,
+                          precision)
+               for key, route in {reference.key: reference, **keys}.items()}
+    seconds = interleaved({key: train_step_timer(config) for key, config in configs.items()}, repeats)
+    per_image = {key: seconds[key] / configs[key].train.batch for key in configs}
+    base = rate(reference.key, rates)
+    return {key: {"rate": base * per_image[reference.key] / per_image[key],
+                  "vs_reference": per_image[reference.key] / per_image[key]} for key in keys}
 
 
 def load_rates() -> dict[str, float]:
@@ -183,7 +218,7 @@ def plans(labels: list[str], budget: float, known: dict[str, float], search: tup
     return out
 
 
-def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
+def train_plan(plan: Plan, runs: Path, rates: dict[str, float], precision: str) -> dict:
     """Train the plan's teacher (shared by the plans with the same teacher images; a lock keeps concurrent
     processes from training it twice) and its student; their sizes, minutes and wall seconds."""
     teacher_kimg, student_kimg = plan.kimg(rates)
@@ -194,10 +229,10 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
         runs.mkdir(parents=True, exist_ok=True)
         with open(runs / f"{teacher_dir.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            teacher_seconds = train_run(bench_run(preset(plan.route.teacher), teacher_kimg), teacher_dir)
+            teacher_seconds = train_run(sized(preset(plan.route.teacher), teacher_kimg, precision), teacher_dir)
         minutes += teacher_kimg * 1000 / rate(TEACHER, rates) / 60
     student = model_config(plan.route.preset, plan.route.overrides, teacher_dir)
-    seconds = train_run(bench_run(student, student_kimg), runs / plan.name())
+    seconds = train_run(sized(student, student_kimg, precision), runs / plan.name())
     return {"route": plan.label, "config": " ".join((plan.route.preset, *plan.route.overrides)),
             "budget": plan.budget, "split": plan.split, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
             "minutes": minutes, "wall_seconds": teacher_seconds + seconds}
@@ -205,7 +240,7 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
 
 # -------------------------------------------------------------------------------------------- evaluation
 
-def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> dict:
+def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict, precision: str) -> dict:
     """fid-fmnist at 1 and 2 steps (2-step sigma tuned), fid-inception at 1 step, grids; kept in the run."""
     record = run_dir / "time-eval.json"
     if record.exists() and json.loads(record.read_text())["settings"] == EVAL:
@@ -214,7 +249,7 @@ def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> d
     fmnist, inception = extractors["fid-fmnist"], extractors["fid-inception"]
     best, _, spec = tune_two_step(model, config, spec, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"],
                                   extractor=fmnist, reference=references["fid-fmnist"])
-    common = {"batch": BATCH, "precision": "bf16"}
+    common = {"batch": BATCH, "precision": precision}
     entry = {"two_step_sigma": best,
              "fid_fmnist": evaluate_model(model, spec, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
                                           reference=references["fid-fmnist"], **common),
@@ -312,7 +347,10 @@ def report(runs: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("calibrate", "run", "report"))
+    parser.add_argument("command", choices=("calibrate", "relative", "run", "report"))
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                        help="run/relative: bf16 autocast (as calibrated) or fp32 (a CPU without native bf16)")
+    parser.add_argument("--repeats", type=int, default=7, help=f"relative: steps timed per route and {REFERENCE}")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "time", help="where the models are trained")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="minutes")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), metavar="ROUTE",
@@ -324,14 +362,25 @@ def main() -> None:
         rates = {**load_rates(), **calibrate({ROUTES[r].key: ROUTES[r] for r in args.routes})}
         RATES.write_text(json.dumps({"machine": machine(), "kimg": CALIBRATE_KIMG, "rates": rates}, indent=2) + "\n")
         return
+    if args.command == "relative":
+        stored = json.loads(RATES.read_text())
+        measured = relative({ROUTES[r].key: ROUTES[r] for r in args.routes if r != REFERENCE}, stored["rates"],
+                            args.repeats, args.precision)
+        stored["rates"].update({key: m["rate"] for key, m in measured.items()})
+        stored.setdefault("relative", {}).update({key: {**m, "reference": ROUTES[REFERENCE].key, "machine": machine(),
+                                                        "repeats": args.repeats, "precision": args.precision}
+                                                       for key, m in measured.items()})
+        RATES.write_text(json.dumps(stored, indent=2) + "\n")
+        print(json.dumps(measured, indent=1))
+        return
     if args.command == "run":
         rates, (extractors, references) = load_rates(), load_references()
         GRIDS.mkdir(parents=True, exist_ok=True)
         for budget in sorted(args.budgets, key=lambda b: b != SEARCH_BUDGET):  # the split search first
             for plan in plans(args.routes, budget, best_splits(collect(args.runs)), tuple(args.splits)):
-                sizes = train_plan(plan, args.runs, rates)
+                sizes = {**train_plan(plan, args.runs, rates, args.precision), "precision": args.precision}
                 (args.runs / plan.name() / "time-run.json").write_text(json.dumps(sizes) + "\n")
-                evaluate(plan, args.runs / plan.name(), extractors, references)
+                evaluate(plan, args.runs / plan.name(), extractors, references, args.precision)
     report(args.runs)
 
 
