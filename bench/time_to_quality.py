@@ -64,14 +64,21 @@ TEACHER = "fmnist-edm"
 
 @dataclass(frozen=True)
 class Route:
-    """A way to a one-step model: ``preset`` with ``overrides``, after a ``teacher`` preset run when given; a
-    route with ``kimg`` trains that many images whatever the budget (a fixed configuration to compare against)."""
+    """A way to a one-step model: ``preset`` with ``overrides``, after a ``teacher`` preset run when given, or after
+    the run of route ``stage_one`` (TCM's stage one, its --teacher, with all its own minutes) when given; a route with
+    ``kimg`` trains that many images whatever the budget (a fixed configuration to compare against)."""
 
     preset: str
     overrides: tuple[str, ...] = ()
     teacher: str | None = None
     kimg: float | None = None
     speed_of: tuple[str, ...] | None = None  # the overrides that change its speed, when not all of them do
+    stage_one: str | None = None
+
+    @property
+    def split(self) -> bool:
+        """True when its budget is split between what comes first (a teacher or a stage one) and itself."""
+        return bool(self.teacher or self.stage_one)
 
     @property
     def key(self) -> str:
@@ -93,6 +100,12 @@ ROUTES = {
     "iCT-small": Route("fmnist-ict", ("net.model_channels=16",)),  # fmnist-cd-small's network, a quarter the size
     "MeanFlow": Route("fmnist-meanflow"),
     "MeanFlow-small": Route("fmnist-meanflow", ("net.model_channels=16",)),
+    # TCM's stage two after the stage one's share of the minutes (split): the paper's ECT from an EDM teacher, and iCT
+    # on the small network. Stage two continues an ECT stage one's schedule (its stage is set from its images); after
+    # iCT (N = 81 at the end), stage 4 gives t - r about iCT's final grid gap near t' = 1.
+    "TCM": Route("fmnist-tcm", stage_one="ECT", speed_of=()),
+    "TCM-small": Route("fmnist-tcm", ("net.model_channels=16", "method.start_stage=4"), stage_one="iCT-small",
+                       speed_of=("net.model_channels=16",)),
 }
 # The reference of ``relative``: routes added after the idle calibration get its calibrated rate times the ratio of
 # their step speed to its, measured side by side in one process (the machine need not be idle).
@@ -178,13 +191,15 @@ class Plan:
         slug = self.label.lower()
         if self.route.kimg is not None:
             return slug
-        return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.teacher else "")
+        return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.split else "")
 
     def kimg(self, rates: dict[str, float]) -> tuple[float, float]:
         """(teacher kimg, student kimg) of the budget."""
         if self.route.kimg is not None:
             return 0.0, self.route.kimg
         seconds = self.budget * 60
+        if self.route.stage_one:  # the stage one's images: its own plan (train_plan)
+            return 0.0, seconds * (1 - self.split) * rate(self.route.key, rates) / 1000
         if self.route.teacher is None:
             return 0.0, seconds * rate(self.route.key, rates) / 1000
         return (seconds * self.split * rate(TEACHER, rates) / 1000,
@@ -210,7 +225,7 @@ def plans(labels: list[str], budget: float, known: dict[str, float], search: tup
         route = ROUTES[label]
         if route.kimg is not None:
             out.append(Plan(label, route, 0, 0.0))
-        elif route.teacher is None:
+        elif not route.split:
             out.append(Plan(label, route, budget, 0.0))
         else:
             splits = search if budget == SEARCH_BUDGET else (known.get(label, DEFAULT_SPLIT),)
@@ -223,6 +238,11 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float], precision: str) 
     processes from training it twice) and its student; their sizes, minutes and wall seconds."""
     teacher_kimg, student_kimg = plan.kimg(rates)
     teacher_dir, teacher_seconds, minutes = None, 0.0, student_kimg * 1000 / rate(plan.route.key, rates) / 60
+    overrides = plan.route.overrides
+    if plan.route.stage_one:
+        first, overrides = stage_one(plan, runs, rates, precision)
+        teacher_dir, teacher_kimg = runs / first["name"], first["teacher_kimg"] + first["student_kimg"]
+        minutes, teacher_seconds = minutes + first["minutes"], first["wall_seconds"]
     if plan.route.teacher:
         teacher_kimg = round(teacher_kimg, 1)
         teacher_dir = runs / f"teacher-{teacher_kimg:g}k"
@@ -231,11 +251,23 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float], precision: str) 
             fcntl.flock(lock, fcntl.LOCK_EX)
             teacher_seconds = train_run(sized(preset(plan.route.teacher), teacher_kimg, precision), teacher_dir)
         minutes += teacher_kimg * 1000 / rate(TEACHER, rates) / 60
-    student = model_config(plan.route.preset, plan.route.overrides, teacher_dir)
+    student = model_config(plan.route.preset, overrides, teacher_dir)
     seconds = train_run(sized(student, student_kimg, precision), runs / plan.name())
     return {"route": plan.label, "config": " ".join((plan.route.preset, *plan.route.overrides)),
             "budget": plan.budget, "split": plan.split, "teacher_kimg": teacher_kimg, "student_kimg": student_kimg,
             "minutes": minutes, "wall_seconds": teacher_seconds + seconds}
+
+
+def stage_one(plan: Plan, runs: Path, rates: dict[str, float], precision: str) -> tuple[dict, tuple[str, ...]]:
+    """Train the stage one of a TCM plan (route ``plan.route.stage_one`` for ``split`` of the minutes, at that
+    route's best split); its sizes (and name), and the stage two's overrides, continuing an ECT stage one's stage."""
+    label = plan.route.stage_one
+    first = Plan(label, ROUTES[label], plan.budget * plan.split, best_splits(collect(runs)).get(label, DEFAULT_SPLIT))
+    sizes = {**train_plan(first, runs, rates, precision), "name": first.name()}
+    method = model_config(first.route.preset, first.route.overrides, None).method
+    more = (f"method.start_stage={int(sizes['student_kimg'] // method.stage_kimg)}",) \
+        if hasattr(method, "stage_kimg") else ()
+    return sizes, (*plan.route.overrides, *more)
 
 
 # -------------------------------------------------------------------------------------------- evaluation

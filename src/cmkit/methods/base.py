@@ -256,14 +256,6 @@ def shared_dropout(config: Config) -> tuple[bool, str]:
             "that a consistency loss's student and target must share; set train.compile=false or net.dropout=0")
 
 
-def forward_mode_loss(config: Config) -> tuple[bool, str]:
-    """sCM's loss differentiates the network in forward mode, which torch.compile does not support reliably."""
-    return (not config.train.compile,
-            f"train.compile=true with method {config.method.name}: its loss differentiates the network in forward "
-            "mode, which torch.compile does not support reliably; set train.compile=false")
-
-
-
 # ------------------------------------------------------------------------------ parts of the loss builders
 
 def grid_pairs(method: Any, num_scales: Callable[[int], int], **kw: Any) -> GridPairs:
