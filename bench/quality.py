@@ -52,7 +52,12 @@ MODELS = {"teacher (EDM)": ("fmnist-edm", None, ()), "CD": ("fmnist-cd", "fmnist
           "ECT": ("fmnist-ect", "fmnist-edm", ()), "iCT": ("fmnist-ict", None, ()), "CT": ("fmnist-ct", None, ()),
           "sCT": ("fmnist-sct", "fmnist-edm", ()), "sCD": ("fmnist-scd", "fmnist-edm", ()),
           "CD small": ("fmnist-cd-small", "fmnist-edm", ()),
-          "iCT small": ("fmnist-ict", None, ("net.model_channels=16",))}
+          "iCT small": ("fmnist-ict", None, ("net.model_channels=16",)),
+          # issue 29: MeanFlow from scratch; TCM's stage two of the ECT row (its teacher is that run, whose schedule
+          # it continues: 48k images at a stage every 6k end at stage 8; --only ECT TCM brings ECT's teacher too)
+          "MeanFlow": ("fmnist-meanflow", None, ()),
+          "MeanFlow small": ("fmnist-meanflow", None, ("net.model_channels=16",)),
+          "TCM": ("fmnist-tcm", "fmnist-ect", ("method.start_stage=8",))}
 BATCH = 128  # fastest sampling batch for this net on 2 CPU cores
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (18,)
