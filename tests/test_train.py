@@ -17,6 +17,7 @@ from cmkit.methods import (
     ICTConfig,
     SCDConfig,
     SCTConfig,
+    TCMConfig,
     method_entry,
     teacher_methods,
 )
@@ -33,6 +34,7 @@ METHODS = {
     "ect": ECTConfig(stage_kimg=0.064),
     "sct": SCTConfig(tangent_warmup_kimg=0.064),
     "scd": SCDConfig(tangent_warmup_kimg=0.064),
+    "tcm": TCMConfig(stage_kimg=0.064, start_stage=2),  # its stage one here: _teacher's random EDM model
 }
 SCM = [name for name in METHODS if REGISTRY[name].wrapper is TrigFlow]
 
