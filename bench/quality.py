@@ -58,7 +58,12 @@ MODELS = {"teacher (EDM)": ("fmnist-edm", None, ()), "CD": ("fmnist-cd", "fmnist
           "ECT": ("fmnist-ect", "fmnist-edm", ()), "iCT": ("fmnist-ict", None, ()), "CT": ("fmnist-ct", None, ()),
           "sCT": ("fmnist-sct", "fmnist-edm", ()), "sCD": ("fmnist-scd", "fmnist-edm", ()),
           "CD small": ("fmnist-cd-small", "fmnist-edm", ()),
-          "iCT small": ("fmnist-ict", None, ("net.model_channels=16",))}
+          "iCT small": ("fmnist-ict", None, ("net.model_channels=16",)),
+          # issue 29: MeanFlow from scratch; TCM's stage two of the ECT row (its teacher is that run, whose schedule
+          # it continues: 48k images at a stage every 6k end at stage 8; --only ECT TCM brings ECT's teacher too)
+          "MeanFlow": ("fmnist-meanflow", None, ()),
+          "MeanFlow small": ("fmnist-meanflow", None, ("net.model_channels=16",)),
+          "TCM": ("fmnist-tcm", "fmnist-ect", ("method.start_stage=8",))}
 # The latent rows (docs/latent.md): an autoencoder (its preset's images, trained once in the runs folder), the guided
 # latent teacher on its latent and LCM from that teacher, both at the ladder's budget, scored decoded; label: (preset,
 # the label of its teacher or None, the guidance scale w it samples at or None). The teacher rows share one run; LCM

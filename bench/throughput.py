@@ -37,7 +37,7 @@ from cmkit.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"edm": "fmnist-edm", "ct": "fmnist-ct", "ict": "fmnist-ict", "cd": "fmnist-cd", "ect": "fmnist-ect",
-           "sct": "fmnist-sct", "scd": "fmnist-scd", "meanflow": "fmnist-meanflow"}
+           "sct": "fmnist-sct", "scd": "fmnist-scd", "meanflow": "fmnist-meanflow", "tcm": "fmnist-tcm"}
 
 
 def method_config(base: Config, method: str, *, precision: str = "fp32") -> Config:

@@ -10,7 +10,9 @@ Schedules depend on a run's length, so each budget is its own run.
 Budgets count images, not seconds, so that the result does not depend on what else the machine was doing:
 ``calibrate [--routes ...]`` (run it alone on the machine, all cores) times a short real training run of each
 route's config and stores its images/s in bench/results/time-rates.json; a budget of M minutes then trains
-``M * 60 * images/s`` images. Each run's actual wall time is recorded beside it.
+``M * 60 * images/s`` images. Each run's actual wall time is recorded beside it. Routes added later, on a machine
+that is not idle, get ``relative`` rates: the calibrated rate of iCT-small times the ratio of their step speeds,
+measured side by side in one process (``relative`` entries of the rates file).
 
 Each model is evaluated with fid-fmnist on N samples at 1 and 2 steps (the 2-step intermediate sigma tuned by
 golden-section search on FID) and with fid-inception on a subset at 1 step (the Inception network runs at about
@@ -22,14 +24,13 @@ and the table in docs/benchmarks.md from whatever runs are finished.
 The latent route ("latent LCM", docs/latent.md) trains three models: the autoencoder (``cmkit train-ae``,
 ``AE_SHARE`` of the budget), the guided latent teacher on its latent, then LCM from that teacher (the rest split
 between them as for the other teacher routes), all their minutes counted. Its students are evaluated decoded, at
-the LCM's default guidance scale (w = 2). Its rates were not timed on the idle machine that calibrated the other
-routes: ``calibrate-relative`` times them in one process between two timings of the reference route (fmnist-edm,
-whose calibrated rate is known) and stores each as its measured ratio to the reference times the reference's
-calibrated rate (the ratios, the reference's measured rates and the load average are kept in the rates file under
-``relative``), so a busy machine slows both sides alike.
+the LCM's default guidance scale (w = 2). Its three configs' rates (autoencoder, guided latent teacher, LCM)
+were measured at commit 9bcc559 by whole 4k-image training runs between two runs of fmnist-edm in one process
+(its ``relative`` record in the rates file: ratios, measured rates, load average), before ``relative`` was the one
+way to add a rate; ``relative`` times a student's training step on random data, which covers no autoencoder.
 
 Usage: python bench/time_to_quality.py calibrate
-       python bench/time_to_quality.py calibrate-relative [--routes "latent LCM"]
+       python bench/time_to_quality.py relative --routes MeanFlow TCM [--repeats 7]
        python bench/time_to_quality.py run [--budgets 10] [--routes iCT CD] [--splits 0.5] [--runs runs/time]
        python bench/time_to_quality.py report
 Several ``run`` processes with disjoint routes may work at once (OMP_NUM_THREADS=1 each).
@@ -42,14 +43,12 @@ import fcntl
 import json
 import os
 import shutil
-import statistics
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cmkit import checkpoint
-from cmkit.autoencoder import train_autoencoder
 from cmkit.codec import data_codec, resolve_codec
 from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
@@ -67,14 +66,18 @@ BUDGETS = (5, 10, 20)  # minutes
 SEARCH_BUDGET, SPLITS, DEFAULT_SPLIT = 10, (0.3, 0.5, 0.7), 0.5
 EVAL = {"n": 2_000, "tune_n": 500, "tune_iters": 5, "inception_n": 500}
 CALIBRATE_KIMG = 4.0  # a log line every 1k images
+# bf16 autocast, as the calibration; ``--precision fp32`` where the CPU would emulate bf16 (about 5x slower): the
+# budgets stay the calibrated images, only the wall time and the arithmetic of training and sampling change.
+PRECISIONS = ("bf16", "fp32")
 TEACHER = "fmnist-edm"
 AE_SHARE = 0.05  # a latent route's autoencoder: this share of the budget (at 10 minutes, about fmnist-ae's 30k images)
 
 
 @dataclass(frozen=True)
 class Route:
-    """A way to a one-step model: ``preset`` with ``overrides``, after a ``teacher`` preset run when given; a
-    route with ``kimg`` trains that many images whatever the budget (a fixed configuration to compare against)."""
+    """A way to a one-step model: ``preset`` with ``overrides``, after a ``teacher`` preset run when given, or after
+    the run of route ``stage_one`` (TCM's stage one, its --teacher, with all its own minutes) when given; a route with
+    ``kimg`` trains that many images whatever the budget (a fixed configuration to compare against)."""
 
     preset: str
     overrides: tuple[str, ...] = ()
@@ -82,6 +85,12 @@ class Route:
     kimg: float | None = None
     speed_of: tuple[str, ...] | None = None  # the overrides that change its speed, when not all of them do
     autoencoder: str | None = None  # a latent route: this ``cmkit train-ae`` preset first, AE_SHARE of the budget
+    stage_one: str | None = None
+
+    @property
+    def split(self) -> bool:
+        """True when its budget is split between what comes first (a teacher or a stage one) and itself."""
+        return bool(self.teacher or self.stage_one)
 
     @property
     def key(self) -> str:
@@ -102,7 +111,18 @@ ROUTES = {
     "demo-before": Route("fmnist-ict", kimg=48),
     "iCT-small": Route("fmnist-ict", ("net.model_channels=16",)),  # fmnist-cd-small's network, a quarter the size
     "latent LCM": Route("fmnist-lcm", teacher="fmnist-latent-edm", autoencoder="fmnist-ae"),
+    "MeanFlow": Route("fmnist-meanflow"),
+    "MeanFlow-small": Route("fmnist-meanflow", ("net.model_channels=16",)),
+    # TCM's stage two after the stage one's share of the minutes (split): the paper's ECT from an EDM teacher, and iCT
+    # on the small network. Stage two continues an ECT stage one's schedule (its stage is set from its images); after
+    # iCT (N = 81 at the end), stage 4 gives t - r about iCT's final grid gap near t' = 1.
+    "TCM": Route("fmnist-tcm", stage_one="ECT", speed_of=()),
+    "TCM-small": Route("fmnist-tcm", ("net.model_channels=16", "method.start_stage=4"), stage_one="iCT-small",
+                       speed_of=("net.model_channels=16",)),
 }
+# The reference of ``relative``: routes added after the idle calibration get its calibrated rate times the ratio of
+# their step speed to its, measured side by side in one process (the machine need not be idle).
+REFERENCE = "iCT-small"
 
 
 def ae_key(name: str) -> str:
@@ -145,44 +165,28 @@ def steady_rate(run_dir: Path, batch: int) -> float:
     return sum(n for n, _ in spans) / sum(n / speed for n, speed in spans)
 
 
-def calibrate_relative(labels: list[str], rates: dict[str, float]) -> tuple[dict[str, float], dict]:
-    """The rates of the routes ``labels`` (their autoencoder's, teacher's and student's configs) on a busy machine:
-    each timed as in :func:`calibrate`, in one process, after and before a timing of the reference ``TEACHER``;
-    a rate is its measured images/s over the mean of the reference's two, times the reference's calibrated rate.
-    Returns the rates and the record of the measurement (ratios, measured rates, load average)."""
-    measured: dict[str, float] = {}
-    reference: list[float] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        scratch = Path(scratch)
+def sized(config, kimg: float, precision: str):
+    """:func:`quality.bench_run` of ``config`` for ``kimg`` in ``precision`` (bf16 autocast or fp32)."""
+    config = bench_run(config, kimg)
+    return replace(config, train=replace(config.train, precision=precision))
 
-        def timed(config, out: Path) -> float:
-            train(config, out)
-            return steady_rate(out, config.train.batch)
 
-        reference.append(timed(bench_run(preset(TEACHER), CALIBRATE_KIMG), scratch / "reference"))
-        for label in labels:
-            route, ae_dir, teacher_dir = ROUTES[label], None, scratch / "reference"
-            if route.autoencoder:
-                ae_dir = scratch / f"ae-{label}"
-                ae = replace(ae_preset(route.autoencoder), kimg=CALIBRATE_KIMG, log_kimg=1.0)
-                train_autoencoder(ae, ae_dir)
-                measured[ae_key(route.autoencoder)] = steady_rate(ae_dir, ae.batch)
-            if route.teacher and route.teacher != TEACHER:
-                config = bench_run(preset(route.teacher), CALIBRATE_KIMG)
-                if ae_dir is not None:
-                    config = replace(config, data=resolve_codec(replace(config.data, codec=str(ae_dir))))
-                teacher_dir = scratch / f"teacher-{label}"
-                measured[route.teacher] = timed(config, teacher_dir)
-            student = model_config(route.preset, route.overrides, teacher_dir if route.teacher else None)
-            measured[route.key] = timed(bench_run(student, CALIBRATE_KIMG), scratch / f"student-{label}")
-        reference.append(timed(bench_run(preset(TEACHER), CALIBRATE_KIMG), scratch / "reference-2"))
-    base = statistics.mean(reference)
-    ratios = {key: value / base for key, value in measured.items()}
-    for key, ratio in ratios.items():
-        print(f"{key}: {ratio:.3f}x {TEACHER} -> {ratio * rate(TEACHER, rates):.1f} images/s")
-    record = {"reference": TEACHER, "reference_measured": reference, "measured": measured, "ratios": ratios,
-              "load_average": os.getloadavg()[0], "machine": machine()}
-    return {key: ratio * rate(TEACHER, rates) for key, ratio in ratios.items()}, record
+def relative(keys: dict[str, Route], rates: dict[str, float], repeats: int,
+             precision: str) -> dict[str, dict[str, float]]:
+    """Images/s of each route's config as ``rates[REFERENCE's key]`` times the ratio of the reference's seconds per
+    optimiser step to the route's (interleaved medians of ``repeats`` steps on random data in this process, both at
+    their own batch: bench/throughput.py's timers), so that a busy machine slows both alike."""
+    from throughput import interleaved, train_step_timer
+
+    reference = ROUTES[REFERENCE]
+    configs = {key: sized(model_config(route.preset, route.overrides, None), CALIBRATE_KIMG,
+                          precision)
+               for key, route in {reference.key: reference, **keys}.items()}
+    seconds = interleaved({key: train_step_timer(config) for key, config in configs.items()}, repeats)
+    per_image = {key: seconds[key] / configs[key].train.batch for key in configs}
+    base = rate(reference.key, rates)
+    return {key: {"rate": base * per_image[reference.key] / per_image[key],
+                  "vs_reference": per_image[reference.key] / per_image[key]} for key in keys}
 
 
 def load_rates() -> dict[str, float]:
@@ -211,13 +215,15 @@ class Plan:
         slug = self.label.lower().replace(" ", "-")
         if self.route.kimg is not None:
             return slug
-        return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.teacher else "")
+        return f"{slug}-{self.budget:g}m" + (f"-split{self.split:g}" if self.route.split else "")
 
     def kimg(self, rates: dict[str, float]) -> tuple[float, float, float]:
         """(autoencoder kimg, teacher kimg, student kimg) of the budget."""
         if self.route.kimg is not None:
             return 0.0, 0.0, self.route.kimg
         seconds, ae = self.budget * 60, 0.0
+        if self.route.stage_one:  # the stage one's images: its own plan (train_plan)
+            return 0.0, 0.0, seconds * (1 - self.split) * rate(self.route.key, rates) / 1000
         if self.route.autoencoder:
             ae = seconds * AE_SHARE * rate(ae_key(self.route.autoencoder), rates) / 1000
             seconds *= 1 - AE_SHARE
@@ -246,7 +252,7 @@ def plans(labels: list[str], budget: float, known: dict[str, float], search: tup
         route = ROUTES[label]
         if route.kimg is not None:
             out.append(Plan(label, route, 0, 0.0))
-        elif route.teacher is None:
+        elif not route.split:
             out.append(Plan(label, route, budget, 0.0))
         else:
             splits = search if budget == SEARCH_BUDGET else (known.get(label, DEFAULT_SPLIT),)
@@ -254,13 +260,18 @@ def plans(labels: list[str], budget: float, known: dict[str, float], search: tup
     return out
 
 
-def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
-    """Train the plan's autoencoder and teacher (each shared by the plans with the same images; a lock keeps
-    concurrent processes from training one twice) and its student; their sizes, minutes and wall seconds."""
+def train_plan(plan: Plan, runs: Path, rates: dict[str, float], precision: str) -> dict:
+    """Train the plan's autoencoder, teacher or stage one (each shared by the plans with the same images; a lock
+    keeps concurrent processes from training one twice) and its student; their sizes, minutes and wall seconds."""
     route = plan.route
     ae_kimg, teacher_kimg, student_kimg = plan.kimg(rates)
     teacher_dir, ae_dir, seconds = None, None, 0.0
     minutes = student_kimg * 1000 / rate(route.key, rates) / 60
+    overrides = route.overrides
+    if route.stage_one:
+        first, overrides = stage_one(plan, runs, rates, precision)
+        teacher_dir, teacher_kimg = runs / first["name"], first["teacher_kimg"] + first["student_kimg"]
+        minutes, seconds = minutes + first["minutes"], first["wall_seconds"]
     if route.autoencoder:
         ae_kimg = round(ae_kimg, 1)
         ae_dir = runs / f"{route.autoencoder}-{ae_kimg:g}k"
@@ -269,7 +280,7 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
         minutes += ae_kimg * 1000 / rate(ae_key(route.autoencoder), rates) / 60
     if route.teacher:
         teacher_kimg = round(teacher_kimg, 1)
-        config = bench_run(preset(route.teacher), teacher_kimg)
+        config = sized(preset(route.teacher), teacher_kimg, precision)
         if ae_dir is None:
             teacher_dir = runs / f"teacher-{teacher_kimg:g}k"
         else:
@@ -278,8 +289,8 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float]) -> dict:
         with _lock(runs, teacher_dir.name):
             seconds += train_run(config, teacher_dir)
         minutes += teacher_kimg * 1000 / rate(route.teacher, rates) / 60
-    student = model_config(route.preset, route.overrides, teacher_dir)
-    seconds += train_run(bench_run(student, student_kimg), runs / plan.name())
+    student = model_config(route.preset, overrides, teacher_dir)
+    seconds += train_run(sized(student, student_kimg, precision), runs / plan.name())
     described = " ".join((route.preset, *route.overrides))
     if ae_dir is not None:
         described = f"{route.autoencoder} ({ae_kimg * 1000:,.0f} images) -> {route.teacher} (guided) -> {described}"
@@ -297,9 +308,21 @@ def _lock(runs: Path, name: str):
         yield
 
 
+def stage_one(plan: Plan, runs: Path, rates: dict[str, float], precision: str) -> tuple[dict, tuple[str, ...]]:
+    """Train the stage one of a TCM plan (route ``plan.route.stage_one`` for ``split`` of the minutes, at that
+    route's best split); its sizes (and name), and the stage two's overrides, continuing an ECT stage one's stage."""
+    label = plan.route.stage_one
+    first = Plan(label, ROUTES[label], plan.budget * plan.split, best_splits(collect(runs)).get(label, DEFAULT_SPLIT))
+    sizes = {**train_plan(first, runs, rates, precision), "name": first.name()}
+    method = model_config(first.route.preset, first.route.overrides, None).method
+    more = (f"method.start_stage={int(sizes['student_kimg'] // method.stage_kimg)}",) \
+        if hasattr(method, "stage_kimg") else ()
+    return sizes, (*plan.route.overrides, *more)
+
+
 # -------------------------------------------------------------------------------------------- evaluation
 
-def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> dict:
+def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict, precision: str) -> dict:
     """fid-fmnist at 1 and 2 steps (2-step sigma tuned), fid-inception at 1 step, grids; kept in the run."""
     record = run_dir / "time-eval.json"
     if record.exists() and json.loads(record.read_text())["settings"] == EVAL:
@@ -309,7 +332,7 @@ def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict) -> d
     best, _, spec = tune_two_step(model, config, spec, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"],
                                   extractor=fmnist, reference=references["fid-fmnist"])
     codec = data_codec(config.data)  # latent models are scored and drawn decoded
-    common = {"batch": BATCH, "precision": "bf16", "codec": codec}
+    common = {"batch": BATCH, "precision": precision, "codec": codec}
     entry = {"two_step_sigma": best,
              "fid_fmnist": evaluate_model(model, spec, steps=(1, 2), n=EVAL["n"], extractor=fmnist,
                                           reference=references["fid-fmnist"], **common),
@@ -407,7 +430,10 @@ def report(runs: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("calibrate", "calibrate-relative", "run", "report"))
+    parser.add_argument("command", choices=("calibrate", "relative", "run", "report"))
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                        help="run/relative: bf16 autocast (as calibrated) or fp32 (a CPU without native bf16)")
+    parser.add_argument("--repeats", type=int, default=7, help=f"relative: steps timed per route and {REFERENCE}")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "time", help="where the models are trained")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS), help="minutes")
     parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES), metavar="ROUTE",
@@ -419,21 +445,25 @@ def main() -> None:
         rates = {**load_rates(), **calibrate({ROUTES[r].key: ROUTES[r] for r in args.routes})}
         RATES.write_text(json.dumps({"machine": machine(), "kimg": CALIBRATE_KIMG, "rates": rates}, indent=2) + "\n")
         return
-    if args.command == "calibrate-relative":
+    if args.command == "relative":
         stored = json.loads(RATES.read_text())
-        rates, record = calibrate_relative(args.routes, stored["rates"])
-        stored["rates"].update(rates)
-        stored.setdefault("relative", {}).update({label: record for label in args.routes})
+        measured = relative({ROUTES[r].key: ROUTES[r] for r in args.routes if r != REFERENCE}, stored["rates"],
+                            args.repeats, args.precision)
+        stored["rates"].update({key: m["rate"] for key, m in measured.items()})
+        stored.setdefault("relative", {}).update({key: {**m, "reference": ROUTES[REFERENCE].key, "machine": machine(),
+                                                        "repeats": args.repeats, "precision": args.precision}
+                                                       for key, m in measured.items()})
         RATES.write_text(json.dumps(stored, indent=2) + "\n")
+        print(json.dumps(measured, indent=1))
         return
     if args.command == "run":
         rates, (extractors, references) = load_rates(), load_references()
         GRIDS.mkdir(parents=True, exist_ok=True)
         for budget in sorted(args.budgets, key=lambda b: b != SEARCH_BUDGET):  # the split search first
             for plan in plans(args.routes, budget, best_splits(collect(args.runs)), tuple(args.splits)):
-                sizes = train_plan(plan, args.runs, rates)
+                sizes = {**train_plan(plan, args.runs, rates, args.precision), "precision": args.precision}
                 (args.runs / plan.name() / "time-run.json").write_text(json.dumps(sizes) + "\n")
-                evaluate(plan, args.runs / plan.name(), extractors, references)
+                evaluate(plan, args.runs / plan.name(), extractors, references, args.precision)
     report(args.runs)
 
 

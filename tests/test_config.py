@@ -158,7 +158,8 @@ def test_unknown_preset():
 CIFAR_REDUCTION = {"cifar10-edm": "sum", "cifar10-edm-ncsnpp": "sum", "cifar10-ct": "mean", "cifar10-ict": "mean",
                    "cifar10-cd": "mean",
                    "cifar10-cd-small": "mean", "cifar10-ect": "mean", "cifar10-sct": "mean", "cifar10-scd": "mean",
-                   "cifar10-meanflow": "mean"}  # its loss is a function of the squared norm, a sum over values
+                   "cifar10-meanflow": "mean",  # its loss is a function of the squared norm, a sum over values
+                   "cifar10-tcm": "mean"}  # TCM's code: loss.mean() of per-sample norms (ct_training_loop.py)
 
 
 def test_every_cifar_preset_has_its_papers_loss_reduction():

@@ -20,6 +20,8 @@ from cmkit.methods import (
     MethodConfig,
     SCDConfig,
     SCTConfig,
+    TCMConfig,
+    TeacherRole,
     make_loss,
     method_entry,
 )
@@ -38,8 +40,9 @@ def loss_for(method: MethodConfig, *, dim: int = 16, total_images: int = 1000):
     """The method's loss; a method that takes a teacher gets the exact diffusion teacher of N(0, S^2) data. A
     method that guides its teacher (LCM) is called with class labels where a test passes none: the Gaussian
     teacher ignores them, so its guided step is the plain one (LCM's own tests: tests/test_lcm.py)."""
-    takes = method_entry(method.name).teacher.takes_teacher
-    teacher = GaussianOracle(S, kind="edm").requires_grad_(False) if takes else None
+    role = method_entry(method.name).teacher
+    kind = "consistency" if role is TeacherRole.STAGE_ONE else "edm"  # TCM's stage one: the exact consistency model
+    teacher = GaussianOracle(S, kind=kind).requires_grad_(False) if role.takes_teacher else None
     loss = make_loss(method, dim=dim, total_images=total_images, teacher=teacher)
     if method.guidance_range is None:
         return loss
@@ -227,6 +230,7 @@ FINE = {  # fine grids (about 200 levels), and ECT at stage 12 (t - r about t / 
     "sct": SCTConfig(tangent_warmup_kimg=0),
     "scd": SCDConfig(tangent_warmup_kimg=0),
     "lcm": LCMConfig(num_scales=201, skip=1, solver="heun", distance="l2", mu=0.0),
+    "tcm": TCMConfig(start_stage=12),
 }
 
 
@@ -437,10 +441,15 @@ class DropoutOnly(nn.Module):
         return mask * x, torch.zeros(x.shape[0])
 
 
+# TCM's target below its truncation time t' is its frozen stage one's, not the student's: a t' at sigma_min's edge,
+# (almost) no boundary rows and a late stage keep every pair above t'.
+ABOVE_T = {"tcm": TCMConfig(transition=0.00201, boundary_prob=1e-9, start_stage=20)}
+
+
 @pytest.mark.parametrize("name", CONSISTENCY)
 def test_student_and_target_share_the_dropout_mask(name):
     """sCT and sCD: the forward-mode JVP pass (F-, dF-/dt) and the gradient pass (F) draw the same mask."""
-    loss, model = loss_for(METHODS[name](), dim=64), DropoutOnly().train()
+    loss, model = loss_for(ABOVE_T.get(name, METHODS[name]()), dim=64), DropoutOnly().train()
     x0 = torch.zeros(16, 1, 8, 8)
     out = loss(model, x0, None, images_seen=0, target=DropoutOnly().train())
     if name in SCM:

@@ -93,8 +93,8 @@ def test_an_entrys_capabilities_fit_its_wrapper(name):
 
 @pytest.mark.parametrize("name", REGISTRY)
 def test_an_entry_has_a_preset_and_its_teacher_role_is_what_training_asks(tiny_config, name, tmp_path):
-    """NONE refuses --teacher; INIT_OPTIONAL trains without one; INIT_REQUIRED and TARGET ask for one (TARGET's
-    loss cannot be built without it)."""
+    """NONE refuses --teacher; INIT_OPTIONAL trains without one; INIT_REQUIRED, TARGET and STAGE_ONE ask for one
+    (the losses of TARGET and STAGE_ONE cannot be built without it)."""
     role = REGISTRY[name].teacher
     assert any(config.method.name == name for _, config in PRESETS.values())
     config = _config(tiny_config, name)
@@ -109,17 +109,18 @@ def test_an_entry_has_a_preset_and_its_teacher_role_is_what_training_asks(tiny_c
     else:
         with pytest.raises(CmkitError, match="pass --teacher MODEL"):
             load_teacher(config, device=torch.device("cpu"))
-    if role is TeacherRole.TARGET:
-        with pytest.raises(CmkitError, match="a diffusion teacher is required"):
+    if role.required_by_loss:
+        what = "a stage-one consistency model" if role is TeacherRole.STAGE_ONE else "a diffusion teacher"
+        with pytest.raises(CmkitError, match=f"{what} is required"):
             make_loss(config.method, dim=16, total_images=1)
     else:
         assert make_loss(config.method, dim=16, total_images=1) is not None
 
 
 def test_the_capability_tables():
-    assert methods_that(Capability.EDIT) == methods_that(Capability.SERVE) == [*CONSISTENCY, "meanflow"]
+    assert methods_that(Capability.EDIT) == methods_that(Capability.SERVE) == [*CONSISTENCY, "meanflow", "tcm"]
     assert methods_that(Capability.TEACH) == ["edm"]
-    assert [n for n, e in REGISTRY.items() if e.teacher.takes_teacher] == ["cd", "ect", "sct", "scd", "lcm"]
+    assert [n for n, e in REGISTRY.items() if e.teacher.takes_teacher] == ["cd", "ect", "sct", "scd", "lcm", "tcm"]
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -142,7 +143,7 @@ def test_editing_an_edm_model_names_the_capability_and_every_editable_method(edm
     assert main(["edit", "denoise", str(edm_export), "--image", str(tmp_path / "x.png"), "--sigma", "0.5",
                  "--out", str(tmp_path / "y.png")]) == 2
     assert "zero-shot editing needs a model with the 'edit' capability (one trained with ct, ict, cd, ect, sct, " \
-           "scd, lcm, meanflow); this model was trained with edm" in _refusal(capsys)
+           "scd, lcm, meanflow, tcm); this model was trained with edm" in _refusal(capsys)
     assert not (tmp_path / "y.png").exists()
     with pytest.raises(CmkitError, match="'edit' capability .*; this model was trained with edm"):
         from cmkit import editing

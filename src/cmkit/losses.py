@@ -32,6 +32,7 @@ from cmkit import schedules
 from cmkit.augment import augment as augment_images
 from cmkit.cond import ClassifierFree, Cond
 from cmkit.distances import Distance
+from cmkit.errors import CmkitError
 from cmkit.nets import forward_mode
 from cmkit.precond import trigflow_velocity
 from cmkit.rng import GlobalNoise, RowNoise
@@ -85,6 +86,42 @@ class JVP:
             with replayed_randomness(device):
                 values.append(fn(*(p + shift * t for p, t in zip(primals, tangents, strict=True))))
         return values[0], (values[1] - values[2]) / (2 * h)
+
+
+def jvp_disagreement(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...], *,
+                     step: float = 1e-3) -> float:
+    """How far forward mode's JVP of ``fn`` lies from central differences at ``step``: the largest absolute
+    difference over the largest absolute value of the differences (0: they agree; about 1: a tangent is lost).
+    Central differences in float32 carry an error of about 1e-4 of that scale for a smooth network."""
+    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False):
+        exact = JVP("forward")(fn, primals, tangents)[1]
+        approx = JVP("finite-difference", step)(fn, primals, tangents)[1]
+    return ((exact - approx).abs().max() / approx.abs().max().clamp(min=1e-12)).item()
+
+
+def check_compiled_jvp(model: nn.Module, *, tolerance: float = 1e-2) -> None:
+    """Refuse a compiled backbone whose forward-mode tangents are wrong (TorchInductor has silently dropped them):
+    one probe of ``model``'s backbone (a :class:`cmkit.precond.Preconditioned` whose ``net`` is compiled) at two
+    random inputs along ``(v, 1)`` on ``(x, c_noise)`` (and the second time input, when the network has one),
+    against central differences; CmkitError when they disagree by more than ``tolerance``. The probe's shapes are
+    not the run's, so a failure only at the run's shapes would pass; the JVP of the run's first step is then the
+    first to see it."""
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    shape = (2, model.channels, model.resolution, model.resolution)
+    x, v = (torch.randn(shape, generator=gen).to(device) for _ in range(2))
+    c = torch.full((2,), 0.25, device=device)
+    cond = Cond(labels=torch.zeros(2, dtype=torch.long, device=device)) if model.num_classes else None
+    second = getattr(model.net, "map_time2", None) is not None
+
+    def backbone(y: Tensor, c_noise: Tensor) -> Tensor:
+        return model._net(y, c_noise, cond, time2=c_noise if second else None)
+
+    error = jvp_disagreement(backbone, (x, c), (v, torch.ones_like(c)))
+    if not error <= tolerance:
+        raise CmkitError(f"train.compile=true: forward-mode JVP through the compiled network disagrees with finite "
+                         f"differences (relative error {error:.2g} > {tolerance:g}); set method.jvp=finite-difference "
+                         "(plain forward passes) or train.compile=false")
 
 
 def raw_call(model: nn.Module, *args: Tensor | Cond | None) -> Any:

@@ -22,6 +22,7 @@ from cmkit.methods import (
     MeanFlowConfig,
     SCDConfig,
     SCTConfig,
+    TCMConfig,
 )
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -170,6 +171,15 @@ PRESETS: dict[str, tuple[str, Config]] = {
         Config(preset="fmnist-meanflow", net=_FMNIST_NET, method=_MEANFLOW_V1,
                train=replace(_FMNIST_TRAIN, optimizer="adam", lr=6e-4)),
     ),
+    # TCM's stage two at CPU size (Lee et al. 2025): the paper's truncation and time distribution (TCMConfig's
+    # defaults), fmnist-ect's stage length and batch, half of stage one's learning rate (the paper: 1e-4 -> 5e-5).
+    # Stage two continues stage one's ECT schedule: set method.start_stage to stage one's final stage (an fmnist-ect
+    # run of K kimg ends at stage K / 6); stage one may be any consistency model of fmnist-ect's parameterisation.
+    "fmnist-tcm": (
+        "Truncated consistency model (TCM) stage two of a consistency model (--teacher, e.g. fmnist-ect): t' = 1",
+        Config(preset="fmnist-tcm", net=_FMNIST_NET, method=TCMConfig(stage_kimg=6),
+               train=replace(_FMNIST_TRAIN, lr=2e-4)),
+    ),
     "cifar10-edm": (
         "EDM teacher as published: DDPM++ 56M, 200 Mimg, batch 512, Adam 1e-3, EDM's augmentation p=0.12, summed loss",
         _CIFAR_EDM,
@@ -249,6 +259,22 @@ PRESETS: dict[str, tuple[str, Config]] = {
         "sCD, the paper's CIFAR-10 recipe, from a cifar10-edm teacher (--teacher): batch 512, RAdam 1e-4, no dropout",
         Config(preset="cifar10-scd", net=replace(_CIFAR_EDM.net, dropout=0.0), data=_CIFAR_DATA, method=_SCD,
                train=_SCM_CIFAR_TRAIN),
+    ),
+    # TCM's CIFAR-10 stage two (Lee et al. 2025; NVlabs/TCM README, "Stage-2 (CIFAR-10)"): DDPM++ (--arch=ddpmpp, the
+    # stage-one network, taken from --teacher) with dropout 0.2, no augmentation, no x-flips (ct_train.py's default),
+    # batch 1024, RAdam lr 5e-5 with betas (0.9, 0.999) and no ramp-up, EMA 0.9999 per iteration (ct_train.py's
+    # default; a half-life of 6,931 iterations at batch 1024: 7,098 kimg), -c 1e-8 (the l2 norm: huber_c=0), t' = 1,
+    # ln t ~ t_0.01(0, 0.2) on [ln 1, ln 80], boundary share 0.25 at weight 0.1, q = 2 every 25k iterations
+    # (25,600 kimg), ratio limit 0.999; 3M iterations is the command's duration (an upper bound: the paper reports its
+    # best checkpoint). The stage continues stage one's (--resume_tick): set method.start_stage. Stage one (the same
+    # README): ECT of an EDM model at batch 512, RAdam 1e-4, dropout 0.2, a stage every 25k iterations, ln t ~ N(-1.1,
+    # 2^2): cifar10-ect with --set train.batch=512 method.stage_kimg=12800.
+    "cifar10-tcm": (
+        "TCM stage two as published, of a cifar10-ect stage one (--teacher): t'=1, batch 1024, RAdam 5e-5, dropout 0.2",
+        Config(preset="cifar10-tcm", net=replace(_CIFAR_EDM.net, dropout=0.2), data=replace(_CIFAR_DATA, xflip=False),
+               method=TCMConfig(huber_c=0.0),
+               train=TrainConfig(kimg=3_072_000, batch=1024, optimizer="radam", lr=5e-5, ema_halflife_kimg=7_098,
+                                 ema_rampup=0.0, ckpt_kimg=5_000, snap_kimg=5_000, log_kimg=100)),
     ),
     # MeanFlow's CIFAR-10 run (Geng et al. 2025, App. A; Gsunshine/py-meanflow, scripts/cifar10_v0.sh and
     # models/model_configs.py): EDM's DDPM++ U-Net with channel_mult_noise 2 and FIR filter (1, 3, 3, 1) (its

@@ -59,13 +59,15 @@ def ect_stage(images_seen: int, *, stage_kimg: float) -> int:
     return int(images_seen // (stage_kimg * 1000))
 
 
-def ect_r(t: Tensor, *, stage: int, q: float) -> Tensor:
+def ect_r(t: Tensor, *, stage: int, q: float, ratio_limit: float = 1.0) -> Tensor:
     """ECT's paired level r(t) = max(0, t (1 - q^-(stage+1) (1 + 8 sigmoid(-t)))) (Geng et al. 2024).
 
     t: float [N] > 0; returns r with 0 <= r < t, same shape and dtype. As the stage grows, t - r
     shrinks by a factor q per stage; at stage 0, r = 0 for small t (the target is the clean image).
+    ``ratio_limit`` < 1 caps ECT's ratio 1 - q^-(stage+1) there, so t - r stops shrinking (NVlabs/TCM's
+    ``--ratio_limit``, training/loss.py).
     """
-    ratio = q ** -(stage + 1) * (1 + 8 * torch.sigmoid(-t))
+    ratio = max(q ** -(stage + 1), 1 - ratio_limit) * (1 + 8 * torch.sigmoid(-t))
     return (t * (1 - ratio)).clamp(min=0)
 
 

@@ -1,4 +1,5 @@
-"""Diffusion teachers for consistency distillation (CD) and easy consistency tuning (ECT).
+"""Diffusion teachers for consistency distillation (CD) and easy consistency tuning (ECT), and the stage-one
+consistency models of TCM's stage two.
 
 A teacher is a diffusion denoiser ``(x, sigma, cond) -> x0``: a cmkit EDM export (or run directory), or a
 diffusers ``UNet2DModel`` folder through :mod:`cmkit.nets.foreign`. By default the student takes a cmkit
@@ -20,8 +21,8 @@ from cmkit import checkpoint
 from cmkit.codec import IDENTITY, KINDS, LATENT, codec_kind, data_codec
 from cmkit.config import Config, DataConfig
 from cmkit.errors import CmkitError
-from cmkit.methods import Capability, TeacherRole, method_entry, methods_that, teacher_methods
-from cmkit.precond import EDMDenoiser
+from cmkit.methods import REGISTRY, Capability, TeacherRole, method_entry, methods_that, teacher_methods
+from cmkit.precond import ConsistencyFunction, EDMDenoiser
 
 
 def is_cmkit_model(path: Path) -> bool:
@@ -84,12 +85,17 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
     if not m.teacher:
         if role is TeacherRole.INIT_OPTIONAL:
             return None
+        if role is TeacherRole.STAGE_ONE:
+            raise CmkitError(f"method {m.name} is the second stage of a trained consistency model: pass --teacher "
+                             "MODEL (a run of fmnist-ect, fmnist-ict or another consistency preset)")
         raise CmkitError(f"method {m.name} starts from a trained diffusion model: pass --teacher MODEL "
                          "(a run of an *-edm preset, or a diffusers UNet folder)")
     path = Path(m.teacher)
     if is_cmkit_model(path):
         teacher, stored, _ = checkpoint.load_export(path, device=device)
-        if not method_entry(stored.method.name).can(Capability.TEACH):
+        if role is TeacherRole.STAGE_ONE:
+            _check_stage_one(stored, m.name, path)
+        elif not method_entry(stored.method.name).can(Capability.TEACH):
             raise CmkitError(f"--teacher {path}: a model trained with {stored.method.name}; a teacher must have the "
                              f"'teach' capability (trained with {', '.join(methods_that(Capability.TEACH))}: a "
                              "diffusion model, an *-edm preset)")
@@ -105,6 +111,9 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         if not is_diffusers_folder(path):
             raise CmkitError(f"--teacher {path}: neither a cmkit run directory (no {checkpoint.EXPORT_NAME}) "
                              "nor a diffusers UNet2DModel folder")
+        if role is TeacherRole.STAGE_ONE:
+            raise CmkitError(f"--teacher {path}: {m.name.upper()}'s stage one must be a cmkit consistency model (a "
+                             "diffusers UNet is a diffusion model); train one with fmnist-ect or fmnist-ict first")
         if role.seeds_only or m.guidance_range is not None:
             why = "starts from the teacher's own weights" if role.seeds_only else "guides its teacher's labels"
             raise CmkitError(f"--teacher {path}: {m.name.upper()} {why}, which needs a cmkit EDM model; a diffusers "
@@ -119,6 +128,16 @@ def load_teacher(config: Config, *, device: torch.device) -> nn.Module | None:
         raise CmkitError(f"--teacher {path}: no such file or directory")
     _check_fit(teacher, config, path)
     return teacher
+
+
+def _check_stage_one(stored: Config, method: str, path: Path) -> None:
+    """A stage-one model (TCM) seeds the student and is its target below the truncation time, so it must be a model
+    of the student's parameterisation (:class:`cmkit.precond.ConsistencyFunction`: CT, iCT, CD, ECT, TCM)."""
+    wrapper = method_entry(method).wrapper
+    if method_entry(stored.method.name).wrapper is not wrapper:
+        same = [name for name, entry in REGISTRY.items() if entry.wrapper is wrapper]
+        raise CmkitError(f"--teacher {path}: a model trained with {stored.method.name}; {method.upper()}'s stage one "
+                         f"must be a consistency model of its parameterisation (trained with {', '.join(same)})")
 
 
 def _check_guidable(stored: Config, path: Path) -> None:
@@ -171,13 +190,15 @@ def same_net(config: Config) -> bool:
 
 
 def init_student(student: nn.Module, teacher: nn.Module | None, config: Config) -> None:
-    """Start the student from a cmkit teacher's backbone weights (CD, ECT, sCT, sCD) when its network is the
-    teacher's (``student_net=teacher``, or an ``own`` network equal to it); otherwise it keeps its fresh weights
+    """Start the student from a cmkit teacher's backbone weights (CD, ECT, sCT, sCD; TCM from its stage-one model)
+    when its network is the teacher's (``student_net=teacher``, or an ``own`` network equal to it); otherwise it
+    keeps its fresh weights
     (a warning when no warm-start follows). A diffusers teacher cannot seed a cmkit student (ECT and sCT refuse
     one in :func:`load_teacher`)."""
     if teacher is None:
         return
-    if isinstance(teacher, EDMDenoiser) and (config.method.student_net == "teacher" or same_net(config)):
+    seeds = isinstance(teacher, EDMDenoiser) or type(teacher) is ConsistencyFunction  # TCM's stage one
+    if seeds and (config.method.student_net == "teacher" or same_net(config)):
         student.adopt_backbone(teacher)
         return
     if config.method.warm_start_kimg == 0:

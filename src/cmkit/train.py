@@ -34,7 +34,7 @@ from cmkit.cond import drop_labels, of_labels
 from cmkit.config import Config, validate
 from cmkit.errors import CmkitError
 from cmkit.images import to_numpy_images
-from cmkit.losses import WarmStarted
+from cmkit.losses import WarmStarted, check_compiled_jvp
 from cmkit.machine import resolve_precision, run_config
 from cmkit.methods import make_loss, method_entry, sampling_spec
 from cmkit.monitor import Monitor
@@ -126,6 +126,8 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
         if t.compile:  # in place: the state_dict keys stay those of the plain module
             self.model.net.compile()
+            if getattr(config.method, "jvp", None) == "forward":  # sCT, sCD, MeanFlow: tangents through compile
+                check_compiled_jvp(self.model)
         # the log-variance head rests while warming up
         unused = method_entry(config.method.name).logvar_head and isinstance(self.loss, WarmStarted)
         self.ddp = dist.data_parallel(self.model, device, find_unused=unused)  # what the loss calls

@@ -5,7 +5,7 @@
   :class:`TeacherRole`, :class:`Capability` and the sampling policies;
 - :mod:`~cmkit.methods.edm`, :mod:`~cmkit.methods.ct`, :mod:`~cmkit.methods.ict`, :mod:`~cmkit.methods.cd`,
   :mod:`~cmkit.methods.ect`, :mod:`~cmkit.methods.scm` (sCT and sCD), :mod:`~cmkit.methods.lcm`,
-  :mod:`~cmkit.methods.meanflow`: the methods;
+  :mod:`~cmkit.methods.meanflow`, :mod:`~cmkit.methods.tcm`: the methods;
 - :mod:`~cmkit.methods.registry`: :data:`REGISTRY` and its lookups; :func:`make_loss`;
 - :mod:`~cmkit.methods.legacy`: method sections written before per-method configs.
 
@@ -35,9 +35,11 @@ from cmkit.methods.registry import (
     teacher_methods,
 )
 from cmkit.methods.scm import SCDConfig, SCTConfig
+from cmkit.methods.tcm import TCMConfig
 
 __all__ = ["REGISTRY", "CDConfig", "CTConfig", "Capability", "ECTConfig", "EDMConfig", "ICTConfig", "LCMConfig",
            "MeanFlowConfig",
-           "MethodConfig", "MethodEntry", "SCDConfig", "SCTConfig", "TaughtConfig", "TeacherRole", "convert_flat",
+           "MethodConfig", "MethodEntry", "SCDConfig", "SCTConfig", "TCMConfig", "TaughtConfig", "TeacherRole",
+           "convert_flat",
            "init_fields", "is_flat", "make_loss", "method_class", "method_entry", "methods_that", "model_entry",
            "model_spec", "require", "sampling_spec", "switch_method", "teacher_methods"]

@@ -163,6 +163,7 @@ class TeacherRole(enum.Enum):
     INIT_OPTIONAL = "init-optional"  # it may seed the student's weights, or the method trains from scratch (sCT)
     INIT_REQUIRED = "init-required"  # it must seed the student's weights: a cmkit EDM model (ECT)
     TARGET = "target"  # its outputs are the loss's target, a cmkit or diffusers model (CD, sCD)
+    STAGE_ONE = "stage-one"  # a cmkit consistency model: it seeds the student and is the target below t' (TCM)
 
     @property
     def takes_teacher(self) -> bool:
@@ -173,6 +174,11 @@ class TeacherRole(enum.Enum):
     def seeds_only(self) -> bool:
         """True when the teacher only seeds the student's weights (so it must be a cmkit model)."""
         return self in (TeacherRole.INIT_OPTIONAL, TeacherRole.INIT_REQUIRED)
+
+    @property
+    def required_by_loss(self) -> bool:
+        """True when the method's loss evaluates the teacher (so a run without one is refused)."""
+        return self in (TeacherRole.TARGET, TeacherRole.STAGE_ONE)
 
 
 class Capability(enum.Enum):
@@ -248,14 +254,6 @@ def shared_dropout(config: Config) -> tuple[bool, str]:
     return (not (t.compile and dropout > 0),
             f"train.compile=true with net.dropout={dropout}: a compiled network does not replay the dropout mask "
             "that a consistency loss's student and target must share; set train.compile=false or net.dropout=0")
-
-
-def forward_mode_loss(config: Config) -> tuple[bool, str]:
-    """sCM's loss differentiates the network in forward mode, which torch.compile does not support reliably."""
-    return (not config.train.compile,
-            f"train.compile=true with method {config.method.name}: its loss differentiates the network in forward "
-            "mode, which torch.compile does not support reliably; set train.compile=false")
-
 
 
 # ------------------------------------------------------------------------------ parts of the loss builders

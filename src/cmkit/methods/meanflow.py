@@ -5,26 +5,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from cmkit.augment import augment as augment_images
-from cmkit.cond import Cond
+from cmkit.cond import NULL_LABEL, Cond
 from cmkit.losses import JVP, JVP_MODES, raw_call, replayed_randomness
 from cmkit.methods.base import (
     Capability,
     MethodConfig,
     MethodEntry,
     TeacherRole,
-    forward_mode_loss,
     jvp_step,
     shared_dropout,
 )
 from cmkit.precond import MeanFlow
 from cmkit.rng import GlobalNoise, RowNoise
 from cmkit.sampling import SamplingPolicy
+
+if TYPE_CHECKING:
+    from cmkit.config import Config
 
 # How r and t are made from two logit-normal draws (Gsunshine/py-meanflow, models/time_sampler.py): "sorted" (the
 # paper's, "v0"): t the larger draw, r the smaller, then r = t for a share 1 - ratio of the rows; "clipped" (the
@@ -43,6 +45,12 @@ class MeanFlowConfig(MethodConfig):
     CIFAR-10). ``jvp``, ``jvp_step``: how the JVP is computed, as sCM's (:class:`cmkit.methods.scm.SCMConfig`).
     The noise range only places the model in EDM's sigma scale for sampling
     (:class:`cmkit.precond.MeanFlow`); training draws t in (0, 1) directly.
+
+    Guidance in training (the class-conditional form, Geng et al. 2025, Sec. 4.2 and App. B.1): ``guidance`` w and
+    ``guidance_mix`` kappa replace v by ``w v + (1 - w - kappa) u(z, t, t | null) + kappa u(z, t, t | c)`` on the
+    labelled rows with t in [``guidance_t_min``, ``guidance_t_max``] (w = 1, kappa = 0: plain v); the model learns
+    the guided field, so it samples guided in one step. It needs a class-conditional network trained with label
+    dropout (``train.p_uncond``: 0.1 in the paper), whose dropped rows keep plain v.
     """
 
     name: str = field(default="meanflow", init=False)
@@ -56,6 +64,10 @@ class MeanFlowConfig(MethodConfig):
     norm_c: float = 1e-3
     jvp: str = "forward"
     jvp_step: float = 1e-3
+    guidance: float = 1.0
+    guidance_mix: float = 0.0
+    guidance_t_min: float = 0.0
+    guidance_t_max: float = 1.0
 
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"pairing": PAIRINGS, "jvp": JVP_MODES}
 
@@ -72,7 +84,26 @@ class MeanFlowConfig(MethodConfig):
                 (self.norm_p >= 0 and math.isfinite(self.norm_p), f"method.norm_p: expected >= 0, got {self.norm_p}"),
                 (math.isfinite(self.t_mean) and math.isfinite(self.r_mean),
                  f"method.t_mean/r_mean: expected finite numbers, got {self.t_mean}, {self.r_mean}"),
-                jvp_step(self.jvp_step)]
+                jvp_step(self.jvp_step),
+                (math.isfinite(self.guidance) and math.isfinite(self.guidance_mix),
+                 f"method.guidance/guidance_mix: expected finite numbers, got {self.guidance}, {self.guidance_mix}"),
+                (0 <= self.guidance_t_min < self.guidance_t_max <= 1, "method.guidance_t_min/guidance_t_max: expected "
+                 f"0 <= t_min < t_max <= 1, got {self.guidance_t_min}, {self.guidance_t_max}")]
+
+    @property
+    def guided(self) -> bool:
+        """True when training replaces v by the guided velocity (w != 1 or kappa != 0)."""
+        return self.guidance != 1 or self.guidance_mix != 0
+
+
+def guidable(config: Config) -> tuple[bool, str]:
+    """MeanFlow's guidance in training needs the unconditional branch: a class-conditional network with label
+    dropout."""
+    m, classes, drop = config.method, config.net.num_classes, config.train.p_uncond
+    return (not m.guided or (classes > 0 and drop > 0),
+            f"method.guidance={m.guidance:g}, guidance_mix={m.guidance_mix:g}: guidance in training needs a class-"
+            f"conditional model trained with label dropout (net.num_classes > 0, train.p_uncond > 0, 0.1 in the "
+            f"paper); this one has net.num_classes={classes}, train.p_uncond={drop:g}")
 
 
 class TimePairs:
@@ -106,13 +137,30 @@ class MeanFlowLoss:
     ``r = t`` are plain flow matching (``u_tgt = v``).
 
     ``augment = p > 0``: the clean images first go through EDM's augmentation pipeline (:mod:`cmkit.augment`, as
-    the paper's CIFAR-10 run) and the network gets its labels.
+    the paper's CIFAR-10 run) and the network gets its labels. ``guidance = (w, kappa, t_min, t_max)``: v becomes
+    the guided velocity :meth:`guided_velocity` (see :class:`MeanFlowConfig`) in the target and the JVP's tangent.
     """
 
     def __init__(self, times: TimePairs, *, norm_p: float, norm_c: float, augment: float = 0.0,
-                 jvp: JVP | None = None) -> None:
+                 jvp: JVP | None = None, guidance: tuple[float, float, float, float] | None = None) -> None:
         self.times, self.norm_p, self.norm_c, self.augment = times, norm_p, norm_c, augment
-        self.jvp = jvp or JVP()
+        self.jvp, self.guidance = jvp or JVP(), guidance
+
+    @torch.no_grad()
+    def guided_velocity(self, net: nn.Module, z: Tensor, t: Tensor, v: Tensor, cond: Cond | None) -> Tensor:
+        """``w v + (1 - w - kappa) u(z, t, t | null) + kappa u(z, t, t | c)`` [N, C, H, W] float32 (no gradients;
+        MeanFlow, Sec. 4.2) on the labelled rows (label not :data:`cmkit.cond.NULL_LABEL`) with t in the guidance
+        interval, ``v`` elsewhere; each forward pass replays the gradient pass's dropout mask."""
+        w, kappa, t_min, t_max = self.guidance
+        if cond is None or cond.labels is None:
+            return v
+        with torch.autocast(z.device.type, enabled=False), replayed_randomness(z.device):
+            u_c = net.raw(z, t, t, cond).float()
+        with torch.autocast(z.device.type, enabled=False), replayed_randomness(z.device):
+            u_null = net.raw(z, t, t, cond.unconditional()).float()
+        rows = (cond.labels != NULL_LABEL) & (t >= t_min) & (t <= t_max)
+        guided = w * v + (1 - w - kappa) * u_null + kappa * u_c
+        return torch.where(rows.view(-1, 1, 1, 1), guided, v)
 
     def target(self, net: nn.Module, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond: Cond | None) -> Tensor:
         """``u_tgt = v - (t - r) du/dt`` [N, C, H, W] float32 (no gradients) from the unwrapped ``net``."""
@@ -134,8 +182,11 @@ class MeanFlowLoss:
         e = noise.randn(*x0.shape, device=x0.device)
         t4 = t.view(-1, 1, 1, 1)
         z, v = (1 - t4) * x0 + t4 * e, e - x0
+        net = getattr(model, "module", model)
+        if self.guidance is not None:
+            v = self.guided_velocity(net, z, t, v, cond)
         with replayed_randomness(x0.device):  # the JVP pass and the gradient pass draw one dropout mask
-            goal = self.target(getattr(model, "module", model), z, r, t, v, cond)
+            goal = self.target(net, z, r, t, v, cond)
         squared = (raw_call(model, z, r, t, cond) - goal).flatten(1).pow(2).sum(1)
         return squared / (squared.detach() + self.norm_c) ** self.norm_p
 
@@ -150,8 +201,10 @@ def build_loss(method: MeanFlowConfig, *, augment: float = 0.0, **_) -> MeanFlow
     """MeanFlow (Geng et al. 2025)."""
     times = TimePairs(t_mean=method.t_mean, t_std=method.t_std, r_mean=method.r_mean, r_std=method.r_std,
                       ratio=method.ratio, pairing=method.pairing)
+    guidance = ((method.guidance, method.guidance_mix, method.guidance_t_min, method.guidance_t_max)
+                if method.guided else None)
     return MeanFlowLoss(times, norm_p=method.norm_p, norm_c=method.norm_c, augment=augment,
-                        jvp=JVP(method.jvp, method.jvp_step))
+                        jvp=JVP(method.jvp, method.jvp_step), guidance=guidance)
 
 
 # One step from t = 1 (the paper's 1-NFE); 2 steps through t = 1/2 (sigma = 1, cmkit's choice: the midpoint of the
@@ -160,4 +213,4 @@ MEANFLOW_POLICY = SamplingPolicy("meanflow", 1, (1, 2, 4), ("meanflow", "consist
 
 ENTRY = MethodEntry(MeanFlowConfig, build_loss, MeanFlow, MEANFLOW_POLICY, TeacherRole.NONE,
                     frozenset({Capability.EDIT, Capability.SERVE, Capability.AUGMENT}), time2_embedding=True,
-                    checks=(shared_dropout, forward_mode_loss))
+                    checks=(shared_dropout, guidable))

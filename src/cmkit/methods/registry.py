@@ -10,7 +10,7 @@ from torch import nn
 
 from cmkit.errors import CmkitError
 from cmkit.losses import WARM_START_LEVELS, EDMLoss, Loss, WarmStarted
-from cmkit.methods import cd, ct, ect, edm, ict, lcm, meanflow, scm
+from cmkit.methods import cd, ct, ect, edm, ict, lcm, meanflow, scm, tcm
 from cmkit.methods.base import Capability, MethodConfig, MethodEntry, TeacherRole, init_fields
 from cmkit.sampling import SamplingSpec
 
@@ -24,6 +24,7 @@ REGISTRY: dict[str, MethodEntry] = {entry.name: entry for entry in (
     scm.SCD,
     lcm.ENTRY,
     meanflow.ENTRY,
+    tcm.ENTRY,
 )}
 
 
@@ -98,8 +99,9 @@ def make_loss(method: MethodConfig, *, dim: int, total_images: int, teacher: nn.
     its own loss then sees the remaining images.
     """
     entry = method_entry(method.name)
-    if entry.teacher is TeacherRole.TARGET and teacher is None:
-        raise CmkitError(f"method {method.name}: a diffusion teacher is required; pass --teacher MODEL")
+    if entry.teacher.required_by_loss and teacher is None:
+        what = "a stage-one consistency model" if entry.teacher is TeacherRole.STAGE_ONE else "a diffusion teacher"
+        raise CmkitError(f"method {method.name}: {what} is required; pass --teacher MODEL")
     warm = method.warm_start_images
     loss = entry.build_loss(method, dim=dim, total_images=total_images - warm, teacher=teacher, augment=augment)
     if warm == 0:

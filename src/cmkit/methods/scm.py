@@ -15,7 +15,6 @@ from cmkit.methods.base import (
     MethodEntry,
     TaughtConfig,
     TeacherRole,
-    forward_mode_loss,
     jvp_step,
     shared_dropout,
 )
@@ -90,7 +89,7 @@ def build_scd_loss(method: SCDConfig, *, teacher: nn.Module, **_) -> SCMLoss:
     return _loss(method, TeacherVelocity(teacher, sigma_data=method.sigma_data))
 
 
-_CHECKS = (shared_dropout, forward_mode_loss)
+_CHECKS = (shared_dropout,)
 SCT = MethodEntry(SCTConfig, build_sct_loss, TrigFlow, TRIGFLOW_POLICY, TeacherRole.INIT_OPTIONAL,
                   CONSISTENCY_CAPABILITIES, logvar_head=True, checks=_CHECKS)
 SCD = MethodEntry(SCDConfig, build_scd_loss, TrigFlow, TRIGFLOW_POLICY, TeacherRole.TARGET,
