@@ -44,14 +44,12 @@ This module imports diffusers (``import cmkit`` does not); without it, importing
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 from cmkit.config import Config
-from cmkit.errors import CmkitError
+from cmkit.files import new_folder
 from cmkit.methods import Capability, model_entry, model_spec, require
 from cmkit.nets import layers as layers_module
 from cmkit.nets import unet as unet_module
@@ -204,15 +202,7 @@ def export_diffusers(model: Preconditioned, config: Config, out_dir: str | Path,
     out_dir = Path(out_dir)
     require(model_entry(model), Capability.EXPORT,
             "export to diffusers (ConsistencyModelPipeline samples consistency models only)")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CmkitError(f"{out_dir}: already exists and is not an empty folder; expected a new folder name")
-    if not out_dir.parent.is_dir():
-        raise CmkitError(f"{out_dir}: folder {out_dir.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        spec = spec or model_spec(model)
+    spec = spec or model_spec(model)
+    with new_folder(out_dir) as tmp:
         _write(ConsistencyModelPipeline(unet=_unet(model, config), scheduler=_scheduler(model, spec)), tmp)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

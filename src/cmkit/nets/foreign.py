@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from cmkit.cond import Cond
 from cmkit.errors import CmkitError
+from cmkit.files import read_json_object
 
 __all__ = ["DiffusersTeacher", "MissingDiffusersError", "check_noise_range", "import_diffusers",
            "is_diffusers_folder", "load_diffusers_teacher"]
@@ -53,16 +54,6 @@ def import_diffusers() -> ModuleType:
 
 
 # ------------------------------------------------------------------------------------------- the folder
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CmkitError(f"{path}: unreadable JSON ({e}); expected a diffusers config file") from None
-    if not isinstance(data, dict):
-        raise CmkitError(f"{path}: expected a JSON object (a diffusers config file)")
-    return data
-
 
 def _layout(path: Path) -> tuple[Path, Path]:
     """(unet folder, scheduler config file) of a pipeline folder or a bare-unet folder."""
@@ -230,9 +221,9 @@ def load_diffusers_teacher(path: str | Path, *, device: torch.device | str = "cp
     if not scheduler_file.is_file():
         raise CmkitError(f"{path}: no scheduler config; expected {scheduler_file} (a DDPMScheduler or DDIMScheduler "
                          "config, which says how timesteps map to noise levels)")
-    scheduler = _read_json(scheduler_file)
+    scheduler = read_json_object(scheduler_file, "a diffusers config file")
     prediction = _check_scheduler(scheduler, scheduler_file)
-    _check_unet(_read_json(unet_dir / "config.json"), unet_dir)
+    _check_unet(read_json_object(unet_dir / "config.json", "a diffusers config file"), unet_dir)
     diffusers = import_diffusers()
     try:
         unet = diffusers.UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32, local_files_only=True,

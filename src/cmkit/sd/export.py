@@ -13,12 +13,9 @@ The folder is built as a temporary sibling and renamed into place: complete or a
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from cmkit.errors import CmkitError
+from cmkit.files import new_folder
 from cmkit.sd.model import SDModel
 
 
@@ -57,18 +54,8 @@ def export_sd(model: SDModel, out_dir: str | Path) -> Path:
     """Write ``model`` (:func:`cmkit.sd.model.load_sd_model`) to ``out_dir`` (new or empty): the LoRA folder or
     the full pipeline, whichever the run trained. Returns ``out_dir``."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise CmkitError(f"{out_dir}: already exists and is not an empty folder; expected a new folder name")
-    if not out_dir.parent.is_dir():
-        raise CmkitError(f"{out_dir}: folder {out_dir.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with new_folder(out_dir) as tmp:
         (_write_lora if model.config.lora else _write_pipeline)(model, tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -11,7 +11,6 @@ support yet (SDXL's ``text_encoder_2``, Flux's or SD3's transformer), a UNet tha
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cmkit.errors import CmkitError
+from cmkit.files import read_json_object
 from cmkit.sd.lcm import PREDICTIONS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -76,23 +76,13 @@ class TextToImage:
         return vae.decode((latents / self.scaling_factor).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CmkitError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise CmkitError(f"{path}: expected a JSON object")
-    return data
-
-
 def check_layout(folder: Path) -> dict[str, Any]:
     """The model_index.json of a supported pipeline folder; CmkitError naming the file otherwise."""
     index_file = folder / "model_index.json"
     if not folder.is_dir() or not index_file.is_file():
         raise CmkitError(f"--teacher {folder}: not a diffusers pipeline folder (no model_index.json); expected a "
                          f"local StableDiffusionPipeline folder with model_index.json and {', '.join(COMPONENTS)}")
-    index = _json(index_file)
+    index = read_json_object(index_file, "a diffusers config file")
     kind = index.get("_class_name", "?")
     for name, what in UNSUPPORTED.items():
         if index.get(name) and index[name][0] is not None:
@@ -102,7 +92,7 @@ def check_layout(folder: Path) -> dict[str, Any]:
         if not index.get(name) or index[name][0] is None or not (folder / name).is_dir():
             raise CmkitError(f"{index_file}: a {kind} without {name}/; expected the StableDiffusionPipeline layout "
                              f"({', '.join(COMPONENTS)})")
-    unet_kind = _json(folder / "unet" / "config.json").get("_class_name")
+    unet_kind = read_json_object(folder / "unet" / "config.json", "a diffusers config file").get("_class_name")
     if unet_kind != "UNet2DConditionModel":
         raise CmkitError(f"{folder / 'unet' / 'config.json'}: a {unet_kind}; expected a UNet2DConditionModel")
     return index
@@ -144,8 +134,9 @@ def load_pipeline(folder: str | Path, *, device: torch.device | str = "cpu",
 
     folder = Path(folder).resolve()
     check_layout(folder)
-    scheduler_config = _json(folder / "scheduler" / "scheduler_config.json")
-    unet_config, vae_config = _json(folder / "unet" / "config.json"), _json(folder / "vae" / "config.json")
+    scheduler_config = read_json_object(folder / "scheduler" / "scheduler_config.json", "a diffusers config file")
+    unet_config, vae_config = (read_json_object(folder / part / "config.json", "a diffusers config file")
+                               for part in ("unet", "vae"))
     _check_fit(folder, unet_config, vae_config, scheduler_config)
     schedule = {k: scheduler_config[k] for k in SCHEDULE_KEYS if k in scheduler_config}
     alphas = DDPMScheduler(**schedule).alphas_cumprod.float()
