@@ -188,6 +188,18 @@ def test_learning_rate_without_warmup():
     assert schedules.learning_rate(0, lr=1e-3, warmup_kimg=0) == 1e-3
 
 
+@pytest.mark.parametrize(("images", "warmup_kimg", "expected"), [
+    (0, 0, 2e-3), (999, 0, 2e-3), (1000, 0, 4e-4), (5000, 0, 4e-4),  # the warm-start's rate, then the run's
+    (0, 2, 0.0), (500, 2, 5e-4), (1000, 2, 2e-4), (2000, 2, 4e-4)])  # one linear warm-up from the run's start
+def test_learning_rate_of_a_warm_start_phase(images, warmup_kimg, expected):
+    rate = schedules.learning_rate(images, lr=4e-4, warmup_kimg=warmup_kimg, warm_start_images=1000,
+                                   warm_start_lr=2e-3)
+    assert rate == pytest.approx(expected, rel=1e-12, abs=0)
+    # without a rate of its own the warm-start trains at the run's rate
+    assert schedules.learning_rate(images, lr=4e-4, warmup_kimg=warmup_kimg, warm_start_images=1000) == \
+        schedules.learning_rate(images, lr=4e-4, warmup_kimg=warmup_kimg)
+
+
 # ------------------------------------------------------------------------------------------ ECT
 # ECT paper (Geng et al. 2024), the mapping function: r = max(0, t (1 - q^-a n(t))), n(t) = 1 + 8 sigmoid(-t),
 # with a = stage + 1 here; the stage advances every method.stage_kimg thousand images.

@@ -3,11 +3,15 @@ on the teacher's denoiser (``method.warm_start_kimg``) before their own loss; ba
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cmkit.checkpoint import build_model, load_export, save_export
 from cmkit.cli import main
@@ -143,6 +147,62 @@ def test_the_student_loss_starts_its_schedules_after_the_warm_start():
     assert loss.stats(0) == {"warm_start": 1.0, "seen": 0} and loss.stats(740) == {"warm_start": 0.0, "seen": 100}
 
 
+def _phase_run(tiny_config, path, fmnist_subset):
+    """A 4-step run at batch 32 whose first 2 steps warm up at 3e-3, then CD at train.lr 1e-3."""
+    config = _student_config(tiny_config, path, warm_start_kimg=0.064, warm_start_lr=3e-3, mu=0.95)
+    config = replace(config, data=replace(config.data, source=str(fmnist_subset)),
+                     train=replace(config.train, kimg=0.128))
+    return Run(config, torch.device("cpu"), teacher=load_teacher(config, device=torch.device("cpu")))
+
+
+def _phase_steps(run, data, steps):
+    rates = []
+    for _ in range(steps):
+        start = (run.step * 32) % 256
+        torch.manual_seed(run.step)
+        assert run.optimizer_step(data.images[start:start + 32].float() / 127.5 - 1, None) is not None
+        rates.append(run.optimizer.param_groups[0]["lr"])
+    return rates
+
+
+def test_the_warm_start_trains_at_its_own_rate_and_hands_over_to_cd(tiny_config, fmnist_subset, tmp_path):
+    """The first 64 images regress the teacher's denoiser at method.warm_start_lr: the teacher itself scores zero
+    there (and the fresh student not); from image 64 CD trains at train.lr, where the teacher (a denoiser, not a
+    consistency function) scores above zero."""
+    run = _phase_run(tiny_config, _teacher(tiny_config, tmp_path / "edm.safetensors"), fmnist_subset)
+    data = load_training_data(run.config)
+    teacher, x0 = run.loss.warm.teacher, data.images[:32].float() / 127.5 - 1
+
+    def loss(model, seen):
+        return run.loss(model, x0, None, images_seen=seen, target=teacher, noise=BatchNoise(5, start=0, total=32))
+
+    assert loss(teacher, 63).abs().max() == 0 and loss(run.model, 63).min() > 0
+    assert loss(teacher, 64).min() > 0
+    assert run.loss.stats(63)["warm_start"] == 1.0 and run.loss.stats(64)["warm_start"] == 0.0
+    assert _phase_steps(run, data, 4) == [3e-3, 3e-3, 1e-3, 1e-3]
+
+
+def test_resume_across_the_warm_start_boundary_is_bit_exact(tiny_config, fmnist_subset, tmp_path):
+    """1 warm-start step, save, load into a new run, 3 more steps (the handover to CD among them) end where 4
+    straight steps do, bit for bit."""
+    from cmkit.checkpoint import list_states, load_state
+    from cmkit.train import save_run
+
+    teacher = _teacher(tiny_config, tmp_path / "edm.safetensors")
+    straight = _phase_run(tiny_config, teacher, fmnist_subset)
+    data = load_training_data(straight.config)
+    _phase_steps(straight, data, 4)
+    first = _phase_run(tiny_config, teacher, fmnist_subset)
+    _phase_steps(first, data, 1)
+    save_run(first, tmp_path / "half")
+    resumed = _phase_run(tiny_config, teacher, fmnist_subset)
+    (path,) = list_states(tmp_path / "half")
+    resumed.load_state_dict(load_state(path), path)
+    assert _phase_steps(resumed, data, 3) == [3e-3, 1e-3, 1e-3]
+    for key in ("model", "ema", "target", "optimizer"):
+        torch.testing.assert_close(resumed.state_dict()[key], straight.state_dict()[key], rtol=0, atol=0, msg=key)
+
+
 def test_a_student_of_the_teachers_shape_still_starts_from_its_weights(tiny_config, tmp_path):
     path = _teacher(tiny_config, tmp_path / "edm.safetensors")
     config = replace(_student_config(tiny_config, path), net=tiny_config.net)  # own, but the same network
@@ -165,6 +225,9 @@ def test_make_loss_warm_starts_only_when_asked(tiny_config, tmp_path):
     (["method.student_net=smaller"], "method.student_net: unknown value 'smaller'; expected one of teacher, own"),
     (["method.warm_start_kimg=-1"], "method.warm_start_kimg: expected >= 0, got -1"),
     (["method.warm_start_kimg=0.128"], "method.warm_start_kimg=0.128: expected less than train.kimg=0.128"),
+    (["method.warm_start_kimg=0.064", "method.warm_start_lr=0"],
+     "method.warm_start_lr: expected a positive number (or auto: train.lr), got 0.0"),
+    (["method.warm_start_lr=1e-3"], "method.warm_start_lr=0.001: the rate of a warm-start, but there is none"),
     (["net.model_channels=4"], "set method.student_net=own for a student of its own shape"),
 ])
 def test_bad_student_settings_are_refused_before_anything_is_written(tiny_config, fmnist_subset, tmp_path, capsys,
@@ -181,3 +244,26 @@ def test_a_warm_start_without_a_teacher_is_refused(tiny_config):
     assert load_teacher(config, device=torch.device("cpu")) is None  # sCT trains without one
     with pytest.raises(CmkitError, match="a warm-start regresses a teacher's denoiser; pass --teacher MODEL"):
         Run(config, torch.device("cpu"))
+
+
+def test_the_studio_serves_the_small_student_beside_its_full_size_teacher(tmp_path):
+    """An fmnist-cd-small export (the preset's network) is served with an fmnist-edm teacher of four times its
+    parameters beside it: its generate is cmkit's one-step sample of the same seeds."""
+    from cmkit.images import grid, to_numpy_images
+    from cmkit.sampling import default_sigmas, generate
+    from cmkit.studio.engine import GRID, Models, Studio, check_models
+
+    small, teacher = preset("fmnist-cd-small"), preset("fmnist-edm")
+    torch.manual_seed(0)
+    save_export(build_model(small), small, tmp_path / "small.safetensors")
+    save_export(build_model(teacher), teacher, tmp_path / "edm.safetensors")
+    model, config, spec = load_export(tmp_path / "small.safetensors")
+    edm, edm_config, _ = load_export(tmp_path / "edm.safetensors")
+    models = Models(model, config, edm, edm_config, spec)
+    check_models(models)
+    reply = Studio(models, data="fashion-mnist").reply({"id": 1, "mode": "generate", "seed": 3, "steps": 1})
+    assert "error" not in reply, reply
+    x = next(generate(model, range(3, 3 + GRID), sigmas=default_sigmas(spec, 1), sampler="consistency",
+                      batch_size=GRID))
+    png = base64.b64decode(reply["images"]["result"].split(",", 1)[1])
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png)))[..., None], grid(to_numpy_images(x)))

@@ -92,8 +92,13 @@ def ema_beta(images_seen: int, batch: int, *, halflife_kimg: float, rampup: floa
     return 0.5 ** (batch / max(halflife, 1e-8))
 
 
-def learning_rate(images_seen: int, *, lr: float, warmup_kimg: float) -> float:
-    """Constant rate after a linear warm-up over ``warmup_kimg`` thousand images."""
+def learning_rate(images_seen: int, *, lr: float, warmup_kimg: float, warm_start_images: int = 0,
+                  warm_start_lr: float | None = None) -> float:
+    """The rate of the step after ``images_seen`` images: ``lr``, or ``warm_start_lr`` (when not None) during a
+    student's warm-start, its first ``warm_start_images`` images; both scaled by a linear warm-up over the run's
+    first ``warmup_kimg`` thousand images."""
+    if warm_start_lr is not None and images_seen < warm_start_images:
+        lr = warm_start_lr
     if warmup_kimg <= 0:
         return lr
     return lr * min(images_seen / (warmup_kimg * 1000), 1.0)

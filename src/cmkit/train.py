@@ -193,9 +193,11 @@ class Run:
 
     def _update(self) -> None:
         """Apply the gradients at the scheduled learning rate; update the sampling EMA and any target."""
-        t = self.config.train
+        t, m = self.config.train, self.config.method
         for group in self.optimizer.param_groups:
-            group["lr"] = schedules.learning_rate(self.images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg)
+            group["lr"] = schedules.learning_rate(self.images_seen, lr=t.lr, warmup_kimg=t.warmup_kimg,
+                                                  warm_start_images=m.warm_start_images,
+                                                  warm_start_lr=m.warm_start_rate)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         beta = schedules.ema_beta(self.images_seen, t.batch, halflife_kimg=t.ema_halflife_kimg, rampup=t.ema_rampup)

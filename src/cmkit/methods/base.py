@@ -65,6 +65,11 @@ class MethodConfig:
         return 0
 
     @property
+    def warm_start_rate(self) -> float | None:
+        """The learning rate of the warm-start phase (:class:`TaughtConfig`); None: the run's ``train.lr``."""
+        return None
+
+    @property
     def guidance_range(self) -> tuple[float, float] | None:
         """[w_min, w_max] of the guidance scale w the method trains its model to take as an input (its network has
         ``net.guidance_dim > 0`` and its teacher is sampled with classifier-free guidance at w: LCM); None for a
@@ -114,23 +119,34 @@ class TaughtConfig(MethodConfig):
     net section into the config, and ``net.*`` settings that differ are refused); ``own`` keeps the config's net
     section, which may be smaller or otherwise shaped. A student whose network equals the teacher's starts from
     the teacher's weights; any other starts from fresh weights, and for the first ``warm_start_kimg`` thousand
-    images regresses the teacher's denoiser outputs at EDM's noise levels (one teacher evaluation per image)
-    before its own loss begins (:class:`cmkit.losses.WarmStarted`).
+    images regresses the teacher's denoiser outputs at EDM's noise levels (one teacher evaluation per image; output
+    distillation, as BK-SDM's output loss) before its own loss begins (:class:`cmkit.losses.WarmStarted`). That
+    phase trains at ``warm_start_lr`` (None, ``auto``: ``train.lr``), a denoiser's rate rather than the consistency
+    recipe's (:func:`cmkit.schedules.learning_rate`).
     """
 
     teacher: str = ""
     student_net: str = "teacher"
     warm_start_kimg: float = 0.0
+    warm_start_lr: float | None = None
 
     @property
     def warm_start_images(self) -> int:
         return round(self.warm_start_kimg * 1000)
 
+    @property
+    def warm_start_rate(self) -> float | None:
+        return self.warm_start_lr
+
     def problems(self) -> list[str]:
-        warm = self.warm_start_kimg
+        warm, rate = self.warm_start_kimg, self.warm_start_lr
         checks = [(self.student_net in STUDENT_NETS, f"method.student_net: unknown value '{self.student_net}'; "
                    f"expected one of {', '.join(STUDENT_NETS)}"),
-                  (warm >= 0 and math.isfinite(warm), f"method.warm_start_kimg: expected >= 0, got {warm}")]
+                  (warm >= 0 and math.isfinite(warm), f"method.warm_start_kimg: expected >= 0, got {warm}"),
+                  (rate is None or (rate > 0 and math.isfinite(rate)),
+                   f"method.warm_start_lr: expected a positive number (or auto: train.lr), got {rate}"),
+                  (rate is None or warm > 0, f"method.warm_start_lr={rate}: the rate of a warm-start, but there is "
+                   "none (method.warm_start_kimg=0); set method.warm_start_kimg or method.warm_start_lr=auto")]
         return super().problems() + [message for ok, message in checks if not ok]
 
 
