@@ -117,11 +117,12 @@ def test_default_sigmas():
 
 def test_the_two_step_level_of_each_parameterisation():
     """The published 2-step levels, one source (the method's policy): 0.821 for the CM parameterisation (iCT and
-    ECT's CIFAR-10 value), sCM's t = 1.1 (sigma_data tan 1.1) for TrigFlow, none for EDM; MeanFlow's t = 1/2
-    (sigma 1, whatever sigma_data)."""
+    ECT's CIFAR-10 value; TCM's official evaluation), sCM's t = 1.1 (sigma_data tan 1.1) for TrigFlow, none for EDM;
+    MeanFlow's t = 1/2 (sigma 1, whatever sigma_data)."""
     levels = {name: sampling_spec(method_class(name)(sigma_data=0.25)).two_step_sigma for name in REGISTRY}
     assert levels == {"edm": None, "ct": 0.821, "ict": 0.821, "cd": 0.821, "ect": 0.821,
-                      "sct": 0.25 * math.tan(1.1), "scd": 0.25 * math.tan(1.1), "lcm": 0.821, "meanflow": 1.0}
+                      "sct": 0.25 * math.tan(1.1), "scd": 0.25 * math.tan(1.1), "lcm": 0.821, "meanflow": 1.0,
+                      "tcm": 0.821}
 
 
 def test_tuned_sigmas_come_first():

@@ -22,7 +22,7 @@ from cmkit.images import to_numpy_images
 from cmkit.precond import TrigFlow
 from cmkit.presets import preset
 from cmkit.sampling import SeededNoise, default_sigmas, generate
-from conftest import TINY, TINY_SCT, exit_status, train_tiny_sct
+from conftest import TINY, exit_status, train_tiny_sct
 
 TWO_STEP = 0.5 * math.tan(1.1)  # sCM's 2-step t_mid = 1.1 as a noise level, sigma = sigma_data tan t
 
@@ -111,14 +111,3 @@ def test_inpainting_with_a_trigflow_model_keeps_known_pixels(sct_run):
     assert out.shape == x.shape and out.dtype == torch.float32 and out.abs().max() <= 1
     assert torch.equal(out[:, :, ~mask], x[:, :, ~mask])
     assert (out[:, :, mask] - x[:, :, mask]).abs().min() > 0  # the hole is generated
-
-
-def test_compile_is_refused_for_trigflow_methods(fmnist_subset, tmp_path, capsys):
-    """torch.compile and forward-mode AD: refused with one line before anything is written (dropout or not)."""
-    out = tmp_path / "r"
-    argv = ["train", "--preset", "fmnist-sct", "--out", str(out), "--data", str(fmnist_subset), "--set", *TINY_SCT,
-            "net.dropout=0", "train.compile=true"]
-    assert exit_status(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("cmkit: error: train.compile=true with method sct") and "forward mode" in err, err
-    assert len(err.splitlines()) == 1 and not out.exists()
