@@ -33,8 +33,15 @@ def captioned(tmp_path_factory) -> Path:
 
 
 def train(preset: str, teacher: Path, data: Path, out: Path, *extra: str) -> int:
-    return main(["train", "--preset", preset, "--teacher", str(teacher), "--data", str(data), "--out", str(out),
-                 *FAST, *extra])
+    """``cmkit train`` in this process on one thread: the arithmetic of the child processes below, which run with
+    OMP_NUM_THREADS=1 (a CPU op's sums can change with the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(["train", "--preset", preset, "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+                     *FAST, *extra])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -325,8 +325,8 @@ def test_only_a_consistency_model_is_served_and_only_an_edm_teacher_beside_it(st
     model, config, _ = load_export(studio_files["rgb"])
     teacher, teacher_config, _ = load_export(studio_files["teacher"])
     with pytest.raises(CmkitError, match=r"the studio \(cmkit serve\) needs a model with the 'serve' capability "
-                                         r"\(one trained with ct, ict, cd, ect, sct, scd, lcm, meanflow\); this model "
-                                         "was trained with edm"):
+                                         r"\(one trained with ct, ict, cd, ect, sct, scd, lcm, meanflow, tcm\); "
+                                         "this model was trained with edm"):
         check_models(Models(teacher, teacher_config))
     with pytest.raises(CmkitError, match="--teacher: a model trained with ict; the studio shows a model with the"):
         check_models(Models(teacher=model, teacher_config=config, model=model, config=config))
