@@ -77,10 +77,16 @@ STUDENT_STEPS = (1, 2, 4)
 TEACHER_STEPS = (18,)
 
 
-def bench_run(config: Config, kimg: float) -> Config:
-    """``config`` trained for ``kimg`` with bf16 autocast (all benchmark models alike), one sample grid at the end
+# bf16 autocast (the committed rows); ``--precision fp32`` where the CPU would emulate bf16 (several times slower)
+PRECISIONS = ("bf16", "fp32")
+PRECISION_NAMES = {"bf16": "bf16 autocast", "fp32": "fp32"}
+
+
+def bench_run(config: Config, kimg: float, precision: str = "bf16") -> Config:
+    """``config`` trained for ``kimg`` in ``precision`` (all benchmark models alike), one sample grid at the end
     and four checkpoints to resume from."""
-    return replace(config, train=replace(config.train, kimg=kimg, precision="bf16", snap_kimg=kimg, ckpt_kimg=kimg / 4))
+    return replace(config, train=replace(config.train, kimg=kimg, precision=precision, snap_kimg=kimg,
+                                         ckpt_kimg=kimg / 4))
 
 
 def train_run(config: Config, run_dir: Path) -> float:
@@ -108,11 +114,12 @@ def model_config(name: str, overrides: tuple[str, ...], teacher: Path | None) ->
     return config if teacher is None else with_teacher(config, teacher)
 
 
-def train_model(label: str, kimg: float, runs: Path) -> float:
-    """Train the model ``label`` (from its teacher's run in ``runs``) for ``kimg``; returns wall seconds."""
+def train_model(label: str, kimg: float, runs: Path, precision: str) -> float:
+    """Train the model ``label`` (from its teacher's run in ``runs``) for ``kimg`` in ``precision``; returns wall
+    seconds."""
     name, teacher, overrides = MODELS[label]
     config = model_config(name, overrides, teacher and runs / teacher)
-    return train_run(bench_run(config, kimg), runs / run_name(label))
+    return train_run(bench_run(config, kimg, precision), runs / run_name(label))
 
 
 def train_ae_run(config: AEConfig, run_dir: Path) -> float:
@@ -128,25 +135,26 @@ def train_ae_run(config: AEConfig, run_dir: Path) -> float:
     return seconds
 
 
-def train_latent_model(label: str, kimg: float, runs: Path) -> float:
-    """Train the latent row ``label`` for ``kimg`` (its teacher's run, or the autoencoder, trained first when
-    missing); returns its wall seconds."""
+def train_latent_model(label: str, kimg: float, runs: Path, precision: str) -> float:
+    """Train the latent row ``label`` for ``kimg`` in ``precision`` (its teacher's run, or the autoencoder, trained
+    first when missing); returns its wall seconds."""
     name, teacher, _ = LATENT_MODELS[label]
     if teacher is not None:
-        train_latent_model(teacher, kimg, runs)
+        train_latent_model(teacher, kimg, runs, precision)
         config = model_config(name, (), runs / LATENT_MODELS[teacher][0])
     else:
         train_ae_run(ae_preset(AUTOENCODER), runs / AUTOENCODER)
         config = replace(preset(name), data=resolve_codec(replace(preset(name).data, codec=str(runs / AUTOENCODER))))
-    return train_run(bench_run(config, kimg), runs / name)
+    return train_run(bench_run(config, kimg, precision), runs / name)
 
 
 def tune_two_step(model: torch.nn.Module, config: Config, spec: SamplingSpec, run_dir: Path, *, n: int, iters: int,
-                  extractor, reference: np.ndarray) -> tuple[float, list[dict[str, float]], SamplingSpec]:
-    """Tune the model's 2-step intermediate sigma on FID (bf16) and store it in the run's export, as
+                  extractor, reference: np.ndarray,
+                  precision: str = "bf16") -> tuple[float, list[dict[str, float]], SamplingSpec]:
+    """Tune the model's 2-step intermediate sigma on FID (in ``precision``) and store it in the run's export, as
     ``cmkit tune-steps`` does; returns the search's best sigma, its history and the tuned spec."""
     best, history = tune_two_step_sigma(model, n=n, extractor=extractor, reference=reference, batch=BATCH,
-                                        iters=iters, precision="bf16", codec=data_codec(config.data))
+                                        iters=iters, precision=precision, codec=data_codec(config.data))
     spec = spec.with_tuned(2, [spec.sigma_max, best])
     checkpoint.save_export(model, config, run_dir / checkpoint.EXPORT_NAME, spec=spec)
     return best, history, spec
@@ -164,20 +172,23 @@ def grid(model: torch.nn.Module, spec: SamplingSpec, steps: int, path: Path, *, 
 
 
 def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.ndarray, inception,
-             inception_reference: np.ndarray, img_dir: Path, *, guidance: float | None = None) -> dict:
+             inception_reference: np.ndarray, img_dir: Path, *, guidance: float | None = None,
+             precision: str = "bf16") -> dict:
     """Tune, evaluate (fid-fmnist: ``rows``; fid-inception: ``inception_rows``) and draw one model, decoded by its
     codec and sampled at ``guidance`` (None: none, or an LCM's default w, the w its 2-step sigma is tuned at), or
     return its stored results when the settings are unchanged."""
     record = run_dir / ("ladder-eval.json" if guidance is None else f"ladder-eval-w{guidance:g}.json")
-    if record.exists() and json.loads(record.read_text())["size"] == size:
+    settings = size if precision == "bf16" else {**size, "precision": precision}
+    if record.exists() and json.loads(record.read_text())["size"] == settings:
         return json.loads(record.read_text())["entry"]
     model, config, spec = checkpoint.load_export(run_dir)
-    common = {"batch": BATCH, "precision": "bf16", "codec": data_codec(config.data), "guidance": guidance}
+    common = {"batch": BATCH, "precision": precision, "codec": data_codec(config.data), "guidance": guidance}
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
     tunable = method_entry(config.method.name).can(Capability.TUNE_STEPS)
     if tunable:
         best, history, spec = tune_two_step(model, config, spec, run_dir, n=size["tune_n"],
-                                            iters=size["tune_iters"], extractor=extractor, reference=reference)
+                                            iters=size["tune_iters"], extractor=extractor, reference=reference,
+                                            precision=precision)
         entry.update(two_step_sigma=best, tune_history=history)
     steps = STUDENT_STEPS if tunable else TEACHER_STEPS
     entry["rows"] = evaluate_model(model, spec, steps=steps, n=size["n"], extractor=extractor, reference=reference,
@@ -191,7 +202,7 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
     slug += f"-w{guidance:g}" if guidance else ""
     entry["grids"] = {k: grid(model, spec, k, img_dir / f"{slug}-{k}step.png", codec=common["codec"],
                               guidance=guidance) for k in steps}
-    record.write_text(json.dumps({"size": size, "entry": entry}, indent=2) + "\n")
+    record.write_text(json.dumps({"size": settings, "entry": entry}, indent=2) + "\n")
     return entry
 
 
@@ -201,9 +212,9 @@ def table(result: dict) -> str:
              f"{result['machine']['cpu']}, {result['machine']['cores']} cores. Metrics: {result['metric']} on "
              f"{result['n']} samples against {result['n']} training images, and fid-inception (which decides) on "
              f"{result.get('n_inception', '-')} against as many (- where a row predates it; precision and recall are "
-             "fid-fmnist's); bf16 autocast for "
-             "training and "
-             "sampling, all models alike. CD, ECT, sCT and sCD start from the teacher, and the small CD student "
+             f"fid-fmnist's); {PRECISION_NAMES[result.get('precision', 'bf16')]} for training, tuning and "
+             "sampling, all models of this run alike (a row kept from an earlier run keeps its run's). "
+             "CD, ECT, sCT and sCD start from the teacher, and the small CD student "
              "learns from it (its warm-start counted among its images): their images seen do not count the "
              "teacher's. The small rows' network has a quarter of the parameters (0.44M against 1.75M). "
              "A row marked with a commit comes from that earlier run of this ladder: its "
@@ -247,6 +258,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=[*MODELS, *LATENT_MODELS], metavar="LABEL",
                         help="train and evaluate only these models (and their teacher): "
                              f"{', '.join([*MODELS, *LATENT_MODELS])}")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                        help="train, tune and sample in bf16 autocast (the committed rows) or fp32 (a CPU without "
+                             "native bf16)")
     args = parser.parse_args()
     size, runs = SIZES[args.size], Path(args.runs) / args.size
     out = ROOT / "bench" / "results" / f"quality-{args.size}.json"
@@ -256,8 +270,9 @@ def main() -> None:
     chosen |= {label for label, (name, _, _) in MODELS.items()
                if any(MODELS[c][1] == name for c in chosen if c in MODELS)}
     chosen |= {LATENT_MODELS[c][1] for c in chosen if c in LATENT_MODELS and LATENT_MODELS[c][1]}
-    seconds = {label: train_model(label, size["kimg"], runs) for label in MODELS if label in chosen}
-    seconds |= {label: train_latent_model(label, size["kimg"], runs) for label in LATENT_MODELS if label in chosen}
+    seconds = {label: train_model(label, size["kimg"], runs, args.precision) for label in MODELS if label in chosen}
+    seconds |= {label: train_latent_model(label, size["kimg"], runs, args.precision)
+                for label in LATENT_MODELS if label in chosen}
     extractor = get_extractor("fid-fmnist")
     reference = reference_features("fashion-mnist", extractor, n=size["n"], resolution=28, channels=1)
     inception = get_extractor("fid-inception")
@@ -268,13 +283,15 @@ def main() -> None:
     for label in MODELS:
         if label in chosen:
             models[label] = {**evaluate(label, runs / run_name(label), size, extractor, reference, inception,
-                                        inception_reference, img_dir), "train_seconds": seconds[label]}
+                                        inception_reference, img_dir, precision=args.precision),
+                              "train_seconds": seconds[label]}
         elif label in earlier:
             models[label] = earlier[label]
     for label, (name, _, w) in LATENT_MODELS.items():
         if label in chosen:
             models[label] = {**evaluate(label, runs / name, size, extractor, reference, inception,
-                                        inception_reference, img_dir, guidance=w), "train_seconds": seconds[label]}
+                                        inception_reference, img_dir, guidance=w, precision=args.precision),
+                              "train_seconds": seconds[label]}
         elif label in earlier:
             models[label] = earlier[label]
     for label, (_, teacher, w) in LATENT_MODELS.items():  # FID / teacher: the latent teacher's at the same w
@@ -284,7 +301,9 @@ def main() -> None:
     plot = img_dir / "quality.png"
     plot_quality({label: [(r["nfe"], r["fid"]) for r in e["rows"]] for label, e in models.items()}, plot,
                  metric=extractor.name)
-    result = {"command": f"python bench/quality.py {args.size}", "machine": machine(), "metric": extractor.name,
+    command = f"python bench/quality.py {args.size}" + (f" --precision {args.precision}" if args.precision != "bf16"
+                                                          else "")
+    result = {"command": command, "precision": args.precision, "machine": machine(), "metric": extractor.name,
               "n": size["n"], "n_inception": size["n_inception"], "plot": str(plot.relative_to(ROOT)), "models": models}
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_docs_section(f"quality-{args.size}", table(result),

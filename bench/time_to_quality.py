@@ -54,7 +54,7 @@ from cmkit.eval.evaluate import evaluate_model, reference_features, save_figure
 from cmkit.eval.features import get_extractor
 from cmkit.presets import ae_preset, preset
 from cmkit.train import train
-from quality import BATCH, bench_run, grid, model_config, train_ae_run, train_run, tune_two_step
+from quality import BATCH, PRECISIONS, bench_run, grid, model_config, train_ae_run, train_run, tune_two_step
 from throughput import machine, write_docs_section
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,9 +66,6 @@ BUDGETS = (5, 10, 20)  # minutes
 SEARCH_BUDGET, SPLITS, DEFAULT_SPLIT = 10, (0.3, 0.5, 0.7), 0.5
 EVAL = {"n": 2_000, "tune_n": 500, "tune_iters": 5, "inception_n": 500}
 CALIBRATE_KIMG = 4.0  # a log line every 1k images
-# bf16 autocast, as the calibration; ``--precision fp32`` where the CPU would emulate bf16 (about 5x slower): the
-# budgets stay the calibrated images, only the wall time and the arithmetic of training and sampling change.
-PRECISIONS = ("bf16", "fp32")
 TEACHER = "fmnist-edm"
 AE_SHARE = 0.05  # a latent route's autoencoder: this share of the budget (at 10 minutes, about fmnist-ae's 30k images)
 
@@ -165,12 +162,6 @@ def steady_rate(run_dir: Path, batch: int) -> float:
     return sum(n for n, _ in spans) / sum(n / speed for n, speed in spans)
 
 
-def sized(config, kimg: float, precision: str):
-    """:func:`quality.bench_run` of ``config`` for ``kimg`` in ``precision`` (bf16 autocast or fp32)."""
-    config = bench_run(config, kimg)
-    return replace(config, train=replace(config.train, precision=precision))
-
-
 def relative(keys: dict[str, Route], rates: dict[str, float], repeats: int,
              precision: str) -> dict[str, dict[str, float]]:
     """Images/s of each route's config as ``rates[REFERENCE's key]`` times the ratio of the reference's seconds per
@@ -179,7 +170,7 @@ def relative(keys: dict[str, Route], rates: dict[str, float], repeats: int,
     from throughput import interleaved, train_step_timer
 
     reference = ROUTES[REFERENCE]
-    configs = {key: sized(model_config(route.preset, route.overrides, None), CALIBRATE_KIMG,
+    configs = {key: bench_run(model_config(route.preset, route.overrides, None), CALIBRATE_KIMG,
                           precision)
                for key, route in {reference.key: reference, **keys}.items()}
     seconds = interleaved({key: train_step_timer(config) for key, config in configs.items()}, repeats)
@@ -280,7 +271,7 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float], precision: str) 
         minutes += ae_kimg * 1000 / rate(ae_key(route.autoencoder), rates) / 60
     if route.teacher:
         teacher_kimg = round(teacher_kimg, 1)
-        config = sized(preset(route.teacher), teacher_kimg, precision)
+        config = bench_run(preset(route.teacher), teacher_kimg, precision)
         if ae_dir is None:
             teacher_dir = runs / f"teacher-{teacher_kimg:g}k"
         else:
@@ -290,7 +281,7 @@ def train_plan(plan: Plan, runs: Path, rates: dict[str, float], precision: str) 
             seconds += train_run(config, teacher_dir)
         minutes += teacher_kimg * 1000 / rate(route.teacher, rates) / 60
     student = model_config(route.preset, overrides, teacher_dir)
-    seconds += train_run(sized(student, student_kimg, precision), runs / plan.name())
+    seconds += train_run(bench_run(student, student_kimg, precision), runs / plan.name())
     described = " ".join((route.preset, *route.overrides))
     if ae_dir is not None:
         described = f"{route.autoencoder} ({ae_kimg * 1000:,.0f} images) -> {route.teacher} (guided) -> {described}"
@@ -330,7 +321,7 @@ def evaluate(plan: Plan, run_dir: Path, extractors: dict, references: dict, prec
     model, config, spec = checkpoint.load_export(run_dir)
     fmnist, inception = extractors["fid-fmnist"], extractors["fid-inception"]
     best, _, spec = tune_two_step(model, config, spec, run_dir, n=EVAL["tune_n"], iters=EVAL["tune_iters"],
-                                  extractor=fmnist, reference=references["fid-fmnist"])
+                                  extractor=fmnist, reference=references["fid-fmnist"], precision=precision)
     codec = data_codec(config.data)  # latent models are scored and drawn decoded
     common = {"batch": BATCH, "precision": precision, "codec": codec}
     entry = {"two_step_sigma": best,
