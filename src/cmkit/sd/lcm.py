@@ -83,18 +83,6 @@ def guidance_embedding(w: Tensor, dim: int) -> Tensor:
     return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
-def huber(a: Tensor, b: Tensor, c: float) -> Tensor:
-    """float32 [N]: the per-value pseudo-Huber ``sqrt((a - b)^2 + c^2) - c`` averaged over each sample (the LCM
-    scripts' ``loss_type=huber``)."""
-    d = (a.float() - b.float()) ** 2
-    return ((d + c * c).sqrt() - c).flatten(1).mean(1)
-
-
-def l2(a: Tensor, b: Tensor) -> Tensor:
-    """float32 [N]: the mean squared difference over each sample."""
-    return ((a.float() - b.float()) ** 2).flatten(1).mean(1)
-
-
 Predict = Callable[[Tensor, Tensor], Tensor]
 """A UNet call ``(x [N, C, H, W], t int64 [N]) -> output [N, C, H, W]`` with its conditioning bound."""
 

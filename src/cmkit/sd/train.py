@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cmkit import checkpoint, data, dist, rundir
+from cmkit.distances import make_distance
 from cmkit.errors import CmkitError
 from cmkit.files import atomic_write
 from cmkit.machine import auto_precision
@@ -128,6 +129,7 @@ class SDRun:
         self.grid = lcm.ddim_grid(teacher.num_train_timesteps, m.ddim_steps)
         self.k = teacher.num_train_timesteps // m.ddim_steps
         self.w_dim = getattr(self.student.config, "time_cond_proj_dim", None) if not config.lora else None
+        self.distance = make_distance(m.distance, dim=0, c=m.huber_c)  # c given, so dim is unused
         self.step = 0
 
     def _autocast(self):
@@ -178,7 +180,7 @@ class SDRun:
         x_s = self.teacher_step(x_t, t, s, text, w)
         with torch.no_grad():
             target = self._f(self.target if self.target is not None else self.student, x_s, s, text, w_emb)
-        return lcm.huber(pred, target, m.huber_c) if m.distance == "huber" else lcm.l2(pred, target)
+        return self.distance(pred, target)
 
     def optimizer_step(self) -> float | None:
         """One step on this process's rows of the global batch; the global mean loss, or None when it or the
