@@ -344,3 +344,25 @@ def test_torchrun_trains_as_one_process(runs, sd_pipeline, captioned, tmp_path):
     one, two = ([json.loads(ln)["loss"] for ln in (r / "metrics.jsonl").read_text().splitlines()]
                 for r in (runs["sd-lcm"], out))
     assert two == pytest.approx(one, rel=1e-4)
+
+
+def test_a_resumed_run_keeps_the_precision_it_began_with(tmp_path, monkeypatch):
+    """``train.precision=auto`` resumes in the precision stored in the run's config.json (as ``cmkit train``), not
+    in what this machine would choose; a new run takes the machine's choice; fp16 off CUDA is refused."""
+    from dataclasses import replace
+
+    from cmkit import machine
+    from cmkit.errors import CmkitError
+    from cmkit.sd.config import sd_preset
+    from cmkit.sd.train import resolve_precision
+
+    monkeypatch.setattr(machine, "auto_precision", lambda device: ("bf16", "stands for a CPU with native bf16"))
+    config = sd_preset("sd-lcm")
+    stored = replace(config, train=replace(config.train, precision="fp32"))
+    (tmp_path / "config.json").write_text(json.dumps(stored.to_dict()))
+    cpu = torch.device("cpu")
+    assert resolve_precision(config, cpu, out=tmp_path, resume=True).train.precision == "fp32"
+    assert resolve_precision(config, cpu, out=tmp_path, resume=False).train.precision == "bf16"
+    with pytest.raises(CmkitError, match="train.precision=fp16: cpu has no native fp16"):
+        resolve_precision(replace(config, train=replace(config.train, precision="fp16")), cpu, out=tmp_path,
+                          resume=False)

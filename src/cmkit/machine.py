@@ -65,7 +65,8 @@ def run_config(out: Path) -> Config | None:
 def resolve_precision(config: Config, device: torch.device, *, stored: Config | None = None) -> Config:
     """``config`` with ``train.precision=auto`` replaced by a concrete precision: the one ``stored`` (the run
     being resumed) was started with, so a resumed run keeps its precision on any machine, else
-    :func:`auto_precision` of ``device``. Any other precision is returned unchanged."""
+    :func:`auto_precision` of ``device``. Any other precision is returned unchanged. It reads and replaces only
+    ``train.precision``, so the SD route's configs (:class:`cmkit.sd.config.SDConfig`) go through it too."""
     if config.train.precision != "auto":
         return config
     chosen = stored.train.precision if stored is not None else auto_precision(device)[0]

@@ -19,7 +19,6 @@ import copy
 import json
 import math
 import signal
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,10 @@ from safetensors.torch import save
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cmkit import checkpoint, data, dist, rundir
+from cmkit import checkpoint, data, dist, machine, rundir
 from cmkit.distances import make_distance
 from cmkit.errors import CmkitError
 from cmkit.files import atomic_write
-from cmkit.machine import auto_precision
 from cmkit.rng import BatchNoise, derive_seed
 from cmkit.sd import captions, lcm
 from cmkit.sd.config import LORA_TARGETS, SDConfig, validate
@@ -44,15 +42,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_NONFINITE = 10  # non-finite steps in a row that stop a run (as train.max_nonfinite's default)
 
 
-def resolve_precision(config: SDConfig, device: torch.device) -> SDConfig:
-    """``train.precision=auto`` made concrete: bf16 where ``device`` computes it natively, else fp32; fp16 is
-    refused off CUDA (no CPU computes it natively)."""
-    p = config.train.precision
-    if p == "auto":
-        p = auto_precision(device)[0]
-    elif p == "fp16" and device.type != "cuda":
+def resolve_precision(config: SDConfig, device: torch.device, *, out: Path, resume: bool) -> SDConfig:
+    """``train.precision=auto`` made concrete as :func:`cmkit.machine.resolve_precision` does (the resumed run's own
+    precision, else bf16 where ``device`` computes it natively, else fp32); fp16 is refused off CUDA (no CPU
+    computes it natively)."""
+    if config.train.precision == "fp16" and device.type != "cuda":
         raise CmkitError(f"train.precision=fp16: {device.type} has no native fp16 arithmetic; use auto or fp32")
-    return replace(config, train=replace(config.train, precision=p))
+    stored, begun = out / "config.json", None
+    if resume and stored.is_file():
+        begun = SDConfig.from_dict(json.loads(stored.read_text()), where=str(stored))
+    return machine.resolve_precision(config, device, stored=begun)
 
 
 def lora_config(config: SDConfig):
@@ -289,7 +288,7 @@ def sd_train(config: SDConfig, out: Path, *, resume: bool = False, device: str |
     validate(config)
     own = dist.init()
     dev = torch.device(device) if device else own
-    config = resolve_precision(config, dev)
+    config = resolve_precision(config, dev, out=out, resume=resume)
     captions.read_captions(config.data.source)  # bad input is refused before the run directory exists
     teacher = load_pipeline(config.teacher, device=dev, dtype=DTYPES[config.train.precision])
     _check_resolution(config, teacher)
