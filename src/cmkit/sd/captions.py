@@ -21,15 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor
 
+from cmkit import data
 from cmkit.errors import CmkitError
 from cmkit.files import atomic_write
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_NAME = "latents.safetensors"
 CACHE_KEYS = ("caption", "mean", "null", "std", "text")  # what build_cache returns
 
@@ -40,9 +39,9 @@ def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise CmkitError(f"--data {folder}: no such folder; expected a folder of captioned images")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_EXTENSIONS and p.is_file())
     if not images:
-        raise CmkitError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise CmkitError(f"--data {folder}: no images ({', '.join(data.IMAGE_EXTENSIONS)})")
     meta = folder / "metadata.jsonl"
     captions = _metadata(meta, folder) if meta.is_file() else {}
     pairs = []
@@ -74,22 +73,6 @@ def _metadata(path: Path, folder: Path) -> dict[str, str]:
             raise CmkitError(f"{path}, line {n}: file_name {name!r} is not a file in {folder}")
         captions[name] = text
     return captions
-
-
-def load_image(path: Path, resolution: int) -> Tensor:
-    """float32 [3, resolution, resolution] in [-1, 1]: RGB, shorter side resized (Lanczos), centre-cropped."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = resolution / min(im.size)
-            size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
-            im = im.resize(size, Image.LANCZOS)
-            left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-            array = np.asarray(im, dtype=np.float32)
-    except OSError as e:
-        raise CmkitError(f"{path}: not a readable image ({e})") from None
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
 def cache_key(pairs: list[tuple[Path, str]], resolution: int, teacher: Path) -> str:
@@ -124,7 +107,8 @@ def build_cache(teacher, pairs: list[tuple[Path, str]], resolution: int, *, batc
     (:class:`cmkit.sd.pipeline.TextToImage`), in batches of ``batch``."""
     means, stds = [], []
     for i in range(0, len(pairs), batch):
-        mean, std = teacher.encode_images(torch.stack([load_image(p, resolution) for p, _ in pairs[i:i + batch]]))
+        images = np.stack([data.read_image(p, channels=3, resolution=resolution) for p, _ in pairs[i:i + batch]])
+        mean, std = teacher.encode_images(data.to_model_range(torch.from_numpy(images)))
         means.append(mean.cpu())
         stds.append(std.cpu())
     distinct = sorted({text for _, text in pairs})
