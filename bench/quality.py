@@ -12,8 +12,9 @@ On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same trai
 
 Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
 docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
-in its run directory, ladder-eval.json). ``--only LABEL ...`` trains and evaluates those models (with the teacher
-they need) and keeps the other rows of the committed results file, marked with the commit they come from.
+in its run directory, ladder-eval.json). ``--only LABEL ...`` trains and evaluates those models (their teachers
+are trained when missing, not evaluated) and keeps the other rows of the committed results file, marked with the commit
+they come from.
 The latent rows (``LATENT_MODELS``; docs/latent.md) train an fmnist-ae autoencoder first, then the guided latent
 teacher on its latent and LCM from it at the ladder's budget, and score decoded images: the teacher at 35
 evaluations without guidance and with w = 2 (twice the evaluations), LCM at 1, 2 and 4 steps at w = 2.
@@ -60,7 +61,7 @@ MODELS = {"teacher (EDM)": ("fmnist-edm", None, ()), "CD": ("fmnist-cd", "fmnist
           "CD small": ("fmnist-cd-small", "fmnist-edm", ()),
           "iCT small": ("fmnist-ict", None, ("net.model_channels=16",)),
           # issue 29: MeanFlow from scratch; TCM's stage two of the ECT row (its teacher is that run, whose schedule
-          # it continues: 48k images at a stage every 6k end at stage 8; --only ECT TCM brings ECT's teacher too)
+          # it continues: 48k images at a stage every 6k end at stage 8; --only TCM trains ECT and its teacher first)
           "MeanFlow": ("fmnist-meanflow", None, ()),
           "MeanFlow small": ("fmnist-meanflow", None, ("net.model_channels=16",)),
           "TCM": ("fmnist-tcm", "fmnist-ect", ("method.start_stage=8",))}
@@ -256,7 +257,7 @@ def main() -> None:
     parser.add_argument("size", choices=SIZES)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "ladder"), help="where the models are trained")
     parser.add_argument("--only", nargs="+", choices=[*MODELS, *LATENT_MODELS], metavar="LABEL",
-                        help="train and evaluate only these models (and their teacher): "
+                        help="train and evaluate only these models (their teachers are trained, not evaluated): "
                              f"{', '.join([*MODELS, *LATENT_MODELS])}")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="train, tune and sample in bf16 autocast (the committed rows) or fp32 (a CPU without "
@@ -266,11 +267,12 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"quality-{args.size}.json"
     img_dir = ROOT / "docs" / "img" / f"ladder-{args.size}"
     img_dir.mkdir(parents=True, exist_ok=True)
-    chosen = set(args.only or [*MODELS, *LATENT_MODELS])
-    chosen |= {label for label, (name, _, _) in MODELS.items()
-               if any(MODELS[c][1] == name for c in chosen if c in MODELS)}
-    chosen |= {LATENT_MODELS[c][1] for c in chosen if c in LATENT_MODELS and LATENT_MODELS[c][1]}
-    seconds = {label: train_model(label, size["kimg"], runs, args.precision) for label in MODELS if label in chosen}
+    chosen = set(args.only or [*MODELS, *LATENT_MODELS])  # evaluated; their teachers are trained, not re-evaluated
+    trained = set(chosen)
+    while needed := {label for label, (name, _, _) in MODELS.items()
+                     if any(MODELS[c][1] == name for c in trained if c in MODELS)} - trained:
+        trained |= needed
+    seconds = {label: train_model(label, size["kimg"], runs, args.precision) for label in MODELS if label in trained}
     seconds |= {label: train_latent_model(label, size["kimg"], runs, args.precision)
                 for label in LATENT_MODELS if label in chosen}
     extractor = get_extractor("fid-fmnist")
