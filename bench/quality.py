@@ -297,8 +297,8 @@ def main() -> None:
         elif label in earlier:
             models[label] = earlier[label]
     for label, (_, teacher, w) in LATENT_MODELS.items():  # FID / teacher: the latent teacher's at the same w
-        if teacher and label in chosen and "latent teacher (EDM)" in chosen:
-            guided = next(k for k, v in LATENT_MODELS.items() if v[1] is None and v[2] == w)
+        guided = next(k for k, v in LATENT_MODELS.items() if v[1] is None and v[2] == w)
+        if teacher and label in chosen and guided in models:  # evaluated now or kept from an earlier run
             models[label]["teacher_fid"] = models[guided]["rows"][0]["fid"]
     plot = img_dir / "quality.png"
     plot_quality({label: [(r["nfe"], r["fid"]) for r in e["rows"]] for label, e in models.items()}, plot,
