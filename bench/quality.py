@@ -74,8 +74,6 @@ LATENT_MODELS = {"latent teacher (EDM)": ("fmnist-latent-edm", None, None),
                  "latent teacher (EDM), w=2": ("fmnist-latent-edm", None, 2.0),
                  "LCM (latent), w=2": ("fmnist-lcm", "latent teacher (EDM)", 2.0)}
 BATCH = 128  # fastest sampling batch for this net on 2 CPU cores
-STUDENT_STEPS = (1, 2, 4)
-TEACHER_STEPS = (18,)
 
 
 # bf16 autocast (the committed rows); ``--precision fp32`` where the CPU would emulate bf16 (several times slower)
@@ -191,7 +189,7 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
                                             iters=size["tune_iters"], extractor=extractor, reference=reference,
                                             precision=precision)
         entry.update(two_step_sigma=best, tune_history=history)
-    steps = STUDENT_STEPS if tunable else TEACHER_STEPS
+    steps = spec.eval_steps  # its method's: 1, 2, 4 for consistency and MeanFlow models, Heun-18 for diffusion
     entry["rows"] = evaluate_model(model, spec, steps=steps, n=size["n"], extractor=extractor, reference=reference,
                                    **common)
     entry["inception_rows"] = evaluate_model(model, spec, steps=steps, n=size["n_inception"], extractor=inception,
