@@ -4,11 +4,13 @@ On Fashion-MNIST 28x28 with the CPU-size presets, every model gets the same trai
 1. the EDM diffusion teacher (fmnist-edm);
 2. from it: consistency distillation (fmnist-cd) and easy consistency tuning (fmnist-ect);
 3. from scratch: iCT (fmnist-ict) and the original CT (fmnist-ct);
-   and the continuous-time sCT (fmnist-sct) and sCD (fmnist-scd), both from the teacher;
+   and the continuous-time sCT (fmnist-sct) and sCD (fmnist-scd), both from the teacher; MeanFlow (fmnist-meanflow)
+   from scratch and TCM (fmnist-tcm) from the ECT row;
 4. each model is evaluated on N samples with fid-fmnist and on N_INCEPTION with fid-inception (the metric the
-   benchmarks decide on: "Metric calibration" in docs/benchmarks.md): students at 1, 2 and 4 steps (2 steps with
-   the intermediate sigma found by golden-section search on fid-fmnist, the affordable metric on 2 cores), the
-   teacher with Heun at 18 steps (35 evaluations).
+   benchmarks decide on: "Metric calibration" in docs/benchmarks.md) at its method's evaluation steps: students at
+   1, 2 and 4 steps (for consistency models, 2 steps with the intermediate sigma found by golden-section search on
+   fid-fmnist, the affordable metric on 2 cores; MeanFlow at its sampler's default level), the teacher with Heun at
+   18 steps (35 evaluations).
 
 Writes bench/results/quality-<size>.json, sample grids and a plot under docs/img/, and the table in
 docs/benchmarks.md. Runs resume: a finished model is not trained or evaluated again (its results are kept
