@@ -56,11 +56,11 @@ SIZES = {
     "full": {"kimg": 200, "n": 10_000, "n_inception": 2_000, "tune_n": 5_000, "tune_iters": 12},
 }
 # label: (preset, the preset of its teacher or None, --set overrides); the small rows: a quarter of the teacher's
-# parameters, distilled (fmnist-cd-small) and trained from scratch (iCT on the same network)
+# parameters, distilled (fmnist-cd-small, fmnist-scd-small) and trained from scratch (iCT on the same network)
 MODELS = {"teacher (EDM)": ("fmnist-edm", None, ()), "CD": ("fmnist-cd", "fmnist-edm", ()),
           "ECT": ("fmnist-ect", "fmnist-edm", ()), "iCT": ("fmnist-ict", None, ()), "CT": ("fmnist-ct", None, ()),
           "sCT": ("fmnist-sct", "fmnist-edm", ()), "sCD": ("fmnist-scd", "fmnist-edm", ()),
-          "CD small": ("fmnist-cd-small", "fmnist-edm", ()),
+          "CD small": ("fmnist-cd-small", "fmnist-edm", ()), "sCD small": ("fmnist-scd-small", "fmnist-edm", ()),
           "iCT small": ("fmnist-ict", None, ("net.model_channels=16",)),
           # issue 29: MeanFlow from scratch; TCM's stage two of the ECT row (its teacher is that run, whose schedule
           # it continues: 48k images at a stage every 6k end at stage 8; --only TCM trains ECT and its teacher first)
@@ -215,8 +215,8 @@ def table(result: dict) -> str:
              f"{result.get('n_inception', '-')} against as many (- where a row predates it; precision and recall are "
              f"fid-fmnist's); {PRECISION_NAMES[result.get('precision', 'bf16')]} for training, tuning and "
              "sampling, all models of this run alike (a row kept from an earlier run keeps its run's). "
-             "CD, ECT, sCT and sCD start from the teacher, and the small CD student "
-             "learns from it (its warm-start counted among its images): their images seen do not count the "
+             "CD, ECT, sCT and sCD start from the teacher, and the small CD and sCD students "
+             "learn from it (their warm-starts counted among their images): their images seen do not count the "
              "teacher's. The small rows' network has a quarter of the parameters (0.44M against 1.75M). "
              "A row marked with a commit comes from that earlier run of this ladder: its "
              "student learnt from that run's teacher (the same config and seed), and its FID / teacher is "

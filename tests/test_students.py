@@ -59,17 +59,20 @@ def test_a_smaller_student_trains_from_a_cmkit_teacher(tiny_config, fmnist_subse
 
 
 def test_the_small_preset_is_a_quarter_of_its_teacher():
-    for small, teacher in (("fmnist-cd-small", "fmnist-edm"), ("cifar10-cd-small", "cifar10-edm")):
+    for small, teacher in (("fmnist-cd-small", "fmnist-edm"), ("fmnist-scd-small", "fmnist-edm"),
+                           ("cifar10-cd-small", "cifar10-edm")):
         ratio = _parameters(build_model(preset(teacher))) / _parameters(build_model(preset(small)))
         assert 3.9 < ratio < 4.1, (small, ratio)
     assert _parameters(build_model(preset("fmnist-cd-small"))) == 441_297
+    assert preset("fmnist-scd-small").net == preset("fmnist-cd-small").net  # the same student, distilled by sCD
 
 
-def test_the_small_preset_trains_with_its_own_network(tiny_config, fmnist_subset, tmp_path):
+@pytest.mark.parametrize("preset_name", ["fmnist-cd-small", "fmnist-scd-small"])
+def test_the_small_preset_trains_with_its_own_network(tiny_config, fmnist_subset, tmp_path, preset_name):
     teacher = _teacher(tiny_config, tmp_path / "edm.safetensors")
     assert _train(tmp_path / "s", fmnist_subset, teacher, "method.warm_start_kimg=0.032", kimg="0.064",
-                  preset_name="fmnist-cd-small") == 0
-    assert load_export(tmp_path / "s")[1].net == preset("fmnist-cd-small").net  # not the teacher's
+                  preset_name=preset_name) == 0
+    assert load_export(tmp_path / "s")[1].net == preset(preset_name).net  # not the teacher's
 
 
 def _student_config(tiny_config, teacher, **method):
@@ -246,14 +249,15 @@ def test_a_warm_start_without_a_teacher_is_refused(tiny_config):
         Run(config, torch.device("cpu"))
 
 
-def test_the_studio_serves_the_small_student_beside_its_full_size_teacher(tmp_path):
-    """An fmnist-cd-small export (the preset's network) is served with an fmnist-edm teacher of four times its
+@pytest.mark.parametrize("preset_name", ["fmnist-cd-small", "fmnist-scd-small"])
+def test_the_studio_serves_the_small_student_beside_its_full_size_teacher(tmp_path, preset_name):
+    """A small student's export (the preset's network) is served with an fmnist-edm teacher of four times its
     parameters beside it: its generate is cmkit's one-step sample of the same seeds."""
     from cmkit.images import grid, to_numpy_images
     from cmkit.sampling import default_sigmas, generate
     from cmkit.studio.engine import GRID, Models, Studio, check_models
 
-    small, teacher = preset("fmnist-cd-small"), preset("fmnist-edm")
+    small, teacher = preset(preset_name), preset("fmnist-edm")
     torch.manual_seed(0)
     save_export(build_model(small), small, tmp_path / "small.safetensors")
     save_export(build_model(teacher), teacher, tmp_path / "edm.safetensors")
