@@ -185,8 +185,7 @@ def evaluate(label: str, run_dir: Path, size: dict, extractor, reference: np.nda
     model, config, spec = checkpoint.load_export(run_dir)
     common = {"batch": BATCH, "precision": precision, "codec": data_codec(config.data), "guidance": guidance}
     entry: dict = {"images_seen": int(config.train.kimg * 1000)}
-    tunable = method_entry(config.method.name).can(Capability.TUNE_STEPS)
-    if tunable:
+    if method_entry(config.method.name).can(Capability.TUNE_STEPS):
         best, history, spec = tune_two_step(model, config, spec, run_dir, n=size["tune_n"],
                                             iters=size["tune_iters"], extractor=extractor, reference=reference,
                                             precision=precision)

@@ -72,6 +72,12 @@ _MEANFLOW_V1 = replace(_MEANFLOW, t_mean=-0.6, t_std=1.6, r_mean=-4.0, r_std=1.6
 # in bf16 where the machine computes it natively, else fp32 (cmkit.machine; emulated bf16 is ~5x slower).
 _FMNIST_TRAIN = TrainConfig(kimg=150, batch=64, optimizer="radam", lr=4e-4, ema_halflife_kimg=10, ckpt_kimg=25,
                             snap_kimg=25, precision="auto")
+# sCM at CPU size: the fmnist-ect schedule (RAdam 4e-4, batch 64) with the paper's betas (0.9, 0.99) and a tangent
+# warm-up over the first 10k images.
+_FMNIST_SCM_TRAIN = replace(_FMNIST_TRAIN, betas=(0.9, 0.99))
+_FMNIST_SCT, _FMNIST_SCD = (replace(method, tangent_warmup_kimg=10) for method in (_SCT, _SCD))
+# fmnist-cd's method (its target rate mu: the comment above fmnist-cd).
+_FMNIST_CD = replace(_CD, distance="pseudo-huber", mu=0.95)
 # CT and CD on CIFAR-10 (CM paper, Table 3; openai/consistency_models_cifar10 configs): 800k iterations at batch 512,
 # RAdam 4e-4 warmed up over 10M images, EMA 0.9999 per iteration (a half-life of 6,931 iterations, 3,549 kimg).
 _CM_CIFAR_NET = replace(_CIFAR_NCSNPP, dropout=0.0)  # their network (config model.name 'ncsnpp', dropout 0)
@@ -89,6 +95,14 @@ _CIFAR_EDM = Config(preset="cifar10-edm", net=replace(_CIFAR_NET, augment_dim=AU
                     train=TrainConfig(kimg=200_000, batch=512, optimizer="adam", lr=1e-3, warmup_kimg=10_000,
                                       ema_halflife_kimg=500, ckpt_kimg=2_500, snap_kimg=2_500, log_kimg=50,
                                       loss_reduction="sum"))
+
+
+
+def _fmnist_small_student(method: CDConfig | SCDConfig, warm_start_kimg: float) -> CDConfig | SCDConfig:
+    """``method`` distilled into the config's own, smaller network (fresh weights), after a warm-start of
+    ``warm_start_kimg`` thousand images at fmnist-edm's rate, 1e-3 (docs/methods.md, "Smaller students")."""
+    return replace(method, student_net="own", warm_start_kimg=warm_start_kimg, warm_start_lr=1e-3)
+
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-edm": (
@@ -112,8 +126,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # turned into noise textures within 6k images (4e-4) or 12k (1e-4); mu = 0.95 or 0.9 stayed stable.
     "fmnist-cd": (
         "Consistency distillation (CD) from an fmnist-edm teacher (--teacher): N=18, Heun, mu=0.95, pseudo-Huber",
-        Config(preset="fmnist-cd", net=_FMNIST_NET, method=replace(_CD, distance="pseudo-huber", mu=0.95),
-               train=_FMNIST_TRAIN),
+        Config(preset="fmnist-cd", net=_FMNIST_NET, method=_FMNIST_CD, train=_FMNIST_TRAIN),
     ),
     # LCM (Luo et al. 2023; diffusers' train_lcm_distill_sd_wds.py): N = 1000 grid points skipped k = 20 at a time,
     # the DDIM (Euler) step of the guided teacher, per-value pseudo-Huber c = 0.001, EMA target 0.95. The guidance
@@ -135,26 +148,20 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-cd-small": (
         "CD into a 4x smaller student (0.44M parameters) of an fmnist-edm teacher (--teacher), 16k-image warm-start",
         Config(preset="fmnist-cd-small", net=_FMNIST_SMALL,
-               method=replace(_CD, distance="pseudo-huber", mu=0.95, student_net="own", warm_start_kimg=16,
-                              warm_start_lr=1e-3),
-               train=_FMNIST_TRAIN),
+               method=_fmnist_small_student(_FMNIST_CD, 16), train=_FMNIST_TRAIN),
     ),
     "fmnist-ect": (
         "Easy consistency tuning (ECT) of an fmnist-edm teacher (--teacher): q=2, a stage every 6k images",
         Config(preset="fmnist-ect", net=_FMNIST_NET, method=replace(_ECT, stage_kimg=6),
                train=_FMNIST_TRAIN),
     ),
-    # sCM at CPU size: the fmnist-ect schedule (RAdam 4e-4, batch 64) with the paper's betas (0.9, 0.99) and a
-    # tangent warm-up over the first 10k images.
     "fmnist-sct": (
         "Continuous-time consistency training (sCT) from an fmnist-edm teacher (--teacher), TrigFlow, Fashion-MNIST",
-        Config(preset="fmnist-sct", net=_FMNIST_NET, method=replace(_SCT, tangent_warmup_kimg=10),
-               train=replace(_FMNIST_TRAIN, betas=(0.9, 0.99))),
+        Config(preset="fmnist-sct", net=_FMNIST_NET, method=_FMNIST_SCT, train=_FMNIST_SCM_TRAIN),
     ),
     "fmnist-scd": (
         "Continuous-time consistency distillation (sCD) from an fmnist-edm teacher (--teacher), TrigFlow",
-        Config(preset="fmnist-scd", net=_FMNIST_NET, method=replace(_SCD, tangent_warmup_kimg=10),
-               train=replace(_FMNIST_TRAIN, betas=(0.9, 0.99))),
+        Config(preset="fmnist-scd", net=_FMNIST_NET, method=_FMNIST_SCD, train=_FMNIST_SCM_TRAIN),
     ),
     # sCD into the small student (issue 30): fmnist-scd's recipe on fmnist-cd-small's network, after a warm-start at
     # the teacher's rate twice fmnist-cd-small's. At the quick ladder's 48k images it is the best small distilled
@@ -163,9 +170,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "fmnist-scd-small": (
         "sCD into a 4x smaller student (0.44M parameters) of an fmnist-edm teacher (--teacher), 32k-image warm-start",
         Config(preset="fmnist-scd-small", net=_FMNIST_SMALL,
-               method=replace(_SCD, tangent_warmup_kimg=10, student_net="own", warm_start_kimg=32,
-                              warm_start_lr=1e-3),
-               train=replace(_FMNIST_TRAIN, betas=(0.9, 0.99))),
+               method=_fmnist_small_student(_FMNIST_SCD, 32), train=_FMNIST_SCM_TRAIN),
     ),
     # The guided latent teacher (docs/latent.md): EDM on the 4x7x7 latents of an fmnist-ae autoencoder (data.codec),
     # class-conditional with 10% label dropout for classifier-free guidance (Ho and Salimans 2022: p_uncond 0.1-0.2).
